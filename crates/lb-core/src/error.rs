@@ -1,0 +1,100 @@
+//! Why a handshake attempt with a shard failed, and what the client is told when all fail.
+//!
+//! The error carries the facts the policy needs (which phase failed, the HTTP status) so the
+//! breaker, the retry loop and the final close code are decided from data, not strings.
+
+use std::time::Duration;
+
+/// One failed attempt to open a WebSocket to a shard.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AttemptError {
+    /// TCP connect refused or unreachable: the shard process is down.
+    #[error("connect refused: {0}")]
+    ConnectRefused(String),
+    /// TCP connect did not finish within the attempt budget.
+    #[error("connect timed out after {0:?}")]
+    ConnectTimeout(Duration),
+    /// Connected, but the WebSocket handshake did not finish in time.
+    #[error("handshake timed out after {0:?}")]
+    HandshakeTimeout(Duration),
+    /// The shard answered the upgrade with a non-101 status (503 = full or draining).
+    #[error("shard answered HTTP {0}")]
+    HttpStatus(u16),
+    /// The connection broke during the handshake (reset, EOF).
+    #[error("connection lost during handshake: {0}")]
+    ConnectionLost(String),
+    /// The shard spoke something that is not a valid WebSocket handshake.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+impl AttemptError {
+    /// Whether the failure is a sign of overload (busy or slow) rather than absence.
+    pub fn is_overload(&self) -> bool {
+        match self {
+            Self::ConnectTimeout(_) | Self::HandshakeTimeout(_) => true,
+            Self::HttpStatus(s) => matches!(s, 429 | 503),
+            _ => false,
+        }
+    }
+
+    /// Short label for metrics (bounded set).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::ConnectRefused(_) => "refused",
+            Self::ConnectTimeout(_) => "connect_timeout",
+            Self::HandshakeTimeout(_) => "handshake_timeout",
+            Self::HttpStatus(503) => "http_503",
+            Self::HttpStatus(_) => "http_other",
+            Self::ConnectionLost(_) => "connection_lost",
+            Self::Protocol(_) => "protocol",
+        }
+    }
+
+    /// Every failure counts against the shard's breaker and score: a full shard that keeps
+    /// answering 503 should be skipped for a while just like a dead one.
+    pub fn counts_against_shard(&self) -> bool {
+        true
+    }
+}
+
+/// The close frame sent to a client when no shard could take it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FinalClose {
+    pub code: u16,
+    pub reason: &'static str,
+}
+
+/// 1013: at least one shard was reachable but busy or slow.
+pub const OVERLOADED: FinalClose = FinalClose { code: 1013, reason: "Server temporarily overloaded, please retry" };
+/// 1012: no shard could be reached or admitted at all.
+pub const UNAVAILABLE: FinalClose = FinalClose { code: 1012, reason: "All backend servers temporarily unavailable" };
+
+impl FinalClose {
+    /// Decides the close for a client whose attempts all failed. No attempt at all (every
+    /// breaker open, every shard draining) or only "down" failures → 1012; any sign of
+    /// overload, or the handshake deadline running out → 1013.
+    pub fn decide(errors: &[AttemptError], deadline_expired: bool) -> FinalClose {
+        if deadline_expired || errors.iter().any(AttemptError::is_overload) {
+            OVERLOADED
+        } else {
+            UNAVAILABLE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_decision() {
+        assert_eq!(FinalClose::decide(&[], false), UNAVAILABLE);
+        let down = [AttemptError::ConnectRefused("x".into()), AttemptError::ConnectionLost("y".into())];
+        assert_eq!(FinalClose::decide(&down, false), UNAVAILABLE);
+        let slow = [AttemptError::ConnectRefused("x".into()), AttemptError::HandshakeTimeout(Duration::from_secs(1))];
+        assert_eq!(FinalClose::decide(&slow, false), OVERLOADED);
+        assert_eq!(FinalClose::decide(&[AttemptError::HttpStatus(503)], false), OVERLOADED);
+        assert_eq!(FinalClose::decide(&down, true), OVERLOADED);
+    }
+}

@@ -1,0 +1,116 @@
+//! Choosing a shard for one handshake attempt.
+//!
+//! Among shards whose breaker is closed, power-of-two-choices on the health score: sample two
+//! at random and take the better. Unlike "always the best", this keeps ten independent LB
+//! instances from stampeding the same shard between two health polls, while still steering
+//! most traffic away from loaded or failing shards. When no closed shard is left, shards that
+//! can take a trial call (half-open with a free slot, or open past their timeout) are tried,
+//! least-recently-failed first.
+
+use rand::Rng;
+use tokio::time::Instant;
+
+/// How a shard's breaker would treat a call right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Closed: normal calls.
+    Closed,
+    /// Half-open with a free trial slot, or open with its timeout passed.
+    Trial,
+    /// Open, or half-open with every trial slot taken.
+    Refused,
+}
+
+/// One shard as the selector sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Candidate {
+    pub index: usize,
+    pub admission: Admission,
+    pub score: f64,
+    pub last_failure: Option<Instant>,
+}
+
+/// Picks a shard among `candidates` (already filtered for shards tried by this client and
+/// shards that are draining). Returns `None` when none is admitted.
+pub fn pick<R: Rng + ?Sized>(candidates: &[Candidate], rng: &mut R) -> Option<usize> {
+    let closed: Vec<&Candidate> = candidates.iter().filter(|c| c.admission == Admission::Closed).collect();
+    match closed.len() {
+        0 => {}
+        1 => return closed.first().map(|c| c.index),
+        n => {
+            let a = rng.random_range(0..n);
+            let mut b = rng.random_range(0..n - 1);
+            if b >= a {
+                b += 1;
+            }
+            let (ca, cb) = (closed.get(a)?, closed.get(b)?);
+            return Some(if cb.score > ca.score { cb.index } else { ca.index });
+        }
+    }
+    candidates
+        .iter()
+        .filter(|c| c.admission == Admission::Trial)
+        .min_by_key(|c| c.last_failure)
+        .map(|c| c.index)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
+
+    fn c(index: usize, admission: Admission, score: f64) -> Candidate {
+        Candidate { index, admission, score, last_failure: None }
+    }
+
+    #[test]
+    fn prefers_lightly_loaded_shards_without_starving_others() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let cands = [c(0, Admission::Closed, 0.46), c(1, Admission::Closed, 0.94), c(2, Admission::Closed, 0.94)];
+        let mut counts = [0usize; 3];
+        for _ in 0..30_000 {
+            counts[pick(&cands, &mut rng).unwrap()] += 1;
+        }
+        // With P2C the worst of three is chosen only when both samples hit it: never, since
+        // samples are distinct. The two good shards share the load.
+        assert_eq!(counts[0], 0);
+        assert!(counts[1] > 9_000 && counts[2] > 9_000, "{counts:?}");
+    }
+
+    #[test]
+    fn p2c_with_many_shards_still_uses_the_worst_sometimes_only_against_worse() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let cands: Vec<_> = (0..5).map(|i| c(i, Admission::Closed, i as f64 / 10.0)).collect();
+        let mut counts = [0usize; 5];
+        for _ in 0..50_000 {
+            counts[pick(&cands, &mut rng).unwrap()] += 1;
+        }
+        assert_eq!(counts[0], 0, "the worst shard never wins a pair");
+        assert!(counts.windows(2).all(|w| w[0] < w[1]), "{counts:?}");
+    }
+
+    #[test]
+    fn falls_back_to_trial_shards_least_recently_failed_first() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let t0 = Instant::now();
+        let cands = [
+            Candidate { index: 0, admission: Admission::Trial, score: 0.9, last_failure: Some(t0 + std::time::Duration::from_secs(5)) },
+            Candidate { index: 1, admission: Admission::Trial, score: 0.1, last_failure: Some(t0) },
+            Candidate { index: 2, admission: Admission::Refused, score: 1.0, last_failure: None },
+        ];
+        assert_eq!(pick(&cands, &mut rng), Some(1));
+        let refused = [c(0, Admission::Refused, 1.0)];
+        assert_eq!(pick(&refused, &mut rng), None);
+        assert_eq!(pick(&[], &mut rng), None);
+    }
+
+    #[test]
+    fn closed_beats_trial() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let cands = [c(0, Admission::Trial, 1.0), c(1, Admission::Closed, 0.0)];
+        for _ in 0..100 {
+            assert_eq!(pick(&cands, &mut rng), Some(1));
+        }
+    }
+}

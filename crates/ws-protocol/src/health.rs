@@ -1,0 +1,75 @@
+//! The shard health report served at `GET /health` on every shard port.
+//!
+//! ws-lb polls it to compute utilization (`connections / max_connections`) and to stop
+//! sending new clients to a draining shard.
+
+use serde::{Deserialize, Serialize};
+
+/// Whether a shard takes new connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShardStatus {
+    /// Accepting connections.
+    Ok,
+    /// Shutting down: refuses new connections and is closing existing ones with 1012.
+    Draining,
+}
+
+/// State of the process's message source (embedded bus or Kafka consumer).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceHealth {
+    /// `embedded` or `kafka`.
+    pub kind: String,
+    /// Whether the source currently delivers messages (for Kafka: broker reachable).
+    pub connected: bool,
+    /// Total records behind the partition high-water marks (Kafka only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag: Option<u64>,
+}
+
+/// Body of `GET /health` on a shard port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardHealth {
+    /// Index of the shard inside its process (port = base port + id).
+    pub shard_id: u32,
+    pub status: ShardStatus,
+    /// Live WebSocket connections (slots taken).
+    pub connections: u64,
+    /// Slot capacity.
+    pub max_connections: u64,
+    /// Message source state, shared by every shard of the process.
+    pub source: SourceHealth,
+}
+
+impl ShardHealth {
+    /// `connections / max_connections`, in [0, 1]; a shard without capacity counts as full.
+    pub fn utilization(&self) -> f64 {
+        if self.max_connections == 0 {
+            return 1.0;
+        }
+        (self.connections as f64 / self.max_connections as f64).clamp(0.0, 1.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_computes_utilization() {
+        let h = ShardHealth {
+            shard_id: 2,
+            status: ShardStatus::Draining,
+            connections: 150,
+            max_connections: 600,
+            source: SourceHealth { kind: "embedded".into(), connected: true, lag: None },
+        };
+        let json = serde_json::to_string(&h).unwrap();
+        assert!(json.contains("\"status\":\"draining\""), "{json}");
+        let back: ShardHealth = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, h);
+        assert!((h.utilization() - 0.25).abs() < 1e-9);
+        let empty = ShardHealth { max_connections: 0, ..h };
+        assert_eq!(empty.utilization(), 1.0);
+    }
+}
