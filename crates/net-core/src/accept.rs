@@ -1,0 +1,92 @@
+//! The accept loop: accepts until stopped, sets per-connection socket options, and keeps
+//! working when the process runs out of file descriptors.
+//!
+//! On `EMFILE`/`ENFILE` a naive loop spins: the pending connection stays in the backlog and
+//! `accept` fails again at once. Here one descriptor is kept in reserve; on exhaustion it is
+//! released, the pending connection is accepted and answered `503 Service Unavailable`
+//! (so a load balancer or client knows to go elsewhere) and closed, and the reserve is taken
+//! again. If even that fails, the loop backs off for a few milliseconds instead of spinning.
+
+use std::fs::File;
+use std::io;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+/// Counter: accept errors, labels `listener`, `kind` (fd_exhausted, other).
+pub const ACCEPT_ERRORS: &str = "ws_accept_errors_total";
+/// Counter: connections refused with 503 because descriptors ran out, label `listener`.
+pub const FD_REJECTS: &str = "ws_accept_fd_exhausted_rejects_total";
+
+const REJECT: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 1\r\nConnection: close\r\n\r\n";
+
+fn fd_exhausted(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(code) if code == libc_emfile() || code == libc_enfile())
+        || e.kind() == io::ErrorKind::OutOfMemory
+}
+
+// EMFILE and ENFILE are 24 and 23 on Linux and the BSDs.
+const fn libc_emfile() -> i32 {
+    24
+}
+const fn libc_enfile() -> i32 {
+    23
+}
+
+fn transient(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset | io::ErrorKind::Interrupted
+    )
+}
+
+/// Accepts connections on `listener` until `stop` is cancelled, calling `on_conn` for each
+/// (with `TCP_NODELAY` set). `name` labels metrics and logs.
+pub async fn accept_loop<F>(listener: TcpListener, name: &'static str, stop: CancellationToken, mut on_conn: F)
+where
+    F: FnMut(TcpStream, SocketAddr),
+{
+    let mut reserve = File::open("/dev/null").ok();
+    let mut last_warn: Option<Instant> = None;
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                on_conn(stream, peer);
+            }
+            Err(e) if fd_exhausted(&e) => {
+                metrics::counter!(ACCEPT_ERRORS, "listener" => name, "kind" => "fd_exhausted").increment(1);
+                if last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {
+                    tracing::warn!(listener = name, error = %e, "out of file descriptors; refusing new connections with 503");
+                    last_warn = Some(Instant::now());
+                }
+                if reserve.take().is_some() {
+                    if let Ok(Ok((mut stream, _))) =
+                        tokio::time::timeout(Duration::from_millis(5), listener.accept()).await
+                    {
+                        let _ = tokio::time::timeout(Duration::from_millis(50), stream.write_all(REJECT)).await;
+                        let _ = stream.shutdown().await;
+                        metrics::counter!(FD_REJECTS, "listener" => name).increment(1);
+                    }
+                    reserve = File::open("/dev/null").ok();
+                }
+                if reserve.is_none() {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+            Err(e) if transient(&e) => continue,
+            Err(e) => {
+                metrics::counter!(ACCEPT_ERRORS, "listener" => name, "kind" => "other").increment(1);
+                tracing::warn!(listener = name, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}

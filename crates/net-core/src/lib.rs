@@ -1,0 +1,16 @@
+//! Process plumbing shared by the two binaries' libraries (ws-lb, ws-shard): binding
+//! listeners with the socket options a WebSocket tier needs, an accept loop that survives
+//! descriptor exhaustion, HTTP/1 serving with header limits, shutdown signals, telemetry.
+//!
+//! Policy and protocol live elsewhere; this crate only moves connections in and out.
+
+pub mod accept;
+pub mod http;
+pub mod listener;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use accept::accept_loop;
+pub use http::{serve_connection, HttpLimits};
+pub use listener::{bind, ListenOptions};
+pub use shutdown::Shutdown;

@@ -1,0 +1,117 @@
+//! Typed, validated shard-core settings. The binary builds them from flags/env/file once.
+
+use std::time::Duration;
+
+/// A setting outside its allowed range.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {key}: {problem}")]
+pub struct ConfigError {
+    pub key: &'static str,
+    pub problem: String,
+}
+
+fn bad(key: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError { key, problem: problem.into() }
+}
+
+/// Per-connection limits and timers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionConfig {
+    /// Largest client frame or message; beyond it the connection is closed with 1009.
+    pub max_message_size: usize,
+    /// Frames waiting for a connection beyond which it is closed as a slow consumer (4000).
+    pub outbound_queue: usize,
+    /// Idle time after which the server sends a ping.
+    pub ping_interval: Duration,
+    /// Silence after which the connection is considered dead and closed.
+    pub idle_timeout: Duration,
+    /// How long to wait for the peer's close frame after sending ours.
+    pub close_timeout: Duration,
+    /// Most channels one connection may subscribe to.
+    pub max_subscriptions: usize,
+    /// Sustained client frames per second (data and pings); beyond it: close 1008.
+    pub rate_per_sec: u32,
+    /// Client frames allowed in a burst before the rate applies.
+    pub rate_burst: u32,
+    /// On drain, each connection is closed with 1012 at a random moment in this window.
+    pub drain_window: Duration,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            max_message_size: 64 * 1024,
+            outbound_queue: 1024,
+            ping_interval: Duration::from_secs(25),
+            idle_timeout: Duration::from_secs(60),
+            close_timeout: Duration::from_secs(5),
+            max_subscriptions: 256,
+            rate_per_sec: 100,
+            rate_burst: 200,
+            drain_window: Duration::from_secs(10),
+        }
+    }
+}
+
+impl SessionConfig {
+    /// Checks the relations between the settings.
+    pub fn validate(self) -> Result<Self, ConfigError> {
+        if self.max_message_size < 125 {
+            return Err(bad("max_message_size", "must be at least 125 bytes"));
+        }
+        if self.outbound_queue == 0 {
+            return Err(bad("outbound_queue", "must be at least 1"));
+        }
+        if self.ping_interval.is_zero() || self.ping_interval >= self.idle_timeout {
+            return Err(bad("ping_interval", "must be positive and shorter than idle_timeout"));
+        }
+        if self.close_timeout.is_zero() {
+            return Err(bad("close_timeout", "must be positive"));
+        }
+        if self.max_subscriptions == 0 {
+            return Err(bad("max_subscriptions", "must be at least 1"));
+        }
+        if self.rate_per_sec > 0 && self.rate_burst == 0 {
+            return Err(bad("client_rate_burst", "must be at least 1 when a rate is set"));
+        }
+        Ok(self)
+    }
+}
+
+/// Registry settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HubConfig {
+    /// Messages kept per channel for `since` recovery.
+    pub history_len: usize,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        Self { history_len: 1000 }
+    }
+}
+
+impl HubConfig {
+    /// Checks the setting.
+    pub fn validate(self) -> Result<Self, ConfigError> {
+        if self.history_len > 1_000_000 {
+            return Err(bad("history_len", "must be at most 1000000"));
+        }
+        Ok(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_and_bad_values_do_not() {
+        assert!(SessionConfig::default().validate().is_ok());
+        assert!(HubConfig::default().validate().is_ok());
+        let bad_ping = SessionConfig { ping_interval: Duration::from_secs(60), ..SessionConfig::default() };
+        assert_eq!(bad_ping.validate().unwrap_err().key, "ping_interval");
+        assert!(SessionConfig { outbound_queue: 0, ..SessionConfig::default() }.validate().is_err());
+        assert!(HubConfig { history_len: 2_000_000 }.validate().is_err());
+    }
+}

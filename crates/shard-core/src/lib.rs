@@ -1,0 +1,25 @@
+//! The inside of a shard: everything between an accepted WebSocket and a message source.
+//!
+//! - [`slots`]: connection slots owned by guards, so every exit path releases them.
+//! - [`hub`]: the channel registry — subscribers, per-channel history, and fan-out of
+//!   frames encoded once and shared by every subscriber.
+//! - [`queue`]: each connection's bounded outbound queue; overflowing it marks a slow
+//!   consumer instead of slowing the publisher.
+//! - [`source`]: message sources behind one trait (the embedded bus, a demo feed; Kafka).
+//! - [`session`]: the per-connection loop over a raw `TcpStream` — framing, the JSON
+//!   protocol, keepalive, rate limits, slow-consumer and drain closes.
+//!
+//! Nothing here binds a listener or parses HTTP; ws-shard does that and hands over the
+//! upgraded socket.
+
+pub mod config;
+pub mod hub;
+pub mod metrics;
+pub mod queue;
+pub mod session;
+pub mod slots;
+pub mod source;
+
+pub use config::{ConfigError, HubConfig, SessionConfig};
+pub use hub::{Hub, Publication};
+pub use slots::{SlotGuard, Slots};

@@ -1,0 +1,76 @@
+//! Metric names exported by a shard process (documented in `docs/runbook.md`), and the
+//! per-shard handles resolved once so hot paths only do atomic adds.
+
+use metrics::{Counter, Gauge};
+
+/// Gauge: live WebSocket connections (slots taken), label `shard_id`.
+pub const CONNECTIONS: &str = "ws_shard_connections";
+/// Gauge: slot capacity, label `shard_id`.
+pub const MAX_CONNECTIONS: &str = "ws_shard_max_connections";
+/// Counter: upgrades accepted, label `shard_id`.
+pub const ACCEPTED: &str = "ws_shard_connections_accepted_total";
+/// Counter: upgrades refused before upgrading, labels `shard_id`, `reason` (full, draining, bad_request).
+pub const REJECTED: &str = "ws_shard_connections_rejected_total";
+/// Counter: close frames sent, labels `shard_id`, `code`.
+pub const CLOSES: &str = "ws_shard_closes_total";
+/// Counter: connections closed as slow consumers, label `shard_id`.
+pub const SLOW_CONSUMERS: &str = "ws_shard_slow_consumer_disconnects_total";
+/// Counter: messages accepted from the source (once per message, not per shard).
+pub const PUBLISHED: &str = "ws_shard_messages_published_total";
+/// Counter: messages dropped by the registry as duplicates or out of order (per process).
+pub const DUPLICATES: &str = "ws_shard_messages_duplicate_total";
+/// Counter: messages enqueued to subscribers, label `shard_id`.
+pub const DELIVERIES: &str = "ws_shard_deliveries_total";
+/// Histogram: seconds from a message's source timestamp to the end of its fan-out.
+pub const FANOUT_SECONDS: &str = "ws_shard_fanout_seconds";
+/// Gauge: channels known to the registry.
+pub const CHANNELS: &str = "ws_shard_channels";
+/// Gauge: subscriptions across all connections.
+pub const SUBSCRIPTIONS: &str = "ws_shard_subscriptions";
+/// Counter: `error` replies sent, label `code`.
+pub const ERROR_REPLIES: &str = "ws_shard_error_replies_total";
+/// Counter: messages replayed to clients from history on `since` recovery.
+pub const REPLAYED: &str = "ws_shard_replayed_total";
+/// Counter: subscribe requests with `since`, label `recovered` (true/false).
+pub const RECOVERIES: &str = "ws_shard_recoveries_total";
+
+/// Every metric name this crate exports (for the docs and exported-metrics tests).
+pub const ALL: &[&str] = &[
+    CONNECTIONS, MAX_CONNECTIONS, ACCEPTED, REJECTED, CLOSES, SLOW_CONSUMERS, PUBLISHED,
+    DUPLICATES, DELIVERIES, FANOUT_SECONDS, CHANNELS, SUBSCRIPTIONS, ERROR_REPLIES, REPLAYED,
+    RECOVERIES,
+];
+
+/// Handles for one shard.
+#[derive(Debug, Clone)]
+pub struct ShardMetrics {
+    pub shard_id: u32,
+    pub connections: Gauge,
+    pub accepted: Counter,
+    pub slow_consumers: Counter,
+    pub deliveries: Counter,
+}
+
+impl ShardMetrics {
+    /// Registers the handles of shard `shard_id`.
+    pub fn new(shard_id: u32) -> Self {
+        let id = shard_id.to_string();
+        Self {
+            shard_id,
+            connections: metrics::gauge!(CONNECTIONS, "shard_id" => id.clone()),
+            accepted: metrics::counter!(ACCEPTED, "shard_id" => id.clone()),
+            slow_consumers: metrics::counter!(SLOW_CONSUMERS, "shard_id" => id.clone()),
+            deliveries: metrics::counter!(DELIVERIES, "shard_id" => id),
+        }
+    }
+
+    /// Counts a refused upgrade.
+    pub fn rejected(&self, reason: &'static str) {
+        metrics::counter!(REJECTED, "shard_id" => self.shard_id.to_string(), "reason" => reason).increment(1);
+    }
+
+    /// Counts a close frame sent.
+    pub fn close_sent(&self, code: u16) {
+        metrics::counter!(CLOSES, "shard_id" => self.shard_id.to_string(), "code" => code.to_string()).increment(1);
+    }
+}

@@ -1,0 +1,76 @@
+//! Message sources: where published messages come from.
+//!
+//! A source turns its input into [`Publication`](crate::hub::Publication)s — positioned,
+//! with the frame encoded once — and hands them to the [`Hub`](crate::hub::Hub). The hub
+//! does not know which source it serves: the embedded bus numbers each channel itself, the
+//! Kafka source uses record offsets, and both go through `Hub::publish`.
+
+pub mod bus;
+pub mod demo;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use ws_protocol::SourceHealth;
+
+use crate::hub::Hub;
+
+/// A source failed in a way it cannot recover from by itself.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("source configuration: {0}")]
+    Config(String),
+    #[error("source failed: {0}")]
+    Fatal(String),
+}
+
+/// Live state of the process's source, read by `/health` and metrics.
+#[derive(Debug)]
+pub struct SourceStatus {
+    kind: &'static str,
+    connected: AtomicBool,
+    lag: AtomicU64,
+    has_lag: bool,
+}
+
+impl SourceStatus {
+    /// A status for a source of `kind`; `has_lag` says whether lag is meaningful.
+    pub fn new(kind: &'static str, has_lag: bool) -> Arc<Self> {
+        Arc::new(Self { kind, connected: AtomicBool::new(!has_lag), lag: AtomicU64::new(0), has_lag })
+    }
+
+    /// Records whether the source currently receives messages.
+    pub fn set_connected(&self, connected: bool) {
+        self.connected.store(connected, Ordering::Relaxed);
+    }
+
+    /// Records the total lag behind the input.
+    pub fn set_lag(&self, lag: u64) {
+        self.lag.store(lag, Ordering::Relaxed);
+    }
+
+    /// Whether the source is connected.
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    /// The health-report view.
+    pub fn health(&self) -> SourceHealth {
+        SourceHealth {
+            kind: self.kind.to_owned(),
+            connected: self.connected(),
+            lag: self.has_lag.then(|| self.lag.load(Ordering::Relaxed)),
+        }
+    }
+}
+
+/// A source of publications for one process.
+pub trait MessageSource: Send + 'static {
+    /// The status this source keeps up to date.
+    fn status(&self) -> Arc<SourceStatus>;
+
+    /// Feeds `hub` until `shutdown` is cancelled or the source fails for good.
+    fn run(self, hub: Arc<Hub>, shutdown: CancellationToken) -> impl Future<Output = Result<(), SourceError>> + Send;
+}

@@ -1,0 +1,258 @@
+//! ws-shard configuration: defaults < TOML file (`--config`) < environment (`WS_` prefix) <
+//! command-line flags. Every key is documented in `docs/runbook.md` with its default.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// All settings, flat so that each maps to one env var (`WS_<KEY>`) and one flag.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub shards: u32,
+    pub base_port: u16,
+    pub bind: IpAddr,
+    pub admin_addr: SocketAddr,
+    pub max_connections: usize,
+    pub max_message_size: usize,
+    pub outbound_queue: usize,
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub close_timeout: Duration,
+    pub max_subscriptions: usize,
+    pub client_rate: u32,
+    pub client_rate_burst: u32,
+    #[serde(with = "humantime_serde")]
+    pub drain_window: Duration,
+    #[serde(with = "humantime_serde")]
+    pub grace: Duration,
+    pub history_len: usize,
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    pub max_headers: usize,
+    pub max_header_bytes: usize,
+    pub backlog: u32,
+    pub reuse_port: bool,
+    pub echo: bool,
+    pub echo_max_message_size: usize,
+    pub demo_feed: bool,
+    pub demo_rate: u32,
+    pub log_json: bool,
+    pub log_level: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            shards: 3,
+            base_port: 3002,
+            bind: IpAddr::from([127, 0, 0, 1]),
+            admin_addr: SocketAddr::from(([127, 0, 0, 1], 9102)),
+            max_connections: 6000,
+            max_message_size: 64 * 1024,
+            outbound_queue: 1024,
+            ping_interval: Duration::from_secs(25),
+            idle_timeout: Duration::from_secs(60),
+            close_timeout: Duration::from_secs(5),
+            max_subscriptions: 256,
+            client_rate: 100,
+            client_rate_burst: 200,
+            drain_window: Duration::from_secs(10),
+            grace: Duration::from_secs(30),
+            history_len: 1000,
+            header_timeout: Duration::from_secs(5),
+            max_headers: 64,
+            max_header_bytes: 16 * 1024,
+            backlog: 4096,
+            reuse_port: false,
+            echo: false,
+            echo_max_message_size: 16 * 1024 * 1024,
+            demo_feed: false,
+            demo_rate: 5,
+            log_json: false,
+            log_level: "info".into(),
+        }
+    }
+}
+
+/// Command-line flags; each overrides the key of the same name.
+#[derive(Debug, Parser, Serialize)]
+#[command(name = "ws-shard", version, about = "odin-ws shard server")]
+pub struct Cli {
+    /// TOML file with settings (keys as in docs/runbook.md).
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Number of shards in this process; shard i listens on base-port + i.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shards: Option<u32>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub base_port: Option<u16>,
+    /// Address the shard ports bind to.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bind: Option<IpAddr>,
+    /// Address of the admin listener (/metrics, /publish).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_addr: Option<SocketAddr>,
+    /// Connection slots per shard.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_message_size: Option<usize>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outbound_queue: Option<usize>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ping_interval: Option<String>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<String>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub close_timeout: Option<String>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_subscriptions: Option<usize>,
+    /// Client frames per second per connection (0 = unlimited).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_rate: Option<u32>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_rate_burst: Option<u32>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drain_window: Option<String>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grace: Option<String>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub history_len: Option<usize>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub header_timeout: Option<String>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_headers: Option<usize>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_header_bytes: Option<usize>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backlog: Option<u32>,
+    /// Set SO_REUSEPORT on shard ports.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reuse_port: Option<bool>,
+    /// Serve GET /echo on every shard port (conformance testing).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub echo: Option<bool>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub echo_max_message_size: Option<usize>,
+    /// Publish synthetic market ticks on the embedded bus.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub demo_feed: Option<bool>,
+    /// Demo ticks per second per channel.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub demo_rate: Option<u32>,
+    /// Log JSON lines instead of text.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_json: Option<bool>,
+    /// Log filter (RUST_LOG syntax).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_level: Option<String>,
+}
+
+/// Merges defaults, file, environment and flags.
+pub fn load(cli: &Cli, env: Env) -> anyhow::Result<Settings> {
+    let mut fig = Figment::from(Serialized::defaults(Settings::default()));
+    if let Some(path) = &cli.config {
+        if !path.exists() {
+            bail!("config file {} does not exist", path.display());
+        }
+        fig = fig.merge(Toml::file(path));
+    }
+    let settings: Settings = fig
+        .merge(env)
+        .merge(Serialized::defaults(cli))
+        .extract()
+        .context("invalid configuration")?;
+    if settings.shards == 0 {
+        bail!("shards must be at least 1");
+    }
+    if u32::from(settings.base_port) + settings.shards > 65_536 {
+        bail!("base_port + shards exceeds the port range");
+    }
+    Ok(settings)
+}
+
+/// The environment provider used by the binary.
+pub fn env() -> Env {
+    Env::prefixed("WS_")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(args: &[&str]) -> Cli {
+        Cli::parse_from(std::iter::once("ws-shard").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn precedence_is_defaults_file_env_flags() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("s.toml", "max_connections = 10\nshards = 2\nping_interval = \"7s\"\nhistory_len = 5")?;
+            jail.set_env("WS_MAX_CONNECTIONS", "20");
+            jail.set_env("WS_SHARDS", "4");
+            let c = cli(&["--config", "s.toml", "--shards", "5", "--drain-window", "250ms"]);
+            let s = load(&c, env()).map_err(|e| e.to_string())?;
+            assert_eq!(s.max_connections, 20, "env beats file");
+            assert_eq!(s.shards, 5, "flag beats env");
+            assert_eq!(s.ping_interval, Duration::from_secs(7), "file beats default");
+            assert_eq!(s.history_len, 5);
+            assert_eq!(s.drain_window, Duration::from_millis(250));
+            assert_eq!(s.base_port, 3002, "default");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_input_is_a_clear_error() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("bad.toml", "max_conections = 10")?;
+            let err = load(&cli(&["--config", "bad.toml"]), env()).unwrap_err();
+            assert!(format!("{err:#}").contains("max_conections"), "{err:#}");
+            jail.set_env("WS_PING_INTERVAL", "soon");
+            let err = load(&cli(&[]), env()).unwrap_err();
+            assert!(format!("{err:#}").contains("ping_interval"), "{err:#}");
+            Ok(())
+        });
+        let err = load(&cli(&["--config", "/nonexistent.toml"]), env()).unwrap_err();
+        assert!(err.to_string().contains("does not exist"));
+        assert!(load(&cli(&["--shards", "0"]), Env::prefixed("WS_TEST_NONE_")).is_err());
+    }
+}

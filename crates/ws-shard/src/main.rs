@@ -1,0 +1,71 @@
+//! `ws-shard`: parse settings, set up telemetry, bind listeners, run the server.
+
+mod config;
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use clap::Parser;
+use net_core::{HttpLimits, ListenOptions, Shutdown};
+use shard_core::{HubConfig, SessionConfig};
+use ws_shard::{Listeners, ServerConfig, SourceConfig};
+
+fn server_config(s: &config::Settings) -> anyhow::Result<ServerConfig> {
+    let session = SessionConfig {
+        max_message_size: s.max_message_size,
+        outbound_queue: s.outbound_queue,
+        ping_interval: s.ping_interval,
+        idle_timeout: s.idle_timeout,
+        close_timeout: s.close_timeout,
+        max_subscriptions: s.max_subscriptions,
+        rate_per_sec: s.client_rate,
+        rate_burst: s.client_rate_burst,
+        drain_window: s.drain_window,
+    }
+    .validate()?;
+    let echo = s
+        .echo
+        .then(|| SessionConfig { max_message_size: s.echo_max_message_size, rate_per_sec: 0, ..session }.validate())
+        .transpose()?;
+    Ok(ServerConfig {
+        max_connections: s.max_connections,
+        session,
+        echo,
+        hub: HubConfig { history_len: s.history_len }.validate()?,
+        http: HttpLimits {
+            header_read_timeout: s.header_timeout,
+            max_headers: s.max_headers,
+            max_header_bytes: s.max_header_bytes,
+        },
+        source: SourceConfig::Embedded { demo_rate: s.demo_feed.then_some(s.demo_rate) },
+        grace: s.grace,
+    })
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = config::Cli::parse();
+    let settings = config::load(&cli, config::env())?;
+    net_core::telemetry::init_tracing(settings.log_json, &settings.log_level);
+    let cfg = server_config(&settings)?;
+    let prometheus = net_core::telemetry::prometheus();
+
+    let opts = ListenOptions { backlog: settings.backlog, reuse_port: settings.reuse_port };
+    let mut shards = Vec::new();
+    for i in 0..settings.shards {
+        let port = u16::try_from(u32::from(settings.base_port) + i).context("port out of range")?;
+        let addr = SocketAddr::new(settings.bind, port);
+        shards.push(net_core::bind(addr, opts).with_context(|| format!("binding shard {i} on {addr}"))?);
+    }
+    let admin = net_core::bind(settings.admin_addr, ListenOptions::default())
+        .with_context(|| format!("binding admin listener on {}", settings.admin_addr))?;
+
+    let shutdown = Shutdown::new();
+    shutdown.install_signal_handlers(cfg.grace)?;
+    tracing::info!(shards = settings.shards, base_port = settings.base_port, admin = %settings.admin_addr, "ws-shard starting");
+    let left = ws_shard::run(Listeners { shards, admin }, cfg, prometheus, shutdown).await?;
+    if left > 0 {
+        tracing::warn!(sessions = left, "exiting with sessions still open");
+    }
+    Ok(())
+}
