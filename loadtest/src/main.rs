@@ -1,0 +1,2 @@
+//! Placeholder until the load tool lands.
+fn main() {}
