@@ -9,6 +9,7 @@ pub mod http;
 pub mod listener;
 pub mod shutdown;
 pub mod telemetry;
+pub mod upgrade;
 
 pub use accept::accept_loop;
 pub use http::{serve_connection, HttpLimits};

@@ -541,6 +541,12 @@ impl FrameTracker {
         self.hdr_len == 0 && self.remaining == 0
     }
 
+    /// Bytes left in the current frame's payload, or `None` while inside a frame header
+    /// (whose length is not known yet). `Some(0)` at a boundary.
+    pub fn bytes_to_boundary(&self) -> Option<u64> {
+        (self.hdr_len == 0).then_some(self.remaining)
+    }
+
     /// Whether a close frame header has passed.
     pub fn close_seen(&self) -> bool {
         self.close_seen
@@ -758,8 +764,11 @@ mod tests {
         let first = s.len();
         s.extend_from_slice(&encode_close(1000, ""));
         let mut t = FrameTracker::new();
-        t.observe(&s[..5]);
+        t.observe(&s[..1]);
+        assert_eq!(t.bytes_to_boundary(), None);
+        t.observe(&s[1..5]);
         assert!(!t.at_boundary());
+        assert_eq!(t.bytes_to_boundary(), Some((first - 5) as u64));
         t.observe(&s[5..first]);
         assert!(t.at_boundary());
         assert!(!t.close_seen());

@@ -1,0 +1,64 @@
+//! Server side of the WebSocket upgrade, shared by shards and the LB: validate the request
+//! with precise statuses, then, after the 101, recover the raw `TcpStream` from hyper so the
+//! connection can be driven without hyper's or fastwebsockets' per-connection buffers.
+
+use axum::http::{header, HeaderValue, Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use bytes::Bytes;
+use fastwebsockets::upgrade::UpgradeFut;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+/// A refusal before upgrading: `Connection: close` so the socket does not linger.
+pub fn refuse(status: StatusCode, reason: &'static str) -> Response {
+    (status, [(header::CONNECTION, "close")], reason).into_response()
+}
+
+/// Checks what fastwebsockets does not: an `Upgrade: websocket` request (426 otherwise),
+/// version 13 (426 with `Sec-WebSocket-Version: 13`), and a `Sec-WebSocket-Key` that is
+/// base64 of 16 bytes (400), per RFC 6455 §4.2.1-4.2.2.
+pub fn check_request<B>(req: &Request<B>) -> Result<(), Box<Response>> {
+    if !fastwebsockets::upgrade::is_upgrade_request(req) {
+        let mut r = refuse(StatusCode::UPGRADE_REQUIRED, "WebSocket upgrade required");
+        r.headers_mut().insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        return Err(Box::new(r));
+    }
+    if req.headers().get(header::SEC_WEBSOCKET_VERSION).map(HeaderValue::as_bytes) != Some(b"13") {
+        let mut r = refuse(StatusCode::UPGRADE_REQUIRED, "unsupported Sec-WebSocket-Version");
+        r.headers_mut().insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        return Err(Box::new(r));
+    }
+    let key_ok = req
+        .headers()
+        .get(header::SEC_WEBSOCKET_KEY)
+        .and_then(|k| base64::engine::general_purpose::STANDARD.decode(k.as_bytes()).ok())
+        .is_some_and(|k| k.len() == 16);
+    if !key_ok {
+        return Err(Box::new(refuse(StatusCode::BAD_REQUEST, "missing or invalid Sec-WebSocket-Key")));
+    }
+    Ok(())
+}
+
+/// Why the raw socket could not be recovered.
+#[derive(Debug, thiserror::Error)]
+pub enum UpgradeError {
+    #[error("client went away during the upgrade: {0}")]
+    Abandoned(fastwebsockets::WebSocketError),
+    #[error("upgraded connection is not a TCP stream")]
+    NotTcp,
+}
+
+/// Waits for hyper to hand over the connection after the 101 and returns the socket plus
+/// any bytes hyper had already read past the request (pipelined frames).
+pub async fn into_raw(fut: UpgradeFut) -> Result<(TcpStream, Bytes), UpgradeError> {
+    let ws = fut.await.map_err(UpgradeError::Abandoned)?;
+    let parts = ws.into_inner().into_inner().downcast::<TokioIo<TcpStream>>().map_err(|_| UpgradeError::NotTcp)?;
+    Ok((parts.io.into_inner(), parts.read_buf))
+}
+
+/// Turns fastwebsockets' `Response<Empty>` into an axum response.
+pub fn into_axum(response: hyper::Response<http_body_util::Empty<Bytes>>) -> Response {
+    let (parts, _) = response.into_parts();
+    Response::from_parts(parts, axum::body::Body::empty())
+}

@@ -1,0 +1,118 @@
+//! A shard as the LB dials it: parsed once from its `ws://host:port/path` URL, then
+//! connected per client with a bounded TCP connect and WebSocket handshake whose failures
+//! are classified for the retry policy and the breaker.
+
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use lb_core::AttemptError;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{timeout_at, Instant};
+use ws_protocol::handshake::{self, HandshakeError, Response, MAX_RESPONSE_HEAD};
+
+/// A backend URL that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("backend url {url:?}: {problem}")]
+pub struct BadBackend {
+    pub url: String,
+    pub problem: String,
+}
+
+/// One shard endpoint.
+#[derive(Debug, Clone)]
+pub struct Backend {
+    pub url: String,
+    pub addr: SocketAddr,
+    host_header: String,
+    path: String,
+}
+
+impl Backend {
+    /// Parses and resolves `ws://host:port/path` (resolved once, at startup).
+    pub fn parse(url: &str) -> Result<Self, BadBackend> {
+        let bad = |problem: &str| BadBackend { url: url.to_owned(), problem: problem.to_owned() };
+        let uri: http::Uri = url.parse().map_err(|_| bad("not a valid URL"))?;
+        match uri.scheme_str() {
+            Some("ws") => {}
+            Some("wss") => return Err(bad("wss is not supported between LB and shards (use ws on the private network)")),
+            _ => return Err(bad("scheme must be ws://")),
+        }
+        let host = uri.host().ok_or_else(|| bad("missing host"))?;
+        let port = uri.port_u16().unwrap_or(80);
+        let addr = (host.trim_start_matches('[').trim_end_matches(']'), port)
+            .to_socket_addrs()
+            .map_err(|e| bad(&format!("cannot resolve host: {e}")))?
+            .next()
+            .ok_or_else(|| bad("host resolves to no address"))?;
+        let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+        let host_header = uri.authority().map_or_else(|| host.to_owned(), |a| a.as_str().to_owned());
+        Ok(Self { url: url.to_owned(), addr, host_header, path })
+    }
+
+    /// `http://host:port/health` of the shard.
+    pub fn health_uri(&self) -> String {
+        format!("http://{}/health", self.host_header)
+    }
+
+    /// Connects and completes the WebSocket handshake within `budget`. Returns the socket
+    /// and any bytes the shard sent right after its 101.
+    pub async fn dial(&self, budget: Duration, client_ip: IpAddr) -> Result<(TcpStream, Bytes), AttemptError> {
+        let deadline = Instant::now() + budget;
+        let stream = match timeout_at(deadline, TcpStream::connect(self.addr)).await {
+            Err(_) => return Err(AttemptError::ConnectTimeout(budget)),
+            Ok(Err(e)) => return Err(AttemptError::ConnectRefused(e.to_string())),
+            Ok(Ok(s)) => s,
+        };
+        let _ = stream.set_nodelay(true);
+        match timeout_at(deadline, self.handshake(stream, client_ip)).await {
+            Err(_) => Err(AttemptError::HandshakeTimeout(budget)),
+            Ok(r) => r,
+        }
+    }
+
+    async fn handshake(&self, mut stream: TcpStream, client_ip: IpAddr) -> Result<(TcpStream, Bytes), AttemptError> {
+        let key = handshake::key_from_bytes(rand::random());
+        let ip = client_ip.to_string();
+        let request = handshake::client_request(&self.path, &self.host_header, &key, &[("X-Forwarded-For", &ip)]);
+        stream.write_all(&request).await.map_err(|e| AttemptError::ConnectionLost(e.to_string()))?;
+        let mut buf = BytesMut::with_capacity(512);
+        loop {
+            if buf.len() >= MAX_RESPONSE_HEAD {
+                return Err(AttemptError::Protocol("response head too large".into()));
+            }
+            let n = stream.read_buf(&mut buf).await.map_err(|e| AttemptError::ConnectionLost(e.to_string()))?;
+            if n == 0 {
+                return Err(AttemptError::ConnectionLost("shard closed during handshake".into()));
+            }
+            match handshake::parse_response(&buf, &key) {
+                Ok(Response::Partial) => continue,
+                Ok(Response::Accepted { head_len }) => {
+                    let rest = buf.split_off(head_len).freeze();
+                    return Ok((stream, rest));
+                }
+                Err(HandshakeError::Status(s)) => return Err(AttemptError::HttpStatus(s)),
+                Err(e) => return Err(AttemptError::Protocol(e.to_string())),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_urls_and_rejects_bad_ones() {
+        let b = Backend::parse("ws://127.0.0.1:3002/ws").unwrap();
+        assert_eq!(b.addr, "127.0.0.1:3002".parse().unwrap());
+        assert_eq!(b.health_uri(), "http://127.0.0.1:3002/health");
+        assert_eq!(b.path, "/ws");
+        assert!(Backend::parse("wss://127.0.0.1:3002/ws").unwrap_err().problem.contains("wss"));
+        assert!(Backend::parse("http://127.0.0.1:3002/ws").is_err());
+        assert!(Backend::parse("not a url").is_err());
+        let echo = Backend::parse("ws://localhost:3005/echo?x=1").unwrap();
+        assert_eq!(echo.path, "/echo?x=1");
+    }
+}

@@ -1,0 +1,101 @@
+//! Shard health polling (feeding utilization and draining state into the pool) and the
+//! LB's own `GET /health`.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde::Serialize;
+use tokio::task::JoinSet;
+use tokio::time::{timeout, Instant};
+use ws_protocol::{ShardHealth, ShardStatus};
+
+use crate::metrics::HEALTH_POLL_FAILURES;
+use crate::Lb;
+
+/// Largest health body accepted from a shard.
+const MAX_HEALTH_BODY: usize = 64 * 1024;
+
+type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>;
+
+async fn poll_one(client: HttpClient, uri: String, limit: std::time::Duration) -> Option<ShardHealth> {
+    let uri: http::Uri = uri.parse().ok()?;
+    let fut = async {
+        let resp = client.get(uri).await.ok()?;
+        let body = Limited::new(resp.into_body(), MAX_HEALTH_BODY).collect().await.ok()?.to_bytes();
+        serde_json::from_slice::<ShardHealth>(&body).ok()
+    };
+    timeout(limit, fut).await.ok().flatten()
+}
+
+/// Polls every shard's `/health` each `health_interval` until the LB stops.
+pub(crate) async fn poll_loop(lb: Arc<Lb>) {
+    let client: HttpClient = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(1).build_http();
+    let mut tick = tokio::time::interval(lb.cfg.health_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = lb.shutdown.hard.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let mut polls = JoinSet::new();
+        for (i, b) in lb.backends.iter().enumerate() {
+            let (client, uri, limit) = (client.clone(), b.health_uri(), lb.cfg.health_timeout);
+            polls.spawn(async move { (i, poll_one(client, uri, limit).await) });
+        }
+        while let Some(done) = polls.join_next().await {
+            let Ok((i, result)) = done else { continue };
+            match result {
+                Some(h) => lb.pool.set_health(i, h.utilization(), h.status == ShardStatus::Draining),
+                None => {
+                    lb.pool.set_health_unreachable(i);
+                    metrics::counter!(HEALTH_POLL_FAILURES, "shard_id" => i.to_string()).increment(1);
+                }
+            }
+        }
+        lb.metrics.update(&lb.pool.snapshot(Instant::now()));
+        lb.metrics.queue_len.set(lb.pacer.queue_len() as f64);
+    }
+}
+
+#[derive(Serialize)]
+struct ShardView {
+    url: String,
+    #[serde(flatten)]
+    snapshot: lb_core::ShardSnapshot,
+}
+
+#[derive(Serialize)]
+struct LbHealth {
+    status: &'static str,
+    admission_queue: usize,
+    shards: Vec<ShardView>,
+}
+
+/// `GET /health`: 200 while at least one shard can take connections and the LB is not
+/// draining; 503 otherwise. The body shows each shard's breaker state, score and utilization.
+pub(crate) async fn lb_health(State(lb): State<Arc<Lb>>) -> Response {
+    let now = Instant::now();
+    let admits = lb.pool.any_admits(now);
+    let status = match (lb.draining(), admits) {
+        (true, _) => "draining",
+        (false, false) => "no_shard_available",
+        (false, true) => "ok",
+    };
+    let shards = lb
+        .pool
+        .snapshot(now)
+        .into_iter()
+        .zip(&lb.backends)
+        .map(|(snapshot, b)| ShardView { url: b.url.clone(), snapshot })
+        .collect();
+    let body = LbHealth { status, admission_queue: lb.pacer.queue_len(), shards };
+    let code = if status == "ok" { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, Json(body)).into_response()
+}

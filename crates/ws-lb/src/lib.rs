@@ -1,0 +1,235 @@
+//! The ws-lb server: admits clients, picks a shard, completes the shard's handshake first,
+//! then the client's, and relays frames until either side closes.
+//!
+//! A client is never dropped silently. If no shard can take it, the client's upgrade still
+//! completes and it receives a close frame saying why: 1013 (overloaded — retry) or 1012 (no
+//! shard available). A browser cannot read the HTTP status of a failed handshake; the close
+//! code is what it sees. Policy — breakers, scores, selection, retry budget, pacing — comes
+//! from lb-core; this crate does the I/O.
+
+mod backend;
+mod health;
+pub mod metrics;
+mod proxy;
+mod relay;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::routing::get;
+use axum::Router;
+use http::Request;
+use lb_core::{BreakerConfig, PacingConfig, Pacer, RetryConfig, ScoreConfig, ShardPool};
+use metrics_exporter_prometheus::PrometheusHandle;
+use net_core::{HttpLimits, Shutdown};
+use tokio::net::TcpListener;
+use tokio_util::task::TaskTracker;
+use tower_governor::governor::GovernorConfigBuilder;
+use tower_governor::key_extractor::KeyExtractor;
+use tower_governor::{GovernorError, GovernorLayer};
+
+pub use backend::{Backend, BadBackend};
+pub use relay::RelayEnd;
+
+/// Per-client-IP limit on new connections, answered with HTTP 429 before any upgrade.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PerIpLimit {
+    pub per_second: u32,
+    pub burst: u32,
+}
+
+/// Everything the LB needs, validated.
+#[derive(Debug, Clone)]
+pub struct LbConfig {
+    /// Shard URLs, `ws://host:port/path`.
+    pub backends: Vec<String>,
+    pub breaker: BreakerConfig,
+    pub score: ScoreConfig,
+    pub retry: RetryConfig,
+    pub pacing: PacingConfig,
+    /// `None` disables the per-IP limit.
+    pub per_ip: Option<PerIpLimit>,
+    /// Take the client IP from `X-Forwarded-For` (as set by the GCP HTTP(S) load balancer:
+    /// the entry before the last) instead of the TCP peer.
+    pub trust_forwarded_for: bool,
+    /// Allowed `Origin` values; empty allows any (only for local runs).
+    pub allowed_origins: Vec<String>,
+    pub health_interval: Duration,
+    pub health_timeout: Duration,
+    pub http: HttpLimits,
+    pub close_timeout: Duration,
+    pub drain_window: Duration,
+    pub grace: Duration,
+}
+
+/// Pre-bound listeners.
+#[derive(Debug)]
+pub struct Listeners {
+    /// Clients: `GET /ws`, `GET /health`.
+    pub client: TcpListener,
+    /// `GET /metrics`.
+    pub admin: TcpListener,
+}
+
+/// Failures that stop the LB before it serves.
+#[derive(Debug, thiserror::Error)]
+pub enum LbError {
+    #[error(transparent)]
+    Backend(#[from] BadBackend),
+    #[error(transparent)]
+    Pool(#[from] lb_core::pool::PoolSizeError),
+    #[error("invalid per-IP limit: rate and burst must both be positive")]
+    PerIp,
+}
+
+/// Shared state of one LB process.
+#[derive(Debug)]
+pub(crate) struct Lb {
+    pub(crate) cfg: LbConfig,
+    pub(crate) backends: Vec<Backend>,
+    pub(crate) pool: ShardPool,
+    pub(crate) pacer: Pacer,
+    pub(crate) metrics: metrics::LbMetrics,
+    pub(crate) relays: TaskTracker,
+    pub(crate) relay_opts: relay::RelayOptions,
+    pub(crate) shutdown: Shutdown,
+}
+
+impl Lb {
+    pub(crate) fn draining(&self) -> bool {
+        self.shutdown.drain.is_cancelled()
+    }
+}
+
+/// The client IP used for the per-IP limit and passed to shards.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ClientIp {
+    trust_forwarded_for: bool,
+}
+
+impl ClientIp {
+    pub(crate) fn of<T>(&self, req: &Request<T>) -> Option<IpAddr> {
+        let peer = req.extensions().get::<axum::extract::ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+        if !self.trust_forwarded_for {
+            return peer;
+        }
+        // GCP appends "<client-ip>,<load-balancer-ip>" to whatever the client sent, so the
+        // trustworthy entry is the second from the right; anything further left is
+        // client-supplied and could be forged.
+        let forwarded = req
+            .headers()
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                let parts: Vec<&str> = v.split(',').map(str::trim).collect();
+                let idx = parts.len().checked_sub(2)?;
+                parts.get(idx)?.parse::<IpAddr>().ok()
+            });
+        forwarded.or(peer)
+    }
+}
+
+impl KeyExtractor for ClientIp {
+    type Key = IpAddr;
+
+    fn extract<T>(&self, req: &Request<T>) -> Result<Self::Key, GovernorError> {
+        self.of(req).ok_or(GovernorError::UnableToExtractKey)
+    }
+}
+
+fn client_router(lb: Arc<Lb>) -> Result<Router, LbError> {
+    let ws = get(proxy::handle);
+    let ws = match lb.cfg.per_ip {
+        None => ws,
+        Some(limit) => {
+            let period = Duration::from_secs(1).checked_div(limit.per_second).filter(|p| !p.is_zero()).ok_or(LbError::PerIp)?;
+            let config = GovernorConfigBuilder::default()
+                .key_extractor(ClientIp { trust_forwarded_for: lb.cfg.trust_forwarded_for })
+                .period(period)
+                .burst_size(limit.burst)
+                .finish()
+                .ok_or(LbError::PerIp)?;
+            let limiter = config.limiter().clone();
+            // The per-IP table grows with distinct clients; forget idle ones regularly.
+            let stop = lb.shutdown.hard.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(30));
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tick.tick() => limiter.retain_recent(),
+                    }
+                }
+            });
+            ws.layer(GovernorLayer::new(config).error_handler(|e| {
+                metrics::rejected("per_ip");
+                metrics::client("rejected");
+                let r = e.into_response();
+                let (parts, body) = r.into_parts();
+                axum::response::Response::from_parts(parts, axum::body::Body::from(body))
+            }))
+        }
+    };
+    Ok(Router::new().route("/ws", ws).route("/health", get(health::lb_health)).with_state(lb))
+}
+
+/// Runs the LB until a drain completes or a hard stop. Returns the number of client
+/// connections still open at exit.
+pub async fn run(
+    listeners: Listeners,
+    cfg: LbConfig,
+    prometheus: PrometheusHandle,
+    shutdown: Shutdown,
+) -> Result<usize, LbError> {
+    let backends = cfg.backends.iter().map(|u| Backend::parse(u)).collect::<Result<Vec<_>, _>>()?;
+    let observer = Arc::new(metrics::TransitionRecorder { names: cfg.backends.clone() });
+    let pool = ShardPool::new(backends.len(), cfg.breaker, cfg.score, observer)?;
+    let lb = Arc::new(Lb {
+        metrics: metrics::LbMetrics::new(backends.len()),
+        pacer: Pacer::new(cfg.pacing),
+        relay_opts: relay::RelayOptions {
+            close_timeout: cfg.close_timeout,
+            drain_window: cfg.drain_window,
+            drain: shutdown.drain.clone(),
+        },
+        relays: TaskTracker::new(),
+        backends,
+        pool,
+        cfg,
+        shutdown: shutdown.clone(),
+    });
+    let tasks = TaskTracker::new();
+    tasks.spawn(health::poll_loop(lb.clone()));
+    let router = client_router(lb.clone())?;
+    let admin = net_core::telemetry::metrics_router(prometheus);
+    for (listener, name, router) in [(listeners.client, "client", router), (listeners.admin, "admin", admin)] {
+        let limits = lb.cfg.http;
+        let stop = shutdown.hard.clone();
+        let conns = tasks.clone();
+        tracing::info!(listener = name, addr = ?listener.local_addr().ok(), "ws-lb listening");
+        tasks.spawn(async move {
+            // Plain HTTP keeps being served while draining so /health can say so.
+            net_core::accept_loop(listener, name, stop.clone(), |stream, peer| {
+                conns.spawn(net_core::serve_connection(stream, peer, router.clone(), limits, stop.clone()));
+            })
+            .await;
+        });
+    }
+
+    tokio::select! {
+        _ = shutdown.drain.cancelled() => {}
+        _ = shutdown.hard.cancelled() => {}
+    }
+    tracing::info!(relays = lb.relays.len(), "draining");
+    lb.relays.close();
+    tokio::select! {
+        _ = lb.relays.wait() => tracing::info!("all client connections closed"),
+        _ = shutdown.hard.cancelled() => {}
+    }
+    let left = lb.relays.len();
+    shutdown.hard.cancel();
+    tasks.close();
+    let _ = tokio::time::timeout(Duration::from_secs(1), tasks.wait()).await;
+    Ok(left)
+}

@@ -1,0 +1,164 @@
+//! Metric names exported by ws-lb (the plan's names, documented in `docs/runbook.md`) and
+//! handles resolved once per shard so the per-connection path only does atomic adds.
+
+use lb_core::{BreakerState, PoolObserver, ShardSnapshot, Transition};
+use metrics::{Counter, Gauge, Histogram};
+
+/// Counter: handshake attempts made to a shard, label `shard_id`.
+pub const HANDSHAKE_ATTEMPTS: &str = "ws_handshake_attempts_total";
+/// Counter: successful shard handshakes, label `shard_id`.
+pub const HANDSHAKE_SUCCESS: &str = "ws_handshake_success_total";
+/// Counter: failed shard handshakes, label `shard_id`.
+pub const HANDSHAKE_FAILURES: &str = "ws_handshake_failures_total";
+/// Histogram: duration of shard handshakes (TCP connect to 101), label `shard_id`.
+pub const HANDSHAKE_DURATION: &str = "ws_handshake_duration_seconds";
+/// Counter: attempts by their rank within one client's handshake, label `attempt` (1 = first try).
+pub const RETRY_COUNT: &str = "ws_handshake_retry_count";
+/// Gauge: 1 for the breaker's current state, 0 for the others; labels `shard_id`, `state`.
+pub const BREAKER_STATE: &str = "ws_circuit_breaker_state";
+/// Counter: breaker transitions, labels `shard_id`, `from`, `to`.
+pub const BREAKER_TRANSITIONS: &str = "ws_circuit_breaker_transitions_total";
+/// Counter: failures recorded by a shard's breaker, label `shard_id`.
+pub const BREAKER_FAILURES: &str = "ws_circuit_breaker_failures_total";
+/// Gauge: health score in [0, 1], label `shard_id`.
+pub const HEALTH_SCORE: &str = "ws_shard_health_score";
+/// Gauge: utilization from the shard's /health, label `shard_id`.
+pub const UTILIZATION: &str = "ws_shard_utilization";
+/// Gauge: failed attempts in the sliding window, label `shard_id`.
+pub const RECENT_FAILURES: &str = "ws_shard_recent_failures";
+/// Gauge: clients currently relayed.
+pub const ACTIVE: &str = "ws_lb_active_connections";
+/// Gauge: clients waiting in the admission queue.
+pub const QUEUE_LEN: &str = "ws_lb_admission_queue_length";
+/// Histogram: time spent in the admission queue.
+pub const ADMISSION_WAIT: &str = "ws_lb_admission_wait_seconds";
+/// Counter: clients refused admission, label `reason` (queue_full, wait_too_long, per_ip, origin, draining).
+pub const ADMISSION_REJECTIONS: &str = "ws_lb_admission_rejections_total";
+/// Counter: close frames the LB itself sent to clients, label `code`.
+pub const CLOSE_CODES: &str = "ws_lb_close_codes_total";
+/// Counter: client connections by outcome, label `result` (relayed, closed_1012, closed_1013, rejected).
+pub const CLIENT_CONNECTIONS: &str = "ws_lb_client_connections_total";
+/// Counter: failed shard `/health` polls, label `shard_id`.
+pub const HEALTH_POLL_FAILURES: &str = "ws_lb_health_poll_failures_total";
+/// Counter: failed shard handshakes by kind, labels `shard_id`, `kind`.
+pub const ATTEMPT_ERRORS: &str = "ws_lb_attempt_errors_total";
+
+/// Every metric name this crate exports (for docs and the exported-metrics test).
+pub const ALL: &[&str] = &[
+    HANDSHAKE_ATTEMPTS, HANDSHAKE_SUCCESS, HANDSHAKE_FAILURES, HANDSHAKE_DURATION, RETRY_COUNT,
+    BREAKER_STATE, BREAKER_TRANSITIONS, BREAKER_FAILURES, HEALTH_SCORE, UTILIZATION,
+    RECENT_FAILURES, ACTIVE, QUEUE_LEN, ADMISSION_WAIT, ADMISSION_REJECTIONS, CLOSE_CODES,
+    CLIENT_CONNECTIONS, HEALTH_POLL_FAILURES, ATTEMPT_ERRORS,
+];
+
+/// Handles for one shard.
+#[derive(Debug)]
+pub struct ShardHandles {
+    pub attempts: Counter,
+    pub success: Counter,
+    pub failures: Counter,
+    pub duration: Histogram,
+    pub breaker_failures: Counter,
+    score: Gauge,
+    utilization: Gauge,
+    recent_failures: Gauge,
+    state: [Gauge; 3],
+}
+
+impl ShardHandles {
+    fn new(shard: usize) -> Self {
+        let id = shard.to_string();
+        let state = BreakerState::ALL.map(|s| metrics::gauge!(BREAKER_STATE, "shard_id" => id.clone(), "state" => s.as_str()));
+        let h = Self {
+            attempts: metrics::counter!(HANDSHAKE_ATTEMPTS, "shard_id" => id.clone()),
+            success: metrics::counter!(HANDSHAKE_SUCCESS, "shard_id" => id.clone()),
+            failures: metrics::counter!(HANDSHAKE_FAILURES, "shard_id" => id.clone()),
+            duration: metrics::histogram!(HANDSHAKE_DURATION, "shard_id" => id.clone()),
+            breaker_failures: metrics::counter!(BREAKER_FAILURES, "shard_id" => id.clone()),
+            score: metrics::gauge!(HEALTH_SCORE, "shard_id" => id.clone()),
+            utilization: metrics::gauge!(UTILIZATION, "shard_id" => id.clone()),
+            recent_failures: metrics::gauge!(RECENT_FAILURES, "shard_id" => id),
+            state,
+        };
+        h.set_state(BreakerState::Closed);
+        h
+    }
+
+    fn set_state(&self, current: BreakerState) {
+        for (s, g) in BreakerState::ALL.iter().zip(&self.state) {
+            g.set(if *s == current { 1.0 } else { 0.0 });
+        }
+    }
+}
+
+/// All of the LB's metric handles.
+#[derive(Debug)]
+pub struct LbMetrics {
+    pub shards: Vec<ShardHandles>,
+    pub active: Gauge,
+    pub queue_len: Gauge,
+    pub admission_wait: Histogram,
+}
+
+impl LbMetrics {
+    /// Registers handles for `n` shards.
+    pub fn new(n: usize) -> Self {
+        Self {
+            shards: (0..n).map(ShardHandles::new).collect(),
+            active: metrics::gauge!(ACTIVE),
+            queue_len: metrics::gauge!(QUEUE_LEN),
+            admission_wait: metrics::histogram!(ADMISSION_WAIT),
+        }
+    }
+
+    /// Copies a pool snapshot into the per-shard gauges.
+    pub fn update(&self, snapshot: &[ShardSnapshot]) {
+        for s in snapshot {
+            if let Some(h) = self.shards.get(s.shard_id) {
+                h.score.set(s.score);
+                h.utilization.set(s.utilization);
+                h.recent_failures.set(s.recent_failures as f64);
+                h.set_state(s.breaker);
+            }
+        }
+    }
+}
+
+/// Counts a refused admission.
+pub fn rejected(reason: &'static str) {
+    metrics::counter!(ADMISSION_REJECTIONS, "reason" => reason).increment(1);
+}
+
+/// Counts a close frame sent by the LB.
+pub fn lb_close(code: u16) {
+    metrics::counter!(CLOSE_CODES, "code" => code.to_string()).increment(1);
+}
+
+/// Counts a client connection outcome.
+pub fn client(result: &'static str) {
+    metrics::counter!(CLIENT_CONNECTIONS, "result" => result).increment(1);
+}
+
+/// Turns breaker transitions into metrics and log lines.
+#[derive(Debug)]
+pub struct TransitionRecorder {
+    pub names: Vec<String>,
+}
+
+impl PoolObserver for TransitionRecorder {
+    fn transition(&self, shard: usize, t: Transition) {
+        metrics::counter!(
+            BREAKER_TRANSITIONS,
+            "shard_id" => shard.to_string(),
+            "from" => t.from.as_str(),
+            "to" => t.to.as_str()
+        )
+        .increment(1);
+        for s in BreakerState::ALL {
+            let v = if s == t.to { 1.0 } else { 0.0 };
+            metrics::gauge!(BREAKER_STATE, "shard_id" => shard.to_string(), "state" => s.as_str()).set(v);
+        }
+        let url = self.names.get(shard).map_or("?", String::as_str);
+        tracing::info!(shard_id = shard, backend = url, from = t.from.as_str(), to = t.to.as_str(), "circuit breaker transition");
+    }
+}

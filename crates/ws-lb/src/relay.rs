@@ -1,0 +1,261 @@
+//! Relaying one client's WebSocket to its shard, byte for byte, while tracking frame
+//! boundaries in both directions.
+//!
+//! The relay does not decode or re-encode frames: bytes read from one socket are written to
+//! the other as they are, so the shard stays the only WebSocket endpoint the client talks
+//! to (conformance, masking checks, size limits all happen there). What the relay adds is a
+//! [`FrameTracker`] per direction, so that when the shard disappears or the LB drains, it can
+//! put a close frame of its own (1012) into the client's stream *between* two frames.
+//!
+//! Memory: reads go into a buffer on the poll stack (inside a non-async function), so an
+//! idle relayed connection holds no buffer; a heap buffer exists only while a destination
+//! socket is full, and it holds at most one read's worth of bytes because the source is not
+//! read again until it is flushed (backpressure travels to the sender through TCP).
+
+use std::io;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::net::TcpStream;
+use tokio::time::{sleep_until, Instant};
+use tokio_util::sync::CancellationToken;
+use ws_protocol::close;
+use ws_protocol::frame::{self, FrameTracker};
+
+/// Bytes moved per read; on the stack of the poll, not per connection.
+const CHUNK: usize = 32 * 1024;
+/// Reads per readiness wake-up before letting the other direction run.
+const BUDGET: usize = 8;
+
+/// How a relay ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayEnd {
+    /// A close handshake completed (either side started it).
+    Closed,
+    /// The client went away without a close handshake.
+    ClientGone,
+    /// The shard went away; `notified` says whether the client got a 1012 close frame.
+    ShardLost { notified: bool },
+    /// The LB drained and sent the client 1012.
+    Drained,
+}
+
+/// Relay settings.
+#[derive(Debug, Clone)]
+pub struct RelayOptions {
+    /// How long to wait for the client's close frame after the LB sent one.
+    pub close_timeout: Duration,
+    /// On drain, the 1012 goes out at a random moment within this window.
+    pub drain_window: Duration,
+    /// Cancelled when the LB starts draining.
+    pub drain: CancellationToken,
+}
+
+#[derive(Debug, Default)]
+struct Half {
+    /// Bytes read but not yet written to the destination.
+    pending: Vec<u8>,
+    offset: usize,
+    tracker: FrameTracker,
+    /// The source reached EOF or failed.
+    eof: bool,
+}
+
+impl Half {
+    fn has_pending(&self) -> bool {
+        self.offset < self.pending.len()
+    }
+
+    /// Reads from `src` and writes to `dst` (or discards when `forward` is false) until the
+    /// source would block, the budget is spent, or `dst` is full.
+    ///
+    /// With `to_boundary`, reads stop exactly at the end of the current frame, so that a frame
+    /// of the LB's own can follow it.
+    fn pump(&mut self, src: &TcpStream, dst: &TcpStream, forward: bool, to_boundary: bool) {
+        let mut buf = [0u8; CHUNK];
+        for _ in 0..BUDGET {
+            if self.has_pending() || self.eof {
+                return;
+            }
+            let limit = if to_boundary {
+                match self.tracker.bytes_to_boundary() {
+                    Some(0) => return,
+                    Some(n) => usize::try_from(n).unwrap_or(CHUNK).min(CHUNK),
+                    // Inside a header: take it byte by byte (at most 14).
+                    None => 1,
+                }
+            } else {
+                CHUNK
+            };
+            let n = match src.try_read(buf.get_mut(..limit).unwrap_or_default()) {
+                Ok(0) => {
+                    self.eof = true;
+                    return;
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(_) => {
+                    self.eof = true;
+                    return;
+                }
+            };
+            let data = buf.get(..n).unwrap_or_default();
+            self.tracker.observe(data);
+            if !forward {
+                continue;
+            }
+            match dst.try_write(data) {
+                Ok(w) if w == n => {}
+                Ok(w) => self.stash(data.get(w..).unwrap_or_default()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.stash(data),
+                // The destination failed; its own read side will report it.
+                Err(_) => return,
+            }
+            if n < limit {
+                return;
+            }
+        }
+    }
+
+    fn stash(&mut self, rest: &[u8]) {
+        self.pending.clear();
+        self.pending.extend_from_slice(rest);
+        self.offset = 0;
+    }
+
+    /// Queues bytes of the LB's own (a close frame) after what is pending.
+    fn inject(&mut self, bytes: &[u8]) {
+        if !self.has_pending() {
+            self.pending.clear();
+            self.offset = 0;
+        }
+        self.pending.extend_from_slice(bytes);
+    }
+
+    fn flush(&mut self, dst: &TcpStream) -> io::Result<()> {
+        while self.has_pending() {
+            let rest = self.pending.get(self.offset..).unwrap_or_default();
+            match dst.try_write(rest) {
+                Ok(n) => self.offset += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+        // Give the buffer back once drained: it was only needed while the peer was slow.
+        self.pending = Vec::new();
+        self.offset = 0;
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Relaying both ways.
+    Open,
+    /// The LB sent the client a close frame; waiting for the client's close or EOF.
+    Closing { deadline: Instant },
+}
+
+/// Runs the relay until the connection ends. `client_prefix` and `shard_prefix` are bytes
+/// already read from each side during the handshakes.
+pub async fn relay(
+    client: TcpStream,
+    client_prefix: Bytes,
+    shard: TcpStream,
+    shard_prefix: Bytes,
+    opts: &RelayOptions,
+    on_lb_close: &(dyn Fn(u16) + Sync),
+) -> RelayEnd {
+    let mut up = Half::default();
+    let mut down = Half::default();
+    up.tracker.observe(&client_prefix);
+    up.inject(&client_prefix);
+    down.tracker.observe(&shard_prefix);
+    down.inject(&shard_prefix);
+    let mut phase = Phase::Open;
+    let mut end: Option<RelayEnd> = None;
+    let mut want_close: Option<(u16, &'static str, RelayEnd)> = None;
+    let mut drain_at: Option<Instant> = None;
+    let mut shard_open = true;
+    let far = Instant::now() + Duration::from_secs(86_400 * 365);
+
+    loop {
+        // Decide what the state of both halves means before waiting again.
+        if phase == Phase::Open {
+            if down.eof && !down.has_pending() {
+                if down.tracker.close_seen() {
+                    return end.unwrap_or(RelayEnd::Closed);
+                }
+                want_close.get_or_insert((close::SERVICE_RESTART, "shard connection lost, reconnect", RelayEnd::ShardLost { notified: true }));
+            }
+            if up.eof {
+                // The client is gone: dropping the shard socket lets the shard free the slot.
+                return if up.tracker.close_seen() { RelayEnd::Closed } else { RelayEnd::ClientGone };
+            }
+            if let Some((code, reason, outcome)) = want_close {
+                if down.tracker.at_boundary() {
+                    down.inject(&frame::encode_close(code, reason));
+                    on_lb_close(code);
+                    end = Some(outcome);
+                    phase = Phase::Closing { deadline: Instant::now() + opts.close_timeout };
+                    if shard_open && !down.eof && up.tracker.at_boundary() && !up.has_pending() {
+                        // Tell the shard too, so it frees the slot at once; best effort.
+                        let bye = frame::encode_masked_frame(frame::OP_CLOSE, &frame::close_payload(close::GOING_AWAY, "client leaving"), rand::random());
+                        let _ = shard.try_write(&bye);
+                    }
+                    shard_open = false;
+                } else if down.eof {
+                    // Mid-frame and the rest will never come: nothing valid can be sent.
+                    return RelayEnd::ShardLost { notified: false };
+                }
+            }
+        }
+        if let Phase::Closing { .. } = phase {
+            let client_done = up.eof || up.tracker.close_seen();
+            if client_done && !down.has_pending() {
+                return end.unwrap_or(RelayEnd::Closed);
+            }
+        }
+        let timer_at = match phase {
+            Phase::Closing { deadline } => deadline,
+            Phase::Open => drain_at.unwrap_or(far),
+        };
+        let closing = matches!(phase, Phase::Closing { .. });
+        let timer_armed = closing || (drain_at.is_some() && want_close.is_none());
+        let to_boundary = want_close.is_some();
+        tokio::select! {
+            biased;
+            _ = opts.drain.cancelled(), if drain_at.is_none() && !closing && want_close.is_none() => {
+                let window = opts.drain_window.as_millis() as u64;
+                let jitter = if window == 0 { 0 } else { rand::random::<u64>() % window };
+                drain_at = Some(Instant::now() + Duration::from_millis(jitter));
+            }
+            r = client.writable(), if down.has_pending() => {
+                if r.is_err() || down.flush(&client).is_err() {
+                    return end.unwrap_or(RelayEnd::ClientGone);
+                }
+            }
+            r = shard.writable(), if up.has_pending() && shard_open => {
+                if r.is_err() || up.flush(&shard).is_err() {
+                    up.pending.clear();
+                    up.offset = 0;
+                    down.eof = true;
+                }
+            }
+            r = client.readable(), if !up.has_pending() && !up.eof => {
+                if r.is_err() { up.eof = true; } else { up.pump(&client, &shard, !closing && shard_open, false); }
+            }
+            r = shard.readable(), if !down.has_pending() && !down.eof && shard_open && !closing => {
+                if r.is_err() { down.eof = true; } else { down.pump(&shard, &client, true, to_boundary); }
+            }
+            _ = sleep_until(timer_at), if timer_armed => {
+                match phase {
+                    Phase::Closing { .. } => return end.unwrap_or(RelayEnd::Closed),
+                    Phase::Open => {
+                        want_close.get_or_insert((close::SERVICE_RESTART, "load balancer restarting, reconnect", RelayEnd::Drained));
+                    }
+                }
+            }
+        }
+    }
+}
