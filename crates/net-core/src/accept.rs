@@ -43,10 +43,39 @@ fn transient(e: &io::Error) -> bool {
     )
 }
 
+/// Options applied to every accepted socket.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SocketOptions {
+    /// `SO_KEEPALIVE` with this idle time before the first probe (`None`: off).
+    pub keepalive: Option<Duration>,
+    /// `SO_SNDBUF` in bytes (`None`: kernel default and autotuning). A small buffer bounds
+    /// kernel memory per connection and makes a client that stops reading show up sooner
+    /// as a slow consumer.
+    pub send_buffer: Option<usize>,
+}
+
+impl SocketOptions {
+    fn apply(&self, stream: &TcpStream) {
+        let _ = stream.set_nodelay(true);
+        let sock = socket2::SockRef::from(stream);
+        if let Some(idle) = self.keepalive {
+            let _ = sock.set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(idle));
+        }
+        if let Some(size) = self.send_buffer {
+            let _ = sock.set_send_buffer_size(size);
+        }
+    }
+}
+
 /// Accepts connections on `listener` until `stop` is cancelled, calling `on_conn` for each
-/// (with `TCP_NODELAY` set). `name` labels metrics and logs.
-pub async fn accept_loop<F>(listener: TcpListener, name: &'static str, stop: CancellationToken, mut on_conn: F)
-where
+/// (with `TCP_NODELAY` and `opts` applied). `name` labels metrics and logs.
+pub async fn accept_loop<F>(
+    listener: TcpListener,
+    name: &'static str,
+    opts: SocketOptions,
+    stop: CancellationToken,
+    mut on_conn: F,
+) where
     F: FnMut(TcpStream, SocketAddr),
 {
     let mut reserve = File::open("/dev/null").ok();
@@ -58,7 +87,7 @@ where
         };
         match accepted {
             Ok((stream, peer)) => {
-                let _ = stream.set_nodelay(true);
+                opts.apply(&stream);
                 on_conn(stream, peer);
             }
             Err(e) if fd_exhausted(&e) => {

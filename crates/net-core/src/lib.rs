@@ -11,7 +11,7 @@ pub mod shutdown;
 pub mod telemetry;
 pub mod upgrade;
 
-pub use accept::accept_loop;
+pub use accept::{accept_loop, SocketOptions};
 pub use http::{serve_connection, HttpLimits};
 pub use listener::{bind, ListenOptions};
 pub use shutdown::Shutdown;

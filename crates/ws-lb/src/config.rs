@@ -55,6 +55,9 @@ pub struct Settings {
     pub backlog: u32,
     pub reuse_port: bool,
     #[serde(with = "humantime_serde")]
+    pub tcp_keepalive: Duration,
+    pub socket_send_buffer: usize,
+    #[serde(with = "humantime_serde")]
     pub close_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub drain_window: Duration,
@@ -108,6 +111,8 @@ impl Default for Settings {
             max_header_bytes: 16 * 1024,
             backlog: 4096,
             reuse_port: false,
+            tcp_keepalive: Duration::from_secs(60),
+            socket_send_buffer: 0,
             close_timeout: Duration::from_secs(5),
             drain_window: Duration::from_secs(10),
             grace: Duration::from_secs(30),
@@ -214,6 +219,14 @@ pub struct Cli {
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reuse_port: Option<bool>,
+    /// TCP keep-alive idle time on client sockets (0s = off).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tcp_keepalive: Option<String>,
+    /// SO_SNDBUF for client sockets in bytes (0 = kernel default).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub socket_send_buffer: Option<usize>,
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub close_timeout: Option<String>,

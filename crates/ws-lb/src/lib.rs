@@ -22,7 +22,7 @@ use axum::Router;
 use http::Request;
 use lb_core::{BreakerConfig, PacingConfig, Pacer, RetryConfig, ScoreConfig, ShardPool};
 use metrics_exporter_prometheus::PrometheusHandle;
-use net_core::{HttpLimits, Shutdown};
+use net_core::{HttpLimits, Shutdown, SocketOptions};
 use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
 use tower_governor::governor::GovernorConfigBuilder;
@@ -58,6 +58,8 @@ pub struct LbConfig {
     pub health_interval: Duration,
     pub health_timeout: Duration,
     pub http: HttpLimits,
+    /// Options for accepted client sockets.
+    pub socket: SocketOptions,
     pub close_timeout: Duration,
     pub drain_window: Duration,
     pub grace: Duration,
@@ -203,14 +205,17 @@ pub async fn run(
     tasks.spawn(health::poll_loop(lb.clone()));
     let router = client_router(lb.clone())?;
     let admin = net_core::telemetry::metrics_router(prometheus);
-    for (listener, name, router) in [(listeners.client, "client", router), (listeners.admin, "admin", admin)] {
+    let client_opts = lb.cfg.socket;
+    for (listener, name, router, opts) in
+        [(listeners.client, "client", router, client_opts), (listeners.admin, "admin", admin, SocketOptions::default())]
+    {
         let limits = lb.cfg.http;
         let stop = shutdown.hard.clone();
         let conns = tasks.clone();
         tracing::info!(listener = name, addr = ?listener.local_addr().ok(), "ws-lb listening");
         tasks.spawn(async move {
             // Plain HTTP keeps being served while draining so /health can say so.
-            net_core::accept_loop(listener, name, stop.clone(), |stream, peer| {
+            net_core::accept_loop(listener, name, opts, stop.clone(), |stream, peer| {
                 conns.spawn(net_core::serve_connection(stream, peer, router.clone(), limits, stop.clone()));
             })
             .await;

@@ -5,7 +5,7 @@ mod config;
 use anyhow::Context;
 use clap::Parser;
 use lb_core::{BreakerConfig, PacingConfig, RetryConfig, ScoreConfig};
-use net_core::{HttpLimits, ListenOptions, Shutdown};
+use net_core::{HttpLimits, ListenOptions, Shutdown, SocketOptions};
 use ws_lb::{LbConfig, Listeners, PerIpLimit};
 
 fn lb_config(s: &config::Settings) -> anyhow::Result<LbConfig> {
@@ -29,6 +29,10 @@ fn lb_config(s: &config::Settings) -> anyhow::Result<LbConfig> {
             header_read_timeout: s.header_timeout,
             max_headers: s.max_headers,
             max_header_bytes: s.max_header_bytes,
+        },
+        socket: SocketOptions {
+            keepalive: (!s.tcp_keepalive.is_zero()).then_some(s.tcp_keepalive),
+            send_buffer: (s.socket_send_buffer > 0).then_some(s.socket_send_buffer),
         },
         close_timeout: s.close_timeout,
         drain_window: s.drain_window,

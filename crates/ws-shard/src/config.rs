@@ -42,6 +42,9 @@ pub struct Settings {
     pub max_header_bytes: usize,
     pub backlog: u32,
     pub reuse_port: bool,
+    #[serde(with = "humantime_serde")]
+    pub tcp_keepalive: Duration,
+    pub socket_send_buffer: usize,
     pub echo: bool,
     pub echo_max_message_size: usize,
     pub demo_feed: bool,
@@ -74,6 +77,8 @@ impl Default for Settings {
             max_header_bytes: 16 * 1024,
             backlog: 4096,
             reuse_port: false,
+            tcp_keepalive: Duration::from_secs(60),
+            socket_send_buffer: 0,
             echo: false,
             echo_max_message_size: 16 * 1024 * 1024,
             demo_feed: false,
@@ -161,6 +166,14 @@ pub struct Cli {
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reuse_port: Option<bool>,
+    /// TCP keep-alive idle time on client sockets (0s = off).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tcp_keepalive: Option<String>,
+    /// SO_SNDBUF for client sockets in bytes (0 = kernel default).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub socket_send_buffer: Option<usize>,
     /// Serve GET /echo on every shard port (conformance testing).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     #[serde(skip_serializing_if = "Option::is_none")]

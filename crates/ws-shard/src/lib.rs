@@ -20,7 +20,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
-use net_core::{HttpLimits, Shutdown};
+use net_core::{HttpLimits, Shutdown, SocketOptions};
 use shard_core::metrics::{ShardMetrics, MAX_CONNECTIONS};
 use shard_core::session::{Mode, ShardContext};
 use shard_core::source::bus::{fresh_epoch, EmbeddedBus};
@@ -46,6 +46,8 @@ pub struct ServerConfig {
     pub echo: Option<SessionConfig>,
     pub hub: HubConfig,
     pub http: HttpLimits,
+    /// Options for accepted client sockets.
+    pub socket: SocketOptions,
     pub source: SourceConfig,
     /// Longest a drain may take before the process stops anyway.
     pub grace: Duration,
@@ -169,12 +171,12 @@ pub async fn run(
         let addr = listener.local_addr().ok();
         tracing::info!(shard_id = id, ?addr, "shard listening");
         let router = shard_router(shard.clone());
-        tasks.spawn(serve(listener, "shard", router, cfg.http, shutdown.clone(), tasks.clone()));
+        tasks.spawn(serve(listener, "shard", router, cfg.http, cfg.socket, shutdown.clone(), tasks.clone()));
         shards.push(shard);
     }
 
     let admin = admin::router(prometheus, bus, shards.clone());
-    tasks.spawn(serve(listeners.admin, "admin", admin, cfg.http, shutdown.clone(), tasks.clone()));
+    tasks.spawn(serve(listeners.admin, "admin", admin, cfg.http, SocketOptions::default(), shutdown.clone(), tasks.clone()));
 
     tokio::select! {
         _ = shutdown.drain.cancelled() => {}
@@ -199,13 +201,14 @@ async fn serve(
     name: &'static str,
     router: Router,
     limits: HttpLimits,
+    socket: SocketOptions,
     shutdown: Shutdown,
     tasks: TaskTracker,
 ) {
     // Plain HTTP connections (health polls, publishes) keep being served while draining, so
     // a draining shard still answers `/health` with `draining` and `/ws` with 503.
     let idle_close = shutdown.hard.clone();
-    net_core::accept_loop(listener, name, shutdown.hard.clone(), |stream, peer| {
+    net_core::accept_loop(listener, name, socket, shutdown.hard.clone(), |stream, peer| {
         tasks.spawn(net_core::serve_connection(stream, peer, router.clone(), limits, idle_close.clone()));
     })
     .await;

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 
 use anyhow::Context;
 use clap::Parser;
-use net_core::{HttpLimits, ListenOptions, Shutdown};
+use net_core::{HttpLimits, ListenOptions, Shutdown, SocketOptions};
 use shard_core::{HubConfig, SessionConfig};
 use ws_shard::{Listeners, ServerConfig, SourceConfig};
 
@@ -36,6 +36,10 @@ fn server_config(s: &config::Settings) -> anyhow::Result<ServerConfig> {
             header_read_timeout: s.header_timeout,
             max_headers: s.max_headers,
             max_header_bytes: s.max_header_bytes,
+        },
+        socket: SocketOptions {
+            keepalive: (!s.tcp_keepalive.is_zero()).then_some(s.tcp_keepalive),
+            send_buffer: (s.socket_send_buffer > 0).then_some(s.socket_send_buffer),
         },
         source: SourceConfig::Embedded { demo_rate: s.demo_feed.then_some(s.demo_rate) },
         grace: s.grace,

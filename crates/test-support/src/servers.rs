@@ -1,0 +1,156 @@
+//! In-process ws-shard and ws-lb servers on `127.0.0.1:0`, ready when returned.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use lb_core::{BreakerConfig, PacingConfig, RetryConfig, ScoreConfig};
+use net_core::{HttpLimits, ListenOptions, Shutdown, SocketOptions};
+use shard_core::{HubConfig, SessionConfig};
+use tokio::task::JoinHandle;
+
+use crate::http::{get, wait_until};
+
+fn any_port() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+/// A running ws-shard process stand-in.
+#[derive(Debug)]
+pub struct TestShards {
+    pub shards: Vec<SocketAddr>,
+    pub admin: SocketAddr,
+    pub shutdown: Shutdown,
+    pub task: JoinHandle<Result<usize, ws_shard::ServerError>>,
+}
+
+impl TestShards {
+    /// `ws://.../ws` of shard `i`.
+    pub fn ws_url(&self, i: usize) -> String {
+        format!("ws://{}/ws", self.shards[i])
+    }
+
+    /// Current connections of shard `i` from its `/health`.
+    pub async fn connections(&self, i: usize) -> u64 {
+        let r = get(self.shards[i], "/health").await.unwrap();
+        let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        v["connections"].as_u64().unwrap()
+    }
+
+    /// The admin `/metrics` page.
+    pub async fn metrics(&self) -> String {
+        get(self.admin, "/metrics").await.unwrap().body
+    }
+
+    /// Stops at once (tests that do not exercise the drain).
+    pub fn kill(&self) {
+        self.shutdown.hard.cancel();
+    }
+}
+
+/// Test defaults: production values except shorter timers.
+pub fn shard_config() -> ws_shard::ServerConfig {
+    let session = SessionConfig {
+        close_timeout: Duration::from_secs(2),
+        drain_window: Duration::from_millis(500),
+        ..SessionConfig::default()
+    };
+    ws_shard::ServerConfig {
+        max_connections: 6000,
+        session,
+        echo: Some(SessionConfig { max_message_size: 16 << 20, rate_per_sec: 0, ..session }),
+        hub: HubConfig::default(),
+        http: HttpLimits::default(),
+        socket: SocketOptions::default(),
+        source: ws_shard::SourceConfig::Embedded { demo_rate: None },
+        grace: Duration::from_secs(10),
+    }
+}
+
+/// Starts `n` shards in one in-process server, configured by `configure`.
+pub async fn start_shards(n: usize, configure: impl FnOnce(&mut ws_shard::ServerConfig)) -> TestShards {
+    let mut cfg = shard_config();
+    configure(&mut cfg);
+    let opts = ListenOptions::default();
+    let listeners: Vec<_> = (0..n).map(|_| net_core::bind(any_port(), opts).unwrap()).collect();
+    let shards: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+    let admin_l = net_core::bind(any_port(), opts).unwrap();
+    let admin = admin_l.local_addr().unwrap();
+    let shutdown = Shutdown::new();
+    let task = tokio::spawn(ws_shard::run(
+        ws_shard::Listeners { shards: listeners, admin: admin_l },
+        cfg,
+        net_core::telemetry::prometheus(),
+        shutdown.clone(),
+    ));
+    for s in &shards {
+        let addr = *s;
+        assert!(wait_until(Duration::from_secs(5), || async move { get(addr, "/health").await.is_ok() }).await);
+    }
+    TestShards { shards, admin, shutdown, task }
+}
+
+/// A running ws-lb stand-in.
+#[derive(Debug)]
+pub struct TestLb {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub shutdown: Shutdown,
+    pub task: JoinHandle<Result<usize, ws_lb::LbError>>,
+}
+
+impl TestLb {
+    /// `ws://.../ws` of the LB.
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    /// The `/metrics` page.
+    pub async fn metrics(&self) -> String {
+        get(self.admin, "/metrics").await.unwrap().body
+    }
+
+    /// The LB's `/health` JSON.
+    pub async fn health(&self) -> serde_json::Value {
+        serde_json::from_str(&get(self.addr, "/health").await.unwrap().body).unwrap()
+    }
+}
+
+/// Test defaults for the LB: production policy with short timers, no per-IP limit.
+pub fn lb_config(backends: Vec<String>) -> ws_lb::LbConfig {
+    ws_lb::LbConfig {
+        backends,
+        breaker: BreakerConfig::default(),
+        score: ScoreConfig::default(),
+        retry: RetryConfig::default(),
+        pacing: PacingConfig::default(),
+        per_ip: None,
+        trust_forwarded_for: false,
+        allowed_origins: Vec::new(),
+        health_interval: Duration::from_millis(100),
+        health_timeout: Duration::from_millis(500),
+        http: HttpLimits::default(),
+        socket: SocketOptions::default(),
+        close_timeout: Duration::from_secs(2),
+        drain_window: Duration::from_millis(500),
+        grace: Duration::from_secs(10),
+    }
+}
+
+/// Starts an LB in front of `backends`, configured by `configure`; returns once its
+/// `/health` answers.
+pub async fn start_lb(backends: Vec<String>, configure: impl FnOnce(&mut ws_lb::LbConfig)) -> TestLb {
+    let mut cfg = lb_config(backends);
+    configure(&mut cfg);
+    let client = net_core::bind(any_port(), ListenOptions::default()).unwrap();
+    let admin_l = net_core::bind(any_port(), ListenOptions::default()).unwrap();
+    let (addr, admin) = (client.local_addr().unwrap(), admin_l.local_addr().unwrap());
+    let shutdown = Shutdown::new();
+    let task = tokio::spawn(ws_lb::run(
+        ws_lb::Listeners { client, admin: admin_l },
+        cfg,
+        net_core::telemetry::prometheus(),
+        shutdown.clone(),
+    ));
+    assert!(wait_until(Duration::from_secs(5), || async move { get(addr, "/health").await.is_ok() }).await);
+    TestLb { addr, admin, shutdown, task }
+}

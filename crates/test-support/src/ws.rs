@@ -1,0 +1,121 @@
+//! WebSocket client helpers over tokio-tungstenite (an independent implementation) and raw
+//! TCP for the abusive cases tungstenite refuses to produce.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use ws_protocol::ServerMessage;
+
+/// A tungstenite client.
+pub type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Connects to `url`.
+pub async fn connect(url: &str) -> anyhow::Result<Client> {
+    let (ws, _) = tokio::time::timeout(Duration::from_secs(10), tokio_tungstenite::connect_async(url))
+        .await
+        .context("connect timeout")??;
+    Ok(ws)
+}
+
+/// What a client saw next.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Msg(ServerMessage),
+    Close(u16, String),
+    /// The stream ended without a close frame (or with a reset).
+    Gone(String),
+}
+
+/// The next protocol message or close, skipping pings/pongs, within `limit`.
+pub async fn next_event(ws: &mut Client, limit: Duration) -> anyhow::Result<Event> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let item = tokio::time::timeout_at(deadline, ws.next()).await.context("no message in time")?;
+        match item {
+            None => return Ok(Event::Gone("stream ended".into())),
+            Some(Err(e)) => return Ok(Event::Gone(e.to_string())),
+            Some(Ok(Message::Text(t))) => return Ok(Event::Msg(ServerMessage::decode(t.as_bytes())?)),
+            Some(Ok(Message::Close(c))) => {
+                return Ok(match c {
+                    Some(f) => Event::Close(u16::from(f.code), f.reason.to_string()),
+                    None => Event::Close(1005, String::new()),
+                })
+            }
+            Some(Ok(_)) => continue,
+        }
+    }
+}
+
+/// The next protocol message; fails on close or timeout.
+pub async fn next_msg(ws: &mut Client) -> anyhow::Result<ServerMessage> {
+    match next_event(ws, Duration::from_secs(10)).await? {
+        Event::Msg(m) => Ok(m),
+        other => bail!("expected a message, got {other:?}"),
+    }
+}
+
+/// Sends a text frame.
+pub async fn send(ws: &mut Client, text: &str) -> anyhow::Result<()> {
+    ws.send(Message::text(text)).await?;
+    Ok(())
+}
+
+/// Subscribes to `channels` and returns the `subscribed` replies.
+pub async fn subscribe(ws: &mut Client, channels: &[&str]) -> anyhow::Result<Vec<ServerMessage>> {
+    let list: Vec<String> = channels.iter().map(|c| format!("\"{c}\"")).collect();
+    send(ws, &format!(r#"{{"type":"subscribe","channels":[{}]}}"#, list.join(","))).await?;
+    let mut out = Vec::new();
+    for _ in channels {
+        out.push(next_msg(ws).await?);
+    }
+    Ok(out)
+}
+
+/// Closes cleanly with 1000 and waits for the server's close.
+pub async fn close(mut ws: Client) {
+    let _ = ws
+        .close(Some(tokio_tungstenite::tungstenite::protocol::CloseFrame { code: CloseCode::Normal, reason: "bye".into() }))
+        .await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), async { while let Some(Ok(_)) = ws.next().await {} }).await;
+}
+
+/// A valid upgrade request for `path` with a fixed, valid key.
+pub fn upgrade_request(path: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+}
+
+/// Opens a raw TCP connection, sends `request` and returns the socket and the response head.
+pub async fn raw_upgrade(addr: SocketAddr, request: &str) -> anyhow::Result<(TcpStream, String)> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(request.as_bytes()).await?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut byte)).await.context("head timeout")??;
+        if n == 0 {
+            bail!("eof in response head: {}", String::from_utf8_lossy(&head));
+        }
+        head.push(byte[0]);
+    }
+    Ok((s, String::from_utf8_lossy(&head).to_string()))
+}
+
+/// Status code of a raw response head.
+pub fn status_of(head: &str) -> u16 {
+    head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+/// Closes `s` with an RST instead of a FIN.
+pub fn reset(s: TcpStream) {
+    let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+    drop(s);
+}
