@@ -318,9 +318,12 @@ mod tests {
         }
         assert!(p.select(tried, Instant::now(), &mut rng).is_none(), "only the open shard left: nothing admitted");
         tokio::time::advance(Duration::from_secs(30)).await;
-        let trials: Vec<_> = (0..5).filter_map(|_| p.select(tried, Instant::now(), &mut rng)).collect();
+        // Past the timeout the recovering shard is probed first, even with a healthy one
+        // available, but never by more than the configured trial calls at once.
+        let picks: Vec<_> = (0..5).filter_map(|_| p.select(Tried::default(), Instant::now(), &mut rng)).collect();
+        let trials: Vec<_> = picks.into_iter().filter(|l| l.index() == 0).collect();
         assert_eq!(trials.len(), 2, "half-open admits at most the configured trial calls");
-        assert!(trials.iter().all(|l| l.is_trial() && l.index() == 0));
+        assert!(trials.iter().all(Lease::is_trial));
         for l in trials {
             l.succeed();
         }

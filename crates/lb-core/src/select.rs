@@ -1,11 +1,17 @@
 //! Choosing a shard for one handshake attempt.
 //!
-//! Among shards whose breaker is closed, power-of-two-choices on the health score: sample two
-//! at random and take the better. Unlike "always the best", this keeps ten independent LB
+//! First, a shard whose breaker can take a trial call (half-open with a free trial slot, or
+//! open with its timeout passed) gets it, least-recently-failed first. Probing promptly is
+//! what lets a recovered shard return to service right after `open_timeout`: left to the
+//! score, its window of recent failures would keep it out of every pair for a whole window.
+//! The cost is bounded by the breaker — at most `half_open_max_calls` clients at a time, once
+//! per `open_timeout` while the shard stays down — and a failed trial is simply the client's
+//! first attempt, retried elsewhere.
+//!
+//! Otherwise, among closed shards, power-of-two-choices on the health score: sample two at
+//! random and take the better. Unlike "always the best", this keeps ten independent LB
 //! instances from stampeding the same shard between two health polls, while still steering
-//! most traffic away from loaded or failing shards. When no closed shard is left, shards that
-//! can take a trial call (half-open with a free slot, or open past their timeout) are tried,
-//! least-recently-failed first.
+//! most traffic away from loaded or failing shards.
 
 use rand::Rng;
 use tokio::time::Instant;
@@ -33,6 +39,14 @@ pub struct Candidate {
 /// Picks a shard among `candidates` (already filtered for shards tried by this client and
 /// shards that are draining). Returns `None` when none is admitted.
 pub fn pick<R: Rng + ?Sized>(candidates: &[Candidate], rng: &mut R) -> Option<usize> {
+    let trial = candidates
+        .iter()
+        .filter(|c| c.admission == Admission::Trial)
+        .min_by_key(|c| c.last_failure)
+        .map(|c| c.index);
+    if trial.is_some() {
+        return trial;
+    }
     let closed: Vec<&Candidate> = candidates.iter().filter(|c| c.admission == Admission::Closed).collect();
     match closed.len() {
         0 => {}
@@ -47,11 +61,7 @@ pub fn pick<R: Rng + ?Sized>(candidates: &[Candidate], rng: &mut R) -> Option<us
             return Some(if cb.score > ca.score { cb.index } else { ca.index });
         }
     }
-    candidates
-        .iter()
-        .filter(|c| c.admission == Admission::Trial)
-        .min_by_key(|c| c.last_failure)
-        .map(|c| c.index)
+    None
 }
 
 #[cfg(test)]
@@ -91,7 +101,7 @@ mod tests {
     }
 
     #[test]
-    fn falls_back_to_trial_shards_least_recently_failed_first() {
+    fn trial_shards_are_probed_least_recently_failed_first() {
         let mut rng = StdRng::seed_from_u64(1);
         let t0 = Instant::now();
         let cands = [
@@ -106,11 +116,11 @@ mod tests {
     }
 
     #[test]
-    fn closed_beats_trial() {
+    fn a_trial_is_taken_before_closed_shards_then_p2c_resumes() {
         let mut rng = StdRng::seed_from_u64(3);
-        let cands = [c(0, Admission::Trial, 1.0), c(1, Admission::Closed, 0.0)];
-        for _ in 0..100 {
-            assert_eq!(pick(&cands, &mut rng), Some(1));
-        }
+        let cands = [c(0, Admission::Trial, 0.1), c(1, Admission::Closed, 1.0)];
+        assert_eq!(pick(&cands, &mut rng), Some(0));
+        let cands = [c(0, Admission::Refused, 0.1), c(1, Admission::Closed, 1.0)];
+        assert_eq!(pick(&cands, &mut rng), Some(1));
     }
 }

@@ -68,10 +68,15 @@ pub fn shard_config() -> ws_shard::ServerConfig {
 
 /// Starts `n` shards in one in-process server, configured by `configure`.
 pub async fn start_shards(n: usize, configure: impl FnOnce(&mut ws_shard::ServerConfig)) -> TestShards {
+    start_shards_at(vec![any_port(); n], configure).await
+}
+
+/// Starts one shard per address in `addrs` (port 0 picks a free port).
+pub async fn start_shards_at(addrs: Vec<SocketAddr>, configure: impl FnOnce(&mut ws_shard::ServerConfig)) -> TestShards {
     let mut cfg = shard_config();
     configure(&mut cfg);
     let opts = ListenOptions::default();
-    let listeners: Vec<_> = (0..n).map(|_| net_core::bind(any_port(), opts).unwrap()).collect();
+    let listeners: Vec<_> = addrs.iter().map(|a| net_core::bind(*a, opts).unwrap()).collect();
     let shards: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
     let admin_l = net_core::bind(any_port(), opts).unwrap();
     let admin = admin_l.local_addr().unwrap();
@@ -153,4 +158,115 @@ pub async fn start_lb(backends: Vec<String>, configure: impl FnOnce(&mut ws_lb::
     ));
     assert!(wait_until(Duration::from_secs(5), || async move { get(addr, "/health").await.is_ok() }).await);
     TestLb { addr, admin, shutdown, task }
+}
+
+/// A free port on 127.0.0.1 (bound and released; nothing listens there afterwards).
+pub fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind(any_port()).unwrap().local_addr().unwrap()
+}
+
+/// A shard server on its own runtime thread, so that [`IsolatedShards::kill`] can make every
+/// one of its sockets vanish at once, like a process killed with SIGKILL.
+#[derive(Debug)]
+pub struct IsolatedShards {
+    pub shards: Vec<SocketAddr>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl IsolatedShards {
+    /// Starts `n` shards on a dedicated runtime.
+    pub fn start(n: usize) -> Self {
+        // Built and entered on a fresh thread: a runtime cannot be blocked on from inside the
+        // test's own runtime.
+        let (runtime, shards) = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+            let shards = runtime.block_on(async {
+                let srv = start_shards(n, |_| {}).await;
+                let addrs = srv.shards.clone();
+                // The server task lives as long as the runtime.
+                drop(srv.task);
+                addrs
+            });
+            (runtime, shards)
+        })
+        .join()
+        .unwrap();
+        Self { shards, runtime: Some(runtime) }
+    }
+
+    /// `ws://.../ws` of shard `i`.
+    pub fn ws_url(&self, i: usize) -> String {
+        format!("ws://{}/ws", self.shards[i])
+    }
+
+    /// Drops every task and socket of the server at once.
+    pub fn kill(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Drop for IsolatedShards {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A TCP listener that accepts and never answers: a shard whose handshakes time out.
+/// `accepted` counts WebSocket handshakes received (health polls are not counted).
+#[derive(Debug)]
+pub struct BlackHole {
+    pub addr: SocketAddr,
+    pub accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl BlackHole {
+    /// Starts listening on a free port.
+    pub async fn start() -> Self {
+        let l = tokio::net::TcpListener::bind(any_port()).await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        let task = tokio::spawn(async move {
+            let mut held = tokio::task::JoinSet::new();
+            while let Ok((mut s, _)) = l.accept().await {
+                let count = count.clone();
+                held.spawn(async move {
+                    use tokio::io::AsyncReadExt;
+                    let mut buf = vec![0u8; 2048];
+                    let mut seen = Vec::new();
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 {
+                            return;
+                        }
+                        seen.extend_from_slice(&buf[..n]);
+                        if seen.windows(17).any(|w| w.eq_ignore_ascii_case(b"sec-websocket-key")) {
+                            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            break;
+                        }
+                    }
+                    // Hold the connection open, silently, until the peer gives up.
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Self { addr, accepted, task }
+    }
+
+    /// `ws://.../ws` of the black hole.
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+}
+
+impl Drop for BlackHole {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }

@@ -1,0 +1,135 @@
+//! Breakers opening, traffic avoiding the shard, half-open trials, recovery; and
+//! load-aware selection.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use lb_core::BreakerConfig;
+use test_support::http::{metric, wait_until};
+use test_support::ws::{connect, subscribe};
+use test_support::{free_port, start_lb, start_shards, start_shards_at, BlackHole};
+
+fn transitions(page: &str, shard: &str, from: &str, to: &str) -> f64 {
+    metric(page, "ws_circuit_breaker_transitions_total", &[&format!("shard_id=\"{shard}\""), &format!("from=\"{from}\""), &format!("to=\"{to}\"")])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_shard_opens_is_avoided_half_opens_and_closes_on_recovery() {
+    // The healthy shard is 90% full, so on score alone the failing one (idle, but failing
+    // every handshake: score 0.6) still looks better (0.46) and keeps being picked: only
+    // the breaker can stop that.
+    let good = start_shards(1, |c| c.max_connections = 40).await;
+    let mut held = Vec::new();
+    for _ in 0..36 {
+        held.push(connect(&good.ws_url(0)).await.unwrap());
+    }
+    let flaky = free_port();
+    let lb = start_lb(vec![good.ws_url(0), format!("ws://{flaky}/ws")], |c| {
+        c.breaker = BreakerConfig::try_new(3, Duration::from_secs(1), 2, 2).unwrap();
+    })
+    .await;
+    assert!(wait_until(Duration::from_secs(5), || async { lb.health().await["shards"][0]["utilization"] == 0.9 }).await);
+    let mut n = 0;
+    while transitions(&lb.metrics().await, "1", "closed", "open") < 1.0 {
+        let mut ws = connect(&lb.ws_url()).await.unwrap();
+        subscribe(&mut ws, &["x"]).await.unwrap();
+        test_support::ws::close(ws).await;
+        n += 1;
+        assert!(n < 20, "breaker never opened");
+    }
+    let page = lb.metrics().await;
+    let attempts_before = metric(&page, "ws_handshake_attempts_total", &["shard_id=\"1\""]);
+    assert_eq!(attempts_before, 3.0, "threshold of consecutive failures");
+    assert_eq!(metric(&page, "ws_circuit_breaker_state", &["shard_id=\"1\"", "state=\"open\""]), 1.0);
+    let h = lb.health().await;
+    assert_eq!(h["status"], "ok");
+    assert_eq!(h["shards"][1]["breaker"], "open");
+    // While open, traffic avoids it entirely.
+    for _ in 0..20 {
+        let mut ws = connect(&lb.ws_url()).await.unwrap();
+        subscribe(&mut ws, &["x"]).await.unwrap();
+        test_support::ws::close(ws).await;
+    }
+    assert_eq!(metric(&lb.metrics().await, "ws_handshake_attempts_total", &["shard_id=\"1\""]), attempts_before);
+
+    // The shard comes back on the same address; after the open timeout trials close it.
+    let revived = start_shards_at(vec![flaky], |_| {}).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let mut probes = Vec::new();
+    for _ in 0..5 {
+        let mut ws = connect(&lb.ws_url()).await.unwrap();
+        subscribe(&mut ws, &["x"]).await.unwrap();
+        probes.push(ws);
+    }
+    let page = lb.metrics().await;
+    assert_eq!(transitions(&page, "1", "open", "half_open"), 1.0);
+    assert_eq!(transitions(&page, "1", "half_open", "closed"), 1.0);
+    assert_eq!(metric(&page, "ws_circuit_breaker_state", &["shard_id=\"1\"", "state=\"closed\""]), 1.0);
+    assert!(revived.connections(0).await >= 2, "the trials landed on the revived shard");
+    drop((held, probes));
+    good.kill();
+    revived.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_open_never_runs_more_than_the_configured_trials_at_once() {
+    let good = start_shards(1, |_| {}).await;
+    let hole = BlackHole::start().await;
+    let lb = start_lb(vec![good.ws_url(0), hole.ws_url()], |c| {
+        c.breaker = BreakerConfig::try_new(1, Duration::from_millis(500), 2, 1).unwrap();
+        c.retry = lb_core::RetryConfig::try_new(Duration::from_millis(10), Duration::from_secs(5), Duration::from_millis(800)).unwrap();
+    })
+    .await;
+    while transitions(&lb.metrics().await, "1", "closed", "open") < 1.0 {
+        let mut ws = connect(&lb.ws_url()).await.unwrap();
+        subscribe(&mut ws, &["x"]).await.unwrap();
+    }
+    let before = hole.accepted.load(Ordering::SeqCst);
+    assert_eq!(before, 1);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    // Twenty clients at once while the breaker admits trials.
+    let url = lb.ws_url();
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let mut ws = connect(&url).await.unwrap();
+                subscribe(&mut ws, &["x"]).await.unwrap();
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let trials = hole.accepted.load(Ordering::SeqCst) - before;
+    assert!((1..=2).contains(&trials), "{trials} trial handshakes at once");
+    let page = lb.metrics().await;
+    assert_eq!(transitions(&page, "1", "half_open", "open"), 1.0, "a failed trial re-opens");
+    good.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_connections_go_to_lightly_loaded_shards() {
+    let shards = start_shards(3, |c| c.max_connections = 100).await;
+    let mut held = Vec::new();
+    for (shard, n) in [(0, 90), (1, 10), (2, 10)] {
+        for _ in 0..n {
+            held.push(connect(&shards.ws_url(shard)).await.unwrap());
+        }
+    }
+    let lb = start_lb((0..3).map(|i| shards.ws_url(i)).collect(), |_| {}).await;
+    assert!(
+        wait_until(Duration::from_secs(5), || async {
+            let h = lb.health().await;
+            (h["shards"][0]["utilization"].as_f64().unwrap() - 0.9).abs() < 1e-9
+        })
+        .await
+    );
+    for _ in 0..100 {
+        held.push(connect(&lb.ws_url()).await.unwrap());
+    }
+    let on = [shards.connections(0).await - 90, shards.connections(1).await - 10, shards.connections(2).await - 10];
+    assert_eq!(on.iter().sum::<u64>(), 100);
+    assert!(on[0] <= 5, "the 90% shard got {} of 100 ({on:?})", on[0]);
+    shards.kill();
+}
