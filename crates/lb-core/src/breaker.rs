@@ -76,7 +76,12 @@ pub struct CircuitBreaker {
 impl CircuitBreaker {
     /// A closed breaker.
     pub fn new(cfg: BreakerConfig) -> Self {
-        Self { cfg, state: State::Closed { failures: 0 }, generation: 0, last_failure: None }
+        Self {
+            cfg,
+            state: State::Closed { failures: 0 },
+            generation: 0,
+            last_failure: None,
+        }
     }
 
     /// The current state (an open breaker whose timeout passed still reads Open until a call
@@ -117,14 +122,36 @@ impl CircuitBreaker {
             State::Closed { .. } => Ok((Ticket::Normal, None)),
             State::Open { until } if now >= until => {
                 self.generation += 1;
-                self.state = State::HalfOpen { in_flight: 1, successes: 0 };
-                let t = Transition { from: BreakerState::Open, to: BreakerState::HalfOpen };
-                Ok((Ticket::Trial { generation: self.generation }, Some(t)))
+                self.state = State::HalfOpen {
+                    in_flight: 1,
+                    successes: 0,
+                };
+                let t = Transition {
+                    from: BreakerState::Open,
+                    to: BreakerState::HalfOpen,
+                };
+                Ok((
+                    Ticket::Trial {
+                        generation: self.generation,
+                    },
+                    Some(t),
+                ))
             }
             State::Open { .. } => Err(NotAdmitted),
-            State::HalfOpen { in_flight, successes } if in_flight < self.cfg.half_open_max_calls => {
-                self.state = State::HalfOpen { in_flight: in_flight + 1, successes };
-                Ok((Ticket::Trial { generation: self.generation }, None))
+            State::HalfOpen {
+                in_flight,
+                successes,
+            } if in_flight < self.cfg.half_open_max_calls => {
+                self.state = State::HalfOpen {
+                    in_flight: in_flight + 1,
+                    successes,
+                };
+                Ok((
+                    Ticket::Trial {
+                        generation: self.generation,
+                    },
+                    None,
+                ))
             }
             State::HalfOpen { .. } => Err(NotAdmitted),
         }
@@ -141,13 +168,25 @@ impl CircuitBreaker {
                 self.state = State::Closed { failures: 0 };
                 None
             }
-            (Ticket::Trial { .. }, State::HalfOpen { in_flight, successes }) if self.is_current_trial(ticket) => {
+            (
+                Ticket::Trial { .. },
+                State::HalfOpen {
+                    in_flight,
+                    successes,
+                },
+            ) if self.is_current_trial(ticket) => {
                 let successes = successes + 1;
                 if successes >= self.cfg.success_threshold {
                     self.state = State::Closed { failures: 0 };
-                    Some(Transition { from: BreakerState::HalfOpen, to: BreakerState::Closed })
+                    Some(Transition {
+                        from: BreakerState::HalfOpen,
+                        to: BreakerState::Closed,
+                    })
                 } else {
-                    self.state = State::HalfOpen { in_flight: in_flight.saturating_sub(1), successes };
+                    self.state = State::HalfOpen {
+                        in_flight: in_flight.saturating_sub(1),
+                        successes,
+                    };
                     None
                 }
             }
@@ -162,16 +201,26 @@ impl CircuitBreaker {
             (Ticket::Normal, State::Closed { failures }) => {
                 let failures = failures + 1;
                 if failures >= self.cfg.failure_threshold {
-                    self.state = State::Open { until: now + self.cfg.open_timeout };
-                    Some(Transition { from: BreakerState::Closed, to: BreakerState::Open })
+                    self.state = State::Open {
+                        until: now + self.cfg.open_timeout,
+                    };
+                    Some(Transition {
+                        from: BreakerState::Closed,
+                        to: BreakerState::Open,
+                    })
                 } else {
                     self.state = State::Closed { failures };
                     None
                 }
             }
             (Ticket::Trial { .. }, State::HalfOpen { .. }) if self.is_current_trial(ticket) => {
-                self.state = State::Open { until: now + self.cfg.open_timeout };
-                Some(Transition { from: BreakerState::HalfOpen, to: BreakerState::Open })
+                self.state = State::Open {
+                    until: now + self.cfg.open_timeout,
+                };
+                Some(Transition {
+                    from: BreakerState::HalfOpen,
+                    to: BreakerState::Open,
+                })
             }
             _ => None,
         }
@@ -179,9 +228,16 @@ impl CircuitBreaker {
 
     /// Releases a granted call that ended without an outcome (the client went away first).
     pub fn on_cancel(&mut self, ticket: Ticket) {
-        if let State::HalfOpen { in_flight, successes } = self.state {
+        if let State::HalfOpen {
+            in_flight,
+            successes,
+        } = self.state
+        {
             if self.is_current_trial(ticket) {
-                self.state = State::HalfOpen { in_flight: in_flight.saturating_sub(1), successes };
+                self.state = State::HalfOpen {
+                    in_flight: in_flight.saturating_sub(1),
+                    successes,
+                };
             }
         }
     }
@@ -215,7 +271,10 @@ mod tests {
         let (t, _) = b.acquire(now).unwrap();
         assert_eq!(
             b.on_failure(t, now),
-            Some(Transition { from: BreakerState::Closed, to: BreakerState::Open })
+            Some(Transition {
+                from: BreakerState::Closed,
+                to: BreakerState::Open
+            })
         );
         assert_eq!(b.state(), BreakerState::Open);
         assert_eq!(b.acquire(now), Err(NotAdmitted));
@@ -236,7 +295,13 @@ mod tests {
         assert!(b.would_admit(Instant::now()));
         let (ticket, t) = b.acquire(Instant::now()).unwrap();
         assert!(matches!(ticket, Ticket::Trial { .. }));
-        assert_eq!(t, Some(Transition { from: BreakerState::Open, to: BreakerState::HalfOpen }));
+        assert_eq!(
+            t,
+            Some(Transition {
+                from: BreakerState::Open,
+                to: BreakerState::HalfOpen
+            })
+        );
     }
 
     /// resilience4j's shouldOnlyPermitFourCallsInHalfOpenState, with our cap of 2.
@@ -272,7 +337,13 @@ mod tests {
         let (a, _) = b.acquire(t1).unwrap();
         let (c, _) = b.acquire(t1).unwrap();
         assert_eq!(b.on_success(a), None);
-        assert_eq!(b.on_success(c), Some(Transition { from: BreakerState::HalfOpen, to: BreakerState::Closed }));
+        assert_eq!(
+            b.on_success(c),
+            Some(Transition {
+                from: BreakerState::HalfOpen,
+                to: BreakerState::Closed
+            })
+        );
         assert_eq!(b.state(), BreakerState::Closed);
 
         for _ in 0..3 {
@@ -283,7 +354,13 @@ mod tests {
         let (a, _) = b.acquire(t2).unwrap();
         let (c, _) = b.acquire(t2).unwrap();
         assert_eq!(b.on_success(a), None);
-        assert_eq!(b.on_failure(c, t2), Some(Transition { from: BreakerState::HalfOpen, to: BreakerState::Open }));
+        assert_eq!(
+            b.on_failure(c, t2),
+            Some(Transition {
+                from: BreakerState::HalfOpen,
+                to: BreakerState::Open
+            })
+        );
         assert_eq!(b.acquire(t2), Err(NotAdmitted));
     }
 

@@ -12,7 +12,10 @@ pub struct ConfigError {
 }
 
 fn bad(key: &'static str, problem: impl Into<String>) -> ConfigError {
-    ConfigError { key, problem: problem.into() }
+    ConfigError {
+        key,
+        problem: problem.into(),
+    }
 }
 
 /// Circuit breaker settings (env names from the plan: `CIRCUIT_BREAKER_*`).
@@ -37,18 +40,32 @@ impl BreakerConfig {
         success_threshold: u32,
     ) -> Result<Self, ConfigError> {
         if failure_threshold == 0 {
-            return Err(bad("circuit_breaker_failure_threshold", "must be at least 1"));
+            return Err(bad(
+                "circuit_breaker_failure_threshold",
+                "must be at least 1",
+            ));
         }
         if open_timeout.is_zero() {
             return Err(bad("circuit_breaker_timeout", "must be positive"));
         }
         if half_open_max_calls == 0 {
-            return Err(bad("circuit_breaker_half_open_max_calls", "must be at least 1"));
+            return Err(bad(
+                "circuit_breaker_half_open_max_calls",
+                "must be at least 1",
+            ));
         }
         if success_threshold == 0 {
-            return Err(bad("circuit_breaker_success_threshold", "must be at least 1"));
+            return Err(bad(
+                "circuit_breaker_success_threshold",
+                "must be at least 1",
+            ));
         }
-        Ok(Self { failure_threshold, open_timeout, half_open_max_calls, success_threshold })
+        Ok(Self {
+            failure_threshold,
+            open_timeout,
+            half_open_max_calls,
+            success_threshold,
+        })
     }
 }
 
@@ -87,7 +104,10 @@ impl ScoreConfig {
 
 impl Default for ScoreConfig {
     fn default() -> Self {
-        Self { window: Duration::from_secs(60), window_len: 100 }
+        Self {
+            window: Duration::from_secs(60),
+            window_len: 100,
+        }
     }
 }
 
@@ -104,7 +124,11 @@ pub struct RetryConfig {
 
 impl RetryConfig {
     /// Validates the settings.
-    pub fn try_new(delay: Duration, deadline: Duration, attempt_timeout: Duration) -> Result<Self, ConfigError> {
+    pub fn try_new(
+        delay: Duration,
+        deadline: Duration,
+        attempt_timeout: Duration,
+    ) -> Result<Self, ConfigError> {
         if deadline.is_zero() {
             return Err(bad("handshake_deadline", "must be positive"));
         }
@@ -112,9 +136,16 @@ impl RetryConfig {
             return Err(bad("attempt_timeout", "must be positive"));
         }
         if delay >= deadline {
-            return Err(bad("retry_delay", "must be shorter than handshake_deadline"));
+            return Err(bad(
+                "retry_delay",
+                "must be shorter than handshake_deadline",
+            ));
         }
-        Ok(Self { delay, deadline, attempt_timeout })
+        Ok(Self {
+            delay,
+            deadline,
+            attempt_timeout,
+        })
     }
 }
 
@@ -143,20 +174,41 @@ pub struct PacingConfig {
 
 impl PacingConfig {
     /// Validates the settings.
-    pub fn try_new(rate: u32, burst: u32, max_wait: Duration, max_queue: usize) -> Result<Self, ConfigError> {
+    pub fn try_new(
+        rate: u32,
+        burst: u32,
+        max_wait: Duration,
+        max_queue: usize,
+    ) -> Result<Self, ConfigError> {
         if rate > 0 && burst == 0 {
-            return Err(bad("admission_burst", "must be at least 1 when pacing is on"));
+            return Err(bad(
+                "admission_burst",
+                "must be at least 1 when pacing is on",
+            ));
         }
         if rate > 0 && max_queue == 0 {
-            return Err(bad("admission_max_queue", "must be at least 1 when pacing is on"));
+            return Err(bad(
+                "admission_max_queue",
+                "must be at least 1 when pacing is on",
+            ));
         }
-        Ok(Self { rate, burst, max_wait, max_queue })
+        Ok(Self {
+            rate,
+            burst,
+            max_wait,
+            max_queue,
+        })
     }
 }
 
 impl Default for PacingConfig {
     fn default() -> Self {
-        Self { rate: 5_000, burst: 500, max_wait: Duration::from_secs(3), max_queue: 20_000 }
+        Self {
+            rate: 5_000,
+            burst: 500,
+            max_wait: Duration::from_secs(3),
+            max_queue: 20_000,
+        }
     }
 }
 
@@ -168,20 +220,42 @@ mod tests {
     fn defaults_are_valid_and_match_the_plan() {
         let d = BreakerConfig::default();
         assert_eq!(
-            BreakerConfig::try_new(d.failure_threshold, d.open_timeout, d.half_open_max_calls, d.success_threshold),
+            BreakerConfig::try_new(
+                d.failure_threshold,
+                d.open_timeout,
+                d.half_open_max_calls,
+                d.success_threshold
+            ),
             Ok(d)
         );
-        assert_eq!((d.failure_threshold, d.open_timeout.as_secs(), d.half_open_max_calls), (10, 30, 5));
+        assert_eq!(
+            (
+                d.failure_threshold,
+                d.open_timeout.as_secs(),
+                d.half_open_max_calls
+            ),
+            (10, 30, 5)
+        );
         assert_eq!(RetryConfig::default().delay, Duration::from_millis(10));
     }
 
     #[test]
     fn rejects_nonsense() {
-        assert_eq!(BreakerConfig::try_new(0, Duration::from_secs(1), 1, 1).unwrap_err().key, "circuit_breaker_failure_threshold");
+        assert_eq!(
+            BreakerConfig::try_new(0, Duration::from_secs(1), 1, 1)
+                .unwrap_err()
+                .key,
+            "circuit_breaker_failure_threshold"
+        );
         assert!(BreakerConfig::try_new(1, Duration::ZERO, 1, 1).is_err());
         assert!(BreakerConfig::try_new(1, Duration::from_secs(1), 0, 1).is_err());
         assert!(ScoreConfig::try_new(Duration::from_secs(1), 0).is_err());
-        assert!(RetryConfig::try_new(Duration::from_secs(6), Duration::from_secs(5), Duration::from_secs(1)).is_err());
+        assert!(RetryConfig::try_new(
+            Duration::from_secs(6),
+            Duration::from_secs(5),
+            Duration::from_secs(1)
+        )
+        .is_err());
         assert!(PacingConfig::try_new(10, 0, Duration::from_secs(1), 10).is_err());
         assert!(PacingConfig::try_new(0, 0, Duration::ZERO, 0).is_ok());
     }

@@ -66,9 +66,15 @@ pub struct FinalClose {
 }
 
 /// 1013: at least one shard was reachable but busy or slow.
-pub const OVERLOADED: FinalClose = FinalClose { code: 1013, reason: "Server temporarily overloaded, please retry" };
+pub const OVERLOADED: FinalClose = FinalClose {
+    code: 1013,
+    reason: "Server temporarily overloaded, please retry",
+};
 /// 1012: no shard could be reached or admitted at all.
-pub const UNAVAILABLE: FinalClose = FinalClose { code: 1012, reason: "All backend servers temporarily unavailable" };
+pub const UNAVAILABLE: FinalClose = FinalClose {
+    code: 1012,
+    reason: "All backend servers temporarily unavailable",
+};
 
 impl FinalClose {
     /// Decides the close for a client whose attempts all failed. No attempt at all (every
@@ -90,11 +96,20 @@ mod tests {
     #[test]
     fn close_decision() {
         assert_eq!(FinalClose::decide(&[], false), UNAVAILABLE);
-        let down = [AttemptError::ConnectRefused("x".into()), AttemptError::ConnectionLost("y".into())];
+        let down = [
+            AttemptError::ConnectRefused("x".into()),
+            AttemptError::ConnectionLost("y".into()),
+        ];
         assert_eq!(FinalClose::decide(&down, false), UNAVAILABLE);
-        let slow = [AttemptError::ConnectRefused("x".into()), AttemptError::HandshakeTimeout(Duration::from_secs(1))];
+        let slow = [
+            AttemptError::ConnectRefused("x".into()),
+            AttemptError::HandshakeTimeout(Duration::from_secs(1)),
+        ];
         assert_eq!(FinalClose::decide(&slow, false), OVERLOADED);
-        assert_eq!(FinalClose::decide(&[AttemptError::HttpStatus(503)], false), OVERLOADED);
+        assert_eq!(
+            FinalClose::decide(&[AttemptError::HttpStatus(503)], false),
+            OVERLOADED
+        );
         assert_eq!(FinalClose::decide(&down, true), OVERLOADED);
     }
 }

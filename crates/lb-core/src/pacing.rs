@@ -80,9 +80,19 @@ impl Reservation {
 impl Pacer {
     /// A pacer with `cfg` (rate 0 admits everyone at once).
     pub fn new(cfg: PacingConfig) -> Self {
-        let interval = if cfg.rate == 0 { Duration::ZERO } else { Duration::from_secs(1) / cfg.rate };
+        let interval = if cfg.rate == 0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs(1) / cfg.rate
+        };
         let tolerance = interval * cfg.burst.saturating_sub(1);
-        Self { cfg, interval, tolerance, tat: Mutex::new(None), waiting: Arc::new(AtomicUsize::new(0)) }
+        Self {
+            cfg,
+            interval,
+            tolerance,
+            tat: Mutex::new(None),
+            waiting: Arc::new(AtomicUsize::new(0)),
+        }
     }
 
     /// Clients currently waiting in the queue.
@@ -98,7 +108,10 @@ impl Pacer {
     /// Reserves the next admission slot for a client arriving at `now`.
     pub fn reserve(&self, now: Instant) -> Result<Reservation, PacingRejection> {
         if self.cfg.rate == 0 {
-            return Ok(Reservation { at: now, queued: None });
+            return Ok(Reservation {
+                at: now,
+                queued: None,
+            });
         }
         let mut tat = self.tat.lock();
         let current = tat.map_or(now, |t| t.max(now));
@@ -126,7 +139,10 @@ mod tests {
     use super::*;
 
     fn pacer(rate: u32, burst: u32, max_wait_ms: u64, max_queue: usize) -> Pacer {
-        Pacer::new(PacingConfig::try_new(rate, burst, Duration::from_millis(max_wait_ms), max_queue).unwrap())
+        Pacer::new(
+            PacingConfig::try_new(rate, burst, Duration::from_millis(max_wait_ms), max_queue)
+                .unwrap(),
+        )
     }
 
     #[tokio::test(start_paused = true)]
@@ -147,7 +163,10 @@ mod tests {
         assert_eq!(ats.iter().filter(|a| **a == now).count(), 100);
         assert_eq!(ats.len(), 100 + 1_500);
         assert_eq!(rejected, 400);
-        assert!(ats.windows(2).all(|w| w[0] <= w[1]), "FIFO: admission instants never go back");
+        assert!(
+            ats.windows(2).all(|w| w[0] <= w[1]),
+            "FIFO: admission instants never go back"
+        );
         assert_eq!(ats[100] - now, Duration::from_millis(2));
         assert_eq!(*ats.last().unwrap() - now, Duration::from_millis(3_000));
         assert_eq!(p.queue_len(), 1_500);

@@ -117,7 +117,11 @@ impl ShardPool {
     pub fn set_health(&self, index: usize, utilization: f64, draining: bool) {
         if let Some(s) = self.shards.get(index) {
             let mut s = s.lock();
-            s.utilization = if utilization.is_nan() { 1.0 } else { utilization.clamp(0.0, 1.0) };
+            s.utilization = if utilization.is_nan() {
+                1.0
+            } else {
+                utilization.clamp(0.0, 1.0)
+            };
             s.draining = draining;
             s.health_ok = true;
         }
@@ -132,7 +136,12 @@ impl ShardPool {
     }
 
     /// Chooses a shard not yet in `tried` and takes a call permit on it.
-    pub fn select<R: Rng + ?Sized>(&self, tried: Tried, now: Instant, rng: &mut R) -> Option<Lease<'_>> {
+    pub fn select<R: Rng + ?Sized>(
+        &self,
+        tried: Tried,
+        now: Instant,
+        rng: &mut R,
+    ) -> Option<Lease<'_>> {
         let mut excluded = tried;
         loop {
             let candidates: Vec<Candidate> = self
@@ -152,17 +161,29 @@ impl ShardPool {
                     };
                     let rate = s.window.failure_rate(now);
                     let score = health_score(s.utilization, rate);
-                    Some(Candidate { index, admission, score, last_failure: s.breaker.last_failure() })
+                    Some(Candidate {
+                        index,
+                        admission,
+                        score,
+                        last_failure: s.breaker.last_failure(),
+                    })
                 })
                 .collect();
             let index = pick(&candidates, rng)?;
-            let acquired = self.shards.get(index).map(|s| s.lock().breaker.acquire(now));
+            let acquired = self
+                .shards
+                .get(index)
+                .map(|s| s.lock().breaker.acquire(now));
             match acquired {
                 Some(Ok((ticket, transition))) => {
                     if let Some(t) = transition {
                         self.observer.transition(index, t);
                     }
-                    return Some(Lease { pool: self, index, ticket: Some(ticket) });
+                    return Some(Lease {
+                        pool: self,
+                        index,
+                        ticket: Some(ticket),
+                    });
                 }
                 // Another task took the last trial slot between snapshot and acquire.
                 _ => excluded.insert(index),
@@ -202,7 +223,9 @@ impl ShardPool {
     }
 
     fn resolve(&self, index: usize, ticket: Ticket, outcome: Option<&AttemptError>, now: Instant) {
-        let Some(shard) = self.shards.get(index) else { return };
+        let Some(shard) = self.shards.get(index) else {
+            return;
+        };
         let transition = {
             let mut s = shard.lock();
             match outcome {
@@ -247,7 +270,8 @@ impl Lease<'_> {
     /// The handshake with the shard failed with `error`.
     pub fn fail(mut self, error: &AttemptError) {
         if let Some(t) = self.ticket.take() {
-            self.pool.resolve(self.index, t, Some(error), Instant::now());
+            self.pool
+                .resolve(self.index, t, Some(error), Instant::now());
         }
     }
 }
@@ -291,7 +315,9 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(42);
         let mut counts = [0usize; 3];
         for _ in 0..3_000 {
-            let lease = p.select(Tried::default(), Instant::now(), &mut rng).unwrap();
+            let lease = p
+                .select(Tried::default(), Instant::now(), &mut rng)
+                .unwrap();
             counts[lease.index()] += 1;
             lease.succeed();
         }
@@ -310,19 +336,39 @@ mod tests {
             assert_eq!(lease.index(), 0);
             lease.fail(&AttemptError::ConnectRefused("down".into()));
         }
-        assert_eq!(rec.0.lock().last().unwrap(), &(0, Transition { from: BreakerState::Closed, to: BreakerState::Open }));
+        assert_eq!(
+            rec.0.lock().last().unwrap(),
+            &(
+                0,
+                Transition {
+                    from: BreakerState::Closed,
+                    to: BreakerState::Open
+                }
+            )
+        );
         for _ in 0..100 {
-            let lease = p.select(Tried::default(), Instant::now(), &mut rng).unwrap();
+            let lease = p
+                .select(Tried::default(), Instant::now(), &mut rng)
+                .unwrap();
             assert_eq!(lease.index(), 1, "traffic avoids the open shard");
             lease.succeed();
         }
-        assert!(p.select(tried, Instant::now(), &mut rng).is_none(), "only the open shard left: nothing admitted");
+        assert!(
+            p.select(tried, Instant::now(), &mut rng).is_none(),
+            "only the open shard left: nothing admitted"
+        );
         tokio::time::advance(Duration::from_secs(30)).await;
         // Past the timeout the recovering shard is probed first, even with a healthy one
         // available, but never by more than the configured trial calls at once.
-        let picks: Vec<_> = (0..5).filter_map(|_| p.select(Tried::default(), Instant::now(), &mut rng)).collect();
+        let picks: Vec<_> = (0..5)
+            .filter_map(|_| p.select(Tried::default(), Instant::now(), &mut rng))
+            .collect();
         let trials: Vec<_> = picks.into_iter().filter(|l| l.index() == 0).collect();
-        assert_eq!(trials.len(), 2, "half-open admits at most the configured trial calls");
+        assert_eq!(
+            trials.len(),
+            2,
+            "half-open admits at most the configured trial calls"
+        );
         assert!(trials.iter().all(Lease::is_trial));
         for l in trials {
             l.succeed();
@@ -344,12 +390,20 @@ mod tests {
         let p = pool(1, Arc::new(NoObserver));
         let mut rng = StdRng::seed_from_u64(1);
         for _ in 0..3 {
-            p.select(Tried::default(), Instant::now(), &mut rng).unwrap().fail(&AttemptError::HttpStatus(503));
+            p.select(Tried::default(), Instant::now(), &mut rng)
+                .unwrap()
+                .fail(&AttemptError::HttpStatus(503));
         }
         tokio::time::advance(Duration::from_secs(30)).await;
-        let a = p.select(Tried::default(), Instant::now(), &mut rng).unwrap();
-        let b = p.select(Tried::default(), Instant::now(), &mut rng).unwrap();
-        assert!(p.select(Tried::default(), Instant::now(), &mut rng).is_none());
+        let a = p
+            .select(Tried::default(), Instant::now(), &mut rng)
+            .unwrap();
+        let b = p
+            .select(Tried::default(), Instant::now(), &mut rng)
+            .unwrap();
+        assert!(p
+            .select(Tried::default(), Instant::now(), &mut rng)
+            .is_none());
         drop(a);
         let c = p.select(Tried::default(), Instant::now(), &mut rng);
         assert!(c.is_some());
@@ -362,16 +416,35 @@ mod tests {
         p.set_health(0, 0.0, true);
         let mut rng = StdRng::seed_from_u64(9);
         for _ in 0..50 {
-            assert_eq!(p.select(Tried::default(), Instant::now(), &mut rng).unwrap().index(), 1);
+            assert_eq!(
+                p.select(Tried::default(), Instant::now(), &mut rng)
+                    .unwrap()
+                    .index(),
+                1
+            );
         }
         p.set_health(1, 0.5, true);
         assert!(!p.any_admits(Instant::now()));
-        assert!(p.select(Tried::default(), Instant::now(), &mut rng).is_none());
+        assert!(p
+            .select(Tried::default(), Instant::now(), &mut rng)
+            .is_none());
     }
 
     #[test]
     fn size_bounds() {
-        assert!(ShardPool::new(0, BreakerConfig::default(), ScoreConfig::default(), Arc::new(NoObserver)).is_err());
-        assert!(ShardPool::new(129, BreakerConfig::default(), ScoreConfig::default(), Arc::new(NoObserver)).is_err());
+        assert!(ShardPool::new(
+            0,
+            BreakerConfig::default(),
+            ScoreConfig::default(),
+            Arc::new(NoObserver)
+        )
+        .is_err());
+        assert!(ShardPool::new(
+            129,
+            BreakerConfig::default(),
+            ScoreConfig::default(),
+            Arc::new(NoObserver)
+        )
+        .is_err());
     }
 }

@@ -51,7 +51,12 @@ pub struct Attempts {
 impl Attempts {
     /// Starts the clock for one client.
     pub fn start(cfg: RetryConfig, now: Instant) -> Self {
-        Self { cfg, deadline: now + cfg.deadline, tried: Tried::default(), errors: Vec::new() }
+        Self {
+            cfg,
+            deadline: now + cfg.deadline,
+            tried: Tried::default(),
+            errors: Vec::new(),
+        }
     }
 
     /// Shards tried so far.
@@ -67,7 +72,10 @@ impl Attempts {
     /// Marks `index` as being tried now and returns the budget for this attempt, or `None`
     /// if the overall deadline has passed.
     pub fn begin(&mut self, index: usize, now: Instant) -> Option<Duration> {
-        let left = self.deadline.checked_duration_since(now).filter(|d| !d.is_zero())?;
+        let left = self
+            .deadline
+            .checked_duration_since(now)
+            .filter(|d| !d.is_zero())?;
         self.tried.insert(index);
         Some(left.min(self.cfg.attempt_timeout))
     }
@@ -107,7 +115,12 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn budgets_shrink_to_the_deadline() {
-        let cfg = RetryConfig::try_new(Duration::from_millis(10), Duration::from_secs(3), Duration::from_secs(2)).unwrap();
+        let cfg = RetryConfig::try_new(
+            Duration::from_millis(10),
+            Duration::from_secs(3),
+            Duration::from_secs(2),
+        )
+        .unwrap();
         let t0 = Instant::now();
         let mut a = Attempts::start(cfg, t0);
         assert_eq!(a.begin(0, t0), Some(Duration::from_secs(2)));

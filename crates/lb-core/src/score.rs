@@ -20,7 +20,8 @@ pub const FAILURE_WEIGHT: f64 = 0.4;
 /// input counts as the worst value so a broken measurement never makes a shard look good.
 pub fn health_score(utilization: f64, failure_rate: f64) -> f64 {
     let clamp = |v: f64| if v.is_nan() { 1.0 } else { v.clamp(0.0, 1.0) };
-    let s = UTILIZATION_WEIGHT * (1.0 - clamp(utilization)) + FAILURE_WEIGHT * (1.0 - clamp(failure_rate));
+    let s = UTILIZATION_WEIGHT * (1.0 - clamp(utilization))
+        + FAILURE_WEIGHT * (1.0 - clamp(failure_rate));
     s.clamp(0.0, 1.0)
 }
 
@@ -35,7 +36,11 @@ pub struct FailureWindow {
 impl FailureWindow {
     /// An empty window.
     pub fn new(cfg: ScoreConfig) -> Self {
-        Self { max_age: cfg.window, cap: cfg.window_len, entries: VecDeque::with_capacity(cfg.window_len.min(1024)) }
+        Self {
+            max_age: cfg.window,
+            cap: cfg.window_len,
+            entries: VecDeque::with_capacity(cfg.window_len.min(1024)),
+        }
     }
 
     /// Records one attempt's outcome.

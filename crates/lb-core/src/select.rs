@@ -47,7 +47,10 @@ pub fn pick<R: Rng + ?Sized>(candidates: &[Candidate], rng: &mut R) -> Option<us
     if trial.is_some() {
         return trial;
     }
-    let closed: Vec<&Candidate> = candidates.iter().filter(|c| c.admission == Admission::Closed).collect();
+    let closed: Vec<&Candidate> = candidates
+        .iter()
+        .filter(|c| c.admission == Admission::Closed)
+        .collect();
     match closed.len() {
         0 => {}
         1 => return closed.first().map(|c| c.index),
@@ -58,7 +61,11 @@ pub fn pick<R: Rng + ?Sized>(candidates: &[Candidate], rng: &mut R) -> Option<us
                 b += 1;
             }
             let (ca, cb) = (closed.get(a)?, closed.get(b)?);
-            return Some(if cb.score > ca.score { cb.index } else { ca.index });
+            return Some(if cb.score > ca.score {
+                cb.index
+            } else {
+                ca.index
+            });
         }
     }
     None
@@ -71,13 +78,22 @@ mod tests {
     use rand::SeedableRng;
 
     fn c(index: usize, admission: Admission, score: f64) -> Candidate {
-        Candidate { index, admission, score, last_failure: None }
+        Candidate {
+            index,
+            admission,
+            score,
+            last_failure: None,
+        }
     }
 
     #[test]
     fn prefers_lightly_loaded_shards_without_starving_others() {
         let mut rng = StdRng::seed_from_u64(7);
-        let cands = [c(0, Admission::Closed, 0.46), c(1, Admission::Closed, 0.94), c(2, Admission::Closed, 0.94)];
+        let cands = [
+            c(0, Admission::Closed, 0.46),
+            c(1, Admission::Closed, 0.94),
+            c(2, Admission::Closed, 0.94),
+        ];
         let mut counts = [0usize; 3];
         for _ in 0..30_000 {
             counts[pick(&cands, &mut rng).unwrap()] += 1;
@@ -91,7 +107,9 @@ mod tests {
     #[test]
     fn p2c_with_many_shards_still_uses_the_worst_sometimes_only_against_worse() {
         let mut rng = StdRng::seed_from_u64(1);
-        let cands: Vec<_> = (0..5).map(|i| c(i, Admission::Closed, i as f64 / 10.0)).collect();
+        let cands: Vec<_> = (0..5)
+            .map(|i| c(i, Admission::Closed, i as f64 / 10.0))
+            .collect();
         let mut counts = [0usize; 5];
         for _ in 0..50_000 {
             counts[pick(&cands, &mut rng).unwrap()] += 1;
@@ -105,9 +123,24 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(1);
         let t0 = Instant::now();
         let cands = [
-            Candidate { index: 0, admission: Admission::Trial, score: 0.9, last_failure: Some(t0 + std::time::Duration::from_secs(5)) },
-            Candidate { index: 1, admission: Admission::Trial, score: 0.1, last_failure: Some(t0) },
-            Candidate { index: 2, admission: Admission::Refused, score: 1.0, last_failure: None },
+            Candidate {
+                index: 0,
+                admission: Admission::Trial,
+                score: 0.9,
+                last_failure: Some(t0 + std::time::Duration::from_secs(5)),
+            },
+            Candidate {
+                index: 1,
+                admission: Admission::Trial,
+                score: 0.1,
+                last_failure: Some(t0),
+            },
+            Candidate {
+                index: 2,
+                admission: Admission::Refused,
+                score: 1.0,
+                last_failure: None,
+            },
         ];
         assert_eq!(pick(&cands, &mut rng), Some(1));
         let refused = [c(0, Admission::Refused, 1.0)];

@@ -39,7 +39,9 @@ const fn libc_enfile() -> i32 {
 fn transient(e: &io::Error) -> bool {
     matches!(
         e.kind(),
-        io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset | io::ErrorKind::Interrupted
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
     )
 }
 
@@ -91,7 +93,8 @@ pub async fn accept_loop<F>(
                 on_conn(stream, peer);
             }
             Err(e) if fd_exhausted(&e) => {
-                metrics::counter!(ACCEPT_ERRORS, "listener" => name, "kind" => "fd_exhausted").increment(1);
+                metrics::counter!(ACCEPT_ERRORS, "listener" => name, "kind" => "fd_exhausted")
+                    .increment(1);
                 if last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {
                     tracing::warn!(listener = name, error = %e, "out of file descriptors; refusing new connections with 503");
                     last_warn = Some(Instant::now());
@@ -100,7 +103,11 @@ pub async fn accept_loop<F>(
                     if let Ok(Ok((mut stream, _))) =
                         tokio::time::timeout(Duration::from_millis(5), listener.accept()).await
                     {
-                        let _ = tokio::time::timeout(Duration::from_millis(50), stream.write_all(REJECT)).await;
+                        let _ = tokio::time::timeout(
+                            Duration::from_millis(50),
+                            stream.write_all(REJECT),
+                        )
+                        .await;
                         let _ = stream.shutdown().await;
                         metrics::counter!(FD_REJECTS, "listener" => name).increment(1);
                     }
@@ -112,7 +119,8 @@ pub async fn accept_loop<F>(
             }
             Err(e) if transient(&e) => continue,
             Err(e) => {
-                metrics::counter!(ACCEPT_ERRORS, "listener" => name, "kind" => "other").increment(1);
+                metrics::counter!(ACCEPT_ERRORS, "listener" => name, "kind" => "other")
+                    .increment(1);
                 tracing::warn!(listener = name, error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }

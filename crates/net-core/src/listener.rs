@@ -18,7 +18,10 @@ pub struct ListenOptions {
 
 impl Default for ListenOptions {
     fn default() -> Self {
-        Self { backlog: 4096, reuse_port: false }
+        Self {
+            backlog: 4096,
+            reuse_port: false,
+        }
     }
 }
 

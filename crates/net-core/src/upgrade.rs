@@ -21,21 +21,40 @@ pub fn refuse(status: StatusCode, reason: &'static str) -> Response {
 pub fn check_request<B>(req: &Request<B>) -> Result<(), Box<Response>> {
     if !fastwebsockets::upgrade::is_upgrade_request(req) {
         let mut r = refuse(StatusCode::UPGRADE_REQUIRED, "WebSocket upgrade required");
-        r.headers_mut().insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        r.headers_mut()
+            .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         return Err(Box::new(r));
     }
-    if req.headers().get(header::SEC_WEBSOCKET_VERSION).map(HeaderValue::as_bytes) != Some(b"13") {
-        let mut r = refuse(StatusCode::UPGRADE_REQUIRED, "unsupported Sec-WebSocket-Version");
-        r.headers_mut().insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+    if req
+        .headers()
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(HeaderValue::as_bytes)
+        != Some(b"13")
+    {
+        let mut r = refuse(
+            StatusCode::UPGRADE_REQUIRED,
+            "unsupported Sec-WebSocket-Version",
+        );
+        r.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
         return Err(Box::new(r));
     }
     let key_ok = req
         .headers()
         .get(header::SEC_WEBSOCKET_KEY)
-        .and_then(|k| base64::engine::general_purpose::STANDARD.decode(k.as_bytes()).ok())
+        .and_then(|k| {
+            base64::engine::general_purpose::STANDARD
+                .decode(k.as_bytes())
+                .ok()
+        })
         .is_some_and(|k| k.len() == 16);
     if !key_ok {
-        return Err(Box::new(refuse(StatusCode::BAD_REQUEST, "missing or invalid Sec-WebSocket-Key")));
+        return Err(Box::new(refuse(
+            StatusCode::BAD_REQUEST,
+            "missing or invalid Sec-WebSocket-Key",
+        )));
     }
     Ok(())
 }
@@ -53,7 +72,11 @@ pub enum UpgradeError {
 /// any bytes hyper had already read past the request (pipelined frames).
 pub async fn into_raw(fut: UpgradeFut) -> Result<(TcpStream, Bytes), UpgradeError> {
     let ws = fut.await.map_err(UpgradeError::Abandoned)?;
-    let parts = ws.into_inner().into_inner().downcast::<TokioIo<TcpStream>>().map_err(|_| UpgradeError::NotTcp)?;
+    let parts = ws
+        .into_inner()
+        .into_inner()
+        .downcast::<TokioIo<TcpStream>>()
+        .map_err(|_| UpgradeError::NotTcp)?;
     Ok((parts.io.into_inner(), parts.read_buf))
 }
 

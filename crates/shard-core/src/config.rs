@@ -11,7 +11,10 @@ pub struct ConfigError {
 }
 
 fn bad(key: &'static str, problem: impl Into<String>) -> ConfigError {
-    ConfigError { key, problem: problem.into() }
+    ConfigError {
+        key,
+        problem: problem.into(),
+    }
 }
 
 /// Per-connection limits and timers.
@@ -63,7 +66,10 @@ impl SessionConfig {
             return Err(bad("outbound_queue", "must be at least 1"));
         }
         if self.ping_interval.is_zero() || self.ping_interval >= self.idle_timeout {
-            return Err(bad("ping_interval", "must be positive and shorter than idle_timeout"));
+            return Err(bad(
+                "ping_interval",
+                "must be positive and shorter than idle_timeout",
+            ));
         }
         if self.close_timeout.is_zero() {
             return Err(bad("close_timeout", "must be positive"));
@@ -72,7 +78,10 @@ impl SessionConfig {
             return Err(bad("max_subscriptions", "must be at least 1"));
         }
         if self.rate_per_sec > 0 && self.rate_burst == 0 {
-            return Err(bad("client_rate_burst", "must be at least 1 when a rate is set"));
+            return Err(bad(
+                "client_rate_burst",
+                "must be at least 1 when a rate is set",
+            ));
         }
         Ok(self)
     }
@@ -109,9 +118,21 @@ mod tests {
     fn defaults_validate_and_bad_values_do_not() {
         assert!(SessionConfig::default().validate().is_ok());
         assert!(HubConfig::default().validate().is_ok());
-        let bad_ping = SessionConfig { ping_interval: Duration::from_secs(60), ..SessionConfig::default() };
+        let bad_ping = SessionConfig {
+            ping_interval: Duration::from_secs(60),
+            ..SessionConfig::default()
+        };
         assert_eq!(bad_ping.validate().unwrap_err().key, "ping_interval");
-        assert!(SessionConfig { outbound_queue: 0, ..SessionConfig::default() }.validate().is_err());
-        assert!(HubConfig { history_len: 2_000_000 }.validate().is_err());
+        assert!(SessionConfig {
+            outbound_queue: 0,
+            ..SessionConfig::default()
+        }
+        .validate()
+        .is_err());
+        assert!(HubConfig {
+            history_len: 2_000_000
+        }
+        .validate()
+        .is_err());
     }
 }

@@ -63,7 +63,14 @@ impl Publication {
     ) -> Self {
         let json = encode_message(channel.as_str(), &epoch, seq, data_json);
         let frame = encode_frame(OP_TEXT, json.as_bytes());
-        Self { channel, epoch, seq, covers_from, frame, origin }
+        Self {
+            channel,
+            epoch,
+            seq,
+            covers_from,
+            frame,
+            origin,
+        }
     }
 }
 
@@ -176,7 +183,9 @@ impl Hub {
         channel.hash(&mut h);
         let idx = (h.finish() as usize) % SEGMENTS;
         // SEGMENTS is non-zero and idx is reduced modulo it.
-        self.segments.get(idx).unwrap_or_else(|| unreachable!("segment index in range"))
+        self.segments
+            .get(idx)
+            .unwrap_or_else(|| unreachable!("segment index in range"))
     }
 
     fn channel(&self, name: &ChannelName) -> Arc<Channel> {
@@ -260,7 +269,12 @@ impl Hub {
     }
 
     /// Registers `sub` on `channel`, replaying history after `since` if it is recoverable.
-    pub fn subscribe(&self, channel: &ChannelName, since: Option<&Position>, sub: Subscriber) -> Subscribed {
+    pub fn subscribe(
+        &self,
+        channel: &ChannelName,
+        since: Option<&Position>,
+        sub: Subscriber,
+    ) -> Subscribed {
         loop {
             let ch = self.channel(channel);
             let mut st = ch.state.lock();
@@ -268,18 +282,28 @@ impl Hub {
                 continue;
             }
             let (recovered, replay) = match since {
-                Some(pos) if *st.epoch == *pos.epoch
-                    && pos.seq <= st.last_seq
-                    && pos.seq.saturating_add(1) >= st.covers_from =>
+                Some(pos)
+                    if *st.epoch == *pos.epoch
+                        && pos.seq <= st.last_seq
+                        && pos.seq.saturating_add(1) >= st.covers_from =>
                 {
-                    let replay: Vec<Bytes> =
-                        st.history.iter().filter(|(s, _)| *s > pos.seq).map(|(_, f)| f.clone()).collect();
+                    let replay: Vec<Bytes> = st
+                        .history
+                        .iter()
+                        .filter(|(s, _)| *s > pos.seq)
+                        .map(|(_, f)| f.clone())
+                        .collect();
                     (true, replay)
                 }
                 _ => (false, Vec::new()),
             };
             st.subscribers.push(sub);
-            let out = Subscribed { epoch: st.epoch.clone(), seq: st.last_seq, recovered, replay };
+            let out = Subscribed {
+                epoch: st.epoch.clone(),
+                seq: st.last_seq,
+                recovered,
+                replay,
+            };
             drop(st);
             self.metrics.subscriptions.increment(1.0);
             self.metrics.replayed.increment(out.replay.len() as u64);
@@ -292,7 +316,9 @@ impl Hub {
     /// subscribing to invented names.
     pub fn unsubscribe(&self, channel: &ChannelName, id: u64) -> bool {
         let seg = self.segment(channel);
-        let Some(ch) = seg.read().get(channel).cloned() else { return false };
+        let Some(ch) = seg.read().get(channel).cloned() else {
+            return false;
+        };
         let (found, now_empty) = {
             let mut st = ch.state.lock();
             let before = st.subscribers.len();
@@ -322,7 +348,10 @@ impl Hub {
     pub fn position(&self, channel: &ChannelName) -> Option<Position> {
         let ch = self.segment(channel).read().get(channel).cloned()?;
         let st = ch.state.lock();
-        Some(Position { epoch: st.epoch.to_string(), seq: st.last_seq })
+        Some(Position {
+            epoch: st.epoch.to_string(),
+            seq: st.last_seq,
+        })
     }
 
     /// Number of channels known.
@@ -334,7 +363,12 @@ impl Hub {
     pub fn subscription_count(&self) -> usize {
         self.segments
             .iter()
-            .map(|s| s.read().values().map(|c| c.state.lock().subscribers.len()).sum::<usize>())
+            .map(|s| {
+                s.read()
+                    .values()
+                    .map(|c| c.state.lock().subscribers.len())
+                    .sum::<usize>()
+            })
             .sum()
     }
 }
@@ -349,11 +383,22 @@ mod tests {
     }
 
     fn publication(c: &str, epoch: &str, seq: u64) -> Publication {
-        Publication::encode(ch(c), Arc::from(epoch), seq, 1, &format!("{{\"n\":{seq}}}"), None)
+        Publication::encode(
+            ch(c),
+            Arc::from(epoch),
+            seq,
+            1,
+            &format!("{{\"n\":{seq}}}"),
+            None,
+        )
     }
 
     fn sub(hub: &Hub, cap: usize) -> Subscriber {
-        Subscriber { id: hub.next_subscriber_id(), shard: 0, queue: Arc::new(ConnQueue::new(cap)) }
+        Subscriber {
+            id: hub.next_subscriber_id(),
+            shard: 0,
+            queue: Arc::new(ConnQueue::new(cap)),
+        }
     }
 
     fn seqs(frames: &[Bytes]) -> Vec<u64> {
@@ -389,7 +434,11 @@ mod tests {
         for s in &subs {
             let got = drain(&s.queue);
             assert_eq!(got.len(), 1);
-            assert_eq!(got[0].as_ptr(), p.frame.as_ptr(), "same allocation, not a copy");
+            assert_eq!(
+                got[0].as_ptr(),
+                p.frame.as_ptr(),
+                "same allocation, not a copy"
+            );
         }
     }
 
@@ -400,7 +449,14 @@ mod tests {
             hub.publish(&publication("a", "e1", seq));
         }
         let s = sub(&hub, 100);
-        let r = hub.subscribe(&ch("a"), Some(&Position { epoch: "e1".into(), seq: 10 }), s.clone());
+        let r = hub.subscribe(
+            &ch("a"),
+            Some(&Position {
+                epoch: "e1".into(),
+                seq: 10,
+            }),
+            s.clone(),
+        );
         assert!(r.recovered);
         assert_eq!(r.seq, 60);
         assert_eq!(seqs(&r.replay), (11..=60).collect::<Vec<_>>());
@@ -415,11 +471,41 @@ mod tests {
             hub.publish(&publication("a", "e1", seq));
         }
         let cases = [
-            (Position { epoch: "e1".into(), seq: 19 }, false), // 20 was evicted
-            (Position { epoch: "e1".into(), seq: 20 }, true),  // 21..=30 all kept
-            (Position { epoch: "e1".into(), seq: 30 }, true),  // up to date
-            (Position { epoch: "e1".into(), seq: 31 }, false), // from the future
-            (Position { epoch: "old".into(), seq: 25 }, false),
+            (
+                Position {
+                    epoch: "e1".into(),
+                    seq: 19,
+                },
+                false,
+            ), // 20 was evicted
+            (
+                Position {
+                    epoch: "e1".into(),
+                    seq: 20,
+                },
+                true,
+            ), // 21..=30 all kept
+            (
+                Position {
+                    epoch: "e1".into(),
+                    seq: 30,
+                },
+                true,
+            ), // up to date
+            (
+                Position {
+                    epoch: "e1".into(),
+                    seq: 31,
+                },
+                false,
+            ), // from the future
+            (
+                Position {
+                    epoch: "old".into(),
+                    seq: 25,
+                },
+                false,
+            ),
         ];
         for (pos, expected) in cases {
             let r = hub.subscribe(&ch("a"), Some(&pos), sub(&hub, 10));
@@ -434,10 +520,23 @@ mod tests {
     fn duplicates_are_dropped_and_epoch_change_resets_history() {
         let hub = Hub::new(HubConfig { history_len: 10 }, 1, "e1");
         hub.publish(&publication("a", "e1", 5));
-        assert_eq!(hub.publish(&publication("a", "e1", 5)), Published::Duplicate);
-        assert_eq!(hub.publish(&publication("a", "e1", 4)), Published::Duplicate);
+        assert_eq!(
+            hub.publish(&publication("a", "e1", 5)),
+            Published::Duplicate
+        );
+        assert_eq!(
+            hub.publish(&publication("a", "e1", 4)),
+            Published::Duplicate
+        );
         hub.publish(&publication("a", "e2", 1));
-        let r = hub.subscribe(&ch("a"), Some(&Position { epoch: "e1".into(), seq: 4 }), sub(&hub, 10));
+        let r = hub.subscribe(
+            &ch("a"),
+            Some(&Position {
+                epoch: "e1".into(),
+                seq: 4,
+            }),
+            sub(&hub, 10),
+        );
         assert!(!r.recovered);
         assert_eq!(&*r.epoch, "e2");
     }
@@ -474,12 +573,24 @@ mod tests {
         assert!(!hub.unsubscribe(&ch("real"), s.id));
         assert_eq!(hub.channel_count(), 1);
         assert_eq!(hub.subscription_count(), 0);
-        assert_eq!(hub.position(&ch("real")), Some(Position { epoch: "e".into(), seq: 1 }));
+        assert_eq!(
+            hub.position(&ch("real")),
+            Some(Position {
+                epoch: "e".into(),
+                seq: 1
+            })
+        );
     }
 
     #[test]
     fn concurrent_publish_and_subscribe_never_gap_or_duplicate() {
-        let hub = Hub::new(HubConfig { history_len: 10_000 }, 1, "e");
+        let hub = Hub::new(
+            HubConfig {
+                history_len: 10_000,
+            },
+            1,
+            "e",
+        );
         let publisher = {
             let hub = hub.clone();
             std::thread::spawn(move || {
@@ -491,7 +602,14 @@ mod tests {
         let mut checked = 0;
         while checked < 50 {
             let s = sub(&hub, 100_000);
-            let r = hub.subscribe(&ch("a"), Some(&Position { epoch: "e".into(), seq: 0 }), s.clone());
+            let r = hub.subscribe(
+                &ch("a"),
+                Some(&Position {
+                    epoch: "e".into(),
+                    seq: 0,
+                }),
+                s.clone(),
+            );
             assert!(r.recovered);
             let mut all = seqs(&r.replay);
             assert_eq!(all.len() as u64, r.seq);

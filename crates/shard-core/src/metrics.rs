@@ -36,8 +36,20 @@ pub const RECOVERIES: &str = "ws_shard_recoveries_total";
 
 /// Every metric name this crate exports (for the docs and exported-metrics tests).
 pub const ALL: &[&str] = &[
-    CONNECTIONS, MAX_CONNECTIONS, ACCEPTED, REJECTED, CLOSES, SLOW_CONSUMERS, PUBLISHED,
-    DUPLICATES, DELIVERIES, FANOUT_SECONDS, CHANNELS, SUBSCRIPTIONS, ERROR_REPLIES, REPLAYED,
+    CONNECTIONS,
+    MAX_CONNECTIONS,
+    ACCEPTED,
+    REJECTED,
+    CLOSES,
+    SLOW_CONSUMERS,
+    PUBLISHED,
+    DUPLICATES,
+    DELIVERIES,
+    FANOUT_SECONDS,
+    CHANNELS,
+    SUBSCRIPTIONS,
+    ERROR_REPLIES,
+    REPLAYED,
     RECOVERIES,
 ];
 
@@ -66,7 +78,8 @@ impl ShardMetrics {
 
     /// Counts a refused upgrade.
     pub fn rejected(&self, reason: &'static str) {
-        metrics::counter!(REJECTED, "shard_id" => self.shard_id.to_string(), "reason" => reason).increment(1);
+        metrics::counter!(REJECTED, "shard_id" => self.shard_id.to_string(), "reason" => reason)
+            .increment(1);
     }
 
     /// Counts a close frame sent.

@@ -38,7 +38,11 @@ pub struct ConnQueue {
 impl ConnQueue {
     /// An empty queue holding at most `cap` frames.
     pub fn new(cap: usize) -> Self {
-        Self { cap, inner: Mutex::new(Inner::default()), notify: Notify::new() }
+        Self {
+            cap,
+            inner: Mutex::new(Inner::default()),
+            notify: Notify::new(),
+        }
     }
 
     /// Queues a frame.
@@ -138,7 +142,17 @@ mod tests {
         let mut out = VecDeque::from([Bytes::from_static(b"head")]);
         assert!(!q.drain_into(&mut out));
         let got: Vec<_> = out.iter().map(|b| b.to_vec()).collect();
-        assert_eq!(got, vec![b"head".to_vec(), vec![0], vec![1], vec![2], vec![3], vec![4]]);
+        assert_eq!(
+            got,
+            vec![
+                b"head".to_vec(),
+                vec![0],
+                vec![1],
+                vec![2],
+                vec![3],
+                vec![4]
+            ]
+        );
         assert!(q.is_empty());
     }
 
@@ -147,6 +161,8 @@ mod tests {
         let q = std::sync::Arc::new(ConnQueue::new(4));
         q.push(&Bytes::from_static(b"a"));
         // The permit is stored: this returns at once.
-        tokio::time::timeout(std::time::Duration::from_secs(1), q.notified()).await.unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(1), q.notified())
+            .await
+            .unwrap();
     }
 }

@@ -101,7 +101,13 @@ struct State {
 
 /// Runs the session until the connection is closed. `prefix` holds bytes the HTTP layer
 /// read past the upgrade request. The slot is released when this returns.
-pub async fn run(stream: TcpStream, prefix: Bytes, ctx: Arc<ShardContext>, mode: Mode, slot: SlotGuard) {
+pub async fn run(
+    stream: TcpStream,
+    prefix: Bytes,
+    ctx: Arc<ShardContext>,
+    mode: Mode,
+    slot: SlotGuard,
+) {
     let _slot = slot;
     let cfg = match mode {
         Mode::PubSub => ctx.pubsub,
@@ -112,7 +118,11 @@ pub async fn run(stream: TcpStream, prefix: Bytes, ctx: Arc<ShardContext>, mode:
     let mut decoder = Decoder::new(Role::Server, Limits::new(cfg.max_message_size));
     let mut st = State {
         queue: Arc::new(ConnQueue::new(cfg.outbound_queue)),
-        subs: Subscriptions { hub: ctx.hub.clone(), id, channels: Vec::new() },
+        subs: Subscriptions {
+            hub: ctx.hub.clone(),
+            id,
+            channels: Vec::new(),
+        },
         ctx,
         cfg,
         mode,
@@ -179,7 +189,10 @@ pub async fn run(stream: TcpStream, prefix: Bytes, ctx: Arc<ShardContext>, mode:
 
 impl State {
     fn finished(&self) -> bool {
-        if self.close_sent && self.out.is_empty() && (self.close_received || self.finish_after_flush) {
+        if self.close_sent
+            && self.out.is_empty()
+            && (self.close_received || self.finish_after_flush)
+        {
             return true;
         }
         // The peer went away without a close handshake.
@@ -225,7 +238,11 @@ impl State {
 
     fn on_drain(&mut self) {
         let window = self.cfg.drain_window;
-        let delay = if window.is_zero() { window } else { rand::rng().random_range(std::time::Duration::ZERO..=window) };
+        let delay = if window.is_zero() {
+            window
+        } else {
+            rand::rng().random_range(std::time::Duration::ZERO..=window)
+        };
         self.drain_at = Some(Instant::now() + delay);
     }
 
@@ -251,7 +268,10 @@ impl State {
         // Keep a partly written frame (cutting it would corrupt the stream), drop the rest.
         let keep = usize::from(self.out_offset > 0);
         self.out.truncate(keep);
-        self.start_close(close::SLOW_CONSUMER, "slow consumer: outbound queue overflowed");
+        self.start_close(
+            close::SLOW_CONSUMER,
+            "slow consumer: outbound queue overflowed",
+        );
     }
 
     fn start_close(&mut self, code: u16, reason: &str) {
@@ -275,7 +295,11 @@ impl State {
             let mut iov = [IoSlice::new(&[]); WRITE_BATCH];
             let mut n = 0;
             for (i, f) in self.out.iter().take(WRITE_BATCH).enumerate() {
-                let bytes = if i == 0 { f.get(self.out_offset..).unwrap_or_default() } else { &f[..] };
+                let bytes = if i == 0 {
+                    f.get(self.out_offset..).unwrap_or_default()
+                } else {
+                    &f[..]
+                };
                 if let Some(slot) = iov.get_mut(i) {
                     *slot = IoSlice::new(bytes);
                     n = i + 1;
@@ -299,7 +323,9 @@ impl State {
 
     fn advance(&mut self, mut written: usize) {
         while written > 0 {
-            let Some(front) = self.out.front() else { return };
+            let Some(front) = self.out.front() else {
+                return;
+            };
             let left = front.len() - self.out_offset;
             if written >= left {
                 written -= left;
@@ -356,7 +382,8 @@ impl State {
         let now = Instant::now();
         let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
         self.refilled = now;
-        self.tokens = (self.tokens + elapsed * f64::from(self.cfg.rate_per_sec)).min(f64::from(self.cfg.rate_burst));
+        self.tokens = (self.tokens + elapsed * f64::from(self.cfg.rate_per_sec))
+            .min(f64::from(self.cfg.rate_burst));
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true
@@ -390,24 +417,37 @@ impl State {
         }
         match (msg, self.mode) {
             (Message::Ping(p), _) => self.out.push_back(frame::encode_frame(frame::OP_PONG, p)),
-            (Message::Text(t), Mode::Echo) => self.out.push_back(frame::encode_frame(frame::OP_TEXT, t.as_bytes())),
-            (Message::Binary(b), Mode::Echo) => self.out.push_back(frame::encode_frame(frame::OP_BINARY, b)),
-            (Message::Text(t), Mode::PubSub) => self.on_request(t.as_bytes()),
-            (Message::Binary(_), Mode::PubSub) => {
-                self.error(ErrorCode::BinaryNotSupported, "send JSON text frames".into(), None)
+            (Message::Text(t), Mode::Echo) => self
+                .out
+                .push_back(frame::encode_frame(frame::OP_TEXT, t.as_bytes())),
+            (Message::Binary(b), Mode::Echo) => {
+                self.out.push_back(frame::encode_frame(frame::OP_BINARY, b))
             }
+            (Message::Text(t), Mode::PubSub) => self.on_request(t.as_bytes()),
+            (Message::Binary(_), Mode::PubSub) => self.error(
+                ErrorCode::BinaryNotSupported,
+                "send JSON text frames".into(),
+                None,
+            ),
             _ => {}
         }
         Flow::Continue
     }
 
     fn reply(&mut self, msg: &ServerMessage) {
-        self.out.push_back(frame::encode_frame(frame::OP_TEXT, msg.to_json().as_bytes()));
+        self.out.push_back(frame::encode_frame(
+            frame::OP_TEXT,
+            msg.to_json().as_bytes(),
+        ));
     }
 
     fn error(&mut self, code: ErrorCode, message: String, channel: Option<String>) {
         metrics::counter!(m::ERROR_REPLIES, "code" => code.as_str()).increment(1);
-        self.reply(&ServerMessage::Error { code, message, channel });
+        self.reply(&ServerMessage::Error {
+            code,
+            message,
+            channel,
+        });
     }
 
     fn on_request(&mut self, text: &[u8]) {
@@ -424,16 +464,27 @@ impl State {
                         }
                     };
                     if self.subs.channels.contains(&channel) {
-                        self.error(ErrorCode::AlreadySubscribed, "already subscribed".into(), Some(name));
+                        self.error(
+                            ErrorCode::AlreadySubscribed,
+                            "already subscribed".into(),
+                            Some(name),
+                        );
                         continue;
                     }
                     if self.subs.channels.len() >= self.cfg.max_subscriptions {
-                        let msg = format!("at most {} subscriptions per connection", self.cfg.max_subscriptions);
+                        let msg = format!(
+                            "at most {} subscriptions per connection",
+                            self.cfg.max_subscriptions
+                        );
                         self.error(ErrorCode::TooManySubscriptions, msg, Some(name));
                         continue;
                     }
                     let position = since.get(&name);
-                    let sub = Subscriber { id: self.subs.id, shard: self.ctx.shard_id, queue: self.queue.clone() };
+                    let sub = Subscriber {
+                        id: self.subs.id,
+                        shard: self.ctx.shard_id,
+                        queue: self.queue.clone(),
+                    };
                     let r = self.ctx.hub.subscribe(&channel, position, sub);
                     self.subs.channels.push(channel);
                     if position.is_some() {
@@ -453,7 +504,11 @@ impl State {
                 for name in channels {
                     let pos = self.subs.channels.iter().position(|c| c.as_str() == name);
                     let Some(pos) = pos else {
-                        self.error(ErrorCode::NotSubscribed, "not subscribed".into(), Some(name));
+                        self.error(
+                            ErrorCode::NotSubscribed,
+                            "not subscribed".into(),
+                            Some(name),
+                        );
                         continue;
                     };
                     let channel = self.subs.channels.swap_remove(pos);

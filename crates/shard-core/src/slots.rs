@@ -27,7 +27,11 @@ pub struct SlotGuard {
 impl Slots {
     /// A pool of `max` slots. `gauge`, if given, mirrors the live count.
     pub fn new(max: usize, gauge: Option<Gauge>) -> Arc<Self> {
-        Arc::new(Self { max, current: AtomicUsize::new(0), gauge })
+        Arc::new(Self {
+            max,
+            current: AtomicUsize::new(0),
+            gauge,
+        })
     }
 
     /// Takes a slot, or `None` if all are taken.
@@ -37,12 +41,19 @@ impl Slots {
             if cur >= self.max {
                 return None;
             }
-            match self.current.compare_exchange_weak(cur, cur + 1, Ordering::AcqRel, Ordering::Relaxed) {
+            match self.current.compare_exchange_weak(
+                cur,
+                cur + 1,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
                 Ok(_) => {
                     if let Some(g) = &self.gauge {
                         g.increment(1.0);
                     }
-                    return Some(SlotGuard { slots: self.clone() });
+                    return Some(SlotGuard {
+                        slots: self.clone(),
+                    });
                 }
                 Err(actual) => cur = actual,
             }

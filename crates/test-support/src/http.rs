@@ -30,10 +30,18 @@ async fn read_reply(stream: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result
     loop {
         if let Some(head_end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-            let status: u16 = head.split_whitespace().nth(1).context("no status")?.parse()?;
+            let status: u16 = head
+                .split_whitespace()
+                .nth(1)
+                .context("no status")?
+                .parse()?;
             let len = head
                 .lines()
-                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_owned()))
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().to_owned())
+                })
                 .map(|v| v.parse::<usize>())
                 .transpose()?;
             let Some(len) = len else {
@@ -62,14 +70,22 @@ async fn read_reply(stream: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result
 }
 
 /// One request on a fresh connection.
-pub async fn call(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> anyhow::Result<Reply> {
+pub async fn call(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> anyhow::Result<Reply> {
     let fut = async {
         let mut s = TcpStream::connect(addr).await?;
-        s.write_all(request(method, path, body, false).as_bytes()).await?;
+        s.write_all(request(method, path, body, false).as_bytes())
+            .await?;
         let mut buf = Vec::new();
         read_reply(&mut s, &mut buf).await
     };
-    tokio::time::timeout(Duration::from_secs(10), fut).await.context("http timeout")?
+    tokio::time::timeout(Duration::from_secs(10), fut)
+        .await
+        .context("http timeout")?
 }
 
 /// `GET path`.
@@ -87,15 +103,28 @@ pub struct KeepAlive {
 impl KeepAlive {
     /// Connects to `addr`.
     pub async fn connect(addr: SocketAddr) -> anyhow::Result<Self> {
-        Ok(Self { stream: TcpStream::connect(addr).await?, buf: Vec::new() })
+        Ok(Self {
+            stream: TcpStream::connect(addr).await?,
+            buf: Vec::new(),
+        })
     }
 
     /// Sends a request and reads its reply.
-    pub async fn call(&mut self, method: &str, path: &str, body: Option<&str>) -> anyhow::Result<Reply> {
-        self.stream.write_all(request(method, path, body, true).as_bytes()).await?;
-        tokio::time::timeout(Duration::from_secs(10), read_reply(&mut self.stream, &mut self.buf))
-            .await
-            .context("http timeout")?
+    pub async fn call(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> anyhow::Result<Reply> {
+        self.stream
+            .write_all(request(method, path, body, true).as_bytes())
+            .await?;
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            read_reply(&mut self.stream, &mut self.buf),
+        )
+        .await
+        .context("http timeout")?
     }
 
     /// `POST /publish` of `data` (a JSON value) on `channel`; returns the assigned seq.

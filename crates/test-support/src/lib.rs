@@ -7,4 +7,7 @@ pub mod http;
 pub mod servers;
 pub mod ws;
 
-pub use servers::{free_port, start_lb, start_shards, start_shards_at, BlackHole, IsolatedShards, TestLb, TestShards};
+pub use servers::{
+    free_port, start_lb, start_shards, start_shards_at, BlackHole, IsolatedShards, TestLb,
+    TestShards,
+};

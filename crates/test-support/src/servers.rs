@@ -57,7 +57,11 @@ pub fn shard_config() -> ws_shard::ServerConfig {
     ws_shard::ServerConfig {
         max_connections: 6000,
         session,
-        echo: Some(SessionConfig { max_message_size: 16 << 20, rate_per_sec: 0, ..session }),
+        echo: Some(SessionConfig {
+            max_message_size: 16 << 20,
+            rate_per_sec: 0,
+            ..session
+        }),
         hub: HubConfig::default(),
         http: HttpLimits::default(),
         socket: SocketOptions::default(),
@@ -67,31 +71,53 @@ pub fn shard_config() -> ws_shard::ServerConfig {
 }
 
 /// Starts `n` shards in one in-process server, configured by `configure`.
-pub async fn start_shards(n: usize, configure: impl FnOnce(&mut ws_shard::ServerConfig)) -> TestShards {
+pub async fn start_shards(
+    n: usize,
+    configure: impl FnOnce(&mut ws_shard::ServerConfig),
+) -> TestShards {
     start_shards_at(vec![any_port(); n], configure).await
 }
 
 /// Starts one shard per address in `addrs` (port 0 picks a free port).
-pub async fn start_shards_at(addrs: Vec<SocketAddr>, configure: impl FnOnce(&mut ws_shard::ServerConfig)) -> TestShards {
+pub async fn start_shards_at(
+    addrs: Vec<SocketAddr>,
+    configure: impl FnOnce(&mut ws_shard::ServerConfig),
+) -> TestShards {
     let mut cfg = shard_config();
     configure(&mut cfg);
     let opts = ListenOptions::default();
-    let listeners: Vec<_> = addrs.iter().map(|a| net_core::bind(*a, opts).unwrap()).collect();
+    let listeners: Vec<_> = addrs
+        .iter()
+        .map(|a| net_core::bind(*a, opts).unwrap())
+        .collect();
     let shards: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
     let admin_l = net_core::bind(any_port(), opts).unwrap();
     let admin = admin_l.local_addr().unwrap();
     let shutdown = Shutdown::new();
     let task = tokio::spawn(ws_shard::run(
-        ws_shard::Listeners { shards: listeners, admin: admin_l },
+        ws_shard::Listeners {
+            shards: listeners,
+            admin: admin_l,
+        },
         cfg,
         net_core::telemetry::prometheus(),
         shutdown.clone(),
     ));
     for s in &shards {
         let addr = *s;
-        assert!(wait_until(Duration::from_secs(5), || async move { get(addr, "/health").await.is_ok() }).await);
+        assert!(
+            wait_until(Duration::from_secs(5), || async move {
+                get(addr, "/health").await.is_ok()
+            })
+            .await
+        );
     }
-    TestShards { shards, admin, shutdown, task }
+    TestShards {
+        shards,
+        admin,
+        shutdown,
+        task,
+    }
 }
 
 /// A running ws-lb stand-in.
@@ -143,7 +169,10 @@ pub fn lb_config(backends: Vec<String>) -> ws_lb::LbConfig {
 
 /// Starts an LB in front of `backends`, configured by `configure`; returns once its
 /// `/health` answers.
-pub async fn start_lb(backends: Vec<String>, configure: impl FnOnce(&mut ws_lb::LbConfig)) -> TestLb {
+pub async fn start_lb(
+    backends: Vec<String>,
+    configure: impl FnOnce(&mut ws_lb::LbConfig),
+) -> TestLb {
     let mut cfg = lb_config(backends);
     configure(&mut cfg);
     let client = net_core::bind(any_port(), ListenOptions::default()).unwrap();
@@ -151,18 +180,34 @@ pub async fn start_lb(backends: Vec<String>, configure: impl FnOnce(&mut ws_lb::
     let (addr, admin) = (client.local_addr().unwrap(), admin_l.local_addr().unwrap());
     let shutdown = Shutdown::new();
     let task = tokio::spawn(ws_lb::run(
-        ws_lb::Listeners { client, admin: admin_l },
+        ws_lb::Listeners {
+            client,
+            admin: admin_l,
+        },
         cfg,
         net_core::telemetry::prometheus(),
         shutdown.clone(),
     ));
-    assert!(wait_until(Duration::from_secs(5), || async move { get(addr, "/health").await.is_ok() }).await);
-    TestLb { addr, admin, shutdown, task }
+    assert!(
+        wait_until(Duration::from_secs(5), || async move {
+            get(addr, "/health").await.is_ok()
+        })
+        .await
+    );
+    TestLb {
+        addr,
+        admin,
+        shutdown,
+        task,
+    }
 }
 
 /// A free port on 127.0.0.1 (bound and released; nothing listens there afterwards).
 pub fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind(any_port()).unwrap().local_addr().unwrap()
+    std::net::TcpListener::bind(any_port())
+        .unwrap()
+        .local_addr()
+        .unwrap()
 }
 
 /// A shard server on its own runtime thread, so that [`IsolatedShards::kill`] can make every
@@ -179,7 +224,11 @@ impl IsolatedShards {
         // Built and entered on a fresh thread: a runtime cannot be blocked on from inside the
         // test's own runtime.
         let (runtime, shards) = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
             let shards = runtime.block_on(async {
                 let srv = start_shards(n, |_| {}).await;
                 let addrs = srv.shards.clone();
@@ -191,7 +240,10 @@ impl IsolatedShards {
         })
         .join()
         .unwrap();
-        Self { shards, runtime: Some(runtime) }
+        Self {
+            shards,
+            runtime: Some(runtime),
+        }
     }
 
     /// `ws://.../ws` of shard `i`.
@@ -242,7 +294,10 @@ impl BlackHole {
                             return;
                         }
                         seen.extend_from_slice(&buf[..n]);
-                        if seen.windows(17).any(|w| w.eq_ignore_ascii_case(b"sec-websocket-key")) {
+                        if seen
+                            .windows(17)
+                            .any(|w| w.eq_ignore_ascii_case(b"sec-websocket-key"))
+                        {
                             count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                             break;
                         }
@@ -256,7 +311,11 @@ impl BlackHole {
                 });
             }
         });
-        Self { addr, accepted, task }
+        Self {
+            addr,
+            accepted,
+            task,
+        }
     }
 
     /// `ws://.../ws` of the black hole.

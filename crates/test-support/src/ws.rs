@@ -18,9 +18,12 @@ pub type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// Connects to `url`.
 pub async fn connect(url: &str) -> anyhow::Result<Client> {
-    let (ws, _) = tokio::time::timeout(Duration::from_secs(10), tokio_tungstenite::connect_async(url))
-        .await
-        .context("connect timeout")??;
+    let (ws, _) = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::connect_async(url),
+    )
+    .await
+    .context("connect timeout")??;
     Ok(ws)
 }
 
@@ -37,11 +40,15 @@ pub enum Event {
 pub async fn next_event(ws: &mut Client, limit: Duration) -> anyhow::Result<Event> {
     let deadline = tokio::time::Instant::now() + limit;
     loop {
-        let item = tokio::time::timeout_at(deadline, ws.next()).await.context("no message in time")?;
+        let item = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .context("no message in time")?;
         match item {
             None => return Ok(Event::Gone("stream ended".into())),
             Some(Err(e)) => return Ok(Event::Gone(e.to_string())),
-            Some(Ok(Message::Text(t))) => return Ok(Event::Msg(ServerMessage::decode(t.as_bytes())?)),
+            Some(Ok(Message::Text(t))) => {
+                return Ok(Event::Msg(ServerMessage::decode(t.as_bytes())?))
+            }
             Some(Ok(Message::Close(c))) => {
                 return Ok(match c {
                     Some(f) => Event::Close(u16::from(f.code), f.reason.to_string()),
@@ -70,7 +77,11 @@ pub async fn send(ws: &mut Client, text: &str) -> anyhow::Result<()> {
 /// Subscribes to `channels` and returns the `subscribed` replies.
 pub async fn subscribe(ws: &mut Client, channels: &[&str]) -> anyhow::Result<Vec<ServerMessage>> {
     let list: Vec<String> = channels.iter().map(|c| format!("\"{c}\"")).collect();
-    send(ws, &format!(r#"{{"type":"subscribe","channels":[{}]}}"#, list.join(","))).await?;
+    send(
+        ws,
+        &format!(r#"{{"type":"subscribe","channels":[{}]}}"#, list.join(",")),
+    )
+    .await?;
     let mut out = Vec::new();
     for _ in channels {
         out.push(next_msg(ws).await?);
@@ -81,9 +92,15 @@ pub async fn subscribe(ws: &mut Client, channels: &[&str]) -> anyhow::Result<Vec
 /// Closes cleanly with 1000 and waits for the server's close.
 pub async fn close(mut ws: Client) {
     let _ = ws
-        .close(Some(tokio_tungstenite::tungstenite::protocol::CloseFrame { code: CloseCode::Normal, reason: "bye".into() }))
+        .close(Some(tokio_tungstenite::tungstenite::protocol::CloseFrame {
+            code: CloseCode::Normal,
+            reason: "bye".into(),
+        }))
         .await;
-    let _ = tokio::time::timeout(Duration::from_secs(5), async { while let Some(Ok(_)) = ws.next().await {} }).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
 }
 
 /// A valid upgrade request for `path` with a fixed, valid key.
@@ -100,7 +117,9 @@ pub async fn raw_upgrade(addr: SocketAddr, request: &str) -> anyhow::Result<(Tcp
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
-        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut byte)).await.context("head timeout")??;
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut byte))
+            .await
+            .context("head timeout")??;
         if n == 0 {
             bail!("eof in response head: {}", String::from_utf8_lossy(&head));
         }
@@ -111,7 +130,10 @@ pub async fn raw_upgrade(addr: SocketAddr, request: &str) -> anyhow::Result<(Tcp
 
 /// Status code of a raw response head.
 pub fn status_of(head: &str) -> u16 {
-    head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+    head.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Closes `s` with an RST instead of a FIN.

@@ -32,11 +32,18 @@ pub struct Backend {
 impl Backend {
     /// Parses and resolves `ws://host:port/path` (resolved once, at startup).
     pub fn parse(url: &str) -> Result<Self, BadBackend> {
-        let bad = |problem: &str| BadBackend { url: url.to_owned(), problem: problem.to_owned() };
+        let bad = |problem: &str| BadBackend {
+            url: url.to_owned(),
+            problem: problem.to_owned(),
+        };
         let uri: http::Uri = url.parse().map_err(|_| bad("not a valid URL"))?;
         match uri.scheme_str() {
             Some("ws") => {}
-            Some("wss") => return Err(bad("wss is not supported between LB and shards (use ws on the private network)")),
+            Some("wss") => {
+                return Err(bad(
+                    "wss is not supported between LB and shards (use ws on the private network)",
+                ))
+            }
             _ => return Err(bad("scheme must be ws://")),
         }
         let host = uri.host().ok_or_else(|| bad("missing host"))?;
@@ -47,8 +54,15 @@ impl Backend {
             .next()
             .ok_or_else(|| bad("host resolves to no address"))?;
         let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
-        let host_header = uri.authority().map_or_else(|| host.to_owned(), |a| a.as_str().to_owned());
-        Ok(Self { url: url.to_owned(), addr, host_header, path })
+        let host_header = uri
+            .authority()
+            .map_or_else(|| host.to_owned(), |a| a.as_str().to_owned());
+        Ok(Self {
+            url: url.to_owned(),
+            addr,
+            host_header,
+            path,
+        })
     }
 
     /// `http://host:port/health` of the shard.
@@ -58,7 +72,11 @@ impl Backend {
 
     /// Connects and completes the WebSocket handshake within `budget`. Returns the socket
     /// and any bytes the shard sent right after its 101.
-    pub async fn dial(&self, budget: Duration, client_ip: IpAddr) -> Result<(TcpStream, Bytes), AttemptError> {
+    pub async fn dial(
+        &self,
+        budget: Duration,
+        client_ip: IpAddr,
+    ) -> Result<(TcpStream, Bytes), AttemptError> {
         let deadline = Instant::now() + budget;
         let stream = match timeout_at(deadline, TcpStream::connect(self.addr)).await {
             Err(_) => return Err(AttemptError::ConnectTimeout(budget)),
@@ -74,19 +92,36 @@ impl Backend {
         }
     }
 
-    async fn handshake(&self, mut stream: TcpStream, client_ip: IpAddr) -> Result<(TcpStream, Bytes), AttemptError> {
+    async fn handshake(
+        &self,
+        mut stream: TcpStream,
+        client_ip: IpAddr,
+    ) -> Result<(TcpStream, Bytes), AttemptError> {
         let key = handshake::key_from_bytes(rand::random());
         let ip = client_ip.to_string();
-        let request = handshake::client_request(&self.path, &self.host_header, &key, &[("X-Forwarded-For", &ip)]);
-        stream.write_all(&request).await.map_err(|e| AttemptError::ConnectionLost(e.to_string()))?;
+        let request = handshake::client_request(
+            &self.path,
+            &self.host_header,
+            &key,
+            &[("X-Forwarded-For", &ip)],
+        );
+        stream
+            .write_all(&request)
+            .await
+            .map_err(|e| AttemptError::ConnectionLost(e.to_string()))?;
         let mut buf = BytesMut::with_capacity(512);
         loop {
             if buf.len() >= MAX_RESPONSE_HEAD {
                 return Err(AttemptError::Protocol("response head too large".into()));
             }
-            let n = stream.read_buf(&mut buf).await.map_err(|e| AttemptError::ConnectionLost(e.to_string()))?;
+            let n = stream
+                .read_buf(&mut buf)
+                .await
+                .map_err(|e| AttemptError::ConnectionLost(e.to_string()))?;
             if n == 0 {
-                return Err(AttemptError::ConnectionLost("shard closed during handshake".into()));
+                return Err(AttemptError::ConnectionLost(
+                    "shard closed during handshake".into(),
+                ));
             }
             match handshake::parse_response(&buf, &key) {
                 Ok(Response::Partial) => continue,
@@ -111,7 +146,10 @@ mod tests {
         assert_eq!(b.addr, "127.0.0.1:3002".parse().unwrap());
         assert_eq!(b.health_uri(), "http://127.0.0.1:3002/health");
         assert_eq!(b.path, "/ws");
-        assert!(Backend::parse("wss://127.0.0.1:3002/ws").unwrap_err().problem.contains("wss"));
+        assert!(Backend::parse("wss://127.0.0.1:3002/ws")
+            .unwrap_err()
+            .problem
+            .contains("wss"));
         assert!(Backend::parse("http://127.0.0.1:3002/ws").is_err());
         assert!(Backend::parse("not a url").is_err());
         let echo = Backend::parse("ws://localhost:3005/echo?x=1").unwrap();

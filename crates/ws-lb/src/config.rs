@@ -76,7 +76,12 @@ fn list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
         Many(Vec<String>),
     }
     Ok(match OneOrMany::deserialize(d)? {
-        OneOrMany::One(s) => s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect(),
+        OneOrMany::One(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect(),
         OneOrMany::Many(v) => v,
     })
 }
@@ -274,6 +279,8 @@ pub fn load(cli: &Cli, prefix: &str) -> anyhow::Result<Settings> {
 }
 
 #[cfg(test)]
+// figment::Jail's closures return figment's (large) error type.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
 
@@ -287,16 +294,24 @@ mod tests {
             jail.set_env("CIRCUIT_BREAKER_FAILURE_THRESHOLD", "4");
             jail.set_env("CIRCUIT_BREAKER_TIMEOUT", "45s");
             jail.set_env("CIRCUIT_BREAKER_HALF_OPEN_MAX_CALLS", "2");
-            jail.set_env("LB_BACKEND_URLS", "ws://127.0.0.1:3002/ws, ws://127.0.0.1:3003/ws");
+            jail.set_env(
+                "LB_BACKEND_URLS",
+                "ws://127.0.0.1:3002/ws, ws://127.0.0.1:3003/ws",
+            );
             jail.create_file("lb.toml", "admission_rate = 7\nbackend_urls = [\"ws://a:1/ws\"]\ncircuit_breaker_failure_threshold = 9")?;
-            let s = load(&cli(&["--config", "lb.toml", "--per-ip-rate", "3"]), "LB_").map_err(|e| e.to_string())?;
+            let s = load(&cli(&["--config", "lb.toml", "--per-ip-rate", "3"]), "LB_")
+                .map_err(|e| e.to_string())?;
             assert_eq!(s.circuit_breaker_failure_threshold, 4, "env beats file");
             assert_eq!(s.circuit_breaker_timeout, Duration::from_secs(45));
             assert_eq!(s.circuit_breaker_half_open_max_calls, 2);
-            assert_eq!(s.backend_urls, vec!["ws://127.0.0.1:3002/ws", "ws://127.0.0.1:3003/ws"]);
+            assert_eq!(
+                s.backend_urls,
+                vec!["ws://127.0.0.1:3002/ws", "ws://127.0.0.1:3003/ws"]
+            );
             assert_eq!(s.admission_rate, 7);
             assert_eq!(s.per_ip_rate, 3);
-            let s = load(&cli(&["--backend-urls", "ws://x:1/ws,ws://y:2/ws"]), "LB_").map_err(|e| e.to_string())?;
+            let s = load(&cli(&["--backend-urls", "ws://x:1/ws,ws://y:2/ws"]), "LB_")
+                .map_err(|e| e.to_string())?;
             assert_eq!(s.backend_urls.len(), 2, "flag beats env");
             Ok(())
         });
@@ -309,8 +324,28 @@ mod tests {
             assert!(err.to_string().contains("no backends"));
             jail.set_env("CIRCUIT_BREAKER_TIMEOUT", "forever");
             let err = load(&cli(&["--backend-urls", "ws://x:1/ws"]), "LB_").unwrap_err();
-            assert!(format!("{err:#}").to_lowercase().contains("circuit_breaker_timeout"), "{err:#}");
+            assert!(
+                format!("{err:#}")
+                    .to_lowercase()
+                    .contains("circuit_breaker_timeout"),
+                "{err:#}"
+            );
             Ok(())
         });
+    }
+
+    #[test]
+    fn runbook_documents_every_key_metric_and_close_code() {
+        let runbook = include_str!("../../../docs/runbook.md");
+        let keys = serde_json::to_value(Settings::default()).unwrap();
+        for key in keys.as_object().unwrap().keys() {
+            assert!(runbook.contains(&format!("| `{key}` |")), "config key {key} missing from docs/runbook.md");
+        }
+        for name in ws_lb::metrics::ALL {
+            assert!(runbook.contains(&format!("| `{name}` |")), "metric {name} missing from docs/runbook.md");
+        }
+        for (code, _) in ws_protocol::close::SENT_CODES {
+            assert!(runbook.contains(&format!("| {code} |")), "close code {code} missing from docs/runbook.md");
+        }
     }
 }

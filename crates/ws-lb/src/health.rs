@@ -24,11 +24,19 @@ const MAX_HEALTH_BODY: usize = 64 * 1024;
 
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>;
 
-async fn poll_one(client: HttpClient, uri: String, limit: std::time::Duration) -> Option<ShardHealth> {
+async fn poll_one(
+    client: HttpClient,
+    uri: String,
+    limit: std::time::Duration,
+) -> Option<ShardHealth> {
     let uri: http::Uri = uri.parse().ok()?;
     let fut = async {
         let resp = client.get(uri).await.ok()?;
-        let body = Limited::new(resp.into_body(), MAX_HEALTH_BODY).collect().await.ok()?.to_bytes();
+        let body = Limited::new(resp.into_body(), MAX_HEALTH_BODY)
+            .collect()
+            .await
+            .ok()?
+            .to_bytes();
         serde_json::from_slice::<ShardHealth>(&body).ok()
     };
     timeout(limit, fut).await.ok().flatten()
@@ -36,7 +44,9 @@ async fn poll_one(client: HttpClient, uri: String, limit: std::time::Duration) -
 
 /// Polls every shard's `/health` each `health_interval` until the LB stops.
 pub(crate) async fn poll_loop(lb: Arc<Lb>) {
-    let client: HttpClient = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(1).build_http();
+    let client: HttpClient = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(1)
+        .build_http();
     let mut tick = tokio::time::interval(lb.cfg.health_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -52,10 +62,14 @@ pub(crate) async fn poll_loop(lb: Arc<Lb>) {
         while let Some(done) = polls.join_next().await {
             let Ok((i, result)) = done else { continue };
             match result {
-                Some(h) => lb.pool.set_health(i, h.utilization(), h.status == ShardStatus::Draining),
+                Some(h) => {
+                    lb.pool
+                        .set_health(i, h.utilization(), h.status == ShardStatus::Draining)
+                }
                 None => {
                     lb.pool.set_health_unreachable(i);
-                    metrics::counter!(HEALTH_POLL_FAILURES, "shard_id" => i.to_string()).increment(1);
+                    metrics::counter!(HEALTH_POLL_FAILURES, "shard_id" => i.to_string())
+                        .increment(1);
                 }
             }
         }
@@ -93,9 +107,20 @@ pub(crate) async fn lb_health(State(lb): State<Arc<Lb>>) -> Response {
         .snapshot(now)
         .into_iter()
         .zip(&lb.backends)
-        .map(|(snapshot, b)| ShardView { url: b.url.clone(), snapshot })
+        .map(|(snapshot, b)| ShardView {
+            url: b.url.clone(),
+            snapshot,
+        })
         .collect();
-    let body = LbHealth { status, admission_queue: lb.pacer.queue_len(), shards };
-    let code = if status == "ok" { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let body = LbHealth {
+        status,
+        admission_queue: lb.pacer.queue_len(),
+        shards,
+    };
+    let code = if status == "ok" {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (code, Json(body)).into_response()
 }

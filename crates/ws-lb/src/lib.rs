@@ -20,7 +20,7 @@ use std::time::Duration;
 use axum::routing::get;
 use axum::Router;
 use http::Request;
-use lb_core::{BreakerConfig, PacingConfig, Pacer, RetryConfig, ScoreConfig, ShardPool};
+use lb_core::{BreakerConfig, Pacer, PacingConfig, RetryConfig, ScoreConfig, ShardPool};
 use metrics_exporter_prometheus::PrometheusHandle;
 use net_core::{HttpLimits, Shutdown, SocketOptions};
 use tokio::net::TcpListener;
@@ -112,7 +112,10 @@ pub(crate) struct ClientIp {
 
 impl ClientIp {
     pub(crate) fn of<T>(&self, req: &Request<T>) -> Option<IpAddr> {
-        let peer = req.extensions().get::<axum::extract::ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+        let peer = req
+            .extensions()
+            .get::<axum::extract::ConnectInfo<SocketAddr>>()
+            .map(|c| c.0.ip());
         if !self.trust_forwarded_for {
             return peer;
         }
@@ -145,9 +148,14 @@ fn client_router(lb: Arc<Lb>) -> Result<Router, LbError> {
     let ws = match lb.cfg.per_ip {
         None => ws,
         Some(limit) => {
-            let period = Duration::from_secs(1).checked_div(limit.per_second).filter(|p| !p.is_zero()).ok_or(LbError::PerIp)?;
+            let period = Duration::from_secs(1)
+                .checked_div(limit.per_second)
+                .filter(|p| !p.is_zero())
+                .ok_or(LbError::PerIp)?;
             let config = GovernorConfigBuilder::default()
-                .key_extractor(ClientIp { trust_forwarded_for: lb.cfg.trust_forwarded_for })
+                .key_extractor(ClientIp {
+                    trust_forwarded_for: lb.cfg.trust_forwarded_for,
+                })
                 .period(period)
                 .burst_size(limit.burst)
                 .finish()
@@ -173,7 +181,10 @@ fn client_router(lb: Arc<Lb>) -> Result<Router, LbError> {
             }))
         }
     };
-    Ok(Router::new().route("/ws", ws).route("/health", get(health::lb_health)).with_state(lb))
+    Ok(Router::new()
+        .route("/ws", ws)
+        .route("/health", get(health::lb_health))
+        .with_state(lb))
 }
 
 /// Runs the LB until a drain completes or a hard stop. Returns the number of client
@@ -184,8 +195,14 @@ pub async fn run(
     prometheus: PrometheusHandle,
     shutdown: Shutdown,
 ) -> Result<usize, LbError> {
-    let backends = cfg.backends.iter().map(|u| Backend::parse(u)).collect::<Result<Vec<_>, _>>()?;
-    let observer = Arc::new(metrics::TransitionRecorder { names: cfg.backends.clone() });
+    let backends = cfg
+        .backends
+        .iter()
+        .map(|u| Backend::parse(u))
+        .collect::<Result<Vec<_>, _>>()?;
+    let observer = Arc::new(metrics::TransitionRecorder {
+        names: cfg.backends.clone(),
+    });
     let pool = ShardPool::new(backends.len(), cfg.breaker, cfg.score, observer)?;
     let lb = Arc::new(Lb {
         metrics: metrics::LbMetrics::new(backends.len()),
@@ -206,9 +223,10 @@ pub async fn run(
     let router = client_router(lb.clone())?;
     let admin = net_core::telemetry::metrics_router(prometheus);
     let client_opts = lb.cfg.socket;
-    for (listener, name, router, opts) in
-        [(listeners.client, "client", router, client_opts), (listeners.admin, "admin", admin, SocketOptions::default())]
-    {
+    for (listener, name, router, opts) in [
+        (listeners.client, "client", router, client_opts),
+        (listeners.admin, "admin", admin, SocketOptions::default()),
+    ] {
         let limits = lb.cfg.http;
         let stop = shutdown.hard.clone();
         let conns = tasks.clone();
@@ -216,7 +234,13 @@ pub async fn run(
         tasks.spawn(async move {
             // Plain HTTP keeps being served while draining so /health can say so.
             net_core::accept_loop(listener, name, opts, stop.clone(), |stream, peer| {
-                conns.spawn(net_core::serve_connection(stream, peer, router.clone(), limits, stop.clone()));
+                conns.spawn(net_core::serve_connection(
+                    stream,
+                    peer,
+                    router.clone(),
+                    limits,
+                    stop.clone(),
+                ));
             })
             .await;
         });

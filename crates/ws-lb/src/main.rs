@@ -19,8 +19,16 @@ fn lb_config(s: &config::Settings) -> anyhow::Result<LbConfig> {
         )?,
         score: ScoreConfig::try_new(s.score_window, s.score_window_len)?,
         retry: RetryConfig::try_new(s.retry_delay, s.handshake_deadline, s.attempt_timeout)?,
-        pacing: PacingConfig::try_new(s.admission_rate, s.admission_burst, s.admission_max_wait, s.admission_max_queue)?,
-        per_ip: (s.per_ip_rate > 0).then_some(PerIpLimit { per_second: s.per_ip_rate, burst: s.per_ip_burst.max(1) }),
+        pacing: PacingConfig::try_new(
+            s.admission_rate,
+            s.admission_burst,
+            s.admission_max_wait,
+            s.admission_max_queue,
+        )?,
+        per_ip: (s.per_ip_rate > 0).then_some(PerIpLimit {
+            per_second: s.per_ip_rate,
+            burst: s.per_ip_burst.max(1),
+        }),
         trust_forwarded_for: s.trust_forwarded_for,
         allowed_origins: s.allowed_origins.clone(),
         health_interval: s.health_interval,
@@ -47,16 +55,29 @@ async fn main() -> anyhow::Result<()> {
     net_core::telemetry::init_tracing(settings.log_json, &settings.log_level);
     let cfg = lb_config(&settings)?;
     let prometheus = net_core::telemetry::prometheus();
-    let opts = ListenOptions { backlog: settings.backlog, reuse_port: settings.reuse_port };
-    let client = net_core::bind(settings.listen, opts).with_context(|| format!("binding {}", settings.listen))?;
-    let admin = net_core::bind(settings.admin_addr, ListenOptions { reuse_port: settings.reuse_port, ..ListenOptions::default() })
-        .with_context(|| format!("binding admin listener on {}", settings.admin_addr))?;
+    let opts = ListenOptions {
+        backlog: settings.backlog,
+        reuse_port: settings.reuse_port,
+    };
+    let client = net_core::bind(settings.listen, opts)
+        .with_context(|| format!("binding {}", settings.listen))?;
+    let admin = net_core::bind(
+        settings.admin_addr,
+        ListenOptions {
+            reuse_port: settings.reuse_port,
+            ..ListenOptions::default()
+        },
+    )
+    .with_context(|| format!("binding admin listener on {}", settings.admin_addr))?;
     let shutdown = Shutdown::new();
     shutdown.install_signal_handlers(cfg.grace)?;
     tracing::info!(listen = %settings.listen, backends = settings.backend_urls.len(), "ws-lb starting");
     let left = ws_lb::run(Listeners { client, admin }, cfg, prometheus, shutdown).await?;
     if left > 0 {
-        tracing::warn!(connections = left, "exiting with client connections still open");
+        tracing::warn!(
+            connections = left,
+            "exiting with client connections still open"
+        );
     }
     Ok(())
 }

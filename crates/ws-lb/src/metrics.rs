@@ -45,10 +45,25 @@ pub const ATTEMPT_ERRORS: &str = "ws_lb_attempt_errors_total";
 
 /// Every metric name this crate exports (for docs and the exported-metrics test).
 pub const ALL: &[&str] = &[
-    HANDSHAKE_ATTEMPTS, HANDSHAKE_SUCCESS, HANDSHAKE_FAILURES, HANDSHAKE_DURATION, RETRY_COUNT,
-    BREAKER_STATE, BREAKER_TRANSITIONS, BREAKER_FAILURES, HEALTH_SCORE, UTILIZATION,
-    RECENT_FAILURES, ACTIVE, QUEUE_LEN, ADMISSION_WAIT, ADMISSION_REJECTIONS, CLOSE_CODES,
-    CLIENT_CONNECTIONS, HEALTH_POLL_FAILURES, ATTEMPT_ERRORS,
+    HANDSHAKE_ATTEMPTS,
+    HANDSHAKE_SUCCESS,
+    HANDSHAKE_FAILURES,
+    HANDSHAKE_DURATION,
+    RETRY_COUNT,
+    BREAKER_STATE,
+    BREAKER_TRANSITIONS,
+    BREAKER_FAILURES,
+    HEALTH_SCORE,
+    UTILIZATION,
+    RECENT_FAILURES,
+    ACTIVE,
+    QUEUE_LEN,
+    ADMISSION_WAIT,
+    ADMISSION_REJECTIONS,
+    CLOSE_CODES,
+    CLIENT_CONNECTIONS,
+    HEALTH_POLL_FAILURES,
+    ATTEMPT_ERRORS,
 ];
 
 /// Handles for one shard.
@@ -68,7 +83,9 @@ pub struct ShardHandles {
 impl ShardHandles {
     fn new(shard: usize) -> Self {
         let id = shard.to_string();
-        let state = BreakerState::ALL.map(|s| metrics::gauge!(BREAKER_STATE, "shard_id" => id.clone(), "state" => s.as_str()));
+        let state = BreakerState::ALL.map(
+            |s| metrics::gauge!(BREAKER_STATE, "shard_id" => id.clone(), "state" => s.as_str()),
+        );
         let h = Self {
             attempts: metrics::counter!(HANDSHAKE_ATTEMPTS, "shard_id" => id.clone()),
             success: metrics::counter!(HANDSHAKE_SUCCESS, "shard_id" => id.clone()),
@@ -156,9 +173,16 @@ impl PoolObserver for TransitionRecorder {
         .increment(1);
         for s in BreakerState::ALL {
             let v = if s == t.to { 1.0 } else { 0.0 };
-            metrics::gauge!(BREAKER_STATE, "shard_id" => shard.to_string(), "state" => s.as_str()).set(v);
+            metrics::gauge!(BREAKER_STATE, "shard_id" => shard.to_string(), "state" => s.as_str())
+                .set(v);
         }
         let url = self.names.get(shard).map_or("?", String::as_str);
-        tracing::info!(shard_id = shard, backend = url, from = t.from.as_str(), to = t.to.as_str(), "circuit breaker transition");
+        tracing::info!(
+            shard_id = shard,
+            backend = url,
+            from = t.from.as_str(),
+            to = t.to.as_str(),
+            "circuit breaker transition"
+        );
     }
 }

@@ -28,7 +28,9 @@ fn origin_allowed(allowed: &[String], origin: Option<&str>) -> bool {
     match origin {
         _ if allowed.is_empty() => true,
         None => true,
-        Some(o) => allowed.iter().any(|a| a.eq_ignore_ascii_case(o.trim_end_matches('/'))),
+        Some(o) => allowed
+            .iter()
+            .any(|a| a.eq_ignore_ascii_case(o.trim_end_matches('/'))),
     }
 }
 
@@ -41,7 +43,10 @@ pub(crate) async fn handle(
         m::client("rejected");
         return *r;
     }
-    let origin = req.headers().get(header::ORIGIN).and_then(|v| v.to_str().ok());
+    let origin = req
+        .headers()
+        .get(header::ORIGIN)
+        .and_then(|v| v.to_str().ok());
     if !origin_allowed(&lb.cfg.allowed_origins, origin) {
         m::rejected("origin");
         m::client("rejected");
@@ -52,7 +57,11 @@ pub(crate) async fn handle(
         m::client("rejected");
         return refuse(StatusCode::SERVICE_UNAVAILABLE, "load balancer draining");
     }
-    let client_ip = ClientIp { trust_forwarded_for: lb.cfg.trust_forwarded_for }.of(&req).unwrap_or(peer.ip());
+    let client_ip = ClientIp {
+        trust_forwarded_for: lb.cfg.trust_forwarded_for,
+    }
+    .of(&req)
+    .unwrap_or(peer.ip());
     let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(pair) => pair,
         Err(e) => {
@@ -71,7 +80,9 @@ pub(crate) async fn handle(
             lb.metrics.queue_len.set(lb.pacer.queue_len() as f64);
             let waited = Instant::now();
             reservation.wait().await;
-            lb.metrics.admission_wait.record(waited.elapsed().as_secs_f64());
+            lb.metrics
+                .admission_wait
+                .record(waited.elapsed().as_secs_f64());
             connect(&lb, client_ip).await
         }
     };
@@ -89,7 +100,15 @@ pub(crate) async fn handle(
                 };
                 m::client("relayed");
                 task_lb.metrics.active.increment(1.0);
-                let end = relay(client, client_prefix, shard, shard_prefix, &task_lb.relay_opts, &m::lb_close).await;
+                let end = relay(
+                    client,
+                    client_prefix,
+                    shard,
+                    shard_prefix,
+                    &task_lb.relay_opts,
+                    &m::lb_close,
+                )
+                .await;
                 task_lb.metrics.active.decrement(1.0);
                 if let RelayEnd::ShardLost { notified } = end {
                     tracing::debug!(shard_id = idx, notified, "shard lost mid-session");
@@ -97,7 +116,11 @@ pub(crate) async fn handle(
             });
         }
         Err(close) => {
-            m::client(if close.code == OVERLOADED.code { "closed_1013" } else { "closed_1012" });
+            m::client(if close.code == OVERLOADED.code {
+                "closed_1013"
+            } else {
+                "closed_1012"
+            });
             let close_timeout = lb.cfg.close_timeout;
             lb.relays.spawn(async move {
                 if let Ok((client, _)) = into_raw(upgrade).await {
@@ -116,9 +139,13 @@ async fn connect(lb: &Lb, client_ip: IpAddr) -> Result<(TcpStream, Bytes, usize)
     loop {
         let now = Instant::now();
         let lease = lb.pool.select(attempts.tried(), now, &mut rand::rng());
-        let Some(lease) = lease else { return Err(attempts.final_close(now)) };
+        let Some(lease) = lease else {
+            return Err(attempts.final_close(now));
+        };
         let idx = lease.index();
-        let Some(budget) = attempts.begin(idx, now) else { return Err(attempts.final_close(now)) };
+        let Some(budget) = attempts.begin(idx, now) else {
+            return Err(attempts.final_close(now));
+        };
         let (Some(h), Some(backend)) = (lb.metrics.shards.get(idx), lb.backends.get(idx)) else {
             return Err(attempts.final_close(now));
         };
@@ -184,6 +211,9 @@ mod tests {
         assert!(origin_allowed(&allowed, None));
         assert!(origin_allowed(&allowed, Some("https://APP.example.com")));
         assert!(!origin_allowed(&allowed, Some("https://evil.example")));
-        assert!(!origin_allowed(&allowed, Some("https://app.example.com.evil.example")));
+        assert!(!origin_allowed(
+            &allowed,
+            Some("https://app.example.com.evil.example")
+        ));
     }
 }

@@ -186,21 +186,35 @@ pub async fn relay(
                 if down.tracker.close_seen() {
                     return end.unwrap_or(RelayEnd::Closed);
                 }
-                want_close.get_or_insert((close::SERVICE_RESTART, "shard connection lost, reconnect", RelayEnd::ShardLost { notified: true }));
+                want_close.get_or_insert((
+                    close::SERVICE_RESTART,
+                    "shard connection lost, reconnect",
+                    RelayEnd::ShardLost { notified: true },
+                ));
             }
             if up.eof {
                 // The client is gone: dropping the shard socket lets the shard free the slot.
-                return if up.tracker.close_seen() { RelayEnd::Closed } else { RelayEnd::ClientGone };
+                return if up.tracker.close_seen() {
+                    RelayEnd::Closed
+                } else {
+                    RelayEnd::ClientGone
+                };
             }
             if let Some((code, reason, outcome)) = want_close {
                 if down.tracker.at_boundary() {
                     down.inject(&frame::encode_close(code, reason));
                     on_lb_close(code);
                     end = Some(outcome);
-                    phase = Phase::Closing { deadline: Instant::now() + opts.close_timeout };
+                    phase = Phase::Closing {
+                        deadline: Instant::now() + opts.close_timeout,
+                    };
                     if shard_open && !down.eof && up.tracker.at_boundary() && !up.has_pending() {
                         // Tell the shard too, so it frees the slot at once; best effort.
-                        let bye = frame::encode_masked_frame(frame::OP_CLOSE, &frame::close_payload(close::GOING_AWAY, "client leaving"), rand::random());
+                        let bye = frame::encode_masked_frame(
+                            frame::OP_CLOSE,
+                            &frame::close_payload(close::GOING_AWAY, "client leaving"),
+                            rand::random(),
+                        );
                         let _ = shard.try_write(&bye);
                     }
                     shard_open = false;

@@ -35,7 +35,10 @@ pub fn validate(name: &str) -> Result<(), InvalidChannel> {
     if name.len() > MAX_CHANNEL_LEN {
         return Err(InvalidChannel::TooLong { len: name.len() });
     }
-    match name.chars().find(|c| !c.is_ascii() || !is_channel_byte(*c as u8)) {
+    match name
+        .chars()
+        .find(|c| !c.is_ascii() || !is_channel_byte(*c as u8))
+    {
         Some(found) => Err(InvalidChannel::BadCharacter { found }),
         None => Ok(()),
     }
@@ -90,7 +93,13 @@ mod tests {
 
     #[test]
     fn accepts_documented_examples() {
-        for ok in ["trades.BTC-USD", "book:ETH_USD", "a", "user@desk-1", &"x".repeat(128)] {
+        for ok in [
+            "trades.BTC-USD",
+            "book:ETH_USD",
+            "a",
+            "user@desk-1",
+            &"x".repeat(128),
+        ] {
             assert_eq!(validate(ok), Ok(()), "{ok}");
         }
     }
@@ -98,11 +107,26 @@ mod tests {
     #[test]
     fn rejects_bad_names() {
         assert_eq!(validate(""), Err(InvalidChannel::Empty));
-        assert_eq!(validate(&"x".repeat(129)), Err(InvalidChannel::TooLong { len: 129 }));
-        assert_eq!(validate("a b"), Err(InvalidChannel::BadCharacter { found: ' ' }));
-        assert_eq!(validate("a/b"), Err(InvalidChannel::BadCharacter { found: '/' }));
-        assert_eq!(validate("é"), Err(InvalidChannel::BadCharacter { found: 'é' }));
-        assert_eq!(validate("a\"b"), Err(InvalidChannel::BadCharacter { found: '"' }));
+        assert_eq!(
+            validate(&"x".repeat(129)),
+            Err(InvalidChannel::TooLong { len: 129 })
+        );
+        assert_eq!(
+            validate("a b"),
+            Err(InvalidChannel::BadCharacter { found: ' ' })
+        );
+        assert_eq!(
+            validate("a/b"),
+            Err(InvalidChannel::BadCharacter { found: '/' })
+        );
+        assert_eq!(
+            validate("é"),
+            Err(InvalidChannel::BadCharacter { found: 'é' })
+        );
+        assert_eq!(
+            validate("a\"b"),
+            Err(InvalidChannel::BadCharacter { found: '"' })
+        );
     }
 
     proptest! {

@@ -52,7 +52,10 @@ pub struct Limits {
 impl Limits {
     /// Frames and messages up to `max` bytes.
     pub fn new(max: usize) -> Self {
-        Self { max_frame: max, max_message: max }
+        Self {
+            max_frame: max,
+            max_message: max,
+        }
     }
 }
 
@@ -177,7 +180,9 @@ impl Decoder {
                     return Ok(Flow::Continue);
                 }
             }
-            let Some(fs) = self.frame.as_mut() else { return Ok(Flow::Continue) };
+            let Some(fs) = self.frame.as_mut() else {
+                return Ok(Flow::Continue);
+            };
             let want = fs.len - fs.done;
             let avail = input.len().saturating_sub(pos);
             let single = fs.opcode >= OP_CLOSE || (fs.fin && fs.opcode != OP_CONTINUATION);
@@ -204,7 +209,9 @@ impl Decoder {
                 return Ok(Flow::Continue);
             }
             let take = want.min(avail);
-            let Some(chunk) = input.get_mut(pos..pos + take) else { return Ok(Flow::Continue) };
+            let Some(chunk) = input.get_mut(pos..pos + take) else {
+                return Ok(Flow::Continue);
+            };
             pos += take;
             if let Some(mask) = fs.mask {
                 apply_mask(chunk, mask, fs.done);
@@ -265,7 +272,9 @@ impl Decoder {
         let mut checked = false;
         loop {
             while self.hdr_len < need {
-                let Some(&b) = input.get(used) else { return Ok(used) };
+                let Some(&b) = input.get(used) else {
+                    return Ok(used);
+                };
                 if let Some(slot) = self.hdr.get_mut(self.hdr_len) {
                     *slot = b;
                 }
@@ -298,49 +307,86 @@ impl Decoder {
                     rest[0], rest[1], rest[2], rest[3], rest[4], rest[5], rest[6], rest[7],
                 ]);
                 if v >> 63 != 0 {
-                    return Err(violation(close::PROTOCOL_ERROR, "frame length has the high bit set"));
+                    return Err(violation(
+                        close::PROTOCOL_ERROR,
+                        "frame length has the high bit set",
+                    ));
                 }
                 (v, 8)
             }
             n => (u64::from(n), 0),
         };
-        let mask = masked.then(|| [rest[after], rest[after + 1], rest[after + 2], rest[after + 3]]);
+        // `after` is 0, 2 or 8 and `rest` holds 12 bytes, so the four mask bytes are there.
+        let mask = masked.then(|| {
+            let mut m = [0u8; 4];
+            if let Some(bytes) = rest.get(after..after + 4) {
+                m.copy_from_slice(bytes);
+            }
+            m
+        });
         self.hdr_len = 0;
         let len = usize::try_from(len).unwrap_or(usize::MAX);
         if len > self.limits.max_frame {
-            return Err(violation(close::MESSAGE_TOO_BIG, "frame exceeds the size limit"));
+            return Err(violation(
+                close::MESSAGE_TOO_BIG,
+                "frame exceeds the size limit",
+            ));
         }
         if opcode < OP_CLOSE {
             match (opcode, self.msg_kind) {
                 (OP_CONTINUATION, None) => {
-                    return Err(violation(close::PROTOCOL_ERROR, "continuation frame without a message"))
+                    return Err(violation(
+                        close::PROTOCOL_ERROR,
+                        "continuation frame without a message",
+                    ))
                 }
                 (OP_TEXT | OP_BINARY, Some(_)) => {
-                    return Err(violation(close::PROTOCOL_ERROR, "new message inside a fragmented one"))
+                    return Err(violation(
+                        close::PROTOCOL_ERROR,
+                        "new message inside a fragmented one",
+                    ))
                 }
                 (OP_TEXT | OP_BINARY, None) => self.msg_kind = Some(opcode),
                 _ => {}
             }
             if self.msg.len().saturating_add(len) > self.limits.max_message {
-                return Err(violation(close::MESSAGE_TOO_BIG, "message exceeds the size limit"));
+                return Err(violation(
+                    close::MESSAGE_TOO_BIG,
+                    "message exceeds the size limit",
+                ));
             }
         }
-        self.frame = Some(FrameState { fin, opcode, mask, len, done: 0 });
+        self.frame = Some(FrameState {
+            fin,
+            opcode,
+            mask,
+            len,
+            done: 0,
+        });
         Ok(used)
     }
 
     fn check_first_bytes(&self, b0: u8, b1: u8) -> Result<(), Violation> {
         if b0 & 0x70 != 0 {
-            return Err(violation(close::PROTOCOL_ERROR, "reserved bits set without an extension"));
+            return Err(violation(
+                close::PROTOCOL_ERROR,
+                "reserved bits set without an extension",
+            ));
         }
         let opcode = b0 & 0x0F;
-        if !matches!(opcode, OP_CONTINUATION | OP_TEXT | OP_BINARY | OP_CLOSE | OP_PING | OP_PONG) {
+        if !matches!(
+            opcode,
+            OP_CONTINUATION | OP_TEXT | OP_BINARY | OP_CLOSE | OP_PING | OP_PONG
+        ) {
             return Err(violation(close::PROTOCOL_ERROR, "reserved opcode"));
         }
         let masked = b1 & 0x80 != 0;
         match (self.role, masked) {
             (Role::Server, false) => {
-                return Err(violation(close::PROTOCOL_ERROR, "client frame is not masked"))
+                return Err(violation(
+                    close::PROTOCOL_ERROR,
+                    "client frame is not masked",
+                ))
             }
             (Role::Client, true) => {
                 return Err(violation(close::PROTOCOL_ERROR, "server frame is masked"))
@@ -352,7 +398,10 @@ impl Decoder {
                 return Err(violation(close::PROTOCOL_ERROR, "fragmented control frame"));
             }
             if usize::from(b1 & 0x7F) > MAX_CONTROL_PAYLOAD {
-                return Err(violation(close::PROTOCOL_ERROR, "control frame payload over 125 bytes"));
+                return Err(violation(
+                    close::PROTOCOL_ERROR,
+                    "control frame payload over 125 bytes",
+                ));
             }
         }
         Ok(())
@@ -382,11 +431,15 @@ fn deliver(
 pub fn parse_close(payload: &[u8]) -> Result<Option<(u16, &str)>, Violation> {
     match payload {
         [] => Ok(None),
-        [_] => Err(violation(close::PROTOCOL_ERROR, "close payload of one byte")),
+        [_] => Err(violation(
+            close::PROTOCOL_ERROR,
+            "close payload of one byte",
+        )),
         [hi, lo, reason @ ..] => {
             let code = u16::from_be_bytes([*hi, *lo]);
-            let reason = std::str::from_utf8(reason)
-                .map_err(|_| violation(close::INVALID_PAYLOAD, "close reason is not valid UTF-8"))?;
+            let reason = std::str::from_utf8(reason).map_err(|_| {
+                violation(close::INVALID_PAYLOAD, "close reason is not valid UTF-8")
+            })?;
             if !close::is_valid_on_wire(code) {
                 return Err(violation(close::PROTOCOL_ERROR, "invalid close code"));
             }
@@ -422,7 +475,13 @@ pub fn put_header(out: &mut BytesMut, opcode: u8, len: usize, mask: Option<[u8; 
 }
 
 /// Writes a frame header with an explicit FIN bit.
-pub fn put_header_fin(out: &mut BytesMut, fin: bool, opcode: u8, len: usize, mask: Option<[u8; 4]>) {
+pub fn put_header_fin(
+    out: &mut BytesMut,
+    fin: bool,
+    opcode: u8,
+    len: usize,
+    mask: Option<[u8; 4]>,
+) {
     out.put_u8(if fin { 0x80 } else { 0 } | (opcode & 0x0F));
     let mask_bit = if mask.is_some() { 0x80 } else { 0 };
     if len < 126 {
@@ -498,12 +557,16 @@ impl FrameTracker {
     pub fn observe(&mut self, mut bytes: &[u8]) {
         while !bytes.is_empty() {
             if self.remaining > 0 {
-                let skip = usize::try_from(self.remaining).unwrap_or(usize::MAX).min(bytes.len());
+                let skip = usize::try_from(self.remaining)
+                    .unwrap_or(usize::MAX)
+                    .min(bytes.len());
                 self.remaining -= skip as u64;
                 bytes = bytes.get(skip..).unwrap_or_default();
                 continue;
             }
-            let Some((&b, rest)) = bytes.split_first() else { break };
+            let Some((&b, rest)) = bytes.split_first() else {
+                break;
+            };
             bytes = rest;
             if let Some(slot) = self.hdr.get_mut(usize::from(self.hdr_len)) {
                 *slot = b;
@@ -610,7 +673,11 @@ mod tests {
         for chunk in 1..=f.len() {
             let (msgs, r) = decode_chunks(Limits::new(1024), &f, chunk);
             assert_eq!(r, Ok(Flow::Continue));
-            assert_eq!(msgs, vec![Owned::Text("héllo wörld".into())], "chunk {chunk}");
+            assert_eq!(
+                msgs,
+                vec![Owned::Text("héllo wörld".into())],
+                "chunk {chunk}"
+            );
         }
     }
 
@@ -626,7 +693,11 @@ mod tests {
             assert_eq!(r, Ok(Flow::Continue));
             assert_eq!(
                 msgs,
-                vec![Owned::Ping(b"p".to_vec()), Owned::Text("abcdef".into()), Owned::Binary(vec![1, 2, 3])]
+                vec![
+                    Owned::Ping(b"p".to_vec()),
+                    Owned::Text("abcdef".into()),
+                    Owned::Binary(vec![1, 2, 3])
+                ]
             );
         }
     }
@@ -653,10 +724,22 @@ mod tests {
     fn rejects_reserved_bits_and_opcodes() {
         let mut f = frame(true, OP_TEXT, b"hi");
         f[0] |= 0x40;
-        assert_eq!(decode_chunks(Limits::new(64), &f, 100).1.unwrap_err().close_code, 1002);
+        assert_eq!(
+            decode_chunks(Limits::new(64), &f, 100)
+                .1
+                .unwrap_err()
+                .close_code,
+            1002
+        );
         for op in [3u8, 7, 0xB, 0xF] {
             let f = frame(true, op, b"");
-            assert_eq!(decode_chunks(Limits::new(64), &f, 100).1.unwrap_err().close_code, 1002);
+            assert_eq!(
+                decode_chunks(Limits::new(64), &f, 100)
+                    .1
+                    .unwrap_err()
+                    .close_code,
+                1002
+            );
         }
     }
 
@@ -672,7 +755,10 @@ mod tests {
         for _ in 0..100 {
             s.extend(frame(false, OP_CONTINUATION, &[0; 100]));
         }
-        let limits = Limits { max_frame: 4096, max_message: 1000 };
+        let limits = Limits {
+            max_frame: 4096,
+            max_message: 1000,
+        };
         let mut d = Decoder::new(Role::Server, limits);
         let r = d.feed(&mut s, &mut |_| Flow::Continue);
         assert_eq!(r.unwrap_err().close_code, close::MESSAGE_TOO_BIG);
@@ -682,7 +768,14 @@ mod tests {
     #[test]
     fn fails_fast_on_invalid_utf8_across_fragments() {
         let mut s = frame(false, OP_TEXT, "κόσμε".as_bytes());
-        s.extend(frame(false, OP_CONTINUATION, &[0xce, 0xba, 0xe1, 0xbd, 0xb9, 0xcf, 0x83, 0xce, 0xbc, 0xce, 0xb5, 0xf4, 0x90, 0x80, 0x80]));
+        s.extend(frame(
+            false,
+            OP_CONTINUATION,
+            &[
+                0xce, 0xba, 0xe1, 0xbd, 0xb9, 0xcf, 0x83, 0xce, 0xbc, 0xce, 0xb5, 0xf4, 0x90, 0x80,
+                0x80,
+            ],
+        ));
         s.extend(frame(true, OP_CONTINUATION, b"never reached"));
         let mut d = Decoder::new(Role::Server, Limits::new(1024));
         let mut seen = 0;
@@ -701,35 +794,89 @@ mod tests {
         assert_eq!(msgs, vec![Owned::Text("€".into())]);
         // A message that ends inside a code point is not.
         let s = frame(true, OP_TEXT, &bytes[..2]);
-        assert_eq!(decode_chunks(Limits::new(64), &s, 1).1.unwrap_err().close_code, 1007);
+        assert_eq!(
+            decode_chunks(Limits::new(64), &s, 1)
+                .1
+                .unwrap_err()
+                .close_code,
+            1007
+        );
     }
 
     #[test]
     fn validates_close_frames() {
         let ok = frame(true, OP_CLOSE, &close_payload(1000, "bye"));
-        assert_eq!(decode_chunks(Limits::new(64), &ok, 3).0, vec![Owned::Close(Some((1000, "bye".into())))]);
-        assert_eq!(decode_chunks(Limits::new(64), &frame(true, OP_CLOSE, b""), 3).0, vec![Owned::Close(None)]);
+        assert_eq!(
+            decode_chunks(Limits::new(64), &ok, 3).0,
+            vec![Owned::Close(Some((1000, "bye".into())))]
+        );
+        assert_eq!(
+            decode_chunks(Limits::new(64), &frame(true, OP_CLOSE, b""), 3).0,
+            vec![Owned::Close(None)]
+        );
         let one = frame(true, OP_CLOSE, &[3]);
-        assert_eq!(decode_chunks(Limits::new(64), &one, 3).1.unwrap_err().close_code, 1002);
+        assert_eq!(
+            decode_chunks(Limits::new(64), &one, 3)
+                .1
+                .unwrap_err()
+                .close_code,
+            1002
+        );
         let bad_code = frame(true, OP_CLOSE, &close_payload(1005, ""));
-        assert_eq!(decode_chunks(Limits::new(64), &bad_code, 3).1.unwrap_err().close_code, 1002);
+        assert_eq!(
+            decode_chunks(Limits::new(64), &bad_code, 3)
+                .1
+                .unwrap_err()
+                .close_code,
+            1002
+        );
         let mut bad_utf8 = 1000u16.to_be_bytes().to_vec();
         bad_utf8.extend([0xff, 0xfe]);
         let f = frame(true, OP_CLOSE, &bad_utf8);
-        assert_eq!(decode_chunks(Limits::new(64), &f, 3).1.unwrap_err().close_code, 1007);
+        assert_eq!(
+            decode_chunks(Limits::new(64), &f, 3)
+                .1
+                .unwrap_err()
+                .close_code,
+            1007
+        );
     }
 
     #[test]
     fn control_frame_rules() {
         let long_ping = frame(true, OP_PING, &[0; 126]);
-        assert_eq!(decode_chunks(Limits::new(4096), &long_ping, 50).1.unwrap_err().close_code, 1002);
+        assert_eq!(
+            decode_chunks(Limits::new(4096), &long_ping, 50)
+                .1
+                .unwrap_err()
+                .close_code,
+            1002
+        );
         let frag_ping = frame(false, OP_PING, b"x");
-        assert_eq!(decode_chunks(Limits::new(4096), &frag_ping, 50).1.unwrap_err().close_code, 1002);
+        assert_eq!(
+            decode_chunks(Limits::new(4096), &frag_ping, 50)
+                .1
+                .unwrap_err()
+                .close_code,
+            1002
+        );
         let cont = frame(true, OP_CONTINUATION, b"x");
-        assert_eq!(decode_chunks(Limits::new(4096), &cont, 50).1.unwrap_err().close_code, 1002);
+        assert_eq!(
+            decode_chunks(Limits::new(4096), &cont, 50)
+                .1
+                .unwrap_err()
+                .close_code,
+            1002
+        );
         let mut nested = frame(false, OP_TEXT, b"a");
         nested.extend(frame(true, OP_TEXT, b"b"));
-        assert_eq!(decode_chunks(Limits::new(4096), &nested, 50).1.unwrap_err().close_code, 1002);
+        assert_eq!(
+            decode_chunks(Limits::new(4096), &nested, 50)
+                .1
+                .unwrap_err()
+                .close_code,
+            1002
+        );
     }
 
     #[test]
@@ -738,7 +885,13 @@ mod tests {
         s.extend(frame(true, OP_TEXT, b"b"));
         let mut d = Decoder::new(Role::Server, Limits::new(64));
         let mut n = 0;
-        assert_eq!(d.feed(&mut s, &mut |_| { n += 1; Flow::Stop }), Ok(Flow::Stop));
+        assert_eq!(
+            d.feed(&mut s, &mut |_| {
+                n += 1;
+                Flow::Stop
+            }),
+            Ok(Flow::Stop)
+        );
         assert_eq!(n, 1);
     }
 

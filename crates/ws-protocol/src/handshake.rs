@@ -66,7 +66,9 @@ pub fn parse_response(buf: &[u8], key: &str) -> Result<Response, HandshakeError>
     let mut resp = httparse::Response::new(&mut headers);
     let head_len = match resp.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) if buf.len() >= MAX_RESPONSE_HEAD => return Err(HandshakeError::TooLarge),
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_RESPONSE_HEAD => {
+            return Err(HandshakeError::TooLarge)
+        }
         Ok(httparse::Status::Partial) => return Ok(Response::Partial),
         Err(e) => return Err(HandshakeError::Malformed(e.to_string())),
     };
@@ -75,12 +77,15 @@ pub fn parse_response(buf: &[u8], key: &str) -> Result<Response, HandshakeError>
         return Err(HandshakeError::Status(code));
     }
     let header = |name: &str| {
-        resp.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value)
+        resp.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
     };
     let has_token = |name: &str, token: &str| {
-        header(name).and_then(|v| std::str::from_utf8(v).ok()).is_some_and(|v| {
-            v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token))
-        })
+        header(name)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
     };
     let accept_ok = header("sec-websocket-accept") == Some(accept_key(key).as_bytes());
     if !(accept_ok && has_token("upgrade", "websocket") && has_token("connection", "upgrade")) {
@@ -96,30 +101,57 @@ mod tests {
 
     #[test]
     fn rfc_example_accept_key() {
-        assert_eq!(accept_key("dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        assert_eq!(
+            accept_key("dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
     }
 
     #[test]
     fn parses_acceptance_and_failures() {
         let key = "dGhlIHNhbXBsZSBub25jZQ==";
         let ok = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n\x81\x00";
-        assert_eq!(parse_response(ok, key), Ok(Response::Accepted { head_len: ok.len() - 2 }));
+        assert_eq!(
+            parse_response(ok, key),
+            Ok(Response::Accepted {
+                head_len: ok.len() - 2
+            })
+        );
         assert_eq!(parse_response(&ok[..20], key), Ok(Response::Partial));
         let full = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n";
         assert_eq!(parse_response(full, key), Err(HandshakeError::Status(503)));
         let wrong = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: nope\r\n\r\n";
         assert_eq!(parse_response(wrong, key), Err(HandshakeError::BadAccept));
-        assert!(matches!(parse_response(b"garbage\r\n\r\n", key), Err(HandshakeError::Malformed(_))));
-        assert_eq!(parse_response(&[b'a'; MAX_RESPONSE_HEAD], key).unwrap_err(), HandshakeError::Malformed("invalid HTTP version".into()));
-        let long = [b"HTTP/1.1 101 OK\r\nX: ".as_slice(), &[b'a'; MAX_RESPONSE_HEAD]].concat();
+        assert!(matches!(
+            parse_response(b"garbage\r\n\r\n", key),
+            Err(HandshakeError::Malformed(_))
+        ));
+        assert_eq!(
+            parse_response(&[b'a'; MAX_RESPONSE_HEAD], key).unwrap_err(),
+            HandshakeError::Malformed("invalid HTTP version".into())
+        );
+        let long = [
+            b"HTTP/1.1 101 OK\r\nX: ".as_slice(),
+            &[b'a'; MAX_RESPONSE_HEAD],
+        ]
+        .concat();
         assert_eq!(parse_response(&long, key), Err(HandshakeError::TooLarge));
     }
 
     #[test]
     fn request_has_the_required_headers() {
-        let r = String::from_utf8(client_request("/ws", "h:1", "k", &[("X-Forwarded-For", "1.2.3.4")])).unwrap();
+        let r = String::from_utf8(client_request(
+            "/ws",
+            "h:1",
+            "k",
+            &[("X-Forwarded-For", "1.2.3.4")],
+        ))
+        .unwrap();
         assert!(r.starts_with("GET /ws HTTP/1.1\r\nHost: h:1\r\n"));
-        assert!(r.contains("Sec-WebSocket-Version: 13\r\n") && r.contains("X-Forwarded-For: 1.2.3.4\r\n"));
+        assert!(
+            r.contains("Sec-WebSocket-Version: 13\r\n")
+                && r.contains("X-Forwarded-For: 1.2.3.4\r\n")
+        );
         assert!(r.ends_with("\r\n\r\n"));
     }
 

@@ -62,14 +62,21 @@ mod tests {
             status: ShardStatus::Draining,
             connections: 150,
             max_connections: 600,
-            source: SourceHealth { kind: "embedded".into(), connected: true, lag: None },
+            source: SourceHealth {
+                kind: "embedded".into(),
+                connected: true,
+                lag: None,
+            },
         };
         let json = serde_json::to_string(&h).unwrap();
         assert!(json.contains("\"status\":\"draining\""), "{json}");
         let back: ShardHealth = serde_json::from_str(&json).unwrap();
         assert_eq!(back, h);
         assert!((h.utilization() - 0.25).abs() < 1e-9);
-        let empty = ShardHealth { max_connections: 0, ..h };
+        let empty = ShardHealth {
+            max_connections: 0,
+            ..h
+        };
         assert_eq!(empty.utilization(), 1.0);
     }
 }

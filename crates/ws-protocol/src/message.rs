@@ -49,7 +49,10 @@ pub struct DecodeError {
 
 impl DecodeError {
     fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { code, message: message.into() }
+        Self {
+            code,
+            message: message.into(),
+        }
     }
 }
 
@@ -88,15 +91,21 @@ impl ClientMessage {
                 DecodeError::new(ErrorCode::InvalidJson, format!("invalid JSON: {e}"))
             }
         })?;
-        let shape = |e: serde_json::Error| DecodeError::new(ErrorCode::InvalidMessage, e.to_string());
+        let shape =
+            |e: serde_json::Error| DecodeError::new(ErrorCode::InvalidMessage, e.to_string());
         match envelope.kind.as_deref() {
             Some("subscribe") => {
                 let b: SubscribeBody = serde_json::from_slice(bytes).map_err(shape)?;
-                Ok(Self::Subscribe { channels: b.channels, since: b.since })
+                Ok(Self::Subscribe {
+                    channels: b.channels,
+                    since: b.since,
+                })
             }
             Some("unsubscribe") => {
                 let b: UnsubscribeBody = serde_json::from_slice(bytes).map_err(shape)?;
-                Ok(Self::Unsubscribe { channels: b.channels })
+                Ok(Self::Unsubscribe {
+                    channels: b.channels,
+                })
             }
             Some("ping") => {
                 let b: PingBody = serde_json::from_slice(bytes).map_err(shape)?;
@@ -106,7 +115,10 @@ impl ClientMessage {
                 ErrorCode::UnknownType,
                 format!("unknown message type {:?}", truncate(other, 64)),
             )),
-            None => Err(DecodeError::new(ErrorCode::InvalidMessage, "missing \"type\" field")),
+            None => Err(DecodeError::new(
+                ErrorCode::InvalidMessage,
+                "missing \"type\" field",
+            )),
         }
     }
 
@@ -136,10 +148,22 @@ fn truncate(s: &str, max: usize) -> &str {
 pub enum ServerMessage {
     /// Subscription confirmed; `epoch`/`seq` are the channel's position at that moment.
     /// `recovered` says whether every message after the requested `since` was replayed.
-    Subscribed { channel: String, epoch: String, seq: u64, recovered: bool },
+    Subscribed {
+        channel: String,
+        epoch: String,
+        seq: u64,
+        recovered: bool,
+    },
     /// A published message.
-    Message { channel: String, epoch: String, seq: u64, data: serde_json::Value },
-    Unsubscribed { channel: String },
+    Message {
+        channel: String,
+        epoch: String,
+        seq: u64,
+        data: serde_json::Value,
+    },
+    Unsubscribed {
+        channel: String,
+    },
     Pong {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         id: Option<u64>,
@@ -197,11 +221,25 @@ mod tests {
         )
         .unwrap();
         let mut since = BTreeMap::new();
-        since.insert("trades.BTC-USD".to_owned(), Position { epoch: "e1".into(), seq: 41 });
-        assert_eq!(m, ClientMessage::Subscribe { channels: vec!["trades.BTC-USD".into()], since });
+        since.insert(
+            "trades.BTC-USD".to_owned(),
+            Position {
+                epoch: "e1".into(),
+                seq: 41,
+            },
+        );
+        assert_eq!(
+            m,
+            ClientMessage::Subscribe {
+                channels: vec!["trades.BTC-USD".into()],
+                since
+            }
+        );
         assert_eq!(
             ClientMessage::decode(br#"{"type":"unsubscribe","channels":["a"]}"#).unwrap(),
-            ClientMessage::Unsubscribe { channels: vec!["a".into()] }
+            ClientMessage::Unsubscribe {
+                channels: vec!["a".into()]
+            }
         );
         assert_eq!(
             ClientMessage::decode(br#"{"type":"ping","id":7}"#).unwrap(),
@@ -222,7 +260,10 @@ mod tests {
         assert_eq!(code(b"{}"), ErrorCode::InvalidMessage);
         assert_eq!(code(br#"{"type":"dance"}"#), ErrorCode::UnknownType);
         assert_eq!(code(br#"{"type":"subscribe"}"#), ErrorCode::InvalidMessage);
-        assert_eq!(code(br#"{"type":"subscribe","channels":"a"}"#), ErrorCode::InvalidMessage);
+        assert_eq!(
+            code(br#"{"type":"subscribe","channels":"a"}"#),
+            ErrorCode::InvalidMessage
+        );
         assert_eq!(code(br#"{"type":7}"#), ErrorCode::InvalidMessage);
     }
 
@@ -252,7 +293,10 @@ mod tests {
             e.to_json(),
             r#"{"type":"error","code":"invalid_channel","message":"bad","channel":"x y"}"#
         );
-        assert_eq!(ServerMessage::Pong { id: Some(7) }.to_json(), r#"{"type":"pong","id":7}"#);
+        assert_eq!(
+            ServerMessage::Pong { id: Some(7) }.to_json(),
+            r#"{"type":"pong","id":7}"#
+        );
     }
 
     proptest! {

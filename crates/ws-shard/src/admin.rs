@@ -25,7 +25,10 @@ struct PublishRequest {
     data: Box<RawValue>,
 }
 
-async fn publish(State(bus): State<EmbeddedBus>, body: Result<Json<PublishRequest>, axum::extract::rejection::JsonRejection>) -> Response {
+async fn publish(
+    State(bus): State<EmbeddedBus>,
+    body: Result<Json<PublishRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
     let Json(req) = match body {
         Ok(b) => b,
         Err(e) => {
@@ -45,7 +48,11 @@ async fn publish(State(bus): State<EmbeddedBus>, body: Result<Json<PublishReques
     (StatusCode::ACCEPTED, Json(body)).into_response()
 }
 
-pub(crate) fn router(prometheus: PrometheusHandle, bus: Option<EmbeddedBus>, shards: Vec<Arc<Shard>>) -> Router {
+pub(crate) fn router(
+    prometheus: PrometheusHandle,
+    bus: Option<EmbeddedBus>,
+    shards: Vec<Arc<Shard>>,
+) -> Router {
     let mut r = net_core::telemetry::metrics_router(prometheus).route(
         "/health",
         get(move || {

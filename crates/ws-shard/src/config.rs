@@ -228,6 +228,8 @@ pub fn env() -> Env {
 }
 
 #[cfg(test)]
+// figment::Jail's closures return figment's (large) error type.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
 
@@ -238,14 +240,28 @@ mod tests {
     #[test]
     fn precedence_is_defaults_file_env_flags() {
         figment::Jail::expect_with(|jail| {
-            jail.create_file("s.toml", "max_connections = 10\nshards = 2\nping_interval = \"7s\"\nhistory_len = 5")?;
+            jail.create_file(
+                "s.toml",
+                "max_connections = 10\nshards = 2\nping_interval = \"7s\"\nhistory_len = 5",
+            )?;
             jail.set_env("WS_MAX_CONNECTIONS", "20");
             jail.set_env("WS_SHARDS", "4");
-            let c = cli(&["--config", "s.toml", "--shards", "5", "--drain-window", "250ms"]);
+            let c = cli(&[
+                "--config",
+                "s.toml",
+                "--shards",
+                "5",
+                "--drain-window",
+                "250ms",
+            ]);
             let s = load(&c, env()).map_err(|e| e.to_string())?;
             assert_eq!(s.max_connections, 20, "env beats file");
             assert_eq!(s.shards, 5, "flag beats env");
-            assert_eq!(s.ping_interval, Duration::from_secs(7), "file beats default");
+            assert_eq!(
+                s.ping_interval,
+                Duration::from_secs(7),
+                "file beats default"
+            );
             assert_eq!(s.history_len, 5);
             assert_eq!(s.drain_window, Duration::from_millis(250));
             assert_eq!(s.base_port, 3002, "default");
@@ -261,11 +277,26 @@ mod tests {
             assert!(format!("{err:#}").contains("max_conections"), "{err:#}");
             jail.set_env("WS_PING_INTERVAL", "soon");
             let err = load(&cli(&[]), env()).unwrap_err();
-            assert!(format!("{err:#}").contains("ping_interval"), "{err:#}");
+            assert!(format!("{err:#}").to_lowercase().contains("ping_interval"), "{err:#}");
             Ok(())
         });
         let err = load(&cli(&["--config", "/nonexistent.toml"]), env()).unwrap_err();
         assert!(err.to_string().contains("does not exist"));
         assert!(load(&cli(&["--shards", "0"]), Env::prefixed("WS_TEST_NONE_")).is_err());
+    }
+
+    #[test]
+    fn runbook_documents_every_key_metric_and_close_code() {
+        let runbook = include_str!("../../../docs/runbook.md");
+        let keys = serde_json::to_value(Settings::default()).unwrap();
+        for key in keys.as_object().unwrap().keys() {
+            assert!(runbook.contains(&format!("| `{key}` |")), "config key {key} missing from docs/runbook.md");
+        }
+        for name in shard_core::metrics::ALL {
+            assert!(runbook.contains(&format!("| `{name}` |")), "metric {name} missing from docs/runbook.md");
+        }
+        for (code, _) in ws_protocol::close::SENT_CODES {
+            assert!(runbook.contains(&format!("| {code} |")), "close code {code} missing from docs/runbook.md");
+        }
     }
 }

@@ -85,7 +85,11 @@ impl Shard {
     pub(crate) fn health(&self) -> ShardHealth {
         ShardHealth {
             shard_id: self.ctx.shard_id,
-            status: if self.ctx.drain.is_cancelled() { ShardStatus::Draining } else { ShardStatus::Ok },
+            status: if self.ctx.drain.is_cancelled() {
+                ShardStatus::Draining
+            } else {
+                ShardStatus::Ok
+            },
             connections: self.slots.current() as u64,
             max_connections: self.slots.max() as u64,
             source: self.source.health(),
@@ -95,7 +99,11 @@ impl Shard {
 
 async fn health(State(shard): State<Arc<Shard>>) -> Response {
     let h = shard.health();
-    let status = if h.status == ShardStatus::Ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if h.status == ShardStatus::Ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (status, Json(h)).into_response()
 }
 
@@ -133,7 +141,11 @@ pub async fn run(
             let bus = EmbeddedBus::new(hub.clone(), &epoch);
             let status = bus.status();
             if let Some(rate) = demo_rate {
-                tasks.spawn(shard_core::source::demo::run(bus.clone(), rate, shutdown.drain.clone()));
+                tasks.spawn(shard_core::source::demo::run(
+                    bus.clone(),
+                    rate,
+                    shutdown.drain.clone(),
+                ));
             }
             let runner = bus.clone();
             let (h, stop) = (hub.clone(), shutdown.hard.clone());
@@ -151,7 +163,8 @@ pub async fn run(
     for (i, listener) in listeners.shards.into_iter().enumerate() {
         let id = i as u32;
         let metrics = ShardMetrics::new(id);
-        metrics::gauge!(MAX_CONNECTIONS, "shard_id" => id.to_string()).set(cfg.max_connections as f64);
+        metrics::gauge!(MAX_CONNECTIONS, "shard_id" => id.to_string())
+            .set(cfg.max_connections as f64);
         let slots = Slots::new(cfg.max_connections, Some(metrics.connections.clone()));
         let ctx = Arc::new(ShardContext {
             shard_id: id,
@@ -171,12 +184,28 @@ pub async fn run(
         let addr = listener.local_addr().ok();
         tracing::info!(shard_id = id, ?addr, "shard listening");
         let router = shard_router(shard.clone());
-        tasks.spawn(serve(listener, "shard", router, cfg.http, cfg.socket, shutdown.clone(), tasks.clone()));
+        tasks.spawn(serve(
+            listener,
+            "shard",
+            router,
+            cfg.http,
+            cfg.socket,
+            shutdown.clone(),
+            tasks.clone(),
+        ));
         shards.push(shard);
     }
 
     let admin = admin::router(prometheus, bus, shards.clone());
-    tasks.spawn(serve(listeners.admin, "admin", admin, cfg.http, SocketOptions::default(), shutdown.clone(), tasks.clone()));
+    tasks.spawn(serve(
+        listeners.admin,
+        "admin",
+        admin,
+        cfg.http,
+        SocketOptions::default(),
+        shutdown.clone(),
+        tasks.clone(),
+    ));
 
     tokio::select! {
         _ = shutdown.drain.cancelled() => {}
@@ -208,8 +237,20 @@ async fn serve(
     // Plain HTTP connections (health polls, publishes) keep being served while draining, so
     // a draining shard still answers `/health` with `draining` and `/ws` with 503.
     let idle_close = shutdown.hard.clone();
-    net_core::accept_loop(listener, name, socket, shutdown.hard.clone(), |stream, peer| {
-        tasks.spawn(net_core::serve_connection(stream, peer, router.clone(), limits, idle_close.clone()));
-    })
+    net_core::accept_loop(
+        listener,
+        name,
+        socket,
+        shutdown.hard.clone(),
+        |stream, peer| {
+            tasks.spawn(net_core::serve_connection(
+                stream,
+                peer,
+                router.clone(),
+                limits,
+                idle_close.clone(),
+            ));
+        },
+    )
     .await;
 }

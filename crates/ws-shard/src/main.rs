@@ -25,13 +25,23 @@ fn server_config(s: &config::Settings) -> anyhow::Result<ServerConfig> {
     .validate()?;
     let echo = s
         .echo
-        .then(|| SessionConfig { max_message_size: s.echo_max_message_size, rate_per_sec: 0, ..session }.validate())
+        .then(|| {
+            SessionConfig {
+                max_message_size: s.echo_max_message_size,
+                rate_per_sec: 0,
+                ..session
+            }
+            .validate()
+        })
         .transpose()?;
     Ok(ServerConfig {
         max_connections: s.max_connections,
         session,
         echo,
-        hub: HubConfig { history_len: s.history_len }.validate()?,
+        hub: HubConfig {
+            history_len: s.history_len,
+        }
+        .validate()?,
         http: HttpLimits {
             header_read_timeout: s.header_timeout,
             max_headers: s.max_headers,
@@ -41,7 +51,9 @@ fn server_config(s: &config::Settings) -> anyhow::Result<ServerConfig> {
             keepalive: (!s.tcp_keepalive.is_zero()).then_some(s.tcp_keepalive),
             send_buffer: (s.socket_send_buffer > 0).then_some(s.socket_send_buffer),
         },
-        source: SourceConfig::Embedded { demo_rate: s.demo_feed.then_some(s.demo_rate) },
+        source: SourceConfig::Embedded {
+            demo_rate: s.demo_feed.then_some(s.demo_rate),
+        },
         grace: s.grace,
     })
 }
@@ -54,12 +66,17 @@ async fn main() -> anyhow::Result<()> {
     let cfg = server_config(&settings)?;
     let prometheus = net_core::telemetry::prometheus();
 
-    let opts = ListenOptions { backlog: settings.backlog, reuse_port: settings.reuse_port };
+    let opts = ListenOptions {
+        backlog: settings.backlog,
+        reuse_port: settings.reuse_port,
+    };
     let mut shards = Vec::new();
     for i in 0..settings.shards {
         let port = u16::try_from(u32::from(settings.base_port) + i).context("port out of range")?;
         let addr = SocketAddr::new(settings.bind, port);
-        shards.push(net_core::bind(addr, opts).with_context(|| format!("binding shard {i} on {addr}"))?);
+        shards.push(
+            net_core::bind(addr, opts).with_context(|| format!("binding shard {i} on {addr}"))?,
+        );
     }
     let admin = net_core::bind(settings.admin_addr, ListenOptions::default())
         .with_context(|| format!("binding admin listener on {}", settings.admin_addr))?;

@@ -12,7 +12,11 @@ use shard_core::session::{self, Mode};
 
 use crate::Shard;
 
-pub(crate) async fn handle(State(shard): State<Arc<Shard>>, mut req: Request<Body>, mode: Mode) -> Response {
+pub(crate) async fn handle(
+    State(shard): State<Arc<Shard>>,
+    mut req: Request<Body>,
+    mode: Mode,
+) -> Response {
     let m = &shard.ctx.metrics;
     if let Err(r) = check_request(&req) {
         m.rejected("bad_request");

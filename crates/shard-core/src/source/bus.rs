@@ -34,7 +34,10 @@ struct BusInner {
 
 /// A fresh epoch name for this process: start time and a random suffix.
 pub fn fresh_epoch() -> String {
-    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     format!("bus-{secs:x}-{:08x}", rand::random::<u32>())
 }
 
@@ -61,7 +64,9 @@ impl EmbeddedBus {
     pub fn publish(&self, channel: ChannelName, data_json: &str) -> Position {
         let counter = {
             let mut map = self.inner.channels.lock();
-            map.entry(channel.clone()).or_insert_with(|| Arc::new(Mutex::new(0))).clone()
+            map.entry(channel.clone())
+                .or_insert_with(|| Arc::new(Mutex::new(0)))
+                .clone()
         };
         let mut seq = counter.lock();
         *seq += 1;
@@ -74,7 +79,10 @@ impl EmbeddedBus {
             Some(SystemTime::now()),
         );
         self.inner.hub.publish(&p);
-        Position { epoch: self.inner.epoch.to_string(), seq: *seq }
+        Position {
+            epoch: self.inner.epoch.to_string(),
+            seq: *seq,
+        }
     }
 }
 
@@ -105,7 +113,13 @@ mod tests {
         assert_eq!(bus.publish(a.clone(), "1").seq, 1);
         assert_eq!(bus.publish(a.clone(), "2").seq, 2);
         assert_eq!(bus.publish(b.clone(), "3").seq, 1);
-        assert_eq!(hub.position(&a), Some(Position { epoch: "e1".into(), seq: 2 }));
+        assert_eq!(
+            hub.position(&a),
+            Some(Position {
+                epoch: "e1".into(),
+                seq: 2
+            })
+        );
         assert_ne!(fresh_epoch(), fresh_epoch());
     }
 }

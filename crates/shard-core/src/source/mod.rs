@@ -38,7 +38,12 @@ pub struct SourceStatus {
 impl SourceStatus {
     /// A status for a source of `kind`; `has_lag` says whether lag is meaningful.
     pub fn new(kind: &'static str, has_lag: bool) -> Arc<Self> {
-        Arc::new(Self { kind, connected: AtomicBool::new(!has_lag), lag: AtomicU64::new(0), has_lag })
+        Arc::new(Self {
+            kind,
+            connected: AtomicBool::new(!has_lag),
+            lag: AtomicU64::new(0),
+            has_lag,
+        })
     }
 
     /// Records whether the source currently receives messages.
@@ -72,5 +77,9 @@ pub trait MessageSource: Send + 'static {
     fn status(&self) -> Arc<SourceStatus>;
 
     /// Feeds `hub` until `shutdown` is cancelled or the source fails for good.
-    fn run(self, hub: Arc<Hub>, shutdown: CancellationToken) -> impl Future<Output = Result<(), SourceError>> + Send;
+    fn run(
+        self,
+        hub: Arc<Hub>,
+        shutdown: CancellationToken,
+    ) -> impl Future<Output = Result<(), SourceError>> + Send;
 }

@@ -5,9 +5,9 @@ use std::time::Duration;
 use lb_core::PacingConfig;
 use test_support::http::{get, metric};
 use test_support::ws::{connect, next_event, send, subscribe, Event};
-use ws_protocol::ServerMessage;
 use test_support::{free_port, start_lb, start_shards};
 use ws_lb::PerIpLimit;
+use ws_protocol::ServerMessage;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn burst_of_2000_against_500_per_second_drops_nobody_silently() {
@@ -23,7 +23,9 @@ async fn burst_of_2000_against_500_per_second_drops_nobody_silently() {
             tokio::spawn(async move {
                 let mut ws = connect(&url).await.unwrap();
                 let t = tokio::time::Instant::now();
-                send(&mut ws, r#"{"type":"subscribe","channels":["burst"]}"#).await.unwrap();
+                send(&mut ws, r#"{"type":"subscribe","channels":["burst"]}"#)
+                    .await
+                    .unwrap();
                 match next_event(&mut ws, Duration::from_secs(10)).await {
                     Ok(Event::Msg(ServerMessage::Subscribed { .. })) => ("connected", ws, t),
                     Ok(Event::Close(1013, _)) => ("closed_1013", ws, t),
@@ -46,17 +48,37 @@ async fn burst_of_2000_against_500_per_second_drops_nobody_silently() {
         }
         keep.push(ws);
     }
-    assert_eq!(connected + refused, 2000, "every attempt either connected or got 1013");
-    assert!(refused > 0, "the burst exceeded what 2 s of queueing at 500/s can hold");
+    assert_eq!(
+        connected + refused,
+        2000,
+        "every attempt either connected or got 1013"
+    );
+    assert!(
+        refused > 0,
+        "the burst exceeded what 2 s of queueing at 500/s can hold"
+    );
     // Admissions never outran the pace: the burst allowance plus 500/s over the time the
     // arrivals took (clients start over a spread, so use the measured span), plus the 2 s
     // queue, with 10% slack for scheduling.
     let span = (last.unwrap() - first.unwrap()).as_secs_f64();
     let ceiling = (50.0 + 500.0 * (span + 2.0)) * 1.1;
-    assert!(f64::from(connected) <= ceiling, "connected {connected} > {ceiling} (span {span:.2}s)");
-    assert!(connected >= 900, "queued clients were admitted, not refused: {connected}");
+    assert!(
+        f64::from(connected) <= ceiling,
+        "connected {connected} > {ceiling} (span {span:.2}s)"
+    );
+    assert!(
+        connected >= 900,
+        "queued clients were admitted, not refused: {connected}"
+    );
     let page = lb.metrics().await;
-    assert_eq!(metric(&page, "ws_lb_admission_rejections_total", &["reason=\"wait_too_long\""]), refused as f64);
+    assert_eq!(
+        metric(
+            &page,
+            "ws_lb_admission_rejections_total",
+            &["reason=\"wait_too_long\""]
+        ),
+        refused as f64
+    );
     assert!(metric(&page, "ws_lb_admission_wait_seconds_count", &[]) >= connected as f64);
     shards.kill();
 }
@@ -64,15 +86,37 @@ async fn burst_of_2000_against_500_per_second_drops_nobody_silently() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_ip_limit_answers_429_before_upgrading() {
     let shards = start_shards(1, |_| {}).await;
-    let lb = start_lb(vec![shards.ws_url(0)], |c| c.per_ip = Some(PerIpLimit { per_second: 1, burst: 5 })).await;
+    let lb = start_lb(vec![shards.ws_url(0)], |c| {
+        c.per_ip = Some(PerIpLimit {
+            per_second: 1,
+            burst: 5,
+        })
+    })
+    .await;
     let mut statuses = Vec::new();
     for _ in 0..12 {
-        let (_, head) = test_support::ws::raw_upgrade(lb.addr, &test_support::ws::upgrade_request("/ws")).await.unwrap();
+        let (_, head) =
+            test_support::ws::raw_upgrade(lb.addr, &test_support::ws::upgrade_request("/ws"))
+                .await
+                .unwrap();
         statuses.push(test_support::ws::status_of(&head));
     }
-    assert_eq!(statuses.iter().filter(|s| **s == 101).count(), 5, "{statuses:?}");
-    assert!(statuses.iter().filter(|s| **s == 429).count() >= 6, "{statuses:?}");
-    assert!(metric(&lb.metrics().await, "ws_lb_admission_rejections_total", &["reason=\"per_ip\""]) >= 6.0);
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 101).count(),
+        5,
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.iter().filter(|s| **s == 429).count() >= 6,
+        "{statuses:?}"
+    );
+    assert!(
+        metric(
+            &lb.metrics().await,
+            "ws_lb_admission_rejections_total",
+            &["reason=\"per_ip\""]
+        ) >= 6.0
+    );
     // /health is not rate limited.
     assert_eq!(get(lb.addr, "/health").await.unwrap().status, 200);
     shards.kill();
@@ -81,17 +125,22 @@ async fn per_ip_limit_answers_429_before_upgrading() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_documented_series_is_exported() {
     let shards = start_shards(1, |_| {}).await;
-    let lb = start_lb(vec![shards.ws_url(0), format!("ws://{}/ws", free_port())], |c| {
-        c.breaker = lb_core::BreakerConfig::try_new(1, Duration::from_secs(60), 1, 1).unwrap();
-        c.pacing = PacingConfig::try_new(20, 1, Duration::from_millis(100), 10).unwrap();
-    })
+    let lb = start_lb(
+        vec![shards.ws_url(0), format!("ws://{}/ws", free_port())],
+        |c| {
+            c.breaker = lb_core::BreakerConfig::try_new(1, Duration::from_secs(60), 1, 1).unwrap();
+            c.pacing = PacingConfig::try_new(20, 1, Duration::from_millis(100), 10).unwrap();
+        },
+    )
     .await;
     // Concurrent arrivals: some are paced, some refused; sequential ones reach both shards.
     let url = lb.ws_url();
-    let burst: Vec<_> = (0..10).map(|_| {
-        let url = url.clone();
-        tokio::spawn(async move { connect(&url).await.unwrap() })
-    }).collect();
+    let burst: Vec<_> = (0..10)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { connect(&url).await.unwrap() })
+        })
+        .collect();
     let mut clients = Vec::new();
     for b in burst {
         clients.push(b.await.unwrap());
@@ -105,10 +154,20 @@ async fn every_documented_series_is_exported() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let page = lb.metrics().await;
     for name in ws_lb::metrics::ALL {
-        assert!(page.lines().any(|l| l.starts_with(name)), "{name} missing from /metrics");
+        assert!(
+            page.lines().any(|l| l.starts_with(name)),
+            "{name} missing from /metrics"
+        );
     }
     assert!(metric(&page, "ws_shard_health_score", &["shard_id=\"0\""]) > 0.5);
-    assert_eq!(metric(&page, "ws_circuit_breaker_state", &["shard_id=\"1\"", "state=\"open\""]), 1.0);
+    assert_eq!(
+        metric(
+            &page,
+            "ws_circuit_breaker_state",
+            &["shard_id=\"1\"", "state=\"open\""]
+        ),
+        1.0
+    );
     assert!(metric(&page, "ws_lb_active_connections", &[]) >= 1.0);
     shards.kill();
 }

@@ -10,7 +10,15 @@ use test_support::ws::{connect, subscribe};
 use test_support::{free_port, start_lb, start_shards, start_shards_at, BlackHole};
 
 fn transitions(page: &str, shard: &str, from: &str, to: &str) -> f64 {
-    metric(page, "ws_circuit_breaker_transitions_total", &[&format!("shard_id=\"{shard}\""), &format!("from=\"{from}\""), &format!("to=\"{to}\"")])
+    metric(
+        page,
+        "ws_circuit_breaker_transitions_total",
+        &[
+            &format!("shard_id=\"{shard}\""),
+            &format!("from=\"{from}\""),
+            &format!("to=\"{to}\""),
+        ],
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -28,7 +36,12 @@ async fn failing_shard_opens_is_avoided_half_opens_and_closes_on_recovery() {
         c.breaker = BreakerConfig::try_new(3, Duration::from_secs(1), 2, 2).unwrap();
     })
     .await;
-    assert!(wait_until(Duration::from_secs(5), || async { lb.health().await["shards"][0]["utilization"] == 0.9 }).await);
+    assert!(
+        wait_until(Duration::from_secs(5), || async {
+            lb.health().await["shards"][0]["utilization"] == 0.9
+        })
+        .await
+    );
     let mut n = 0;
     while transitions(&lb.metrics().await, "1", "closed", "open") < 1.0 {
         let mut ws = connect(&lb.ws_url()).await.unwrap();
@@ -40,7 +53,14 @@ async fn failing_shard_opens_is_avoided_half_opens_and_closes_on_recovery() {
     let page = lb.metrics().await;
     let attempts_before = metric(&page, "ws_handshake_attempts_total", &["shard_id=\"1\""]);
     assert_eq!(attempts_before, 3.0, "threshold of consecutive failures");
-    assert_eq!(metric(&page, "ws_circuit_breaker_state", &["shard_id=\"1\"", "state=\"open\""]), 1.0);
+    assert_eq!(
+        metric(
+            &page,
+            "ws_circuit_breaker_state",
+            &["shard_id=\"1\"", "state=\"open\""]
+        ),
+        1.0
+    );
     let h = lb.health().await;
     assert_eq!(h["status"], "ok");
     assert_eq!(h["shards"][1]["breaker"], "open");
@@ -50,7 +70,14 @@ async fn failing_shard_opens_is_avoided_half_opens_and_closes_on_recovery() {
         subscribe(&mut ws, &["x"]).await.unwrap();
         test_support::ws::close(ws).await;
     }
-    assert_eq!(metric(&lb.metrics().await, "ws_handshake_attempts_total", &["shard_id=\"1\""]), attempts_before);
+    assert_eq!(
+        metric(
+            &lb.metrics().await,
+            "ws_handshake_attempts_total",
+            &["shard_id=\"1\""]
+        ),
+        attempts_before
+    );
 
     // The shard comes back on the same address; after the open timeout trials close it.
     let revived = start_shards_at(vec![flaky], |_| {}).await;
@@ -64,8 +91,18 @@ async fn failing_shard_opens_is_avoided_half_opens_and_closes_on_recovery() {
     let page = lb.metrics().await;
     assert_eq!(transitions(&page, "1", "open", "half_open"), 1.0);
     assert_eq!(transitions(&page, "1", "half_open", "closed"), 1.0);
-    assert_eq!(metric(&page, "ws_circuit_breaker_state", &["shard_id=\"1\"", "state=\"closed\""]), 1.0);
-    assert!(revived.connections(0).await >= 2, "the trials landed on the revived shard");
+    assert_eq!(
+        metric(
+            &page,
+            "ws_circuit_breaker_state",
+            &["shard_id=\"1\"", "state=\"closed\""]
+        ),
+        1.0
+    );
+    assert!(
+        revived.connections(0).await >= 2,
+        "the trials landed on the revived shard"
+    );
     drop((held, probes));
     good.kill();
     revived.kill();
@@ -77,7 +114,12 @@ async fn half_open_never_runs_more_than_the_configured_trials_at_once() {
     let hole = BlackHole::start().await;
     let lb = start_lb(vec![good.ws_url(0), hole.ws_url()], |c| {
         c.breaker = BreakerConfig::try_new(1, Duration::from_millis(500), 2, 1).unwrap();
-        c.retry = lb_core::RetryConfig::try_new(Duration::from_millis(10), Duration::from_secs(5), Duration::from_millis(800)).unwrap();
+        c.retry = lb_core::RetryConfig::try_new(
+            Duration::from_millis(10),
+            Duration::from_secs(5),
+            Duration::from_millis(800),
+        )
+        .unwrap();
     })
     .await;
     while transitions(&lb.metrics().await, "1", "closed", "open") < 1.0 {
@@ -102,9 +144,16 @@ async fn half_open_never_runs_more_than_the_configured_trials_at_once() {
         t.await.unwrap();
     }
     let trials = hole.accepted.load(Ordering::SeqCst) - before;
-    assert!((1..=2).contains(&trials), "{trials} trial handshakes at once");
+    assert!(
+        (1..=2).contains(&trials),
+        "{trials} trial handshakes at once"
+    );
     let page = lb.metrics().await;
-    assert_eq!(transitions(&page, "1", "half_open", "open"), 1.0, "a failed trial re-opens");
+    assert_eq!(
+        transitions(&page, "1", "half_open", "open"),
+        1.0,
+        "a failed trial re-opens"
+    );
     good.kill();
 }
 
@@ -128,7 +177,11 @@ async fn new_connections_go_to_lightly_loaded_shards() {
     for _ in 0..100 {
         held.push(connect(&lb.ws_url()).await.unwrap());
     }
-    let on = [shards.connections(0).await - 90, shards.connections(1).await - 10, shards.connections(2).await - 10];
+    let on = [
+        shards.connections(0).await - 90,
+        shards.connections(1).await - 10,
+        shards.connections(2).await - 10,
+    ];
     assert_eq!(on.iter().sum::<u64>(), 100);
     assert!(on[0] <= 5, "the 90% shard got {} of 100 ({on:?})", on[0]);
     shards.kill();

@@ -13,9 +13,12 @@ async fn refusing_and_full_shards_are_retried_transparently() {
     // the LB keeps believing it has room and has to retry.
     let full = start_shards(1, |c| c.max_connections = 10).await;
     let dead = free_port();
-    let lb = start_lb(vec![good.ws_url(0), full.ws_url(0), format!("ws://{dead}/ws")], |c| {
-        c.health_interval = Duration::from_secs(3600);
-    })
+    let lb = start_lb(
+        vec![good.ws_url(0), full.ws_url(0), format!("ws://{dead}/ws")],
+        |c| {
+            c.health_interval = Duration::from_secs(3600);
+        },
+    )
     .await;
     let mut clients = Vec::new();
     for _ in 0..60 {
@@ -25,17 +28,34 @@ async fn refusing_and_full_shards_are_retried_transparently() {
     }
     assert_eq!(good.connections(0).await + full.connections(0).await, 60);
     let page = lb.metrics().await;
-    assert!(metric(&page, "ws_handshake_retry_count", &["attempt=\"2\""]) > 0.0, "retries visible");
+    assert!(
+        metric(&page, "ws_handshake_retry_count", &["attempt=\"2\""]) > 0.0,
+        "retries visible"
+    );
     assert!(metric(&page, "ws_lb_attempt_errors_total", &["kind=\"http_503\""]) > 0.0);
     assert!(metric(&page, "ws_lb_attempt_errors_total", &["kind=\"refused\""]) > 0.0);
-    assert_eq!(metric(&page, "ws_lb_client_connections_total", &["result=\"closed_1013\""]), 0.0);
+    assert_eq!(
+        metric(
+            &page,
+            "ws_lb_client_connections_total",
+            &["result=\"closed_1013\""]
+        ),
+        0.0
+    );
     good.kill();
     full.kill();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_shards_down_closes_1012_and_all_timing_out_closes_1013() {
-    let lb = start_lb(vec![format!("ws://{}/ws", free_port()), format!("ws://{}/ws", free_port())], |_| {}).await;
+    let lb = start_lb(
+        vec![
+            format!("ws://{}/ws", free_port()),
+            format!("ws://{}/ws", free_port()),
+        ],
+        |_| {},
+    )
+    .await;
     let mut ws = connect(&lb.ws_url()).await.unwrap();
     match next_event(&mut ws, Duration::from_secs(5)).await.unwrap() {
         Event::Close(code, reason) => {
@@ -47,7 +67,12 @@ async fn all_shards_down_closes_1012_and_all_timing_out_closes_1013() {
 
     let (a, b) = (BlackHole::start().await, BlackHole::start().await);
     let lb = start_lb(vec![a.ws_url(), b.ws_url()], |c| {
-        c.retry = lb_core::RetryConfig::try_new(Duration::from_millis(10), Duration::from_secs(2), Duration::from_millis(300)).unwrap();
+        c.retry = lb_core::RetryConfig::try_new(
+            Duration::from_millis(10),
+            Duration::from_secs(2),
+            Duration::from_millis(300),
+        )
+        .unwrap();
     })
     .await;
     let started = tokio::time::Instant::now();
@@ -59,8 +84,18 @@ async fn all_shards_down_closes_1012_and_all_timing_out_closes_1013() {
         }
         other => panic!("{other:?}"),
     }
-    assert!(started.elapsed() < Duration::from_secs(3), "bounded by the handshake deadline");
-    assert_eq!(metric(&lb.metrics().await, "ws_lb_attempt_errors_total", &["kind=\"handshake_timeout\""]), 2.0);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "bounded by the handshake deadline"
+    );
+    assert_eq!(
+        metric(
+            &lb.metrics().await,
+            "ws_lb_attempt_errors_total",
+            &["kind=\"handshake_timeout\""]
+        ),
+        2.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -75,13 +110,23 @@ async fn shard_killed_mid_session_closes_its_clients_with_1012_within_a_second()
         clients.push(ws);
     }
     let on_survivor = survivor.connections(0).await as usize;
-    assert!(on_survivor > 0 && on_survivor < 40, "clients on both shards ({on_survivor} on the survivor)");
+    assert!(
+        on_survivor > 0 && on_survivor < 40,
+        "clients on both shards ({on_survivor} on the survivor)"
+    );
     doomed.kill();
     // Every wait starts now and lasts at most one second: a client of the killed shard must
     // see its close frame within that second; the others see nothing.
     let waits: Vec<_> = clients
         .into_iter()
-        .map(|mut ws| tokio::spawn(async move { (next_event(&mut ws, Duration::from_millis(1000)).await.ok(), ws) }))
+        .map(|mut ws| {
+            tokio::spawn(async move {
+                (
+                    next_event(&mut ws, Duration::from_millis(1000)).await.ok(),
+                    ws,
+                )
+            })
+        })
         .collect();
     let mut closed = 0;
     let mut clients = Vec::new();
@@ -96,7 +141,11 @@ async fn shard_killed_mid_session_closes_its_clients_with_1012_within_a_second()
             None => clients.push(ws),
         }
     }
-    assert_eq!(closed, 40 - on_survivor, "every client of the killed shard got 1012 within 1 s");
+    assert_eq!(
+        closed,
+        40 - on_survivor,
+        "every client of the killed shard got 1012 within 1 s"
+    );
     // New clients keep connecting, through the survivor.
     for _ in 0..20 {
         let mut ws = connect(&lb.ws_url()).await.unwrap();

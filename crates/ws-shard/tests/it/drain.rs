@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
+use test_support::http::get;
 use test_support::start_shards;
 use test_support::ws::{connect, next_event, Event};
-use test_support::http::get;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_closes_every_client_with_1012_and_exits_in_time() {
@@ -26,7 +26,9 @@ async fn drain_closes_every_client_with_1012_and_exits_in_time() {
     assert!(h.body.contains("draining"));
     let waits: Vec<_> = clients
         .into_iter()
-        .map(|mut ws| tokio::spawn(async move { next_event(&mut ws, Duration::from_secs(10)).await.unwrap() }))
+        .map(|mut ws| {
+            tokio::spawn(async move { next_event(&mut ws, Duration::from_secs(10)).await.unwrap() })
+        })
         .collect();
     let mut codes = std::collections::HashMap::new();
     for w in waits {
@@ -38,7 +40,11 @@ async fn drain_closes_every_client_with_1012_and_exits_in_time() {
         *codes.entry(key).or_insert(0) += 1;
     }
     assert_eq!(codes.get("1012"), Some(&1000), "{codes:?}");
-    let left = tokio::time::timeout(Duration::from_secs(9), srv.task).await.unwrap().unwrap().unwrap();
+    let left = tokio::time::timeout(Duration::from_secs(9), srv.task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(left, 0);
     assert!(started.elapsed() < Duration::from_secs(8));
 }

@@ -15,14 +15,26 @@ async fn subscriber_receives_published_messages_in_order() {
     let srv = start_shards(2, |_| {}).await;
     let mut ws = connect(&srv.ws_url(1)).await.unwrap();
     let sub = subscribe(&mut ws, &["trades.BTC-USD"]).await.unwrap();
-    let ServerMessage::Subscribed { seq: 0, recovered: false, .. } = &sub[0] else { panic!("{sub:?}") };
+    let ServerMessage::Subscribed {
+        seq: 0,
+        recovered: false,
+        ..
+    } = &sub[0]
+    else {
+        panic!("{sub:?}")
+    };
     let mut admin = KeepAlive::connect(srv.admin).await.unwrap();
     for i in 0..200 {
-        admin.publish("trades.BTC-USD", &format!(r#"{{"px":{i}}}"#)).await.unwrap();
+        admin
+            .publish("trades.BTC-USD", &format!(r#"{{"px":{i}}}"#))
+            .await
+            .unwrap();
     }
     for i in 0..200u64 {
         match next_msg(&mut ws).await.unwrap() {
-            ServerMessage::Message { channel, seq, data, .. } => {
+            ServerMessage::Message {
+                channel, seq, data, ..
+            } => {
                 assert_eq!(channel, "trades.BTC-USD");
                 assert_eq!(seq, i + 1, "seq strictly increasing from 1");
                 assert_eq!(data["px"], i);
@@ -61,7 +73,11 @@ async fn since_recovers_exactly_the_missed_messages_then_continues_live() {
     );
     send(&mut ws, &req).await.unwrap();
     match next_msg(&mut ws).await.unwrap() {
-        ServerMessage::Subscribed { recovered: true, seq: 60, .. } => {}
+        ServerMessage::Subscribed {
+            recovered: true,
+            seq: 60,
+            ..
+        } => {}
         other => panic!("{other:?}"),
     }
     for expected in 11..=60u64 {
@@ -79,20 +95,24 @@ async fn since_recovers_exactly_the_missed_messages_then_continues_live() {
         other => panic!("{other:?}"),
     }
     // Nothing else: no duplicate of the replayed range.
-    assert!(matches!(
-        tokio::time::timeout(Duration::from_millis(200), next_msg(&mut ws)).await,
-        Err(_)
-    ));
+    assert!(tokio::time::timeout(Duration::from_millis(200), next_msg(&mut ws)).await.is_err());
 
     // An unknown epoch is never trusted.
     let mut ws2 = connect(&srv.ws_url(0)).await.unwrap();
     send(&mut ws2, r#"{"type":"subscribe","channels":["book.ETH-USD"],"since":{"book.ETH-USD":{"epoch":"old-run","seq":5}}}"#).await.unwrap();
     match next_msg(&mut ws2).await.unwrap() {
-        ServerMessage::Subscribed { recovered: false, seq: 61, .. } => {}
+        ServerMessage::Subscribed {
+            recovered: false,
+            seq: 61,
+            ..
+        } => {}
         other => panic!("{other:?}"),
     }
     admin.publish("book.ETH-USD", "62").await.unwrap();
-    assert!(matches!(next_msg(&mut ws2).await.unwrap(), ServerMessage::Message { seq: 62, .. }));
+    assert!(matches!(
+        next_msg(&mut ws2).await.unwrap(),
+        ServerMessage::Message { seq: 62, .. }
+    ));
     srv.kill();
 }
 
@@ -105,31 +125,78 @@ async fn bad_requests_get_error_replies_and_the_connection_stays_usable() {
         other => panic!("{other:?}"),
     };
     send(&mut ws, "{not json").await.unwrap();
-    assert_eq!(code(next_msg(&mut ws).await.unwrap()), ErrorCode::InvalidJson);
+    assert_eq!(
+        code(next_msg(&mut ws).await.unwrap()),
+        ErrorCode::InvalidJson
+    );
     send(&mut ws, r#"{"type":"dance"}"#).await.unwrap();
-    assert_eq!(code(next_msg(&mut ws).await.unwrap()), ErrorCode::UnknownType);
-    send(&mut ws, r#"{"type":"subscribe","channels":["bad channel!"]}"#).await.unwrap();
-    assert_eq!(code(next_msg(&mut ws).await.unwrap()), ErrorCode::InvalidChannel);
-    send(&mut ws, r#"{"type":"subscribe","channels":"x"}"#).await.unwrap();
-    assert_eq!(code(next_msg(&mut ws).await.unwrap()), ErrorCode::InvalidMessage);
-    send(&mut ws, r#"{"type":"unsubscribe","channels":["never"]}"#).await.unwrap();
-    assert_eq!(code(next_msg(&mut ws).await.unwrap()), ErrorCode::NotSubscribed);
+    assert_eq!(
+        code(next_msg(&mut ws).await.unwrap()),
+        ErrorCode::UnknownType
+    );
+    send(
+        &mut ws,
+        r#"{"type":"subscribe","channels":["bad channel!"]}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        code(next_msg(&mut ws).await.unwrap()),
+        ErrorCode::InvalidChannel
+    );
+    send(&mut ws, r#"{"type":"subscribe","channels":"x"}"#)
+        .await
+        .unwrap();
+    assert_eq!(
+        code(next_msg(&mut ws).await.unwrap()),
+        ErrorCode::InvalidMessage
+    );
+    send(&mut ws, r#"{"type":"unsubscribe","channels":["never"]}"#)
+        .await
+        .unwrap();
+    assert_eq!(
+        code(next_msg(&mut ws).await.unwrap()),
+        ErrorCode::NotSubscribed
+    );
     subscribe(&mut ws, &["a", "b"]).await.unwrap();
-    send(&mut ws, r#"{"type":"subscribe","channels":["a","c"]}"#).await.unwrap();
-    assert_eq!(code(next_msg(&mut ws).await.unwrap()), ErrorCode::AlreadySubscribed);
-    assert_eq!(code(next_msg(&mut ws).await.unwrap()), ErrorCode::TooManySubscriptions);
+    send(&mut ws, r#"{"type":"subscribe","channels":["a","c"]}"#)
+        .await
+        .unwrap();
+    assert_eq!(
+        code(next_msg(&mut ws).await.unwrap()),
+        ErrorCode::AlreadySubscribed
+    );
+    assert_eq!(
+        code(next_msg(&mut ws).await.unwrap()),
+        ErrorCode::TooManySubscriptions
+    );
     ws.send(Message::binary(vec![1, 2, 3])).await.unwrap();
-    assert_eq!(code(next_msg(&mut ws).await.unwrap()), ErrorCode::BinaryNotSupported);
+    assert_eq!(
+        code(next_msg(&mut ws).await.unwrap()),
+        ErrorCode::BinaryNotSupported
+    );
     // Still usable.
     send(&mut ws, r#"{"type":"ping","id":7}"#).await.unwrap();
-    assert_eq!(next_msg(&mut ws).await.unwrap(), ServerMessage::Pong { id: Some(7) });
-    send(&mut ws, r#"{"type":"unsubscribe","channels":["a"]}"#).await.unwrap();
-    assert_eq!(next_msg(&mut ws).await.unwrap(), ServerMessage::Unsubscribed { channel: "a".into() });
+    assert_eq!(
+        next_msg(&mut ws).await.unwrap(),
+        ServerMessage::Pong { id: Some(7) }
+    );
+    send(&mut ws, r#"{"type":"unsubscribe","channels":["a"]}"#)
+        .await
+        .unwrap();
+    assert_eq!(
+        next_msg(&mut ws).await.unwrap(),
+        ServerMessage::Unsubscribed {
+            channel: "a".into()
+        }
+    );
     let mut admin = KeepAlive::connect(srv.admin).await.unwrap();
     admin.publish("a", "1").await.unwrap();
     admin.publish("b", "2").await.unwrap();
     match next_msg(&mut ws).await.unwrap() {
-        ServerMessage::Message { channel, .. } => assert_eq!(channel, "b", "no message after unsubscribed"),
+        ServerMessage::Message { channel, .. } => {
+            assert_eq!(channel, "b", "no message after unsubscribed")
+        }
         other => panic!("{other:?}"),
     }
     srv.kill();
@@ -139,9 +206,16 @@ async fn bad_requests_get_error_replies_and_the_connection_stays_usable() {
 async fn publish_endpoint_validates_input() {
     let srv = start_shards(1, |_| {}).await;
     let post = |body: &'static str| async move {
-        test_support::http::call(srv.admin, "POST", "/publish", Some(body)).await.unwrap()
+        test_support::http::call(srv.admin, "POST", "/publish", Some(body))
+            .await
+            .unwrap()
     };
-    assert_eq!(post(r#"{"channel":"ok.chan","data":{"x":[1,2]}}"#).await.status, 202);
+    assert_eq!(
+        post(r#"{"channel":"ok.chan","data":{"x":[1,2]}}"#)
+            .await
+            .status,
+        202
+    );
     let r = post(r#"{"channel":"bad chan","data":1}"#).await;
     assert_eq!(r.status, 400);
     assert!(r.body.contains("invalid_channel"), "{}", r.body);
@@ -159,7 +233,10 @@ async fn dead_peers_are_pinged_then_closed() {
     })
     .await;
     // A raw client that completes the upgrade and then never answers anything.
-    let (mut s, head) = test_support::ws::raw_upgrade(srv.shards[0], &test_support::ws::upgrade_request("/ws")).await.unwrap();
+    let (mut s, head) =
+        test_support::ws::raw_upgrade(srv.shards[0], &test_support::ws::upgrade_request("/ws"))
+            .await
+            .unwrap();
     assert_eq!(test_support::ws::status_of(&head), 101);
     let mut got = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(5), async {
@@ -178,7 +255,12 @@ async fn dead_peers_are_pinged_then_closed() {
     assert_eq!(&got[..2], &[0x89, 0x00], "{got:?}");
     assert_eq!(got[2], 0x88);
     assert_eq!(u16::from_be_bytes([got[4], got[5]]), 1001);
-    assert!(test_support::http::wait_until(Duration::from_secs(3), || async { srv.connections(0).await == 0 }).await);
+    assert!(
+        test_support::http::wait_until(Duration::from_secs(3), || async {
+            srv.connections(0).await == 0
+        })
+        .await
+    );
     srv.kill();
 }
 
@@ -186,7 +268,12 @@ async fn dead_peers_are_pinged_then_closed() {
 async fn oversized_messages_close_with_1009() {
     let srv = start_shards(1, |c| c.session.max_message_size = 1024).await;
     let mut ws = connect(&srv.ws_url(0)).await.unwrap();
-    send(&mut ws, &format!(r#"{{"type":"ping","pad":"{}"}}"#, "x".repeat(2000))).await.unwrap();
+    send(
+        &mut ws,
+        &format!(r#"{{"type":"ping","pad":"{}"}}"#, "x".repeat(2000)),
+    )
+    .await
+    .unwrap();
     match next_event(&mut ws, Duration::from_secs(5)).await.unwrap() {
         Event::Close(code, _) => assert_eq!(code, 1009),
         other => panic!("{other:?}"),

@@ -2,11 +2,11 @@
 
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use test_support::http::{get, wait_until};
 use test_support::start_shards;
 use test_support::ws::{close, connect, raw_upgrade, reset, status_of, subscribe, upgrade_request};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 
 /// Five ways a connection can end.
 async fn one(addr: std::net::SocketAddr, url: String, kind: usize) {
@@ -45,7 +45,9 @@ async fn one(addr: std::net::SocketAddr, url: String, kind: usize) {
         // Full request sent, gone before reading the 101.
         _ => {
             let mut s = TcpStream::connect(addr).await.unwrap();
-            s.write_all(upgrade_request("/ws").as_bytes()).await.unwrap();
+            s.write_all(upgrade_request("/ws").as_bytes())
+                .await
+                .unwrap();
             reset(s);
         }
     }
@@ -59,13 +61,18 @@ async fn five_thousand_mixed_lifecycles_leave_no_slot_behind() {
     let total = 5_000;
     let batch = 250;
     for start in (0..total).step_by(batch) {
-        let tasks: Vec<_> = (start..start + batch).map(|i| tokio::spawn(one(addr, url.clone(), i))).collect();
+        let tasks: Vec<_> = (start..start + batch)
+            .map(|i| tokio::spawn(one(addr, url.clone(), i)))
+            .collect();
         for t in tasks {
             t.await.unwrap();
         }
     }
     assert!(
-        wait_until(Duration::from_secs(20), || async { srv.connections(0).await == 0 }).await,
+        wait_until(Duration::from_secs(20), || async {
+            srv.connections(0).await == 0
+        })
+        .await,
         "slots leaked: {} still taken",
         srv.connections(0).await
     );
@@ -82,19 +89,38 @@ async fn a_full_shard_answers_503_before_upgrading_and_health_reports_it() {
     for _ in 0..50 {
         held.push(connect(&srv.ws_url(0)).await.unwrap());
     }
-    let (_, head) = raw_upgrade(srv.shards[0], &upgrade_request("/ws")).await.unwrap();
+    let (_, head) = raw_upgrade(srv.shards[0], &upgrade_request("/ws"))
+        .await
+        .unwrap();
     assert_eq!(status_of(&head), 503, "{head}");
-    let h: serde_json::Value = serde_json::from_str(&get(srv.shards[0], "/health").await.unwrap().body).unwrap();
+    let h: serde_json::Value =
+        serde_json::from_str(&get(srv.shards[0], "/health").await.unwrap().body).unwrap();
     assert_eq!(h["connections"], 50);
     assert_eq!(h["max_connections"], 50);
     assert_eq!(h["status"], "ok");
     let page = srv.metrics().await;
-    assert!(test_support::http::metric(&page, "ws_shard_connections_rejected_total", &["reason=\"full\""]) >= 1.0);
+    assert!(
+        test_support::http::metric(
+            &page,
+            "ws_shard_connections_rejected_total",
+            &["reason=\"full\""]
+        ) >= 1.0
+    );
     // Freeing one slot admits the next client.
     close(held.pop().unwrap()).await;
-    assert!(wait_until(Duration::from_secs(5), || async { srv.connections(0).await == 49 }).await);
+    assert!(
+        wait_until(Duration::from_secs(5), || async {
+            srv.connections(0).await == 49
+        })
+        .await
+    );
     held.push(connect(&srv.ws_url(0)).await.unwrap());
     drop(held);
-    assert!(wait_until(Duration::from_secs(10), || async { srv.connections(0).await == 0 }).await);
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            srv.connections(0).await == 0
+        })
+        .await
+    );
     srv.kill();
 }

@@ -3,11 +3,11 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpSocket;
 use test_support::http::{metric, wait_until, KeepAlive};
 use test_support::start_shards;
 use test_support::ws::{connect, subscribe, upgrade_request};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpSocket;
 use tokio_tungstenite::tungstenite::Message;
 use ws_protocol::frame::{Decoder, Flow, Limits, Message as Frame, Role};
 
@@ -25,7 +25,9 @@ async fn slow_consumer_is_closed_and_never_slows_the_others() {
     let sock = TcpSocket::new_v4().unwrap();
     sock.set_recv_buffer_size(4096).unwrap();
     let mut slow = sock.connect(srv.shards[0]).await.unwrap();
-    slow.write_all(upgrade_request("/ws").as_bytes()).await.unwrap();
+    slow.write_all(upgrade_request("/ws").as_bytes())
+        .await
+        .unwrap();
     let sub = ws_protocol::frame::encode_masked_frame(
         ws_protocol::frame::OP_TEXT,
         format!(r#"{{"type":"subscribe","channels":["{channel}"]}}"#).as_bytes(),
@@ -64,11 +66,19 @@ async fn slow_consumer_is_closed_and_never_slows_the_others() {
     }
     for r in readers {
         let seqs = r.await.unwrap();
-        assert_eq!(seqs, (1..=messages).collect::<Vec<_>>(), "every message, in order");
+        assert_eq!(
+            seqs,
+            (1..=messages).collect::<Vec<_>>(),
+            "every message, in order"
+        );
     }
     assert!(
         wait_until(Duration::from_secs(10), || async {
-            metric(&srv.metrics().await, "ws_shard_slow_consumer_disconnects_total", &[]) >= 1.0
+            metric(
+                &srv.metrics().await,
+                "ws_shard_slow_consumer_disconnects_total",
+                &[],
+            ) >= 1.0
         })
         .await
     );
@@ -88,7 +98,9 @@ async fn slow_consumer_is_closed_and_never_slows_the_others() {
             let mut data = buf[..n].to_vec();
             if !head_done {
                 pending.extend_from_slice(&data);
-                let Some(p) = pending.windows(4).position(|w| w == b"\r\n\r\n") else { continue };
+                let Some(p) = pending.windows(4).position(|w| w == b"\r\n\r\n") else {
+                    continue;
+                };
                 data = pending.split_off(p + 4);
                 head_done = true;
             }

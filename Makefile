@@ -1,0 +1,46 @@
+# odin-ws entry points. `make run` and `make test` are the two commands a fresh machine needs.
+SHELL := /bin/bash
+CARGO ?= cargo
+SHARDS ?= 3
+BASE_PORT ?= 3002
+LB_PORT ?= 3001
+
+.PHONY: help run build build-debug test deps fmt fmt-check lint test-rust test-e2e test-deploy conformance
+
+help:
+	@echo "make run        build release, start 3 shards (demo feed) + ws-lb on 127.0.0.1:$(LB_PORT)"
+	@echo "make test       install what tests need, then fmt check, clippy, all tests"
+	@echo "make lint       clippy -D warnings;  make fmt  format the code"
+	@echo "make build      release binaries in target/release"
+
+build:
+	$(CARGO) build --release --locked -p ws-shard -p ws-lb
+
+build-debug:
+	$(CARGO) build --locked -p ws-shard -p ws-lb
+
+run: build
+	SHARDS=$(SHARDS) BASE_PORT=$(BASE_PORT) LB_PORT=$(LB_PORT) scripts/run-local.sh target/release
+
+deps:
+	scripts/install-deps.sh
+
+fmt:
+	$(CARGO) fmt --all
+
+fmt-check:
+	$(CARGO) fmt --all -- --check
+
+lint:
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+# One process per test (nextest): the Prometheus recorder is process-global and several
+# tests assert exact metric values.
+test-rust:
+	$(CARGO) nextest run --workspace --locked --no-fail-fast
+
+test-e2e: build-debug
+	python3 tests/e2e/shard_e2e.py target/debug/ws-shard
+
+test: deps fmt-check lint test-rust test-e2e
+	@echo "make test: all checks passed"

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Starts a local odin-ws: ws-shard with SHARDS shards and the demo feed, and ws-lb in front
+# of them. Ctrl-C (or SIGTERM) drains and stops both.
+set -euo pipefail
+
+bin=${1:-target/release}
+shards=${SHARDS:-3}
+base=${BASE_PORT:-3002}
+lb_port=${LB_PORT:-3001}
+
+backends=()
+for ((i = 0; i < shards; i++)); do
+    backends+=("ws://127.0.0.1:$((base + i))/ws")
+done
+urls=$(IFS=,; echo "${backends[*]}")
+
+"$bin/ws-shard" --shards "$shards" --base-port "$base" --demo-feed --drain-window 1s &
+shard_pid=$!
+"$bin/ws-lb" --listen "127.0.0.1:$lb_port" --backend-urls "$urls" --drain-window 1s &
+lb_pid=$!
+
+stop() {
+    trap - INT TERM
+    kill -TERM "$lb_pid" "$shard_pid" 2>/dev/null || true
+    wait "$lb_pid" "$shard_pid" 2>/dev/null || true
+    exit 0
+}
+trap stop INT TERM
+
+cat <<MSG
+
+  odin-ws is running.
+    clients:      ws://127.0.0.1:$lb_port/ws        (LB health: http://127.0.0.1:$lb_port/health)
+    shards:       ${backends[*]}
+    metrics:      http://127.0.0.1:9101/metrics (ws-lb)   http://127.0.0.1:9102/metrics (ws-shard)
+    publish:      curl -XPOST 127.0.0.1:9102/publish -H 'content-type: application/json' \\
+                    -d '{"channel":"trades.BTC-USD","data":{"px":1}}'
+    demo feed:    trades.BTC-USD trades.ETH-USD trades.SOL-USD book.BTC-USD book.ETH-USD book.SOL-USD
+  Ctrl-C stops both.
+
+MSG
+wait -n "$lb_pid" "$shard_pid"
+stop
