@@ -49,6 +49,14 @@ pub struct Settings {
     pub echo_max_message_size: usize,
     pub demo_feed: bool,
     pub demo_rate: u32,
+    #[serde(deserialize_with = "list")]
+    pub kafka_brokers: Vec<String>,
+    #[serde(deserialize_with = "list")]
+    pub kafka_topics: Vec<String>,
+    pub kafka_start: String,
+    pub kafka_channel_template: String,
+    #[serde(with = "humantime_serde")]
+    pub kafka_fetch_wait_max: Duration,
     pub log_json: bool,
     pub log_level: String,
 }
@@ -83,6 +91,11 @@ impl Default for Settings {
             echo_max_message_size: 16 * 1024 * 1024,
             demo_feed: false,
             demo_rate: 5,
+            kafka_brokers: Vec::new(),
+            kafka_topics: Vec::new(),
+            kafka_start: "latest".into(),
+            kafka_channel_template: "{topic}.{key}".into(),
+            kafka_fetch_wait_max: Duration::from_millis(10),
             log_json: false,
             log_level: "info".into(),
         }
@@ -189,6 +202,26 @@ pub struct Cli {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub demo_rate: Option<u32>,
+    /// Kafka brokers host:port,... (empty: embedded bus).
+    #[arg(long, value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kafka_brokers: Option<Vec<String>>,
+    /// Kafka topics to fan out, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kafka_topics: Option<Vec<String>>,
+    /// `latest` or `back:<records>` per partition.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kafka_start: Option<String>,
+    /// Channel of a record: {topic} and {key} are replaced.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kafka_channel_template: Option<String>,
+    /// librdkafka fetch.wait.max.ms.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kafka_fetch_wait_max: Option<String>,
     /// Log JSON lines instead of text.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -197,6 +230,20 @@ pub struct Cli {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_level: Option<String>,
+}
+
+/// Accepts `"a,b"` (env) as well as `["a", "b"]` (TOML, flags).
+fn list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect(),
+        OneOrMany::Many(v) => v,
+    })
 }
 
 /// Merges defaults, file, environment and flags.
@@ -218,6 +265,12 @@ pub fn load(cli: &Cli, env: Env) -> anyhow::Result<Settings> {
     }
     if u32::from(settings.base_port) + settings.shards > 65_536 {
         bail!("base_port + shards exceeds the port range");
+    }
+    if settings.kafka_brokers.is_empty() != settings.kafka_topics.is_empty() {
+        bail!("set both kafka_brokers and kafka_topics (or neither, for the embedded bus)");
+    }
+    if !settings.kafka_brokers.is_empty() && settings.demo_feed {
+        bail!("demo_feed needs the embedded bus; it cannot be combined with kafka_brokers");
     }
     Ok(settings)
 }
@@ -292,7 +345,7 @@ mod tests {
         for key in keys.as_object().unwrap().keys() {
             assert!(runbook.contains(&format!("| `{key}` |")), "config key {key} missing from docs/runbook.md");
         }
-        for name in shard_core::metrics::ALL {
+        for name in shard_core::metrics::ALL.iter().chain(shard_core::source::kafka::ALL) {
             assert!(runbook.contains(&format!("| `{name}` |")), "metric {name} missing from docs/runbook.md");
         }
         for (code, _) in ws_protocol::close::SENT_CODES {

@@ -35,6 +35,8 @@ use ws_protocol::{ShardHealth, ShardStatus};
 pub enum SourceConfig {
     /// The embedded bus, optionally with the demo feed at `demo_rate` ticks/s per channel.
     Embedded { demo_rate: Option<u32> },
+    /// One Kafka consumer feeding every shard of the process.
+    Kafka(shard_core::source::kafka::KafkaConfig),
 }
 
 /// Everything the server needs, validated.
@@ -155,6 +157,17 @@ pub async fn run(
                 }
             });
             (status, Some(bus))
+        }
+        SourceConfig::Kafka(kcfg) => {
+            let source = shard_core::source::kafka::KafkaSource::new(kcfg)?;
+            let status = source.status();
+            let (h, stop) = (hub.clone(), shutdown.hard.clone());
+            tasks.spawn(async move {
+                if let Err(e) = source.run(h, stop).await {
+                    tracing::error!(error = %e, "kafka source stopped");
+                }
+            });
+            (status, None)
         }
     };
 

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use anyhow::Context;
 use clap::Parser;
 use net_core::{HttpLimits, ListenOptions, Shutdown, SocketOptions};
+use shard_core::source::kafka::{KafkaConfig, StartPosition};
 use shard_core::{HubConfig, SessionConfig};
 use ws_shard::{Listeners, ServerConfig, SourceConfig};
 
@@ -51,8 +52,17 @@ fn server_config(s: &config::Settings) -> anyhow::Result<ServerConfig> {
             keepalive: (!s.tcp_keepalive.is_zero()).then_some(s.tcp_keepalive),
             send_buffer: (s.socket_send_buffer > 0).then_some(s.socket_send_buffer),
         },
-        source: SourceConfig::Embedded {
-            demo_rate: s.demo_feed.then_some(s.demo_rate),
+        source: if s.kafka_brokers.is_empty() {
+            SourceConfig::Embedded { demo_rate: s.demo_feed.then_some(s.demo_rate) }
+        } else {
+            SourceConfig::Kafka(KafkaConfig {
+                brokers: s.kafka_brokers.join(","),
+                topics: s.kafka_topics.clone(),
+                start: s.kafka_start.parse::<StartPosition>().map_err(anyhow::Error::msg)?,
+                channel_template: s.kafka_channel_template.clone(),
+                fetch_wait_max: s.kafka_fetch_wait_max,
+                overrides: Vec::new(),
+            })
         },
         grace: s.grace,
     })

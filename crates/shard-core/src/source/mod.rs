@@ -7,6 +7,7 @@
 
 pub mod bus;
 pub mod demo;
+pub mod kafka;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

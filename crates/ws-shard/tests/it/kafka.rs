@@ -1,0 +1,209 @@
+//! The Kafka source against librdkafka's in-process mock cluster (the real Kafka protocol
+//! over TCP): mapping, positions, invalid records, broker loss, agreement between processes.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use shard_core::source::kafka::{KafkaConfig, StartPosition};
+use test_support::http::{get, metric, wait_until};
+use test_support::start_shards;
+use test_support::ws::{connect, next_msg, send, subscribe, Client};
+use ws_protocol::ServerMessage;
+
+fn kafka(brokers: &str, start: StartPosition) -> ws_shard::SourceConfig {
+    ws_shard::SourceConfig::Kafka(KafkaConfig {
+        brokers: brokers.to_owned(),
+        topics: vec!["trades".into()],
+        start,
+        channel_template: "{topic}.{key}".into(),
+        fetch_wait_max: Duration::from_millis(10),
+        overrides: vec![],
+    })
+}
+
+fn producer(brokers: &str) -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "0")
+        .set("message.timeout.ms", "30000")
+        .create()
+        .unwrap()
+}
+
+/// Produces and returns (partition, offset).
+async fn produce(p: &FutureProducer, key: &str, value: &str) -> (i32, i64) {
+    let d = p
+        .send(FutureRecord::to("trades").key(key).payload(value), Duration::from_secs(10))
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    (d.partition, d.offset)
+}
+
+async fn wait_source_connected(srv: &test_support::TestShards) {
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            let h = get(srv.shards[0], "/health").await.unwrap().body;
+            h.contains("\"connected\":true")
+        })
+        .await
+    );
+}
+
+async fn messages(ws: &mut Client, n: usize) -> Vec<(String, u64, serde_json::Value)> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        if let ServerMessage::Message { epoch, seq, data, .. } = next_msg(ws).await.unwrap() {
+            out.push((epoch, seq, data));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_fan_out_with_their_offset_as_seq() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("trades", 3, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let srv = start_shards(1, |c| c.source = kafka(&brokers, StartPosition::Latest)).await;
+    wait_source_connected(&srv).await;
+    let keys: Vec<String> = (0..10).map(|i| format!("SYM{i}")).collect();
+    let mut clients = Vec::new();
+    for k in &keys[..3] {
+        let mut ws = connect(&srv.ws_url(0)).await.unwrap();
+        subscribe(&mut ws, &[&format!("trades.{k}")]).await.unwrap();
+        clients.push(ws);
+    }
+    let p = producer(&brokers);
+    let mut sent: HashMap<String, Vec<(i32, i64, u64)>> = HashMap::new();
+    for n in 0..300u64 {
+        let key = &keys[(n % 10) as usize];
+        let (part, off) = produce(&p, key, &format!(r#"{{"n":{n}}}"#)).await;
+        sent.entry(key.clone()).or_default().push((part, off, n));
+    }
+    for (ws, key) in clients.iter_mut().zip(&keys) {
+        let expected = &sent[key];
+        let got = messages(ws, expected.len()).await;
+        for ((epoch, seq, data), (part, off, n)) in got.iter().zip(expected) {
+            assert_eq!(*seq, *off as u64, "seq is the offset");
+            assert!(epoch.starts_with(&format!("trades-{part}-")), "{epoch}");
+            assert_eq!(data["n"], *n);
+        }
+        assert!(tokio::time::timeout(Duration::from_millis(300), next_msg(ws)).await.is_err(), "nothing extra");
+    }
+    srv.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_records_are_counted_and_skipped() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("trades", 1, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let srv = start_shards(1, |c| c.source = kafka(&brokers, StartPosition::Latest)).await;
+    wait_source_connected(&srv).await;
+    let mut ws = connect(&srv.ws_url(0)).await.unwrap();
+    subscribe(&mut ws, &["trades.A"]).await.unwrap();
+    let p = producer(&brokers);
+    produce(&p, "A", "{not json").await;
+    produce(&p, "bad key!", "{}").await;
+    p.send(FutureRecord::<(), _>::to("trades").payload("{}"), Duration::from_secs(5)).await.map_err(|(e, _)| e).unwrap();
+    let (_, off) = produce(&p, "A", r#"{"ok":true}"#).await;
+    let got = messages(&mut ws, 1).await;
+    assert_eq!(got[0].1, off as u64);
+    assert_eq!(got[0].2, serde_json::json!({"ok": true}));
+    let page = srv.metrics().await;
+    assert_eq!(metric(&page, "ws_kafka_invalid_records_total", &["reason=\"invalid_json\""]), 1.0);
+    assert_eq!(metric(&page, "ws_kafka_invalid_records_total", &["reason=\"bad_channel\""]), 1.0);
+    assert_eq!(metric(&page, "ws_kafka_invalid_records_total", &["reason=\"no_key\""]), 1.0);
+    assert_eq!(metric(&page, "ws_kafka_records_total", &[]), 4.0);
+    srv.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_loss_keeps_clients_and_resumes_without_gap_or_duplicate() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("trades", 1, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let srv = start_shards(1, |c| c.source = kafka(&brokers, StartPosition::Latest)).await;
+    wait_source_connected(&srv).await;
+    let mut ws = connect(&srv.ws_url(0)).await.unwrap();
+    subscribe(&mut ws, &["trades.A"]).await.unwrap();
+    let p = producer(&brokers);
+    let mut offsets = Vec::new();
+    for n in 0..20 {
+        offsets.push(produce(&p, "A", &n.to_string()).await.1);
+    }
+    let before = messages(&mut ws, 20).await;
+    cluster.broker_down(1).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            get(srv.shards[0], "/health").await.unwrap().body.contains("\"connected\":false")
+        })
+        .await,
+        "health shows the consumer disconnected"
+    );
+    // Produced during the outage: queued by the producer, written when the broker is back.
+    let payloads: Vec<String> = (20..40).map(|n: i32| n.to_string()).collect();
+    let pending: Vec<_> = payloads
+        .iter()
+        .map(|v| p.send_result(FutureRecord::to("trades").key("A").payload(v)).map_err(|(e, _)| e).unwrap())
+        .collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cluster.broker_up(1).unwrap();
+    for f in pending {
+        offsets.push(f.await.unwrap().map_err(|(e, _)| e).unwrap().offset);
+    }
+    let after = messages(&mut ws, 20).await;
+    let seqs: Vec<u64> = before.iter().chain(&after).map(|m| m.1).collect();
+    assert_eq!(seqs, offsets.iter().map(|o| *o as u64).collect::<Vec<_>>(), "no gap, no duplicate");
+    send(&mut ws, r#"{"type":"ping","id":1}"#).await.unwrap();
+    assert_eq!(next_msg(&mut ws).await.unwrap(), ServerMessage::Pong { id: Some(1) }, "the client stayed connected");
+    p.flush(Duration::from_secs(5)).unwrap();
+    srv.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_agree_and_history_warms_from_kafka() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("trades", 2, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let p = producer(&brokers);
+    let mut sent = Vec::new();
+    for n in 0..40 {
+        sent.push(produce(&p, "X", &n.to_string()).await);
+    }
+    // Two independent "processes", both warming their history from Kafka.
+    let a = start_shards(1, |c| c.source = kafka(&brokers, StartPosition::Back(1000))).await;
+    let b = start_shards(1, |c| c.source = kafka(&brokers, StartPosition::Back(1000))).await;
+    wait_source_connected(&a).await;
+    wait_source_connected(&b).await;
+    let mut positions = Vec::new();
+    for srv in [&a, &b] {
+        let mut ws = connect(&srv.ws_url(0)).await.unwrap();
+        let since = sent[9].1;
+        // Wait until the warm-up reached the last record, then recover from the 10th.
+        assert!(
+            wait_until(Duration::from_secs(10), || async {
+                let mut probe = connect(&srv.ws_url(0)).await.unwrap();
+                matches!(subscribe(&mut probe, &["trades.X"]).await.unwrap()[0], ServerMessage::Subscribed { seq, .. } if seq == sent[39].1 as u64)
+            })
+            .await
+        );
+        let mut probe = connect(&srv.ws_url(0)).await.unwrap();
+        let ServerMessage::Subscribed { epoch, .. } = subscribe(&mut probe, &["trades.X"]).await.unwrap().remove(0) else { panic!() };
+        send(&mut ws, &format!(r#"{{"type":"subscribe","channels":["trades.X"],"since":{{"trades.X":{{"epoch":"{epoch}","seq":{since}}}}}}}"#)).await.unwrap();
+        match next_msg(&mut ws).await.unwrap() {
+            ServerMessage::Subscribed { recovered: true, .. } => {}
+            other => panic!("{other:?}"),
+        }
+        let got = messages(&mut ws, 30).await;
+        assert_eq!(got.iter().map(|m| m.1).collect::<Vec<_>>(), sent[10..].iter().map(|s| s.1 as u64).collect::<Vec<_>>());
+        positions.push(got.into_iter().map(|(e, s, _)| (e, s)).collect::<Vec<_>>());
+    }
+    assert_eq!(positions[0], positions[1], "same (epoch, seq) for the same record in both processes");
+    a.kill();
+    b.kill();
+}
