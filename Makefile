@@ -5,7 +5,8 @@ SHARDS ?= 3
 BASE_PORT ?= 3002
 LB_PORT ?= 3001
 
-.PHONY: help run build build-debug test deps fmt fmt-check lint test-rust test-e2e test-deploy conformance
+.PHONY: help run build build-debug test deps fmt fmt-check lint test-rust test-e2e test-deploy conformance conformance-short
+TANSU ?= $(shell command -v tansu || echo $(HOME)/.cargo/bin/tansu)
 
 help:
 	@echo "make run        build release, start 3 shards (demo feed) + ws-lb on 127.0.0.1:$(LB_PORT)"
@@ -39,8 +40,22 @@ lint:
 test-rust:
 	$(CARGO) nextest run --workspace --locked --no-fail-fast
 
+# Real binaries against independent clients: Python websockets, kafka-python, tansu.
 test-e2e: build-debug
 	python3 tests/e2e/shard_e2e.py target/debug/ws-shard
+	python3 tests/e2e/kafka_e2e.py $(TANSU) target/debug/ws-shard target/debug/ws-lb
+	python3 tests/e2e/exported_metrics.py $(TANSU) target/debug/ws-shard target/debug/ws-lb
 
-test: deps fmt-check lint test-rust test-e2e
+# Terraform, gcloud scripts, images, systemd units, alerts, dashboard (offline).
+test-deploy:
+	bash deploy/tests/run.sh
+
+# Autobahn|Testsuite cases (kosoku) against a shard's /echo and through ws-lb.
+conformance: build
+	python3 tests/conformance/run.py --bin target/release --cases all --out target/conformance
+
+conformance-short: build-debug
+	python3 tests/conformance/run.py --bin target/debug --cases short --out target/conformance-short
+
+test: deps fmt-check lint test-rust test-e2e test-deploy conformance-short
 	@echo "make test: all checks passed"

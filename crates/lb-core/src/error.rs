@@ -51,6 +51,17 @@ impl AttemptError {
         }
     }
 
+    /// Every value [`Self::kind`] can return.
+    pub const KINDS: &'static [&'static str] = &[
+        "refused",
+        "connect_timeout",
+        "handshake_timeout",
+        "http_503",
+        "http_other",
+        "connection_lost",
+        "protocol",
+    ];
+
     /// Every failure counts against the shard's breaker and score: a full shard that keeps
     /// answering 503 should be skipped for a while just like a dead one.
     pub fn counts_against_shard(&self) -> bool {

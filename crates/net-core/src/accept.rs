@@ -80,6 +80,10 @@ pub async fn accept_loop<F>(
 ) where
     F: FnMut(TcpStream, SocketAddr),
 {
+    for kind in ["fd_exhausted", "other"] {
+        metrics::counter!(ACCEPT_ERRORS, "listener" => name, "kind" => kind).increment(0);
+    }
+    metrics::counter!(FD_REJECTS, "listener" => name).increment(0);
     let mut reserve = File::open("/dev/null").ok();
     let mut last_warn: Option<Instant> = None;
     loop {

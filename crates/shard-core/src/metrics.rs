@@ -34,6 +34,16 @@ pub const REPLAYED: &str = "ws_shard_replayed_total";
 /// Counter: subscribe requests with `since`, label `recovered` (true/false).
 pub const RECOVERIES: &str = "ws_shard_recoveries_total";
 
+/// Registers the process-wide labelled counters at zero.
+pub fn register_process_series() {
+    for code in ws_protocol::ErrorCode::ALL {
+        metrics::counter!(ERROR_REPLIES, "code" => code.as_str()).increment(0);
+    }
+    for recovered in ["true", "false"] {
+        metrics::counter!(RECOVERIES, "recovered" => recovered).increment(0);
+    }
+}
+
 /// Every metric name this crate exports (for the docs and exported-metrics tests).
 pub const ALL: &[&str] = &[
     CONNECTIONS,
@@ -64,9 +74,17 @@ pub struct ShardMetrics {
 }
 
 impl ShardMetrics {
-    /// Registers the handles of shard `shard_id`.
+    /// Registers the handles of shard `shard_id`, and its labelled counters at zero so that
+    /// `rate()` and alerts see a series from the start.
     pub fn new(shard_id: u32) -> Self {
         let id = shard_id.to_string();
+        for reason in ["full", "draining", "bad_request"] {
+            metrics::counter!(REJECTED, "shard_id" => id.clone(), "reason" => reason).increment(0);
+        }
+        for (code, _) in ws_protocol::close::SENT_CODES {
+            metrics::counter!(CLOSES, "shard_id" => id.clone(), "code" => code.to_string())
+                .increment(0);
+        }
         Self {
             shard_id,
             connections: metrics::gauge!(CONNECTIONS, "shard_id" => id.clone()),

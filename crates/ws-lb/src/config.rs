@@ -339,13 +339,22 @@ mod tests {
         let runbook = include_str!("../../../docs/runbook.md");
         let keys = serde_json::to_value(Settings::default()).unwrap();
         for key in keys.as_object().unwrap().keys() {
-            assert!(runbook.contains(&format!("| `{key}` |")), "config key {key} missing from docs/runbook.md");
+            assert!(
+                runbook.contains(&format!("| `{key}` |")),
+                "config key {key} missing from docs/runbook.md"
+            );
         }
         for name in ws_lb::metrics::ALL {
-            assert!(runbook.contains(&format!("| `{name}` |")), "metric {name} missing from docs/runbook.md");
+            assert!(
+                runbook.contains(&format!("| `{name}` |")),
+                "metric {name} missing from docs/runbook.md"
+            );
         }
         for (code, _) in ws_protocol::close::SENT_CODES {
-            assert!(runbook.contains(&format!("| {code} |")), "close code {code} missing from docs/runbook.md");
+            assert!(
+                runbook.contains(&format!("| {code} |")),
+                "close code {code} missing from docs/runbook.md"
+            );
         }
     }
 }

@@ -118,8 +118,45 @@ pub struct LbMetrics {
 }
 
 impl LbMetrics {
-    /// Registers handles for `n` shards.
+    /// Registers handles for `n` shards, and every labelled counter at zero so that
+    /// `rate()` and alerts see a series from the start rather than an absent one.
     pub fn new(n: usize) -> Self {
+        for reason in [
+            "queue_full",
+            "wait_too_long",
+            "per_ip",
+            "origin",
+            "draining",
+        ] {
+            metrics::counter!(ADMISSION_REJECTIONS, "reason" => reason).increment(0);
+        }
+        for code in ["1012", "1013"] {
+            metrics::counter!(CLOSE_CODES, "code" => code).increment(0);
+        }
+        for result in ["relayed", "closed_1012", "closed_1013", "rejected"] {
+            metrics::counter!(CLIENT_CONNECTIONS, "result" => result).increment(0);
+        }
+        for attempt in 1..=n {
+            metrics::counter!(RETRY_COUNT, "attempt" => attempt.to_string()).increment(0);
+        }
+        let transitions = [
+            (BreakerState::Closed, BreakerState::Open),
+            (BreakerState::Open, BreakerState::HalfOpen),
+            (BreakerState::HalfOpen, BreakerState::Closed),
+            (BreakerState::HalfOpen, BreakerState::Open),
+        ];
+        for shard in 0..n {
+            let id = shard.to_string();
+            metrics::counter!(HEALTH_POLL_FAILURES, "shard_id" => id.clone()).increment(0);
+            for kind in lb_core::AttemptError::KINDS {
+                metrics::counter!(ATTEMPT_ERRORS, "shard_id" => id.clone(), "kind" => *kind)
+                    .increment(0);
+            }
+            for (from, to) in transitions {
+                metrics::counter!(BREAKER_TRANSITIONS, "shard_id" => id.clone(), "from" => from.as_str(), "to" => to.as_str())
+                    .increment(0);
+            }
+        }
         Self {
             shards: (0..n).map(ShardHandles::new).collect(),
             active: metrics::gauge!(ACTIVE),

@@ -57,6 +57,8 @@ pub struct Settings {
     pub kafka_channel_template: String,
     #[serde(with = "humantime_serde")]
     pub kafka_fetch_wait_max: Duration,
+    #[serde(deserialize_with = "list")]
+    pub kafka_properties: Vec<String>,
     pub log_json: bool,
     pub log_level: String,
 }
@@ -96,6 +98,7 @@ impl Default for Settings {
             kafka_start: "latest".into(),
             kafka_channel_template: "{topic}.{key}".into(),
             kafka_fetch_wait_max: Duration::from_millis(10),
+            kafka_properties: Vec::new(),
             log_json: false,
             log_level: "info".into(),
         }
@@ -222,6 +225,10 @@ pub struct Cli {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kafka_fetch_wait_max: Option<String>,
+    /// Extra librdkafka properties, comma-separated key=value (applied last).
+    #[arg(long, value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kafka_properties: Option<Vec<String>>,
     /// Log JSON lines instead of text.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -241,7 +248,12 @@ fn list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error>
         Many(Vec<String>),
     }
     Ok(match OneOrMany::deserialize(d)? {
-        OneOrMany::One(s) => s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect(),
+        OneOrMany::One(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect(),
         OneOrMany::Many(v) => v,
     })
 }
@@ -330,7 +342,10 @@ mod tests {
             assert!(format!("{err:#}").contains("max_conections"), "{err:#}");
             jail.set_env("WS_PING_INTERVAL", "soon");
             let err = load(&cli(&[]), env()).unwrap_err();
-            assert!(format!("{err:#}").to_lowercase().contains("ping_interval"), "{err:#}");
+            assert!(
+                format!("{err:#}").to_lowercase().contains("ping_interval"),
+                "{err:#}"
+            );
             Ok(())
         });
         let err = load(&cli(&["--config", "/nonexistent.toml"]), env()).unwrap_err();
@@ -343,13 +358,25 @@ mod tests {
         let runbook = include_str!("../../../docs/runbook.md");
         let keys = serde_json::to_value(Settings::default()).unwrap();
         for key in keys.as_object().unwrap().keys() {
-            assert!(runbook.contains(&format!("| `{key}` |")), "config key {key} missing from docs/runbook.md");
+            assert!(
+                runbook.contains(&format!("| `{key}` |")),
+                "config key {key} missing from docs/runbook.md"
+            );
         }
-        for name in shard_core::metrics::ALL.iter().chain(shard_core::source::kafka::ALL) {
-            assert!(runbook.contains(&format!("| `{name}` |")), "metric {name} missing from docs/runbook.md");
+        for name in shard_core::metrics::ALL
+            .iter()
+            .chain(shard_core::source::kafka::ALL)
+        {
+            assert!(
+                runbook.contains(&format!("| `{name}` |")),
+                "metric {name} missing from docs/runbook.md"
+            );
         }
         for (code, _) in ws_protocol::close::SENT_CODES {
-            assert!(runbook.contains(&format!("| {code} |")), "close code {code} missing from docs/runbook.md");
+            assert!(
+                runbook.contains(&format!("| {code} |")),
+                "close code {code} missing from docs/runbook.md"
+            );
         }
     }
 }

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use anyhow::Context;
 use clap::Parser;
 use net_core::{HttpLimits, ListenOptions, Shutdown, SocketOptions};
-use shard_core::source::kafka::{KafkaConfig, StartPosition};
+use shard_core::source::kafka::{Isolation, KafkaConfig, StartPosition};
 use shard_core::{HubConfig, SessionConfig};
 use ws_shard::{Listeners, ServerConfig, SourceConfig};
 
@@ -53,15 +53,33 @@ fn server_config(s: &config::Settings) -> anyhow::Result<ServerConfig> {
             send_buffer: (s.socket_send_buffer > 0).then_some(s.socket_send_buffer),
         },
         source: if s.kafka_brokers.is_empty() {
-            SourceConfig::Embedded { demo_rate: s.demo_feed.then_some(s.demo_rate) }
+            SourceConfig::Embedded {
+                demo_rate: s.demo_feed.then_some(s.demo_rate),
+            }
         } else {
             SourceConfig::Kafka(KafkaConfig {
                 brokers: s.kafka_brokers.join(","),
                 topics: s.kafka_topics.clone(),
-                start: s.kafka_start.parse::<StartPosition>().map_err(anyhow::Error::msg)?,
+                start: s
+                    .kafka_start
+                    .parse::<StartPosition>()
+                    .map_err(anyhow::Error::msg)?,
                 channel_template: s.kafka_channel_template.clone(),
                 fetch_wait_max: s.kafka_fetch_wait_max,
-                overrides: Vec::new(),
+                isolation: Isolation::Process {
+                    exe: std::env::current_exe().context("locating the ws-shard binary")?,
+                },
+                overrides: s
+                    .kafka_properties
+                    .iter()
+                    .map(|kv| {
+                        kv.split_once('=')
+                            .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                            .ok_or_else(|| {
+                                anyhow::anyhow!("kafka_properties: expected key=value, got {kv:?}")
+                            })
+                    })
+                    .collect::<anyhow::Result<_>>()?,
             })
         },
         grace: s.grace,
@@ -70,6 +88,15 @@ fn server_config(s: &config::Settings) -> anyhow::Result<ServerConfig> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // `ws-shard kafka-consumer` is the Kafka consumer child process the server starts for
+    // itself (see shard_core::source::kafka): not a user-facing command.
+    if std::env::args().nth(1).as_deref() == Some("kafka-consumer") {
+        net_core::telemetry::init_tracing(
+            false,
+            &std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        );
+        std::process::exit(shard_core::source::kafka::consumer::child_main().await);
+    }
     let cli = config::Cli::parse();
     let settings = config::load(&cli, config::env())?;
     net_core::telemetry::init_tracing(settings.log_json, &settings.log_level);

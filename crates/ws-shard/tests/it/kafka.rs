@@ -21,6 +21,7 @@ fn kafka(brokers: &str, start: StartPosition) -> ws_shard::SourceConfig {
         channel_template: "{topic}.{key}".into(),
         fetch_wait_max: Duration::from_millis(10),
         overrides: vec![],
+        isolation: shard_core::source::kafka::Isolation::InProcess,
     })
 }
 
@@ -36,7 +37,10 @@ fn producer(brokers: &str) -> FutureProducer {
 /// Produces and returns (partition, offset).
 async fn produce(p: &FutureProducer, key: &str, value: &str) -> (i32, i64) {
     let d = p
-        .send(FutureRecord::to("trades").key(key).payload(value), Duration::from_secs(10))
+        .send(
+            FutureRecord::to("trades").key(key).payload(value),
+            Duration::from_secs(10),
+        )
         .await
         .map_err(|(e, _)| e)
         .unwrap();
@@ -56,7 +60,10 @@ async fn wait_source_connected(srv: &test_support::TestShards) {
 async fn messages(ws: &mut Client, n: usize) -> Vec<(String, u64, serde_json::Value)> {
     let mut out = Vec::new();
     while out.len() < n {
-        if let ServerMessage::Message { epoch, seq, data, .. } = next_msg(ws).await.unwrap() {
+        if let ServerMessage::Message {
+            epoch, seq, data, ..
+        } = next_msg(ws).await.unwrap()
+        {
             out.push((epoch, seq, data));
         }
     }
@@ -92,7 +99,12 @@ async fn records_fan_out_with_their_offset_as_seq() {
             assert!(epoch.starts_with(&format!("trades-{part}-")), "{epoch}");
             assert_eq!(data["n"], *n);
         }
-        assert!(tokio::time::timeout(Duration::from_millis(300), next_msg(ws)).await.is_err(), "nothing extra");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), next_msg(ws))
+                .await
+                .is_err(),
+            "nothing extra"
+        );
     }
     srv.kill();
 }
@@ -109,15 +121,42 @@ async fn invalid_records_are_counted_and_skipped() {
     let p = producer(&brokers);
     produce(&p, "A", "{not json").await;
     produce(&p, "bad key!", "{}").await;
-    p.send(FutureRecord::<(), _>::to("trades").payload("{}"), Duration::from_secs(5)).await.map_err(|(e, _)| e).unwrap();
+    p.send(
+        FutureRecord::<(), _>::to("trades").payload("{}"),
+        Duration::from_secs(5),
+    )
+    .await
+    .map_err(|(e, _)| e)
+    .unwrap();
     let (_, off) = produce(&p, "A", r#"{"ok":true}"#).await;
     let got = messages(&mut ws, 1).await;
     assert_eq!(got[0].1, off as u64);
     assert_eq!(got[0].2, serde_json::json!({"ok": true}));
     let page = srv.metrics().await;
-    assert_eq!(metric(&page, "ws_kafka_invalid_records_total", &["reason=\"invalid_json\""]), 1.0);
-    assert_eq!(metric(&page, "ws_kafka_invalid_records_total", &["reason=\"bad_channel\""]), 1.0);
-    assert_eq!(metric(&page, "ws_kafka_invalid_records_total", &["reason=\"no_key\""]), 1.0);
+    assert_eq!(
+        metric(
+            &page,
+            "ws_kafka_invalid_records_total",
+            &["reason=\"invalid_json\""]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &page,
+            "ws_kafka_invalid_records_total",
+            &["reason=\"bad_channel\""]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &page,
+            "ws_kafka_invalid_records_total",
+            &["reason=\"no_key\""]
+        ),
+        1.0
+    );
     assert_eq!(metric(&page, "ws_kafka_records_total", &[]), 4.0);
     srv.kill();
 }
@@ -140,7 +179,11 @@ async fn broker_loss_keeps_clients_and_resumes_without_gap_or_duplicate() {
     cluster.broker_down(1).unwrap();
     assert!(
         wait_until(Duration::from_secs(10), || async {
-            get(srv.shards[0], "/health").await.unwrap().body.contains("\"connected\":false")
+            get(srv.shards[0], "/health")
+                .await
+                .unwrap()
+                .body
+                .contains("\"connected\":false")
         })
         .await,
         "health shows the consumer disconnected"
@@ -149,7 +192,11 @@ async fn broker_loss_keeps_clients_and_resumes_without_gap_or_duplicate() {
     let payloads: Vec<String> = (20..40).map(|n: i32| n.to_string()).collect();
     let pending: Vec<_> = payloads
         .iter()
-        .map(|v| p.send_result(FutureRecord::to("trades").key("A").payload(v)).map_err(|(e, _)| e).unwrap())
+        .map(|v| {
+            p.send_result(FutureRecord::to("trades").key("A").payload(v))
+                .map_err(|(e, _)| e)
+                .unwrap()
+        })
         .collect();
     tokio::time::sleep(Duration::from_secs(2)).await;
     cluster.broker_up(1).unwrap();
@@ -158,9 +205,17 @@ async fn broker_loss_keeps_clients_and_resumes_without_gap_or_duplicate() {
     }
     let after = messages(&mut ws, 20).await;
     let seqs: Vec<u64> = before.iter().chain(&after).map(|m| m.1).collect();
-    assert_eq!(seqs, offsets.iter().map(|o| *o as u64).collect::<Vec<_>>(), "no gap, no duplicate");
+    assert_eq!(
+        seqs,
+        offsets.iter().map(|o| *o as u64).collect::<Vec<_>>(),
+        "no gap, no duplicate"
+    );
     send(&mut ws, r#"{"type":"ping","id":1}"#).await.unwrap();
-    assert_eq!(next_msg(&mut ws).await.unwrap(), ServerMessage::Pong { id: Some(1) }, "the client stayed connected");
+    assert_eq!(
+        next_msg(&mut ws).await.unwrap(),
+        ServerMessage::Pong { id: Some(1) },
+        "the client stayed connected"
+    );
     p.flush(Duration::from_secs(5)).unwrap();
     srv.kill();
 }
@@ -193,17 +248,31 @@ async fn two_processes_agree_and_history_warms_from_kafka() {
             .await
         );
         let mut probe = connect(&srv.ws_url(0)).await.unwrap();
-        let ServerMessage::Subscribed { epoch, .. } = subscribe(&mut probe, &["trades.X"]).await.unwrap().remove(0) else { panic!() };
+        let ServerMessage::Subscribed { epoch, .. } = subscribe(&mut probe, &["trades.X"])
+            .await
+            .unwrap()
+            .remove(0)
+        else {
+            panic!()
+        };
         send(&mut ws, &format!(r#"{{"type":"subscribe","channels":["trades.X"],"since":{{"trades.X":{{"epoch":"{epoch}","seq":{since}}}}}}}"#)).await.unwrap();
         match next_msg(&mut ws).await.unwrap() {
-            ServerMessage::Subscribed { recovered: true, .. } => {}
+            ServerMessage::Subscribed {
+                recovered: true, ..
+            } => {}
             other => panic!("{other:?}"),
         }
         let got = messages(&mut ws, 30).await;
-        assert_eq!(got.iter().map(|m| m.1).collect::<Vec<_>>(), sent[10..].iter().map(|s| s.1 as u64).collect::<Vec<_>>());
+        assert_eq!(
+            got.iter().map(|m| m.1).collect::<Vec<_>>(),
+            sent[10..].iter().map(|s| s.1 as u64).collect::<Vec<_>>()
+        );
         positions.push(got.into_iter().map(|(e, s, _)| (e, s)).collect::<Vec<_>>());
     }
-    assert_eq!(positions[0], positions[1], "same (epoch, seq) for the same record in both processes");
+    assert_eq!(
+        positions[0], positions[1],
+        "same (epoch, seq) for the same record in both processes"
+    );
     a.kill();
     b.kill();
 }

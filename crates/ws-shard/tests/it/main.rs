@@ -3,8 +3,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 mod drain;
-mod kafka;
 mod hostile;
+mod kafka;
 mod pubsub;
 mod slots;
 mod slow_consumer;

@@ -95,7 +95,11 @@ async fn since_recovers_exactly_the_missed_messages_then_continues_live() {
         other => panic!("{other:?}"),
     }
     // Nothing else: no duplicate of the replayed range.
-    assert!(tokio::time::timeout(Duration::from_millis(200), next_msg(&mut ws)).await.is_err());
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), next_msg(&mut ws))
+            .await
+            .is_err()
+    );
 
     // An unknown epoch is never trusted.
     let mut ws2 = connect(&srv.ws_url(0)).await.unwrap();

@@ -1,0 +1,386 @@
+//! The librdkafka side of the Kafka source: discovers every partition of the topics, assigns
+//! each at its start or resume offset (manual assignment: no consumer group, no commits) and
+//! streams records and status as [`wire`](super::wire) events.
+//!
+//! It normally runs in a child process (`ws-shard kafka-consumer`), so that a crash inside
+//! librdkafka — 2.12 segfaults in its metadata cache when a topic is recreated under it —
+//! costs a consumer restart, not every client connection of the shard. It stops when its
+//! input (stdin) closes, i.e. when the shard process is gone.
+//!
+//! Latency settings are deliberate: `fetch.wait.max.ms` (default 10 ms instead of
+//! librdkafka's 500) bounds how long the broker holds a fetch waiting for data,
+//! `fetch.min.bytes=1` answers as soon as one record exists, and Nagle is off.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use rdkafka::config::{ClientConfig, FromClientConfigAndContext};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio_util::sync::CancellationToken;
+
+use super::wire::{self, Assigned, Event, Status};
+use super::StartPosition;
+use crate::source::SourceError;
+
+/// What the consumer needs; sent as one JSON line to the child process.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConsumerConfig {
+    pub brokers: String,
+    pub topics: Vec<String>,
+    /// For partitions not in `resume`.
+    pub start: StartPosition,
+    /// Next offset to read, per (topic, partition), from a previous consumer.
+    pub resume: Vec<(String, i32, i64)>,
+    pub fetch_wait_max_ms: u64,
+    pub properties: Vec<(String, String)>,
+}
+
+/// Why a consumer run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsumerEnd {
+    /// Asked to stop.
+    Shutdown,
+    /// A partition's log is shorter than our position: start over with a fresh client.
+    Recreated,
+    /// Nobody reads the events any more.
+    OutputClosed,
+}
+
+/// How often the status (lag from high-water marks, broker reachability) is sent and
+/// partitions are checked for recreation.
+const TICK: Duration = Duration::from_secs(1);
+
+/// Remembers an "all brokers down" error until the next status tick.
+struct Ctx {
+    latest: Mutex<Option<Status>>,
+}
+
+impl ClientContext for Ctx {
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(%error, reason, "kafka client error");
+        if matches!(
+            error.rdkafka_error_code(),
+            Some(rdkafka::types::RDKafkaErrorCode::AllBrokersDown)
+        ) {
+            *self.latest.lock() = Some(Status {
+                connected: false,
+                lag: Vec::new(),
+            });
+        }
+    }
+}
+
+impl ConsumerContext for Ctx {}
+
+fn client<C: FromClientConfigAndContext<Ctx>>(
+    cfg: &ConsumerConfig,
+    ctx: Ctx,
+) -> Result<C, SourceError> {
+    let mut c = ClientConfig::new();
+    // The client id lets broker-side tooling (and our fault-injection proxy) tell shard
+    // consumers apart from producers. Manual assignment: the group id is only a label.
+    c.set("bootstrap.servers", &cfg.brokers)
+        .set("client.id", "odin-ws-shard")
+        .set(
+            "group.id",
+            format!("odin-ws-shard-{:08x}", rand::random::<u32>()),
+        )
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", cfg.fetch_wait_max_ms.to_string())
+        .set("fetch.min.bytes", "1")
+        .set("socket.nagle.disable", "true")
+        .set("reconnect.backoff.ms", "100")
+        .set("reconnect.backoff.max.ms", "1000")
+        .set("topic.metadata.refresh.interval.ms", "10000");
+    for (k, v) in &cfg.properties {
+        c.set(k, v);
+    }
+    c.create_with_context(ctx)
+        .map_err(|e| SourceError::Config(format!("kafka client: {e}")))
+}
+
+fn new_ctx() -> Ctx {
+    Ctx {
+        latest: Mutex::new(None),
+    }
+}
+
+/// Blocking: partitions and watermarks of every topic.
+fn discover(
+    consumer: &BaseConsumer<Ctx>,
+    topics: &[String],
+) -> Result<Vec<(String, i32, i64, i64)>, KafkaError> {
+    let mut out = Vec::new();
+    for topic in topics {
+        let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(5))?;
+        for t in md.topics() {
+            if let Some(e) = t.error() {
+                return Err(KafkaError::MetadataFetch(e.into()));
+            }
+            for p in t.partitions() {
+                let (low, high) =
+                    consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(5))?;
+                out.push((topic.clone(), p.id(), low, high));
+            }
+        }
+    }
+    if out.is_empty() {
+        return Err(KafkaError::MetadataFetch(
+            rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition,
+        ));
+    }
+    Ok(out)
+}
+
+/// Blocking: the timestamp of the record at `low` in each non-empty partition.
+fn probe_first_records(
+    consumer: &BaseConsumer<Ctx>,
+    parts: &[(String, i32, i64, i64)],
+) -> HashMap<(String, i32), i64> {
+    let mut tpl = TopicPartitionList::new();
+    let mut wanted = 0;
+    for (t, p, low, high) in parts {
+        if high > low
+            && tpl
+                .add_partition_offset(t, *p, Offset::Offset(*low))
+                .is_ok()
+        {
+            wanted += 1;
+        }
+    }
+    let mut found = HashMap::new();
+    if wanted == 0 || consumer.assign(&tpl).is_err() {
+        return found;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while found.len() < wanted && std::time::Instant::now() < deadline {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            let ts = m.timestamp().to_millis().unwrap_or(0);
+            found
+                .entry((m.topic().to_owned(), m.partition()))
+                .or_insert(ts);
+        }
+    }
+    found
+}
+
+/// Blocking: the high-water mark of every partition we read, `None` where the broker did not
+/// answer in time.
+fn survey(
+    consumer: &StreamConsumer<Ctx>,
+    next: &[(String, i32, i64)],
+) -> Vec<((String, i32), i64, Option<i64>)> {
+    next.iter()
+        .map(|(topic, partition, next)| {
+            let high = consumer
+                .fetch_watermarks(topic, *partition, Duration::from_millis(800))
+                .ok()
+                .map(|(_, h)| h);
+            ((topic.clone(), *partition), *next, high)
+        })
+        .collect()
+}
+
+/// Runs one consumer until it is stopped, its output closes, or a partition turns out to be
+/// recreated (the caller then starts a fresh one with the resume positions it tracked).
+pub async fn run<W: AsyncWrite + Unpin>(
+    cfg: ConsumerConfig,
+    mut out: W,
+    stop: CancellationToken,
+) -> Result<ConsumerEnd, SourceError> {
+    let probe: Arc<BaseConsumer<Ctx>> = Arc::new(client(&cfg, new_ctx())?);
+    let parts = loop {
+        let (p, topics) = (probe.clone(), cfg.topics.clone());
+        match tokio::task::spawn_blocking(move || discover(&p, &topics)).await {
+            Ok(Ok(parts)) => break parts,
+            Ok(Err(e)) => tracing::warn!(error = %e, "kafka metadata not available yet; retrying"),
+            Err(e) => return Err(SourceError::Fatal(e.to_string())),
+        }
+        if out
+            .write_all(&wire::encode(&Event::Status(Status {
+                connected: false,
+                lag: Vec::new(),
+            })))
+            .await
+            .is_err()
+        {
+            return Ok(ConsumerEnd::OutputClosed);
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(ConsumerEnd::Shutdown),
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    };
+    let firsts = {
+        let (p, parts) = (probe.clone(), parts.clone());
+        tokio::task::spawn_blocking(move || probe_first_records(&p, &parts))
+            .await
+            .map_err(|e| SourceError::Fatal(e.to_string()))?
+    };
+    drop(probe);
+
+    let resume: HashMap<(String, i32), i64> = cfg
+        .resume
+        .iter()
+        .map(|(t, p, o)| ((t.clone(), *p), *o))
+        .collect();
+    let mut assigned = Vec::new();
+    let mut tpl = TopicPartitionList::new();
+    for (topic, partition, low, high) in &parts {
+        let (start, recreated) = match resume.get(&(topic.clone(), *partition)) {
+            Some(next) if *high < *next => (*low, true),
+            Some(next) => (*next, false),
+            None => match cfg.start {
+                StartPosition::Latest => (*high, false),
+                StartPosition::Back(n) => (
+                    (*high - i64::try_from(n).unwrap_or(i64::MAX)).max(*low),
+                    false,
+                ),
+            },
+        };
+        tracing::info!(
+            topic,
+            partition,
+            low,
+            high,
+            start,
+            recreated,
+            "kafka partition assigned"
+        );
+        tpl.add_partition_offset(topic, *partition, Offset::Offset(start))
+            .map_err(|e| SourceError::Fatal(e.to_string()))?;
+        assigned.push(Assigned {
+            topic: topic.clone(),
+            partition: *partition,
+            low: *low,
+            high: *high,
+            start,
+            first_record_ms: firsts.get(&(topic.clone(), *partition)).copied(),
+            recreated,
+        });
+    }
+    let mut next: HashMap<(String, i32), i64> = assigned
+        .iter()
+        .map(|a| ((a.topic.clone(), a.partition), a.start))
+        .collect();
+    if out
+        .write_all(&wire::encode(&Event::Partitions(assigned)))
+        .await
+        .is_err()
+    {
+        return Ok(ConsumerEnd::OutputClosed);
+    }
+    // Metadata and watermarks just came back: the brokers are reachable. Statistics keep
+    // the state current from here on.
+    let up = Event::Status(Status {
+        connected: true,
+        lag: Vec::new(),
+    });
+    if out.write_all(&wire::encode(&up)).await.is_err() {
+        return Ok(ConsumerEnd::OutputClosed);
+    }
+
+    let consumer: Arc<StreamConsumer<Ctx>> = Arc::new(client(&cfg, new_ctx())?);
+    consumer
+        .assign(&tpl)
+        .map_err(|e| SourceError::Fatal(format!("assign: {e}")))?;
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A partition counts as recreated only when two checks in a row find its log shorter
+    // than our position: some brokers answer ListOffsets from a slightly stale view while
+    // records are being appended.
+    let mut suspects: Vec<(String, i32)> = Vec::new();
+    loop {
+        let frame = tokio::select! {
+            _ = stop.cancelled() => return Ok(ConsumerEnd::Shutdown),
+            _ = tick.tick() => {
+                // Every tick: high-water marks give the lag and tell whether the brokers
+                // answer. Not every broker answers a fetch beyond the end of a recreated
+                // partition with OFFSET_OUT_OF_RANGE, so they also reveal recreation.
+                let positions: Vec<_> = next.iter().map(|((t, p), o)| (t.clone(), *p, *o)).collect();
+                let c = consumer.clone();
+                let Ok(marks) = tokio::task::spawn_blocking(move || survey(&c, &positions)).await else { continue };
+                let broker_down = consumer.context().latest.lock().take().is_some_and(|s| !s.connected);
+                let connected = !broker_down && marks.iter().all(|(_, _, h)| h.is_some());
+                let lag = marks.iter().filter_map(|((t, p), next, h)| Some((t.clone(), *p, (h.as_ref()? - next).max(0)))).collect();
+                if out.write_all(&wire::encode(&Event::Status(Status { connected, lag }))).await.is_err() {
+                    return Ok(ConsumerEnd::OutputClosed);
+                }
+                let now: Vec<(String, i32)> = marks
+                    .into_iter()
+                    .filter(|(_, next, h)| h.is_some_and(|h| h >= 0 && h < *next))
+                    .map(|(k, _, _)| k)
+                    .collect();
+                if now.iter().any(|p| suspects.contains(p)) {
+                    tracing::warn!(partitions = ?now, "kafka partition log shorter than our position twice in a row: recreated");
+                    return Ok(ConsumerEnd::Recreated);
+                }
+                suspects = now;
+                continue;
+            }
+            m = consumer.recv() => match m {
+                Ok(m) => {
+                    next.insert((m.topic().to_owned(), m.partition()), m.offset() + 1);
+                    wire::encode_record(m.topic(), m.partition(), m.offset(), m.timestamp().to_millis(), m.key(), m.payload())
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "kafka consume error");
+                    tokio::select! {
+                        _ = stop.cancelled() => return Ok(ConsumerEnd::Shutdown),
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    }
+                    continue;
+                }
+            },
+        };
+        if out.write_all(&frame).await.is_err() {
+            return Ok(ConsumerEnd::OutputClosed);
+        }
+    }
+}
+
+/// Exit code of a consumer process that found a recreated partition.
+pub const EXIT_RECREATED: i32 = 3;
+
+/// Entry point of the `ws-shard kafka-consumer` child process: reads its configuration as
+/// one JSON line on stdin, writes events to stdout, stops when stdin closes. Returns the
+/// process exit code.
+pub async fn child_main() -> i32 {
+    let mut stdin = BufReader::new(tokio::io::stdin());
+    let mut line = String::new();
+    if stdin.read_line(&mut line).await.is_err() {
+        return 1;
+    }
+    let cfg: ConsumerConfig = match serde_json::from_str(&line) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "kafka consumer: bad configuration on stdin");
+            return 1;
+        }
+    };
+    let stop = CancellationToken::new();
+    let watch = stop.clone();
+    tokio::spawn(async move {
+        // The parent keeps stdin open for as long as it wants us; EOF means it is gone.
+        let mut rest = Vec::new();
+        let _ = tokio::io::AsyncReadExt::read_to_end(&mut stdin, &mut rest).await;
+        watch.cancel();
+    });
+    match run(cfg, tokio::io::stdout(), stop).await {
+        Ok(ConsumerEnd::Recreated) => EXIT_RECREATED,
+        Ok(_) => 0,
+        Err(e) => {
+            tracing::error!(error = %e, "kafka consumer failed");
+            1
+        }
+    }
+}

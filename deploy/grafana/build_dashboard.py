@@ -1,0 +1,235 @@
+#!/usr/bin/env python3
+"""Builds deploy/grafana/odin-ws.json, the odin-ws Grafana dashboard.
+
+    python3 deploy/grafana/build_dashboard.py           # rewrite odin-ws.json
+    python3 deploy/grafana/build_dashboard.py --check   # exit 1 if it is stale
+
+Edit the panel list here, not the JSON. The dashboard uses a Prometheus
+datasource variable and two instance filters ($lb for ws-lb VMs, $shard_vm
+for ws-shard VMs).
+"""
+
+import json
+import sys
+from pathlib import Path
+
+OUT = Path(__file__).with_name("odin-ws.json")
+DS = {"type": "prometheus", "uid": "${datasource}"}
+RI = "$__rate_interval"
+LB = 'instance=~"$lb"'
+SH = 'instance=~"$shard_vm"'
+
+
+def q(expr, legend=""):
+    return {"expr": expr, "legend": legend}
+
+
+def ts(title, targets, unit="short", w=8, h=8, description="", stack=False):
+    return {"kind": "timeseries", "title": title, "targets": targets, "unit": unit,
+            "w": w, "h": h, "description": description, "stack": stack}
+
+
+def stat(title, targets, unit="short", w=4, h=4, description="", thresholds=None):
+    return {"kind": "stat", "title": title, "targets": targets, "unit": unit,
+            "w": w, "h": h, "description": description, "thresholds": thresholds}
+
+
+def quantiles(metric, selector, by=""):
+    grp = f"le{', ' + by if by else ''}"
+    leg = f"{{{{{by}}}}} " if by else ""
+    return [q(f"histogram_quantile({p}, sum by ({grp}) (rate({metric}_bucket{{{selector}}}[{RI}])))",
+              f"{leg}p{label}")
+            for p, label in (("0.5", "50"), ("0.99", "99"), ("0.999", "99.9"))]
+
+
+ROWS = [
+    ("Clients and admission (ws-lb)", [
+        stat("Client connections", [q(f"sum(ws_lb_active_connections{{{LB}}})")]),
+        stat("Admission queue", [q(f"sum(ws_lb_admission_queue_length{{{LB}}})")]),
+        stat("Rejections/s", [q(f"sum(rate(ws_lb_admission_rejections_total{{{LB}}}[{RI}]))")],
+             unit="reqps", thresholds=[("green", None), ("orange", 1)]),
+        stat("Open circuit breakers", [q(f'sum(ws_circuit_breaker_state{{{LB}, state="open"}})')],
+             thresholds=[("green", None), ("red", 1)]),
+        stat("Shard fill", [q(f"sum(ws_shard_connections{{{SH}}}) / sum(ws_shard_max_connections{{{SH}}})")],
+             unit="percentunit", thresholds=[("green", None), ("orange", 0.7), ("red", 0.9)]),
+        stat("Kafka connected", [q(f"min(ws_kafka_connected{{{SH}}})")],
+             description="1 when every shard VM is connected to Kafka.",
+             thresholds=[("red", None), ("green", 1)]),
+        ts("Client connections per ws-lb", [q(f"sum by (instance) (ws_lb_active_connections{{{LB}}})", "{{instance}}")]),
+        ts("Client connection outcomes", [q(f"sum by (result) (rate(ws_lb_client_connections_total{{{LB}}}[{RI}]))", "{{result}}")],
+           unit="cps", description="relayed, closed_1012, closed_1013, rejected"),
+        ts("Close codes sent to clients", [q(f"sum by (code) (rate(ws_lb_close_codes_total{{{LB}}}[{RI}]))", "{{code}}")], unit="cps"),
+        ts("Admission queue length", [q(f"max by (instance) (ws_lb_admission_queue_length{{{LB}}})", "{{instance}}")]),
+        ts("Admission wait", quantiles("ws_lb_admission_wait_seconds", LB), unit="s"),
+        ts("Admission rejections by reason", [q(f"sum by (reason) (rate(ws_lb_admission_rejections_total{{{LB}}}[{RI}]))", "{{reason}}")],
+           unit="reqps"),
+    ]),
+    ("Upstream handshakes (ws-lb to shards)", [
+        ts("Handshakes", [
+            q(f"sum(rate(ws_handshake_attempts_total{{{LB}}}[{RI}]))", "attempts"),
+            q(f"sum(rate(ws_handshake_success_total{{{LB}}}[{RI}]))", "success"),
+            q(f"sum(rate(ws_handshake_failures_total{{{LB}}}[{RI}]))", "failures"),
+        ], unit="ops"),
+        ts("Handshake failures by shard", [q(f"sum by (shard_id) (rate(ws_handshake_failures_total{{{LB}}}[{RI}]))", "shard {{shard_id}}")],
+           unit="ops", description="HighHandshakeFailureRate fires above 0.15/s per ws-lb."),
+        ts("Handshake duration", quantiles("ws_handshake_duration_seconds", LB), unit="s"),
+        ts("Handshake retries by attempt", [q(f"sum by (attempt) (rate(ws_handshake_retry_count{{{LB}}}[{RI}]))", "attempt {{attempt}}")],
+           unit="ops", description="Attempts made as the N-th try for one client."),
+        ts("Failed attempts by kind", [q(f"sum by (kind) (rate(ws_lb_attempt_errors_total{{{LB}}}[{RI}]))", "{{kind}}")],
+           unit="ops", description="refused = shard down, handshake_timeout = hung or overloaded, http_503 = full or draining."),
+        ts("Shard /health poll failures", [q(f"sum by (shard_id) (rate(ws_lb_health_poll_failures_total{{{LB}}}[{RI}]))", "shard {{shard_id}}")],
+           unit="ops"),
+    ]),
+    ("Circuit breakers and shard scores (as seen by ws-lb)", [
+        ts("Breaker states", [q(f"sum by (state) (ws_circuit_breaker_state{{{LB}}})", "{{state}}")],
+           description="Number of (ws-lb, shard) breakers in each state.", stack=True),
+        ts("Breaker transitions", [q(f"sum by (from, to) (increase(ws_circuit_breaker_transitions_total{{{LB}}}[{RI}]))", "{{from}} -> {{to}}")]),
+        ts("Breaker failures by shard", [q(f"sum by (shard_id) (rate(ws_circuit_breaker_failures_total{{{LB}}}[{RI}]))", "shard {{shard_id}}")],
+           unit="ops"),
+        ts("Shard health score", [q(f"min by (shard_id) (ws_shard_health_score{{{LB}}})", "shard {{shard_id}}")],
+           unit="percentunit", description="Worst score over all ws-lb VMs; ShardUnhealthy fires below 0.3."),
+        ts("Shard utilization", [q(f"max by (shard_id) (ws_shard_utilization{{{LB}}})", "shard {{shard_id}}")], unit="percentunit"),
+        ts("Shard recent failures", [q(f"max by (shard_id) (ws_shard_recent_failures{{{LB}}})", "shard {{shard_id}}")]),
+    ]),
+    ("Shards (ws-shard)", [
+        ts("Connections per shard", [
+            q(f"sum by (instance, shard_id) (ws_shard_connections{{{SH}}})", "{{instance}} / {{shard_id}}"),
+        ]),
+        ts("Connections and capacity", [
+            q(f"sum(ws_shard_connections{{{SH}}})", "connections"),
+            q(f"sum(ws_shard_max_connections{{{SH}}})", "capacity"),
+        ]),
+        ts("Accepted and rejected", [
+            q(f"sum(rate(ws_shard_connections_accepted_total{{{SH}}}[{RI}]))", "accepted"),
+            q(f"sum by (reason) (rate(ws_shard_connections_rejected_total{{{SH}}}[{RI}]))", "rejected: {{reason}}"),
+        ], unit="cps"),
+        ts("Closes by code", [q(f"sum by (code) (rate(ws_shard_closes_total{{{SH}}}[{RI}]))", "{{code}}")], unit="cps"),
+        ts("Slow-consumer disconnects", [q(f"sum by (instance, shard_id) (rate(ws_shard_slow_consumer_disconnects_total{{{SH}}}[{RI}]))", "{{instance}} / {{shard_id}}")],
+           unit="cps", description="SlowConsumerSpike fires above 1/s per shard."),
+        ts("Channels and subscriptions", [
+            q(f"sum(ws_shard_channels{{{SH}}})", "channels"),
+            q(f"sum(ws_shard_subscriptions{{{SH}}})", "subscriptions"),
+        ]),
+        ts("Error replies by code", [q(f"sum by (code) (rate(ws_shard_error_replies_total{{{SH}}}[{RI}]))", "{{code}}")], unit="ops"),
+        ts("Replays and recoveries", [
+            q(f"sum(rate(ws_shard_replayed_total{{{SH}}}[{RI}]))", "replayed"),
+            q(f"sum by (recovered) (rate(ws_shard_recoveries_total{{{SH}}}[{RI}]))", "recoveries (recovered={{recovered}})"),
+        ], unit="ops"),
+        ts("Accept errors", [q(f"sum by (job, listener, kind) (rate(ws_accept_errors_total{{instance=~\"$lb|$shard_vm\"}}[{RI}]))", "{{job}} {{listener}} {{kind}}")],
+           unit="ops", description="Both binaries."),
+        ts("Refused for lack of file descriptors (503)", [q(f"sum by (job, listener) (rate(ws_accept_fd_exhausted_rejects_total{{instance=~\"$lb|$shard_vm\"}}[{RI}]))", "{{job}} {{listener}}")],
+           unit="ops", description="Connections answered 503 from the reserved descriptor. Both binaries."),
+    ]),
+    ("Fan-out", [
+        ts("Messages published", [
+            q(f"sum(rate(ws_shard_messages_published_total{{{SH}}}[{RI}]))", "published"),
+            q(f"sum(rate(ws_shard_messages_duplicate_total{{{SH}}}[{RI}]))", "duplicates"),
+        ], unit="ops"),
+        ts("Deliveries", [q(f"sum by (instance) (rate(ws_shard_deliveries_total{{{SH}}}[{RI}]))", "{{instance}}")], unit="ops"),
+        ts("Fan-out latency", quantiles("ws_shard_fanout_seconds", SH), unit="s"),
+    ]),
+    ("Kafka", [
+        ts("Consumer lag by topic", [q(f"max by (topic) (ws_kafka_consumer_lag{{{SH}}})", "{{topic}}")],
+           description="Worst partition; KafkaConsumerLagHigh fires above 10000."),
+        ts("Records consumed", [
+            q(f"sum by (topic) (rate(ws_kafka_records_total{{{SH}}}[{RI}]))", "{{topic}}"),
+            q(f"sum by (topic) (rate(ws_kafka_invalid_records_total{{{SH}}}[{RI}]))", "invalid: {{topic}}"),
+        ], unit="ops"),
+        ts("Record to fan-out latency", quantiles("ws_kafka_record_to_fanout_seconds", SH), unit="s"),
+        ts("Kafka connected per VM", [q(f"min by (instance) (ws_kafka_connected{{{SH}}})", "{{instance}}")]),
+        ts("Consumer restarts", [q(f"sum by (reason) (increase(ws_kafka_consumer_restarts_total{{{SH}}}[{RI}]))", "{{reason}}")],
+           description="The librdkafka consumer runs in a child process; restarts resume at the next offset."),
+    ]),
+]
+
+
+def thresholds_json(steps):
+    return {"mode": "absolute",
+            "steps": [{"color": c, "value": v} for c, v in (steps or [("green", None)])]}
+
+
+def panel_json(p, pid, x, y):
+    targets = [{"datasource": DS, "refId": chr(ord("A") + i), "expr": t["expr"],
+                "legendFormat": t["legend"] or "__auto", "range": True}
+               for i, t in enumerate(p["targets"])]
+    out = {"id": pid, "type": p["kind"], "title": p["title"], "datasource": DS,
+           "gridPos": {"h": p["h"], "w": p["w"], "x": x, "y": y}, "targets": targets}
+    if p["description"]:
+        out["description"] = p["description"]
+    if p["kind"] == "timeseries":
+        out["fieldConfig"] = {"defaults": {"unit": p["unit"], "custom": {
+            "drawStyle": "line", "lineWidth": 1, "fillOpacity": 10, "showPoints": "never",
+            "stacking": {"mode": "normal" if p["stack"] else "none", "group": "A"}}},
+            "overrides": []}
+        out["options"] = {"legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
+                          "tooltip": {"mode": "multi", "sort": "desc"}}
+    else:
+        out["fieldConfig"] = {"defaults": {"unit": p["unit"], "thresholds": thresholds_json(p["thresholds"]),
+                                           "color": {"mode": "thresholds"}}, "overrides": []}
+        out["options"] = {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+                          "colorMode": "value", "graphMode": "area", "textMode": "auto",
+                          "justifyMode": "auto", "orientation": "auto"}
+    return out
+
+
+def build():
+    panels, pid, y = [], 1, 0
+    for title, row in ROWS:
+        panels.append({"id": pid, "type": "row", "title": title, "collapsed": False,
+                       "gridPos": {"h": 1, "w": 24, "x": 0, "y": y}, "panels": []})
+        pid, y, x, line_h = pid + 1, y + 1, 0, 0
+        for p in row:
+            if x + p["w"] > 24:
+                x, y, line_h = 0, y + line_h, 0
+            panels.append(panel_json(p, pid, x, y))
+            pid, x, line_h = pid + 1, x + p["w"], max(line_h, p["h"])
+        y += line_h
+    var = {"current": {}, "datasource": DS, "includeAll": True, "multi": True, "refresh": 2,
+           "type": "query", "allValue": ".*", "sort": 1}
+    return {
+        "annotations": {"list": [{"builtIn": 1, "datasource": {"type": "grafana", "uid": "-- Grafana --"},
+                                  "enable": True, "hide": True, "iconColor": "rgba(0, 211, 255, 1)",
+                                  "name": "Annotations & Alerts", "type": "dashboard"}]},
+        "description": "odin-ws: ws-lb load balancers and ws-shard fan-out servers (deploy/grafana/build_dashboard.py).",
+        "editable": True,
+        "fiscalYearStartMonth": 0,
+        "graphTooltip": 1,
+        "links": [],
+        "panels": panels,
+        "refresh": "30s",
+        "schemaVersion": 39,
+        "tags": ["odin-ws", "websocket", "market-data"],
+        "templating": {"list": [
+            {"name": "datasource", "label": "Data source", "type": "datasource", "query": "prometheus",
+             "current": {}, "hide": 0, "refresh": 1, "regex": ""},
+            dict(var, name="lb", label="ws-lb VMs", definition="label_values(ws_lb_active_connections, instance)",
+                 query={"query": "label_values(ws_lb_active_connections, instance)", "refId": "lb"}),
+            dict(var, name="shard_vm", label="ws-shard VMs",
+                 definition="label_values(ws_shard_connections, instance)",
+                 query={"query": "label_values(ws_shard_connections, instance)", "refId": "shard_vm"}),
+        ]},
+        "time": {"from": "now-6h", "to": "now"},
+        "timepicker": {},
+        "timezone": "utc",
+        "title": "odin-ws",
+        "uid": "odin-ws",
+        "version": 1,
+    }
+
+
+def main():
+    text = json.dumps(build(), indent=2) + "\n"
+    if sys.argv[1:] == ["--check"]:
+        if not OUT.exists() or OUT.read_text() != text:
+            print(f"{OUT} is stale: run python3 {Path(__file__)}", file=sys.stderr)
+            return 1
+        return 0
+    if sys.argv[1:]:
+        print(__doc__, file=sys.stderr)
+        return 2
+    OUT.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

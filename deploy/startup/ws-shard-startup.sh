@@ -1,0 +1,183 @@
+#!/bin/bash
+# GCE startup script of the ws-shard tier (instance metadata "startup-script").
+# Runs at every boot: tunes the kernel, then runs ws-shard with the arguments
+# in metadata "odin-args" -- as a container on Container-Optimized OS, or as the
+# systemd unit deploy/systemd/ws-shard.service on Debian/Ubuntu.
+set -euo pipefail
+
+ROLE=ws-shard
+
+# ==== BEGIN COMMON: identical in ws-lb-startup.sh and ws-shard-startup.sh (deploy/tests/test_startup.sh checks) ====
+#
+# Instance metadata read (set by deploy/terraform and deploy/gcp):
+#   odin-args             arguments of the binary (required), e.g. "--listen 0.0.0.0:3001 ..."
+#   odin-env              space-separated KEY=VALUE pairs for the process environment
+#   odin-open-ports       host-firewall ports to open on COS (iptables multiport, e.g. "3001,9101")
+#   odin-container-image  image with /usr/local/bin/ws-lb and ws-shard (Container-Optimized OS)
+#   odin-release-url      tarball bin/<binary> + systemd/<binary>.service (Debian/Ubuntu images)
+# Test hooks: ODIN_ROOT prefixes every path written, ODIN_OS_RELEASE replaces
+# /etc/os-release, ODIN_METADATA_URL replaces the metadata server.
+
+ROOT="${ODIN_ROOT:-}"
+OS_RELEASE="${ODIN_OS_RELEASE:-/etc/os-release}"
+METADATA_URL="${ODIN_METADATA_URL:-http://metadata.google.internal/computeMetadata/v1}"
+STATE_DIR="$ROOT/var/lib/odin-ws"
+ENV_FILE="$ROOT/etc/odin-ws/$ROLE.env"
+SYSCTL_FILE="$ROOT/etc/sysctl.d/99-odin-ws.conf"
+WORK_DIR=""
+
+log() { printf '%s-startup: %s\n' "$ROLE" "$*" >&2; }
+die() {
+  log "ERROR: $*"
+  exit 1
+}
+cleanup() { [[ -z "$WORK_DIR" ]] || rm -rf "$WORK_DIR"; }
+trap cleanup EXIT
+
+# metadata PATH: a metadata-server value; non-zero exit when it is not set.
+metadata() {
+  curl -fsS --retry 5 --retry-connrefused -H 'Metadata-Flavor: Google' "$METADATA_URL/$1"
+}
+
+# attr KEY [DEFAULT]: an instance attribute, or DEFAULT ("" if none) when unset.
+attr() {
+  local value
+  if value="$(metadata "instance/attributes/$1" 2>/dev/null)"; then
+    printf '%s' "$value"
+  else
+    printf '%s' "${2-}"
+  fi
+}
+
+os_id() {
+  sed -n 's/^ID=//p' "$OS_RELEASE" | tr -d '"' | head -n 1
+}
+
+# Kernel settings for hundreds of thousands of long-lived TCP connections.
+tune_kernel() {
+  mkdir -p "${SYSCTL_FILE%/*}"
+  cat >"$SYSCTL_FILE" <<'SYSCTL'
+# Written by the odin-ws startup script.
+fs.file-max = 4194304
+fs.nr_open = 2097152
+net.core.somaxconn = 65535
+net.core.netdev_max_backlog = 65536
+net.ipv4.tcp_max_syn_backlog = 65535
+# Ephemeral ports stay above every odin-ws listener (3001-3011, 9101, 9102).
+net.ipv4.ip_local_port_range = 10240 65535
+net.ipv4.tcp_tw_reuse = 1
+net.ipv4.tcp_fin_timeout = 15
+SYSCTL
+  # Client and upstream sockets are both tracked where conntrack is loaded
+  # (COS host firewall).
+  if [[ -e /proc/sys/net/netfilter/nf_conntrack_max ]]; then
+    printf 'net.netfilter.nf_conntrack_max = 4194304\n' >>"$SYSCTL_FILE"
+  fi
+  sysctl -q -p "$SYSCTL_FILE"
+}
+
+# The process environment, as one file read by both `docker run --env-file`
+# and systemd's EnvironmentFile= (both take the rest of the line literally).
+write_env_file() {
+  local pair pairs=()
+  read -r -a pairs <<<"$(attr odin-env)" || true
+  mkdir -p "${ENV_FILE%/*}"
+  {
+    printf '# Written by %s-startup.sh from instance metadata.\n' "$ROLE"
+    printf 'ODIN_ARGS=%s\n' "$ARGS"
+    for pair in "${pairs[@]}"; do
+      [[ "$pair" =~ ^[A-Z_][A-Z0-9_]*=[^[:space:]\"\']*$ ]] || die "bad odin-env entry: $pair"
+      printf '%s\n' "$pair"
+    done
+  } >"$ENV_FILE.tmp"
+  mv "$ENV_FILE.tmp" "$ENV_FILE"
+}
+
+# Container-Optimized OS drops inbound traffic except SSH by default.
+open_host_firewall() {
+  local ports
+  ports="$(attr odin-open-ports)"
+  [[ -n "$ports" ]] || return 0
+  iptables -w -C INPUT -p tcp -m multiport --dports "$ports" -j ACCEPT 2>/dev/null ||
+    iptables -w -A INPUT -p tcp -m multiport --dports "$ports" -j ACCEPT
+}
+
+run_container() {
+  local image registry args=()
+  image="$(attr odin-container-image)"
+  [[ -n "$image" ]] || die "metadata odin-container-image is not set"
+  read -r -a args <<<"$ARGS"
+  # COS keeps / read-only: docker's client config goes to a writable HOME.
+  mkdir -p "$STATE_DIR"
+  export HOME="$STATE_DIR"
+  registry="${image%%/*}"
+  case "$registry" in
+    *-docker.pkg.dev | gcr.io | *.gcr.io) docker-credential-gcr configure-docker --registries="$registry" >&2 ;;
+  esac
+  local try
+  for try in 1 2 3 4 5; do
+    docker pull "$image" >&2 && break
+    [[ $try -lt 5 ]] || die "cannot pull $image"
+    sleep $((try * 5))
+  done
+  docker rm -f "$ROLE" >/dev/null 2>&1 || true
+  docker run --detach --name "$ROLE" --restart on-failure \
+    --network host --ulimit nofile=1048576:1048576 \
+    --stop-signal SIGTERM --stop-timeout 45 \
+    --log-opt max-size=100m --log-opt max-file=5 \
+    --env-file "$ENV_FILE" \
+    "$image" "/usr/local/bin/$ROLE" "${args[@]}" >&2
+}
+
+install_release() {
+  local url
+  url="$(attr odin-release-url)"
+  [[ -n "$url" ]] || die "metadata odin-release-url is not set (needed on $1)"
+  WORK_DIR="$(mktemp -d)"
+  case "$url" in
+    gs://*) gcloud storage cp "$url" "$WORK_DIR/release.tar.gz" >&2 ;;
+    https://* | http://*) curl -fsSL --retry 5 -o "$WORK_DIR/release.tar.gz" "$url" ;;
+    *) die "unsupported odin-release-url: $url" ;;
+  esac
+  tar -xzf "$WORK_DIR/release.tar.gz" -C "$WORK_DIR"
+  install -D -m 0755 "$WORK_DIR/bin/$ROLE" "$ROOT/usr/local/bin/$ROLE"
+  install -D -m 0644 "$WORK_DIR/systemd/$ROLE.service" "$ROOT/etc/systemd/system/$ROLE.service"
+  systemctl daemon-reload
+  systemctl enable "$ROLE.service"
+  systemctl restart "$ROLE.service"
+}
+
+main() {
+  if [[ $# -gt 0 && "$1" != start ]]; then
+    role_command "$@"
+    return
+  fi
+  local os
+  ARGS="$(attr odin-args)"
+  [[ -n "$ARGS" ]] || die "metadata odin-args is not set"
+  os="$(os_id)"
+  tune_kernel
+  write_env_file
+  case "$os" in
+    cos)
+      open_host_firewall
+      run_container
+      ;;
+    debian | ubuntu) install_release "$os" ;;
+    *) die "unsupported OS '$os' (expected cos, debian or ubuntu)" ;;
+  esac
+  role_after_start
+  log "started $ROLE $ARGS"
+}
+# ==== END COMMON ====
+
+# ---- ws-shard only ----------------------------------------------------------
+
+role_after_start() { :; }
+
+role_command() {
+  log "ERROR: unknown command: $1"
+  return 2
+}
+
+main "$@"

@@ -1,0 +1,144 @@
+//! Command-line flags and their environment variables.
+//!
+//! The plan's names are kept exactly (`WS_URL`, `TARGET_CONNECTIONS`, `RAMP_RATE`,
+//! `HOLD_SECONDS`); every other flag reads `LOADTEST_<FLAG>` so that generic variables such
+//! as `QUIET` or `CHANNELS` in a CI environment never change a run by accident. Flags override
+//! the environment, and a later occurrence of a flag overrides an earlier one (the worker
+//! re-exec relies on that to replace `--json` and the step's `--rate`).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// odin-ws load tool: scheduled connection ramps against any ws:// URL, with handshake and
+/// delivery latency, schedule lag, JSON reports and SVG charts.
+#[derive(Debug, Parser)]
+#[command(name = "loadtest", version, args_override_self = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Publish timestamped messages to the embedded bus at a scheduled rate.
+    Publish(PublishArgs),
+}
+
+/// Flags of a connection run (the default command).
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// WebSocket URL to connect to (ws:// only).
+    #[arg(long, env = "WS_URL")]
+    pub url: Option<String>,
+    /// Connections to attempt in total (across all workers).
+    #[arg(long, env = "TARGET_CONNECTIONS", default_value_t = 1000)]
+    pub connections: u64,
+    /// New connection attempts per second (across all workers).
+    #[arg(long, env = "RAMP_RATE", default_value_t = 100.0)]
+    pub rate: f64,
+    /// How long to hold the connections after the ramp (seconds, or 500ms / 2m).
+    #[arg(long, env = "HOLD_SECONDS", default_value = "10")]
+    pub hold: String,
+    /// Channels: a comma list, each item may hold one {a..b} range (trades.S{0..99}).
+    /// Empty: connect without subscribing.
+    #[arg(long, env = "LOADTEST_CHANNELS", default_value = "")]
+    pub channels: String,
+    /// How many of the channels each connection subscribes to.
+    #[arg(long, env = "LOADTEST_CHANNELS_PER_CONN", default_value_t = 1)]
+    pub channels_per_conn: usize,
+    /// Deadline from connect start to the 101 (and again from the 101 to `subscribed`).
+    #[arg(long, env = "LOADTEST_HANDSHAKE_TIMEOUT", default_value = "5s")]
+    pub handshake_timeout: String,
+    /// Without channels, a connection is established when no close frame came within this
+    /// window after the 101.
+    #[arg(long, env = "LOADTEST_SETTLE", default_value = "100ms")]
+    pub settle: String,
+    /// Source addresses to bind, round-robin: a range 127.0.0.1-127.0.0.20 or a comma list.
+    #[arg(long, env = "LOADTEST_SOURCE_IPS")]
+    pub source_ips: Option<String>,
+    /// Write the JSON report here.
+    #[arg(long, env = "LOADTEST_JSON")]
+    pub json: Option<PathBuf>,
+    /// Write an SVG chart (active connections, attempts/s, handshake p99 over time) here.
+    #[arg(long, env = "LOADTEST_CHART")]
+    pub chart: Option<PathBuf>,
+    /// Re-dial with backoff after a disconnect, resubscribing with `since`.
+    #[arg(long, env = "LOADTEST_RECONNECT")]
+    pub reconnect: bool,
+    /// No progress line (the summary is still printed).
+    #[arg(long, env = "LOADTEST_QUIET")]
+    pub quiet: bool,
+    /// Largest frame or message accepted from the server, in bytes.
+    #[arg(long, env = "LOADTEST_MAX_MESSAGE", default_value_t = 1 << 20)]
+    pub max_message: usize,
+    /// Publish during the hold to this URL (the embedded bus' POST /publish).
+    #[arg(long, env = "PUBLISH_URL")]
+    pub publish_url: Option<String>,
+    /// Messages per second to publish during the hold (round-robin over the channels).
+    #[arg(long, env = "PUBLISH_RATE", default_value_t = 0.0)]
+    pub publish_rate: f64,
+    /// Keep-alive HTTP connections the publisher uses.
+    #[arg(long, env = "PUBLISH_CONNECTIONS", default_value_t = 4)]
+    pub publish_connections: usize,
+    /// Split the run over this many processes (re-executions of this binary), each with its
+    /// share of connections, rate and source addresses.
+    #[arg(long, env = "LOADTEST_WORKERS", default_value_t = 1)]
+    pub workers: u32,
+    /// Run successive short ramps at increasing rates and report the highest one sustained.
+    #[arg(long, env = "LOADTEST_FIND_MAX")]
+    pub find_max: bool,
+    /// find-max: a step fails when its handshake p99 exceeds this.
+    #[arg(long, env = "LOADTEST_MAX_P99", default_value = "10ms")]
+    pub max_p99: String,
+    /// find-max: a step fails when fewer than this fraction of attempts are established.
+    #[arg(long, env = "LOADTEST_MIN_SUCCESS", default_value_t = 0.999)]
+    pub min_success: f64,
+    /// find-max: the rates to try, in order (default 500,1000,2000,3000,5000,7500,10000, then
+    /// doubling up to 160000).
+    #[arg(long, env = "LOADTEST_FIND_MAX_RATES")]
+    pub find_max_rates: Option<String>,
+    /// find-max: pause between steps so the server can release the previous step's sockets.
+    #[arg(long, env = "LOADTEST_STEP_PAUSE", default_value = "2s")]
+    pub step_pause: String,
+    /// Set by a parent run with --workers: which share this process performs.
+    #[arg(long, hide = true)]
+    pub worker_index: Option<u32>,
+    #[arg(long, hide = true)]
+    pub worker_count: Option<u32>,
+    /// Set by a parent run with --workers: the common schedule start (Unix milliseconds).
+    #[arg(long, hide = true)]
+    pub start_at_unix_ms: Option<u64>,
+}
+
+/// Flags of `loadtest publish`.
+#[derive(Debug, Clone, Args)]
+pub struct PublishArgs {
+    /// The bus endpoint.
+    #[arg(
+        long,
+        env = "PUBLISH_URL",
+        default_value = "http://127.0.0.1:9102/publish"
+    )]
+    pub publish_url: String,
+    /// Messages per second.
+    #[arg(long, env = "PUBLISH_RATE", default_value_t = 100.0)]
+    pub rate: f64,
+    /// Channels, as for a connection run (round-robin).
+    #[arg(long, env = "LOADTEST_CHANNELS")]
+    pub channels: String,
+    /// How long to publish (seconds, or 500ms / 2m).
+    #[arg(long, env = "PUBLISH_DURATION", default_value = "10")]
+    pub duration: String,
+    /// Keep-alive HTTP connections.
+    #[arg(long, env = "PUBLISH_CONNECTIONS", default_value_t = 4)]
+    pub connections: usize,
+    /// Write the JSON report here.
+    #[arg(long, env = "LOADTEST_JSON")]
+    pub json: Option<PathBuf>,
+    /// No progress line.
+    #[arg(long, env = "LOADTEST_QUIET")]
+    pub quiet: bool,
+}

@@ -1,0 +1,113 @@
+#!/usr/bin/env python3
+"""Runs Autobahn|Testsuite's fuzzing-client cases (through `kosoku`, which runs Autobahn's
+own case definitions from Python 3) against (a) a shard's /echo endpoint directly and (b) the
+same shard through ws-lb, then prints a result table and fails on any case whose verdict is
+not OK, NON-STRICT or INFORMATIONAL.
+
+    run.py --bin target/release --cases all    # sections 1-7, 9, 10: 301 cases
+    run.py --bin target/debug --cases short    # sections 1-7, 10 (no 9.*: performance)
+
+The servers are started here on free loopback ports and stopped at the end.
+"""
+
+import argparse
+import collections
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ACCEPTABLE = {"OK", "NON-STRICT", "INFORMATIONAL"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ok(url: str, timeout: float = 30):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"{url} never became ready")
+
+
+def run_kosoku(url: str, cases: str, out: Path) -> dict:
+    args = ["kosoku", "-m", "fuzzingclient", "-p", "2", "-o", str(out)]
+    args += ["-x", "12.*", "-x", "13.*"]
+    if cases == "short":
+        args += ["-x", "9.*"]
+    args.append(url)
+    started = time.time()
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=1800)
+    took = time.time() - started
+    index = out / "index.json"
+    if not index.exists():
+        print(proc.stdout[-2000:], proc.stderr[-2000:])
+        raise SystemExit(f"kosoku wrote no report for {url}")
+    results = {}
+    for _agent, cases_ in json.loads(index.read_text()).items():
+        for case, r in cases_.items():
+            results[case] = (r["behavior"], r["behaviorClose"])
+    return {"results": results, "seconds": took}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bin", default="target/release")
+    ap.add_argument("--cases", choices=["all", "short"], default="all")
+    ap.add_argument("--out", default="target/conformance")
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    shard, shard_admin, lb, lb_admin = free_port(), free_port(), free_port(), free_port()
+    procs = [
+        subprocess.Popen([f"{a.bin}/ws-shard", "--shards", "1", "--base-port", str(shard),
+                          "--admin-addr", f"127.0.0.1:{shard_admin}", "--echo", "--log-level", "warn"]),
+        subprocess.Popen([f"{a.bin}/ws-lb", "--listen", f"127.0.0.1:{lb}", "--admin-addr", f"127.0.0.1:{lb_admin}",
+                          "--backend-urls", f"ws://127.0.0.1:{shard}/echo", "--per-ip-rate", "0", "--log-level", "warn"]),
+    ]
+    try:
+        wait_ok(f"http://127.0.0.1:{shard}/health")
+        wait_ok(f"http://127.0.0.1:{lb}/health")
+        runs = {
+            "direct (ws-shard /echo)": run_kosoku(f"ws://127.0.0.1:{shard}/echo", a.cases, out / "direct"),
+            "through ws-lb": run_kosoku(f"ws://127.0.0.1:{lb}/ws", a.cases, out / "via-lb"),
+        }
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    bad = []
+    print(f"\n| configuration | cases | OK | NON-STRICT | INFORMATIONAL | FAILED/other | seconds |")
+    print("|---|---|---|---|---|---|---|")
+    for name, run in runs.items():
+        counts = collections.Counter(b for b, _ in run["results"].values())
+        other = sum(v for k, v in counts.items() if k not in ACCEPTABLE)
+        print(f"| {name} | {len(run['results'])} | {counts['OK']} | {counts['NON-STRICT']} | "
+              f"{counts['INFORMATIONAL']} | {other} | {run['seconds']:.0f} |")
+        for case, (b, c) in sorted(run["results"].items()):
+            if b not in ACCEPTABLE:
+                bad.append(f"{name}: {case} {b} / close {c}")
+            elif b != "OK":
+                print(f"    {case}: {b} (close: {c})")
+    if bad:
+        raise SystemExit("non-conforming cases:\n" + "\n".join(bad))
+    print("conformance: no FAILED case")
+
+
+if __name__ == "__main__":
+    main()

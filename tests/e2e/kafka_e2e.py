@@ -1,0 +1,375 @@
+#!/usr/bin/env python3
+"""End-to-end Kafka checks with a real Kafka-protocol broker and independent clients.
+
+Broker: tansu (a Kafka-protocol broker, memory storage). Producer: kafka-python (a pure-Python
+implementation of the protocol, no code shared with ours). WebSocket clients: Python
+`websockets`. Servers: two ws-shard processes consuming the broker and one ws-lb in front.
+
+Between the shards and the broker sits a TCP proxy this script controls: it recognises the
+shards' connections by the Kafka client id in their first request (`odin-ws-shard`) and can
+cut only those, so "the broker is unreachable for the shards while the producer keeps going"
+is real.
+
+Checks (issue #4 acceptance):
+ 1. 10,000 records over 3 partitions and 50 keys: clients subscribed through ws-lb to a sample
+    of channels receive exactly their channel's records, in offset order, seq == offset.
+ 2. Two shard processes deliver identical (epoch, seq) for the same record.
+ 3. Failover: a client on shard A sees A SIGKILLed while the producer keeps going, reconnects
+    through ws-lb (landing on B) with `since`, and ends with every record exactly once.
+ 4. Broker unreachable for 10 s (proxy cut) while producing: connections stay up, no gap, no
+    duplicate. Broker restarted empty: a new epoch; an old position gets recovered:false.
+ 5. A record with invalid JSON is skipped and counted; the stream continues.
+
+Usage: kafka_e2e.py <tansu> <ws-shard> <ws-lb>. Every wait is bounded.
+"""
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import websockets
+from kafka import KafkaProducer
+
+TOPIC = "trades"
+KEYS = [f"S{i:02d}" for i in range(50)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_json(url: str):
+    with urllib.request.urlopen(url, timeout=2) as r:
+        return json.loads(r.read())
+
+
+def metrics(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+        return r.read().decode()
+
+
+def metric(page: str, name: str, label: str = "") -> float:
+    total = 0.0
+    for line in page.splitlines():
+        if line.startswith(name) and label in line and not line.startswith("#"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def wait(cond, timeout: float, what: str):
+    """Polls a blocking condition off the event loop (the proxy runs on the loop)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if await asyncio.to_thread(cond):
+                return
+        except OSError:
+            pass
+        await asyncio.sleep(0.1)
+    raise SystemExit(f"timed out waiting for {what}")
+
+
+class KafkaProxy:
+    """TCP proxy that can cut the connections of one Kafka client id."""
+
+    def __init__(self, listen_port: int, upstream_port: int, cut_prefix: bytes):
+        self.listen_port, self.upstream_port, self.cut_prefix = listen_port, upstream_port, cut_prefix
+        self.cut = False
+        self.victims = set()
+
+    async def start(self):
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", self.listen_port)
+
+    async def handle(self, reader, writer):
+        try:
+            head = await asyncio.wait_for(reader.readexactly(14), 10)
+            (_size, _key, _ver, _corr, id_len) = struct.unpack(">ihhih", head)
+            client_id = await reader.readexactly(max(id_len, 0))
+        except Exception:
+            writer.close()
+            return
+        is_victim = client_id.startswith(self.cut_prefix)
+        if is_victim and self.cut:
+            writer.close()
+            return
+        try:
+            up_r, up_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        except OSError:
+            writer.close()
+            return
+        up_w.write(head + client_id)
+        pair = (writer, up_w)
+        if is_victim:
+            self.victims.add(pair)
+
+        async def pipe(src, dst):
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except Exception:
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
+        self.victims.discard(pair)
+
+    def start_cut(self):
+        self.cut = True
+        for client, upstream in list(self.victims):
+            client.close()
+            upstream.close()
+        self.victims.clear()
+
+    def end_cut(self):
+        self.cut = False
+
+
+class Producer:
+    """kafka-python producer recording the (partition, offset) of every record per key."""
+
+    def __init__(self, port: int):
+        self.p = KafkaProducer(bootstrap_servers=f"127.0.0.1:{port}", linger_ms=5, retries=20,
+                               request_timeout_ms=60000, max_block_ms=60000)
+        self.sent = {}
+        self.lock = threading.Lock()
+
+    def send_many(self, n: int, start: int, invalid_at=None, pause_every=0, pause=0.0):
+        futures = []
+        for i in range(start, start + n):
+            key = KEYS[i % len(KEYS)]
+            value = b"{not json" if i == invalid_at else json.dumps({"n": i}).encode()
+            futures.append((key, i, self.p.send(TOPIC, key=key.encode(), value=value)))
+            if pause_every and i % pause_every == 0:
+                time.sleep(pause)
+        self.p.flush(timeout=90)
+        with self.lock:
+            for key, i, f in futures:
+                md = f.get(timeout=90)
+                if i != invalid_at:
+                    self.sent.setdefault(key, []).append((md.partition, md.offset, i))
+
+    def expected(self, key: str):
+        with self.lock:
+            return sorted(self.sent.get(key, []), key=lambda r: r[1])
+
+
+class Sub:
+    """A WebSocket client recording every message of its channels."""
+
+    def __init__(self, url: str, channels):
+        self.url, self.channels = url, channels
+        self.got = {c: [] for c in channels}
+        self.closes = []
+
+    async def connect(self, since=None):
+        self.ws = await websockets.connect(self.url, max_queue=None)
+        req = {"type": "subscribe", "channels": self.channels}
+        if since:
+            req["since"] = since
+        await self.ws.send(json.dumps(req))
+        self.subscribed = {}
+        for _ in self.channels:
+            m = json.loads(await asyncio.wait_for(self.ws.recv(), 10))
+            assert m["type"] == "subscribed", m
+            self.subscribed[m["channel"]] = m
+        self.task = asyncio.create_task(self.read())
+
+    async def read(self):
+        try:
+            async for raw in self.ws:
+                m = json.loads(raw)
+                if m["type"] == "message":
+                    self.got[m["channel"]].append((m["epoch"], m["seq"], m["data"]))
+        except websockets.exceptions.ConnectionClosed as e:
+            self.closes.append(e.rcvd.code if e.rcvd else None)
+
+    def last_positions(self):
+        return {c: {"epoch": v[-1][0], "seq": v[-1][1]} for c, v in self.got.items() if v}
+
+    async def wait_for(self, channel: str, count: int, timeout: float):
+        deadline = time.time() + timeout
+        while len(self.got[channel]) < count and time.time() < deadline:
+            await asyncio.sleep(0.05)
+
+
+def check_channel(sub: Sub, channel: str, expected, label: str):
+    got = sub.got[channel]
+    seqs = [s for _, s, _ in got]
+    assert len(seqs) == len(set(seqs)), f"{label}: duplicates in {channel}"
+    assert seqs == sorted(seqs), f"{label}: out of order in {channel}"
+    want = [off for _, off, _ in expected]
+    assert seqs == want, f"{label}: {channel}: got {len(seqs)} records, expected {len(want)}; first diff " + \
+        str(next(((a, b) for a, b in zip(seqs, want) if a != b), None))
+    assert [d["n"] for _, _, d in got] == [n for _, _, n in expected], f"{label}: payloads differ in {channel}"
+    for (epoch, _, _), (part, _, _) in zip(got, expected):
+        assert epoch.startswith(f"{TOPIC}-{part}-"), (epoch, part)
+
+
+class Procs:
+    def __init__(self):
+        self.procs = {}
+
+    def start(self, name, args):
+        log = open(f"/tmp/odin-kafka-e2e-{name}.log", "w")
+        self.procs[name] = subprocess.Popen(args, stdout=log, stderr=log)
+
+    def kill(self, name, sig=signal.SIGKILL):
+        p = self.procs.get(name)
+        if p and p.poll() is None:
+            p.send_signal(sig)
+            p.wait(timeout=30)
+
+    def stop_all(self):
+        for name, p in self.procs.items():
+            if p.poll() is not None and name != "tansu":
+                print(f"note: {name} had already exited with {p.returncode}")
+        for name in list(self.procs):
+            self.kill(name)
+
+
+async def main():
+    tansu, shard_bin, lb_bin = sys.argv[1:4]
+    broker, proxy_port = free_port(), free_port()
+    shard_a, shard_b, admin_a, admin_b = free_port(), free_port(), free_port(), free_port()
+    lb_port, lb_admin = free_port(), free_port()
+    procs = Procs()
+    proxy = KafkaProxy(proxy_port, broker, b"odin-ws-shard")
+    await proxy.start()
+
+    async def start_broker():
+        procs.start("tansu", [tansu, "broker", "--listener-url", f"tcp://127.0.0.1:{broker}",
+                              "--advertised-listener-url", f"tcp://127.0.0.1:{proxy_port}",
+                              "--storage-engine", "memory://tansu/"])
+        await wait(lambda: socket.create_connection(("127.0.0.1", broker), 1).close() or True, 20, "tansu")
+        out = await asyncio.to_thread(subprocess.run, [tansu, "topic", "create", TOPIC, "--partitions", "3",
+                              "--broker", f"tcp://127.0.0.1:{broker}"], capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+
+    def start_shard(name, port, admin):
+        procs.start(name, [shard_bin, "--shards", "1", "--base-port", str(port), "--admin-addr", f"127.0.0.1:{admin}",
+                           "--kafka-brokers", f"127.0.0.1:{proxy_port}", "--kafka-topics", TOPIC,
+                           "--kafka-start", "latest", "--history-len", "5000", "--client-rate", "0"])
+
+    try:
+        await start_broker()
+        start_shard("shard-a", shard_a, admin_a)
+        start_shard("shard-b", shard_b, admin_b)
+        for port in (shard_a, shard_b):
+            await wait(lambda: http_json(f"http://127.0.0.1:{port}/health")["source"]["connected"], 30, f"shard {port} consuming")
+        procs.start("lb", [lb_bin, "--listen", f"127.0.0.1:{lb_port}", "--admin-addr", f"127.0.0.1:{lb_admin}",
+                           "--backend-urls", f"ws://127.0.0.1:{shard_a}/ws,ws://127.0.0.1:{shard_b}/ws",
+                           "--per-ip-rate", "0", "--health-interval", "200ms"])
+        await wait(lambda: http_json(f"http://127.0.0.1:{lb_port}/health")["status"] == "ok", 20, "ws-lb")
+        lb_url = f"ws://127.0.0.1:{lb_port}/ws"
+        producer = await asyncio.to_thread(Producer, proxy_port)
+
+        # 1 + 2 + 5: sample through the LB, the same channels directly on both shards.
+        sample = [f"{TOPIC}.{k}" for k in KEYS[::5]]
+        via_lb = [Sub(lb_url, [c]) for c in sample]
+        direct_a = Sub(f"ws://127.0.0.1:{shard_a}/ws", sample)
+        direct_b = Sub(f"ws://127.0.0.1:{shard_b}/ws", sample)
+        for s in via_lb + [direct_a, direct_b]:
+            await s.connect()
+        invalid_at = 4321
+        await asyncio.to_thread(producer.send_many, 10_000, 0, invalid_at)
+        for s in via_lb:
+            c = s.channels[0]
+            await s.wait_for(c, len(producer.expected(c.split(".")[1])), 30)
+            check_channel(s, c, producer.expected(c.split(".")[1]), "via ws-lb")
+        for c in sample:
+            n = len(producer.expected(c.split(".")[1]))
+            await direct_a.wait_for(c, n, 30)
+            await direct_b.wait_for(c, n, 30)
+            assert direct_a.got[c] == direct_b.got[c], f"shards disagree on {c}"
+        total = sum(len(producer.expected(k)) for k in KEYS)
+        assert total == 9_999, total
+        print(f"ok: 10,000 records (1 invalid), {len(sample)} channels through ws-lb exact, in order, seq == offset")
+        print("ok: both shard processes delivered identical (epoch, seq)")
+        for port in (admin_a, admin_b):
+            page = await asyncio.to_thread(metrics, port)
+            assert metric(page, "ws_kafka_invalid_records_total", 'reason="invalid_json"') == 1, page
+        print("ok: the invalid JSON record was skipped and counted on both shards; the stream continued")
+        for s in via_lb + [direct_a, direct_b]:
+            await s.ws.close()
+
+        # 3: failover from A to B through the LB.
+        channel = f"{TOPIC}.{KEYS[7]}"
+        for _ in range(40):
+            before = (await asyncio.to_thread(http_json, f"http://127.0.0.1:{shard_a}/health"))["connections"]
+            fo = Sub(lb_url, [channel])
+            await fo.connect()
+            if (await asyncio.to_thread(http_json, f"http://127.0.0.1:{shard_a}/health"))["connections"] > before:
+                break
+            await fo.ws.close()
+        else:
+            raise SystemExit("could not land a client on shard A")
+        start = 10_000
+        prod = asyncio.create_task(asyncio.to_thread(producer.send_many, 3_000, start, None, 100, 0.02))
+        await fo.wait_for(channel, 5, 20)
+        await asyncio.to_thread(procs.kill, "shard-a")
+        await asyncio.wait_for(fo.task, 5)
+        assert fo.closes == [1012], fo.closes
+        since = fo.last_positions()
+        fo2 = Sub(lb_url, [channel])
+        await fo2.connect(since=since)
+        assert fo2.subscribed[channel]["recovered"] is True, fo2.subscribed
+        await prod
+        from_seq = fo.subscribed[channel]["seq"]
+        expected = [e for e in producer.expected(KEYS[7]) if e[1] > from_seq]
+        await fo2.wait_for(channel, len([e for e in expected if e[1] > since[channel]["seq"]]), 30)
+        fo.got[channel].extend(fo2.got[channel])
+        check_channel(fo, channel, expected, "failover")
+        print(f"ok: shard A killed mid-stream; client got 1012, resumed on B with since, every record exactly once ({len(expected)})")
+
+        # 4a: broker unreachable for the shard for 10 s while the producer keeps going.
+        subs = [Sub(lb_url, [f"{TOPIC}.{k}"]) for k in KEYS[:10]]
+        for s in subs:
+            await s.connect()
+        marks = {k: len(producer.expected(k)) for k in KEYS[:10]}
+        proxy.start_cut()
+        await asyncio.to_thread(producer.send_many, 1_000, 13_000, None, 50, 0.4)
+        proxy.end_cut()
+        for s, k in zip(subs, KEYS[:10]):
+            exp = producer.expected(k)[marks[k]:]
+            await s.wait_for(s.channels[0], len(exp), 40)
+            got = [seq for _, seq, _ in s.got[s.channels[0]]]
+            assert got == [o for _, o, _ in exp], f"gap or duplicate after the cut on {k}"
+            assert not s.closes, s.closes
+        print("ok: broker cut for the shard ~10 s while producing: clients stayed connected, no gap, no duplicate")
+
+        # 4b: broker restarted empty: new epoch, old positions are not trusted.
+        old = subs[0].last_positions()
+        await asyncio.to_thread(procs.kill, "tansu")
+        await start_broker()
+        producer2 = await asyncio.to_thread(Producer, proxy_port)
+        await asyncio.to_thread(producer2.send_many, 100, 0)
+        ch = subs[0].channels[0]
+        key = ch.split(".")[1]
+        deadline = time.time() + 40
+        while time.time() < deadline and not any(e != old[ch]["epoch"] for e, _, _ in subs[0].got[ch]):
+            await asyncio.sleep(0.1)
+        new_epochs = {e for e, _, _ in subs[0].got[ch]} - {old[ch]["epoch"]}
+        assert new_epochs, "no new epoch after the broker came back empty"
+        late = Sub(lb_url, [ch])
+        await late.connect(since=old)
+        assert late.subscribed[ch]["recovered"] is False, late.subscribed
+        assert late.subscribed[ch]["epoch"] in new_epochs
+        print(f"ok: broker restarted empty: epoch changed ({old[ch]['epoch']} -> {late.subscribed[ch]['epoch']}); old position -> recovered:false")
+    finally:
+        procs.stop_all()
+
+
+if __name__ == "__main__":
+    asyncio.run(asyncio.wait_for(main(), 300))
