@@ -5,6 +5,7 @@ SHARDS ?= 3
 BASE_PORT ?= 3002
 LB_PORT ?= 3001
 
+.PHONY: capacity bench-compare bench-fanout bench-hold bench-micro faults soak bench-tools
 .PHONY: help run build build-debug test deps fmt fmt-check lint test-rust test-e2e test-deploy conformance conformance-short
 TANSU ?= $(shell command -v tansu || echo $(HOME)/.cargo/bin/tansu)
 
@@ -17,8 +18,10 @@ help:
 build:
 	$(CARGO) build --release --locked -p ws-shard -p ws-lb
 
+# Debug binaries with the same feature set as the test build (cargo builds every binary of
+# a package whose integration tests it builds), so this is free after test-rust.
 build-debug:
-	$(CARGO) build --locked -p ws-shard -p ws-lb
+	$(CARGO) test --workspace --no-run --locked -q
 
 run: build
 	SHARDS=$(SHARDS) BASE_PORT=$(BASE_PORT) LB_PORT=$(LB_PORT) scripts/run-local.sh target/release
@@ -59,3 +62,32 @@ conformance-short: build-debug
 
 test: deps fmt-check lint test-rust test-e2e test-deploy conformance-short
 	@echo "make test: all checks passed"
+
+# ---- Measurements (not part of make test; release builds, loopback only) ----
+bench-tools:
+	@command -v nginx >/dev/null && command -v haproxy >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx haproxy)
+
+build-bench:
+	$(CARGO) build --release --locked -p ws-shard -p ws-lb -p loadtest
+
+capacity: build-bench
+	python3 bench/bench.py capacity
+
+bench-compare: build-bench bench-tools
+	python3 bench/bench.py compare
+
+bench-fanout: build-bench
+	python3 bench/bench.py fanout
+
+bench-hold: build-bench
+	python3 bench/bench.py hold
+
+bench-micro:
+	$(CARGO) bench --locked -p ws-protocol -p shard-core -p lb-core
+
+faults: build-bench deps
+	python3 tests/faults/faults.py
+
+soak: build-bench
+	python3 bench/soak.py

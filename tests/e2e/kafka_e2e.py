@@ -298,6 +298,8 @@ async def main():
         print(f"ok: 10,000 records (1 invalid), {len(sample)} channels through ws-lb exact, in order, seq == offset")
         print("ok: both shard processes delivered identical (epoch, seq)")
         for port in (admin_a, admin_b):
+            await wait(lambda: metric(metrics(port), "ws_kafka_invalid_records_total", 'reason="invalid_json"') >= 1,
+                       20, "the invalid record to be counted")
             page = await asyncio.to_thread(metrics, port)
             assert metric(page, "ws_kafka_invalid_records_total", 'reason="invalid_json"') == 1, page
         print("ok: the invalid JSON record was skipped and counted on both shards; the stream continued")
@@ -324,7 +326,7 @@ async def main():
         since = fo.last_positions()
         fo2 = Sub(lb_url, [channel])
         await fo2.connect(since=since)
-        assert fo2.subscribed[channel]["recovered"] is True, fo2.subscribed
+        assert fo2.subscribed[channel]["recovered"] is True, (since, fo2.subscribed)
         await prod
         from_seq = fo.subscribed[channel]["seq"]
         expected = [e for e in producer.expected(KEYS[7]) if e[1] > from_seq]

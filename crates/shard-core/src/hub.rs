@@ -114,7 +114,16 @@ struct ChannelState {
     published: bool,
     removed: bool,
     history: VecDeque<(u64, Bytes)>,
-    subscribers: Vec<Subscriber>,
+    subscribers: Vec<Entry>,
+}
+
+/// A subscriber on one channel. `skip_through` is set when the subscriber's position is
+/// ahead of this shard (it came from a shard whose source was further along): messages up
+/// to that `seq` are not delivered to it again.
+#[derive(Debug)]
+struct Entry {
+    sub: Subscriber,
+    skip_through: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -230,6 +239,10 @@ impl Hub {
                 st.epoch = p.epoch.clone();
                 st.history = VecDeque::new();
                 st.covers_from = p.covers_from;
+                // Positions of the old epoch mean nothing in the new one.
+                for e in &mut st.subscribers {
+                    e.skip_through = None;
+                }
             }
             st.published = true;
             st.last_seq = p.seq;
@@ -245,10 +258,16 @@ impl Hub {
             }
             let mut per_shard = [0u64; MAX_SHARDS_PER_PROCESS];
             let mut delivered = 0;
-            for sub in &st.subscribers {
-                if sub.queue.push(&p.frame) == Push::Queued {
+            for e in &mut st.subscribers {
+                if let Some(through) = e.skip_through {
+                    if p.seq <= through {
+                        continue;
+                    }
+                    e.skip_through = None;
+                }
+                if e.sub.queue.push(&p.frame) == Push::Queued {
                     delivered += 1;
-                    if let Some(c) = per_shard.get_mut(sub.shard as usize) {
+                    if let Some(c) = per_shard.get_mut(e.sub.shard as usize) {
                         *c += 1;
                     }
                 }
@@ -282,9 +301,11 @@ impl Hub {
             if st.removed {
                 continue;
             }
+            let mut skip_through = None;
+            let same_epoch = |pos: &Position| *st.epoch == *pos.epoch;
             let (recovered, replay) = match since {
                 Some(pos)
-                    if *st.epoch == *pos.epoch
+                    if same_epoch(pos)
                         && pos.seq <= st.last_seq
                         && pos.seq.saturating_add(1) >= st.covers_from =>
                 {
@@ -296,9 +317,20 @@ impl Hub {
                         .collect();
                     (true, replay)
                 }
+                // The client is ahead of this shard (its last shard's source was further
+                // along). Within one history's length of lag nothing is missing: what it has
+                // not seen is still to come here. Skip what it already has.
+                Some(pos)
+                    if same_epoch(pos)
+                        && pos.seq > st.last_seq
+                        && pos.seq - st.last_seq <= self.cfg.history_len.max(1) as u64 =>
+                {
+                    skip_through = Some(pos.seq);
+                    (true, Vec::new())
+                }
                 _ => (false, Vec::new()),
             };
-            st.subscribers.push(sub);
+            st.subscribers.push(Entry { sub, skip_through });
             let out = Subscribed {
                 epoch: st.epoch.clone(),
                 seq: st.last_seq,
@@ -323,7 +355,7 @@ impl Hub {
         let (found, now_empty) = {
             let mut st = ch.state.lock();
             let before = st.subscribers.len();
-            st.subscribers.retain(|s| s.id != id);
+            st.subscribers.retain(|e| e.sub.id != id);
             let found = st.subscribers.len() != before;
             (found, st.subscribers.is_empty() && !st.published)
         };
@@ -498,8 +530,15 @@ mod tests {
                     epoch: "e1".into(),
                     seq: 31,
                 },
+                true,
+            ), // ahead: this shard lags behind the client's last one
+            (
+                Position {
+                    epoch: "e1".into(),
+                    seq: 41,
+                },
                 false,
-            ), // from the future
+            ), // further ahead than a history's length
             (
                 Position {
                     epoch: "old".into(),
@@ -515,6 +554,23 @@ mod tests {
                 assert!(r.replay.is_empty());
             }
         }
+    }
+
+    #[test]
+    fn a_client_ahead_of_a_lagging_shard_gets_each_message_once() {
+        let hub = Hub::new(HubConfig { history_len: 100 }, 1, "e1");
+        for seq in 1..=10 {
+            hub.publish(&publication("a", "e1", seq));
+        }
+        // The client saw up to 15 on a shard whose source was ahead of this one.
+        let s = sub(&hub, 100);
+        let r = hub.subscribe(&ch("a"), Some(&Position { epoch: "e1".into(), seq: 15 }), s.clone());
+        assert!(r.recovered);
+        assert!(r.replay.is_empty());
+        for seq in 11..=20 {
+            hub.publish(&publication("a", "e1", seq));
+        }
+        assert_eq!(seqs(&drain(&s.queue)), (16..=20).collect::<Vec<_>>());
     }
 
     #[test]

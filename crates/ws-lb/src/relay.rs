@@ -177,6 +177,9 @@ pub async fn relay(
     let mut want_close: Option<(u16, &'static str, RelayEnd)> = None;
     let mut drain_at: Option<Instant> = None;
     let mut shard_open = true;
+    // Once the shard has gone, what is left for the client (its close frame) is flushed for
+    // at most `close_timeout`: a client that stopped reading must not pin the connection.
+    let mut flush_deadline: Option<Instant> = None;
     let far = Instant::now() + Duration::from_secs(86_400 * 365);
 
     loop {
@@ -230,12 +233,16 @@ pub async fn relay(
                 return end.unwrap_or(RelayEnd::Closed);
             }
         }
+        if down.eof && down.has_pending() && flush_deadline.is_none() {
+            flush_deadline = Some(Instant::now() + opts.close_timeout);
+        }
         let timer_at = match phase {
             Phase::Closing { deadline } => deadline,
             Phase::Open => drain_at.unwrap_or(far),
         };
+        let timer_at = flush_deadline.map_or(timer_at, |d| d.min(timer_at));
         let closing = matches!(phase, Phase::Closing { .. });
-        let timer_armed = closing || (drain_at.is_some() && want_close.is_none());
+        let timer_armed = closing || flush_deadline.is_some() || (drain_at.is_some() && want_close.is_none());
         let to_boundary = want_close.is_some();
         tokio::select! {
             biased;
@@ -263,6 +270,10 @@ pub async fn relay(
                 if r.is_err() { down.eof = true; } else { down.pump(&shard, &client, true, to_boundary); }
             }
             _ = sleep_until(timer_at), if timer_armed => {
+                if flush_deadline.is_some_and(|d| Instant::now() >= d) {
+                    // The client never took what the shard last sent (a slow consumer's close).
+                    return end.unwrap_or(RelayEnd::ClientGone);
+                }
                 match phase {
                     Phase::Closing { .. } => return end.unwrap_or(RelayEnd::Closed),
                     Phase::Open => {

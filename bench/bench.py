@@ -1,0 +1,497 @@
+#!/usr/bin/env python3
+"""odin-ws capacity benchmarks on this machine, load generator co-located.
+
+Subcommands (all start and stop their own servers on 127.0.0.x and bound their duration):
+
+  capacity   the plan's table: 12,000 connections through ws-lb at 50, 100, 1000 conn/s:
+             success, active, handshake p50/p99, generator lag, LB and shard peak RSS and
+             RSS per held connection
+  compare    the same ramp, same shards, through ws-lb, nginx, HAProxy and directly to one
+             shard; plus find-max per target; ratio table (conn/s at >= 99.9 %, p99, proxy
+             CPU seconds and RSS per connection)
+  fanout     N subscribers through ws-lb, publisher at rate R: deliveries/s, delivery p50/p99
+  hold       as many connections as this box holds, the way production scales out: several
+             ws-lb processes sharing the port (SO_REUSEPORT), several ws-shard processes,
+             loadtest workers over many source addresses
+
+Results: bench/results/<name>-<timestamp>.json (raw loadtest reports included) and a
+markdown table on stdout. Use `--runs N` to repeat and report medians.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = REPO / "target" / "release"
+RESULTS = REPO / "bench" / "results"
+LT = BIN / "loadtest"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout=30.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"{url} not ready")
+
+
+def wait_port(port: int, timeout=30.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"port {port} not ready")
+
+
+def proc_rss_kb(pid: int) -> tuple:
+    """(VmRSS, VmHWM) in KiB."""
+    rss = hwm = 0
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1])
+            elif line.startswith("VmHWM:"):
+                hwm = int(line.split()[1])
+    return rss, hwm
+
+
+def proc_cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def tree_pids(pid: int) -> list:
+    """pid and its descendants (nginx/haproxy workers)."""
+    out = [pid]
+    try:
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            out += tree_pids(int(child))
+    except OSError:
+        pass
+    return out
+
+
+class Procs:
+    def __init__(self):
+        self.items = []
+
+    def start(self, name, args, **kw):
+        log = open(f"/tmp/odin-bench-{name}.log", "w")
+        p = subprocess.Popen(args, stdout=log, stderr=log, **kw)
+        self.items.append((name, p))
+        return p
+
+    def stop(self):
+        for _, p in reversed(self.items):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for _, p in reversed(self.items):
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.items = []
+
+
+def start_shards(procs, shards=3, max_conn=6000, extra=()):
+    base, admin = free_port(), free_port()
+    while any(not port_free(base + i) for i in range(shards)):
+        base = free_port()
+    p = procs.start("shard", [str(BIN / "ws-shard"), "--shards", str(shards), "--base-port", str(base),
+                              "--admin-addr", f"127.0.0.1:{admin}", "--max-connections", str(max_conn),
+                              "--log-level", "warn", "--drain-window", "1s", "--client-rate", "0", *extra])
+    for i in range(shards):
+        wait_http(f"http://127.0.0.1:{base + i}/health")
+    return p, [base + i for i in range(shards)], admin
+
+
+def port_free(port):
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def start_lb(procs, shard_ports, name="lb", port=None, admin=None, extra=()):
+    port = port or free_port()
+    admin = admin or free_port()
+    urls = ",".join(f"ws://127.0.0.1:{p}/ws" for p in shard_ports)
+    p = procs.start(name, [str(BIN / "ws-lb"), "--listen", f"127.0.0.1:{port}", "--admin-addr", f"127.0.0.1:{admin}",
+                           "--backend-urls", urls, "--per-ip-rate", "0", "--admission-rate", "20000",
+                           "--admission-burst", "2000", "--log-level", "warn", "--drain-window", "1s", *extra])
+    wait_http(f"http://127.0.0.1:{port}/health")
+    return p, port, admin
+
+
+def loadtest(url, connections, rate, hold, extra=(), name="run"):
+    out = Path(tempfile.mkdtemp()) / "report.json"
+    args = [str(LT), "--url", url, "--connections", str(connections), "--rate", str(rate), "--hold", str(hold),
+            "--source-ips", "127.0.0.2-127.0.0.9", "--json", str(out), "--quiet", *extra]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=3600)
+    if not out.exists():
+        print(r.stdout[-3000:], r.stderr[-3000:])
+        raise SystemExit(f"loadtest produced no report ({name})")
+    return json.loads(out.read_text())
+
+
+def summarize(rep):
+    c = rep["counts"]
+    hs = rep["handshake_us"]
+    sched = rep["schedule"]
+    return {
+        "attempted": c["attempted"],
+        "established": c["established"],
+        "success_pct": 100.0 * c["established"] / max(c["attempted"], 1),
+        "active_end_of_ramp": c["active_end_of_ramp"],
+        "active_end_of_hold": c["active_end_of_hold"],
+        "failures": rep.get("failures", {}),
+        "handshake_p50_ms": hs["p50"] / 1000,
+        "handshake_p99_ms": hs["p99"] / 1000,
+        "handshake_max_ms": hs["max"] / 1000,
+        "achieved_rate": sched["achieved_rate"],
+        "lag_p99_ms": sched["lag_us"]["p99"] / 1000,
+        "generator_behind": sched["generator_behind"],
+    }
+
+
+class Sampler:
+    """Samples RSS of processes during a run (peak and at given moments)."""
+
+    def __init__(self, pids):
+        self.pids = pids
+
+    def rss(self):
+        return sum(proc_rss_kb(p)[0] for pid in self.pids for p in tree_pids(pid))
+
+    def hwm(self):
+        return sum(proc_rss_kb(p)[1] for pid in self.pids for p in tree_pids(pid))
+
+    def cpu(self):
+        return sum(proc_cpu_s(p) for pid in self.pids for p in tree_pids(pid))
+
+
+def machine():
+    return {
+        "cpus": os.cpu_count(),
+        "kernel": os.uname().release,
+        "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "nofile": subprocess.run(["bash", "-c", "ulimit -n"], capture_output=True, text=True).stdout.strip(),
+    }
+
+
+def save(name, data):
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}-{time.strftime('%Y%m%dT%H%M%S')}.json"
+    path.write_text(json.dumps(data, indent=1))
+    print(f"\nraw results: {path.relative_to(REPO)}")
+
+
+def median(values):
+    return statistics.median(values) if values else None
+
+
+def held_run(target_url, lb_pid, shard_pid, connections, rate, hold, extra=()):
+    """One ramp with RSS measured before and after (per held connection)."""
+    s_lb = Sampler([lb_pid]) if lb_pid else None
+    s_sh = Sampler([shard_pid])
+    base_lb = s_lb.rss() if s_lb else 0
+    base_sh = s_sh.rss()
+    cpu0 = s_lb.cpu() if s_lb else 0
+    # Run the loadtest in the background so RSS can be read while connections are held.
+    out = Path(tempfile.mkdtemp()) / "report.json"
+    args = [str(LT), "--url", target_url, "--connections", str(connections), "--rate", str(rate),
+            "--hold", str(hold), "--source-ips", "127.0.0.2-127.0.0.9", "--json", str(out), "--quiet", *extra]
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ramp = connections / rate
+    time.sleep(ramp + min(hold / 2, 5) + 1)
+    held_lb = s_lb.rss() if s_lb else 0
+    held_sh = s_sh.rss()
+    p.communicate(timeout=3600)
+    rep = json.loads(out.read_text())
+    row = summarize(rep)
+    active = max(rep["counts"]["active_end_of_hold"], 1)
+    row.update({
+        "lb_rss_base_kib": base_lb, "lb_rss_held_kib": held_lb, "lb_peak_rss_kib": s_lb.hwm() if s_lb else None,
+        "lb_kib_per_conn": (held_lb - base_lb) / active if s_lb else None,
+        "shard_rss_base_kib": base_sh, "shard_rss_held_kib": held_sh, "shard_peak_rss_kib": s_sh.hwm(),
+        "shard_kib_per_conn": (held_sh - base_sh) / active,
+        "lb_cpu_s": (s_lb.cpu() - cpu0) if s_lb else None,
+    })
+    return row, rep
+
+
+def cmd_capacity(a):
+    results = {"machine": machine(), "command": " ".join(sys.argv), "runs": {}}
+    for rate in a.rates:
+        rows = []
+        for run in range(a.runs if rate >= 1000 else 1):
+            procs = Procs()
+            try:
+                shard, shard_ports, _ = start_shards(procs)
+                lb, lb_port, _ = start_lb(procs, shard_ports)
+                row, rep = held_run(f"ws://127.0.0.1:{lb_port}/ws", lb.pid, shard.pid, a.connections, rate, a.hold)
+                row["report"] = rep
+                rows.append(row)
+            finally:
+                procs.stop()
+            print(f"rate {rate}/s run {run + 1}: {row['success_pct']:.3f}% p99 {row['handshake_p99_ms']:.2f} ms "
+                  f"lb {row['lb_kib_per_conn']:.2f} KiB/conn shard {row['shard_kib_per_conn']:.2f} KiB/conn", flush=True)
+        results["runs"][str(rate)] = rows
+    print(f"\n| ramp | runs | success | active (end of ramp / hold) | handshake p50 | p99 | generator lag p99 | LB peak RSS | LB KiB/conn | shard peak RSS | shard KiB/conn |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for rate, rows in results["runs"].items():
+        m = lambda k: median([r[k] for r in rows])
+        print(f"| {rate}/s | {len(rows)} | {m('success_pct'):.3f}% | {int(m('active_end_of_ramp'))} / {int(m('active_end_of_hold'))} | "
+              f"{m('handshake_p50_ms'):.2f} ms | {m('handshake_p99_ms'):.2f} ms | {m('lag_p99_ms'):.2f} ms | "
+              f"{m('lb_peak_rss_kib') / 1024:.1f} MiB | {m('lb_kib_per_conn'):.2f} | {m('shard_peak_rss_kib') / 1024:.1f} MiB | "
+              f"{m('shard_kib_per_conn'):.2f} |")
+    save("capacity", results)
+
+
+NGINX_CONF = """
+worker_processes {workers};
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+worker_rlimit_nofile 20000;
+events {{ worker_connections 20000; multi_accept on; }}
+http {{
+  access_log off;
+  upstream shards {{ {servers} }}
+  map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
+  server {{
+    listen 127.0.0.1:{port} backlog=4096 reuseport;
+    location /ws {{
+      proxy_pass http://shards;
+      proxy_http_version 1.1;
+      proxy_set_header Upgrade $http_upgrade;
+      proxy_set_header Connection $connection_upgrade;
+      proxy_read_timeout 3600s;
+      proxy_next_upstream error timeout http_503;
+    }}
+  }}
+}}
+"""
+
+HAPROXY_CONF = """
+global
+  maxconn 20000
+  nbthread {workers}
+  pidfile {dir}/haproxy.pid
+defaults
+  mode http
+  timeout connect 2s
+  timeout client 1h
+  timeout server 1h
+  timeout tunnel 1h
+  retries 2
+  option redispatch
+frontend ws
+  bind 127.0.0.1:{port}
+  maxconn 20000
+  default_backend shards
+backend shards
+  balance leastconn
+{servers}
+"""
+
+
+def start_nginx(procs, shard_ports, workers=2):
+    d = Path(tempfile.mkdtemp())
+    port = free_port()
+    (d / "nginx.conf").write_text(NGINX_CONF.format(
+        workers=workers, dir=d, port=port, servers=" ".join(f"server 127.0.0.1:{p};" for p in shard_ports)))
+    (d / "logs").mkdir()
+    p = procs.start("nginx", ["nginx", "-p", str(d), "-c", str(d / "nginx.conf"), "-g", "daemon off;"])
+    wait_port(port)
+    return p, port
+
+
+def start_haproxy(procs, shard_ports, workers=2):
+    d = Path(tempfile.mkdtemp())
+    port = free_port()
+    servers = "\n".join(f"  server s{i} 127.0.0.1:{p} maxconn 20000" for i, p in enumerate(shard_ports))
+    (d / "haproxy.cfg").write_text(HAPROXY_CONF.format(workers=workers, dir=d, port=port, servers=servers))
+    p = procs.start("haproxy", ["haproxy", "-db", "-f", str(d / "haproxy.cfg")])
+    wait_port(port)
+    return p, port
+
+
+def cmd_compare(a):
+    results = {"machine": machine(), "command": " ".join(sys.argv), "targets": {}}
+    for target in a.targets:
+        rows, maxes = [], []
+        for run in range(a.runs):
+            procs = Procs()
+            try:
+                max_conn = 20000 if target == "direct" else 6000
+                shard, shard_ports, _ = start_shards(procs, shards=1 if target == "direct" else 3, max_conn=max_conn)
+                proxy = None
+                if target == "ws-lb":
+                    proxy, port, _ = start_lb(procs, shard_ports)
+                elif target == "nginx":
+                    proxy, port = start_nginx(procs, shard_ports)
+                elif target == "haproxy":
+                    proxy, port = start_haproxy(procs, shard_ports)
+                else:
+                    port = shard_ports[0]
+                url = f"ws://127.0.0.1:{port}/ws"
+                row, rep = held_run(url, proxy.pid if proxy else None, shard.pid, a.connections, a.rate, a.hold)
+                row["report"] = rep
+                rows.append(row)
+                fm = loadtest(url, a.step, 0, 1, ["--find-max", "--max-p99", "50ms"], name=f"{target} find-max")
+                maxes.append(fm["find_max"])
+            finally:
+                procs.stop()
+            hs = maxes[-1]["highest_sustained_rate"]
+            print(f"{target} run {run + 1}: {row['success_pct']:.3f}% p99 {row['handshake_p99_ms']:.2f} ms, "
+                  f"find-max {hs}", flush=True)
+        results["targets"][target] = {"rows": rows, "find_max": maxes}
+    print(f"\n| target | success at {a.rate}/s | handshake p99 | max conn/s at >= 99.9 % (p99 <= 50 ms) | proxy CPU s | proxy KiB/conn | shard KiB/conn |")
+    print("|---|---|---|---|---|---|---|")
+    base = None
+    for target, r in results["targets"].items():
+        m = lambda k: median([x[k] for x in r["rows"] if x[k] is not None])
+        mx = median([f["highest_sustained_rate"] or 0 for f in r["find_max"]])
+        if target == "nginx":
+            base = mx
+        cpu = m("lb_cpu_s")
+        kib = m("lb_kib_per_conn")
+        print(f"| {target} | {m('success_pct'):.3f}% | {m('handshake_p99_ms'):.2f} ms | {mx:.0f} | "
+              f"{cpu if cpu is None else f'{cpu:.1f}'} | {kib if kib is None else f'{kib:.2f}'} | {m('shard_kib_per_conn'):.2f} |")
+    save("compare", results)
+
+
+def cmd_fanout(a):
+    results = {"machine": machine(), "command": " ".join(sys.argv), "runs": []}
+    for run in range(a.runs):
+        procs = Procs()
+        try:
+            shard, shard_ports, admin = start_shards(procs, extra=["--outbound-queue", "4096"])
+            lb, lb_port, _ = start_lb(procs, shard_ports)
+            rep = loadtest(f"ws://127.0.0.1:{lb_port}/ws", a.subscribers, 2000, a.hold,
+                           ["--channels", f"fan.C{{0..{a.channels - 1}}}", "--publish-url", f"http://127.0.0.1:{admin}/publish",
+                            "--publish-rate", str(a.publish_rate), "--publish-connections", "8"], name="fanout")
+        finally:
+            procs.stop()
+        d = rep["delivery_us"]
+        row = {"deliveries_per_s": rep["deliveries_per_s"], "delivery_p50_ms": d["p50"] / 1000,
+               "delivery_p99_ms": d["p99"] / 1000, "gaps": rep["counts"]["gaps"], "duplicates": rep["counts"]["duplicates"],
+               "publisher_achieved": (rep.get("publisher") or {}).get("achieved_rate"), "report": rep}
+        results["runs"].append(row)
+        print(f"run {run + 1}: {row['deliveries_per_s']:.0f} deliveries/s p50 {row['delivery_p50_ms']:.2f} ms "
+              f"p99 {row['delivery_p99_ms']:.2f} ms publisher {row['publisher_achieved']}", flush=True)
+    m = lambda k: median([r[k] for r in results["runs"]])
+    print(f"\n| subscribers | channels | publish rate | deliveries/s | delivery p50 | p99 | gaps | duplicates |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| {a.subscribers} | {a.channels} | {a.publish_rate}/s | {m('deliveries_per_s'):.0f} | {m('delivery_p50_ms'):.2f} ms | "
+          f"{m('delivery_p99_ms'):.2f} ms | {m('gaps')} | {m('duplicates')} |")
+    save("fanout", results)
+
+
+def cmd_hold(a):
+    results = {"machine": machine(), "command": " ".join(sys.argv)}
+    procs = Procs()
+    try:
+        shard_ports, shard_pids = [], []
+        for i in range(a.shard_procs):
+            p, ports, _ = start_shards(procs, shards=2, max_conn=a.connections // (2 * a.shard_procs) + 2000)
+            shard_ports += ports
+            shard_pids.append(p.pid)
+        port, lb_pids = free_port(), []
+        for i in range(a.lb_procs):
+            p, _, _ = start_lb(procs, shard_ports, name=f"lb{i}", port=port, extra=["--reuse-port"])
+            lb_pids.append(p.pid)
+        lbs, shards = Sampler(lb_pids), Sampler(shard_pids)
+        base = (lbs.rss(), shards.rss())
+        out = Path(tempfile.mkdtemp()) / "report.json"
+        args = [str(LT), "--url", f"ws://127.0.0.1:{port}/ws", "--connections", str(a.connections), "--rate", str(a.rate),
+                "--hold", str(a.hold), "--workers", str(a.workers), "--source-ips", "127.0.0.2-127.0.0.41",
+                "--json", str(out), "--quiet"]
+        p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(a.connections / a.rate + min(a.hold / 2, 10) + 2)
+        held = (lbs.rss(), shards.rss())
+        stdout, _ = p.communicate(timeout=7200)
+        rep = json.loads(out.read_text())
+        row = summarize(rep)
+        active = max(rep["counts"]["active_end_of_hold"], 1)
+        row.update({"lb_procs": a.lb_procs, "shard_procs": a.shard_procs, "workers": a.workers,
+                    "lb_kib_per_conn": (held[0] - base[0]) / active, "shard_kib_per_conn": (held[1] - base[1]) / active,
+                    "lb_rss_held_mib": held[0] / 1024, "shard_rss_held_mib": held[1] / 1024, "report": rep})
+        results["run"] = row
+        print(stdout[-2500:])
+        print(f"\n| target | established | active end of hold | success | handshake p99 | LB KiB/conn | shard KiB/conn |")
+        print("|---|---|---|---|---|---|---|")
+        print(f"| {a.connections} | {row['established']} | {row['active_end_of_hold']} | {row['success_pct']:.3f}% | "
+              f"{row['handshake_p99_ms']:.2f} ms | {row['lb_kib_per_conn']:.2f} | {row['shard_kib_per_conn']:.2f} |")
+    finally:
+        procs.stop()
+    save("hold", results)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("capacity")
+    c.add_argument("--connections", type=int, default=12000)
+    c.add_argument("--rates", type=int, nargs="+", default=[50, 100, 1000])
+    c.add_argument("--hold", type=int, default=10)
+    c.add_argument("--runs", type=int, default=3, help="runs of the 1000/s ramp (50 and 100/s: one run each)")
+    c = sub.add_parser("compare")
+    c.add_argument("--targets", nargs="+", default=["ws-lb", "nginx", "haproxy", "direct"])
+    c.add_argument("--connections", type=int, default=12000)
+    c.add_argument("--rate", type=int, default=1000)
+    c.add_argument("--hold", type=int, default=5)
+    c.add_argument("--step", type=int, default=3000, help="connections per find-max step")
+    c.add_argument("--runs", type=int, default=1)
+    c = sub.add_parser("fanout")
+    c.add_argument("--subscribers", type=int, default=5000)
+    c.add_argument("--channels", type=int, default=10)
+    c.add_argument("--publish-rate", type=int, default=100)
+    c.add_argument("--hold", type=int, default=20)
+    c.add_argument("--runs", type=int, default=3)
+    c = sub.add_parser("hold")
+    c.add_argument("--connections", type=int, default=100000)
+    c.add_argument("--rate", type=int, default=2000)
+    c.add_argument("--hold", type=int, default=60)
+    c.add_argument("--lb-procs", type=int, default=12)
+    c.add_argument("--shard-procs", type=int, default=8)
+    c.add_argument("--workers", type=int, default=8)
+    a = ap.parse_args()
+    for tool in (["nginx", "haproxy"] if a.cmd == "compare" else []):
+        if not shutil.which(tool):
+            raise SystemExit(f"{tool} is missing: make bench-compare installs it (apt-get install -y {tool})")
+    {"capacity": cmd_capacity, "compare": cmd_compare, "fanout": cmd_fanout, "hold": cmd_hold}[a.cmd](a)
+
+
+if __name__ == "__main__":
+    main()

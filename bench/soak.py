@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""Soak (`make soak`): many connections held for a long time with steady fan-out and
+continuous churn; samples ws-lb and ws-shard RSS and connection gauges over time.
+
+Defaults: 100,000 connections through 12 ws-lb processes sharing the port (SO_REUSEPORT)
+to 8 ws-shard processes, held 30 minutes, a publisher at 50 messages/s over 100 channels,
+and 1 % churn (1,000 extra clients connecting, holding 20 s and leaving, over and over).
+
+Pass criteria: RSS drift under 5 % between the first window after warm-up and the last
+window, and no leak (shard connection gauges back to exactly the churn-free population at
+the end, then to 0 after the clients leave). Results: bench/results/soak-<time>.json.
+
+    soak.py [--connections N] [--minutes M] [--lb-procs L] [--shard-procs S]
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--connections", type=int, default=100_000)
+    ap.add_argument("--minutes", type=float, default=30)
+    ap.add_argument("--rate", type=int, default=2000)
+    ap.add_argument("--lb-procs", type=int, default=12)
+    ap.add_argument("--shard-procs", type=int, default=8)
+    ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--churn", type=float, default=0.01)
+    ap.add_argument("--sample-s", type=int, default=30)
+    a = ap.parse_args()
+    procs = bench.Procs()
+    result = {"machine": bench.machine(), "command": " ".join(sys.argv), "samples": []}
+    try:
+        shard_ports, shard_pids, admins = [], [], []
+        per_shard = a.connections // (2 * a.shard_procs) + 2000
+        for _ in range(a.shard_procs):
+            p, ports, admin = bench.start_shards(bench_procs := procs, shards=2, max_conn=per_shard)
+            shard_ports += ports
+            shard_pids.append(p.pid)
+            admins.append(admin)
+        port, lb_pids = bench.free_port(), []
+        for i in range(a.lb_procs):
+            p, _, _ = bench.start_lb(procs, shard_ports, name=f"lb{i}", port=port, extra=["--reuse-port"])
+            lb_pids.append(p.pid)
+        lbs, shards = bench.Sampler(lb_pids), bench.Sampler(shard_pids)
+        hold_s = int(a.minutes * 60)
+        ramp_s = a.connections / a.rate
+        out = Path(tempfile.mkdtemp()) / "main.json"
+        main_lt = subprocess.Popen(
+            [str(bench.LT), "--url", f"ws://127.0.0.1:{port}/ws", "--connections", str(a.connections), "--rate", str(a.rate),
+             "--hold", str(hold_s), "--workers", str(a.workers), "--source-ips", "127.0.0.2-127.0.0.41",
+             "--channels", "soak.C{0..99}", "--publish-url", f"http://127.0.0.1:{admins[0]}/publish",
+             "--publish-rate", "50", "--json", str(out), "--quiet"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stop = threading.Event()
+        churn_runs = []
+
+        def churn():
+            n = max(int(a.connections * a.churn), 1)
+            while not stop.is_set():
+                rep = bench.loadtest(f"ws://127.0.0.1:{port}/ws", n, max(n // 10, 1), 20, ["--source-ips", "127.0.0.42-127.0.0.45"],
+                                     name="churn")
+                churn_runs.append({k: rep["counts"][k] for k in ("attempted", "established", "active_end_of_hold")})
+
+        time.sleep(ramp_s + 5)
+        churner = threading.Thread(target=churn, daemon=True)
+        churner.start()
+        t0 = time.time()
+        while time.time() - t0 < hold_s - 30:
+            conns = 0
+            for p in shard_ports:
+                conns += bench.json.loads(bench.urllib.request.urlopen(f"http://127.0.0.1:{p}/health", timeout=3).read())["connections"]
+            s = {"t_s": round(time.time() - t0), "lb_rss_mib": lbs.rss() / 1024, "shard_rss_mib": shards.rss() / 1024,
+                 "shard_connections": conns}
+            result["samples"].append(s)
+            print(json.dumps(s), flush=True)
+            time.sleep(a.sample_s)
+        stop.set()
+        churner.join(timeout=120)
+        stdout, _ = main_lt.communicate(timeout=hold_s + 600)
+        rep = json.loads(out.read_text())
+        result["main"] = bench.summarize(rep) | {"deliveries_per_s": rep["deliveries_per_s"], "gaps": rep["counts"]["gaps"]}
+        result["churn_runs"] = len(churn_runs)
+        result["churn_failed"] = sum(r["attempted"] - r["established"] for r in churn_runs)
+        # Warm-up: skip the first 5 minutes (or the first fifth of a short run).
+        warm = min(300, hold_s // 5)
+        window = max(1, len(result["samples"]) // 6)
+        settled = [s for s in result["samples"] if s["t_s"] >= warm]
+        first, last = settled[:window], settled[-window:]
+        drift = {}
+        for k in ("lb_rss_mib", "shard_rss_mib"):
+            f, l = statistics.mean(x[k] for x in first), statistics.mean(x[k] for x in last)
+            drift[k] = 100 * (l - f) / f
+        result["drift_pct"] = drift
+        time.sleep(15)
+        left = sum(bench.json.loads(bench.urllib.request.urlopen(f"http://127.0.0.1:{p}/health", timeout=3).read())["connections"]
+                   for p in shard_ports)
+        result["shard_connections_after_clients_left"] = left
+        ok = all(abs(v) < 5 for v in drift.values()) and left == 0
+        result["pass"] = ok
+        print(f"\nRSS drift after warm-up: LB {drift['lb_rss_mib']:+.2f} %, shards {drift['shard_rss_mib']:+.2f} %; "
+              f"connections left after the clients went away: {left}; churn runs {len(churn_runs)} "
+              f"({result['churn_failed']} failed attempts); main: {result['main']}")
+        print("PASS" if ok else "FAIL")
+    finally:
+        procs.stop()
+        bench.save("soak", result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,422 @@
+#!/usr/bin/env python3
+"""Fault injection on loopback with the release binaries (`make faults`).
+
+Each scenario starts its own servers, injects one fault, measures, prints PASS/FAIL with the
+figures, and stops everything; all waits are bounded. Results go to
+bench/results/faults-<time>.json; docs/reliability.md records a run.
+
+  kill-shard     SIGKILL one of three shard processes during a 1,000 conn/s ramp of subscribed
+                 clients (Kafka source, producer running): >= 99.9 % of new connections
+                 succeed; its clients get 1012 within 1 s; resubscribing with `since` loses
+                 nothing; the breaker opens, half-opens and closes after the restart.
+  kill-lb        SIGKILL ws-lb under load: clients see the disconnect, reconnect to the
+                 restarted LB; the shards release every slot.
+  kafka          the broker cut for the shards and restarted empty (tests/e2e/kafka_e2e.py).
+  slow           10 % of subscribers stop reading during a fan-out run: they are closed with
+                 4000; the others' delivery p99 stays within 1.2x of the run without them.
+  rolling        every shard restarted in turn with SIGTERM: no bare reset, all clients
+                 reconnect and recover with no gap and no duplicate.
+
+Usage: faults.py [scenario ...]   (default: all)
+"""
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import websockets
+from kafka import KafkaProducer
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = REPO / "target" / "release"
+LT = BIN / "loadtest"
+TANSU = shutil.which("tansu") or str(Path.home() / ".cargo/bin/tansu")
+RESULTS = REPO / "bench" / "results"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(url, timeout=2):
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.read().decode()
+
+
+def get_json(url):
+    try:
+        return json.loads(get(url))
+    except urllib.error.HTTPError as e:
+        return json.loads(e.read())
+
+
+def wait(cond, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if cond():
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+def metric(page, name, *labels):
+    total = 0.0
+    for line in page.splitlines():
+        if line.startswith(name) and all(l in line for l in labels) and not line.startswith("#"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+class Procs:
+    def __init__(self):
+        self.p = {}
+
+    def start(self, name, args):
+        log = open(f"/tmp/odin-faults-{name}.log", "w")
+        self.p[name] = subprocess.Popen(args, stdout=log, stderr=log)
+        return self.p[name]
+
+    def signal(self, name, sig):
+        p = self.p[name]
+        if p.poll() is None:
+            p.send_signal(sig)
+
+    def wait(self, name, timeout):
+        return self.p[name].wait(timeout=timeout)
+
+    def stop_all(self):
+        for p in self.p.values():
+            if p.poll() is None:
+                p.kill()
+        for p in self.p.values():
+            p.wait()
+
+
+def start_broker(procs, topic, partitions):
+    port = free_port()
+    procs.start("tansu", [TANSU, "broker", "--listener-url", f"tcp://127.0.0.1:{port}",
+                          "--advertised-listener-url", f"tcp://127.0.0.1:{port}", "--storage-engine", "memory://tansu/"])
+    wait(lambda: socket.create_connection(("127.0.0.1", port), 1).close() or True, 20, "tansu")
+    subprocess.run([TANSU, "topic", "create", topic, "--partitions", str(partitions), "--broker", f"tcp://127.0.0.1:{port}"],
+                   check=True, capture_output=True, timeout=30)
+    return port
+
+
+class Producer(threading.Thread):
+    """One key per partition (so each channel's offsets are contiguous) at `rate` records/s."""
+
+    def __init__(self, port, topic, keys, rate):
+        super().__init__(daemon=True)
+        self.p = KafkaProducer(bootstrap_servers=f"127.0.0.1:{port}", linger_ms=2)
+        self.topic, self.keys, self.rate = topic, keys, rate
+        self.stop = threading.Event()
+        self.sent = 0
+
+    def run(self):
+        t0 = time.time()
+        while not self.stop.is_set():
+            due = t0 + self.sent / self.rate
+            if due > time.time():
+                time.sleep(due - time.time())
+            i = self.sent % len(self.keys)
+            self.p.send(self.topic, key=self.keys[i].encode(), partition=i,
+                        value=json.dumps({"n": self.sent, "ts_us": int(time.time() * 1e6)}).encode())
+            self.sent += 1
+        self.p.flush(timeout=30)
+
+
+def start_shard_proc(procs, name, port, admin, broker=None, topic=None, extra=()):
+    args = [str(BIN / "ws-shard"), "--shards", "1", "--base-port", str(port), "--admin-addr", f"127.0.0.1:{admin}",
+            "--history-len", "5000", "--client-rate", "0", "--drain-window", "2s", "--grace", "15s", "--log-level", "warn", *extra]
+    if broker:
+        args += ["--kafka-brokers", f"127.0.0.1:{broker}", "--kafka-topics", topic]
+    procs.start(name, args)
+    wait(lambda: get(f"http://127.0.0.1:{port}/health") and True, 30, f"{name} health")
+    if broker:
+        wait(lambda: get_json(f"http://127.0.0.1:{port}/health")["source"]["connected"], 30, f"{name} consuming")
+
+
+def start_lb(procs, shard_ports, port, admin, extra=(), name="lb"):
+    urls = ",".join(f"ws://127.0.0.1:{p}/ws" for p in shard_ports)
+    procs.start(name, [str(BIN / "ws-lb"), "--listen", f"127.0.0.1:{port}", "--admin-addr", f"127.0.0.1:{admin}",
+                       "--backend-urls", urls, "--per-ip-rate", "0", "--health-interval", "200ms",
+                       "--admission-rate", "20000", "--admission-burst", "2000", "--drain-window", "2s",
+                       "--log-level", "warn", *extra])
+    wait(lambda: get(f"http://127.0.0.1:{port}/health") and True, 20, "ws-lb health")
+
+
+def loadtest_bg(url, connections, rate, hold, extra=()):
+    out = Path(tempfile.mkdtemp()) / "report.json"
+    args = [str(LT), "--url", url, "--connections", str(connections), "--rate", str(rate), "--hold", str(hold),
+            "--source-ips", "127.0.0.2-127.0.0.9", "--json", str(out), "--quiet", *extra]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), out
+
+
+def finish(p, out, timeout=600):
+    stdout, stderr = p.communicate(timeout=timeout)
+    if not out.exists():
+        raise RuntimeError(f"loadtest wrote no report: {stderr[-1500:]}")
+    return json.loads(out.read_text())
+
+
+class Probes:
+    """Python websockets clients through the LB, recording when and how they were closed."""
+
+    def __init__(self, url, n, channel):
+        self.url, self.n, self.channel = url, n, channel
+        self.closed = []  # (time, code or None)
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        asyncio.run_coroutine_threadsafe(self.connect_all(), self.loop).result(timeout=60)
+
+    async def one(self):
+        ws = await websockets.connect(self.url)
+        await ws.send(json.dumps({"type": "subscribe", "channels": [self.channel]}))
+        await ws.recv()
+
+        async def watch():
+            try:
+                async for _ in ws:
+                    pass
+            except websockets.exceptions.ConnectionClosed:
+                pass
+            self.closed.append((time.time(), ws.close_code if ws.close_rcvd else None))
+
+        asyncio.ensure_future(watch())
+
+    async def connect_all(self):
+        for _ in range(self.n):
+            await self.one()
+
+
+def scenario_kill_shard():
+    procs = Procs()
+    try:
+        topic, keys = "fx", [f"K{i}" for i in range(10)]
+        broker = start_broker(procs, topic, len(keys))
+        ports = [free_port() for _ in range(3)]
+        admins = [free_port() for _ in range(3)]
+        for i in range(3):
+            start_shard_proc(procs, f"shard{i}", ports[i], admins[i], broker, topic)
+        lb, lb_admin = free_port(), free_port()
+        start_lb(procs, ports, lb, lb_admin, ["--circuit-breaker-failure-threshold", "5", "--circuit-breaker-timeout", "3s",
+                                              "--circuit-breaker-half-open-max-calls", "2", "--circuit-breaker-success-threshold", "2"])
+        producer = Producer(broker, topic, keys, 100)
+        producer.start()
+        probes = Probes(f"ws://127.0.0.1:{lb}/ws", 60, "fx.K0")
+        lt, out = loadtest_bg(f"ws://127.0.0.1:{lb}/ws", 8000, 1000, 25, ["--channels", "fx.K{0..9}", "--reconnect"])
+        time.sleep(4)
+        killed_at = time.time()
+        procs.signal("shard1", signal.SIGKILL)
+        procs.wait("shard1", 10)
+        time.sleep(3)
+        start_shard_proc(procs, "shard1", ports[1], admins[1], broker, topic)
+        rep = finish(lt, out)
+        producer.stop.set()
+        producer.join(timeout=30)
+        wait(lambda: metric(get(f"http://127.0.0.1:{lb_admin}/metrics"), "ws_circuit_breaker_transitions_total",
+                            'shard_id="1"', 'from="half_open"', 'to="closed"') >= 1, 20, "breaker to close again")
+        page = get(f"http://127.0.0.1:{lb_admin}/metrics")
+        c = rep["counts"]
+        after_kill = [(t - killed_at, code) for t, code in probes.closed if t >= killed_at]
+        tr = lambda f, t: metric(page, "ws_circuit_breaker_transitions_total", 'shard_id="1"', f'from="{f}"', f'to="{t}"')
+        figures = {
+            "attempted": c["attempted"], "established": c["established"],
+            "success_pct": 100 * c["established"] / c["attempted"],
+            "disconnects": rep["disconnects"], "reconnects": c["reconnects"], "recovered_false": c["recovered_false"],
+            "gaps": c["gaps"], "duplicates": c["duplicates"], "deliveries": c["deliveries"],
+            "probes_closed": len(after_kill), "probe_close_codes": sorted({code for _, code in after_kill}, key=str),
+            "probe_max_close_delay_s": max((d for d, _ in after_kill), default=None),
+            "breaker": {"closed_to_open": tr("closed", "open"), "open_to_half_open": tr("open", "half_open"),
+                        "half_open_to_closed": tr("half_open", "closed")},
+            "generator_behind": rep["schedule"]["generator_behind"],
+        }
+        checks = [
+            ("new connections >= 99.9 %", figures["success_pct"] >= 99.9),
+            ("probes of the killed shard closed with 1012", bool(after_kill) and figures["probe_close_codes"] == [1012]),
+            ("... within 1 s", figures["probe_max_close_delay_s"] is not None and figures["probe_max_close_delay_s"] < 1.0),
+            ("no gap, no duplicate, no recovered:false", c["gaps"] == 0 and c["duplicates"] == 0 and c["recovered_false"] == 0),
+            ("breaker opened, half-opened, closed", all(v >= 1 for v in figures["breaker"].values())),
+        ]
+        return figures, checks
+    finally:
+        procs.stop_all()
+
+
+def scenario_kill_lb():
+    procs = Procs()
+    try:
+        shard, shard_admin = free_port(), free_port()
+        procs.start("shard", [str(BIN / "ws-shard"), "--shards", "3", "--base-port", str(shard),
+                              "--admin-addr", f"127.0.0.1:{shard_admin}", "--client-rate", "0", "--log-level", "warn"])
+        for i in range(3):
+            wait(lambda i=i: get(f"http://127.0.0.1:{shard + i}/health") and True, 20, "shards")
+        lb, lb_admin = free_port(), free_port()
+        ports = [shard, shard + 1, shard + 2]
+        start_lb(procs, ports, lb, lb_admin)
+        total = lambda: sum(get_json(f"http://127.0.0.1:{p}/health")["connections"] for p in ports)
+        lt, out = loadtest_bg(f"ws://127.0.0.1:{lb}/ws", 3000, 1000, 25, ["--channels", "fx.K{0..9}", "--reconnect"])
+        wait(lambda: total() >= 3000, 20, "3000 clients on the shards")
+        procs.signal("lb", signal.SIGKILL)
+        procs.wait("lb", 10)
+        t_kill = time.time()
+        try:
+            wait(lambda: total() == 0, 20, "shards to release every slot")
+            released_s = time.time() - t_kill
+        except RuntimeError:
+            released_s = None
+        start_lb(procs, ports, lb, lb_admin, name="lb-restarted")
+        wait(lambda: total() >= 3000, 30, "clients back on the shards")
+        rep = finish(lt, out)
+        c = rep["counts"]
+        figures = {"slots_released_after_s": released_s and round(released_s, 2), "active_end_of_hold": c["active_end_of_hold"],
+                   "disconnects": rep["disconnects"], "reconnects": c["reconnects"], "shard_connections_at_end": total()}
+        checks = [
+            ("clients saw the disconnect", sum(rep["disconnects"].values()) >= 3000),
+            ("shards released every slot (count 0 within 20 s)", released_s is not None),
+            ("all clients back through the restarted LB", c["active_end_of_hold"] == 3000),
+        ]
+        return figures, checks
+    finally:
+        procs.stop_all()
+
+
+def scenario_kafka():
+    r = subprocess.run([sys.executable, str(REPO / "tests/e2e/kafka_e2e.py"), TANSU, str(BIN / "ws-shard"), str(BIN / "ws-lb")],
+                       capture_output=True, text=True, timeout=600)
+    lines = [l for l in r.stdout.splitlines() if l.startswith("ok:")]
+    return {"output": lines}, [("kafka e2e (cut 10 s, restart empty, failover)", r.returncode == 0 and len(lines) >= 6)]
+
+
+def fanout_run(slow_clients: int):
+    procs = Procs()
+    try:
+        shard, shard_admin = free_port(), free_port()
+        procs.start("shard", [str(BIN / "ws-shard"), "--shards", "3", "--base-port", str(shard), "--admin-addr",
+                              f"127.0.0.1:{shard_admin}", "--client-rate", "0", "--outbound-queue", "256",
+                              "--socket-send-buffer", "16384", "--log-level", "warn"])
+        for i in range(3):
+            wait(lambda i=i: get(f"http://127.0.0.1:{shard + i}/health") and True, 20, "shards")
+        lb, lb_admin = free_port(), free_port()
+        start_lb(procs, [shard, shard + 1, shard + 2], lb, lb_admin, ["--socket-send-buffer", "16384"])
+        slow = []
+        req = ("GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").encode()
+        for i in range(slow_clients):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect(("127.0.0.1", lb))
+            s.sendall(req)
+            payload = json.dumps({"type": "subscribe", "channels": [f"fan.C{i % 10}"]}).encode()
+            mask = b"\x01\x02\x03\x04"
+            s.sendall(bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[j % 4] for j, b in enumerate(payload)))
+            slow.append(s)
+        rep = finish(*loadtest_bg(f"ws://127.0.0.1:{lb}/ws", 2000, 2000, 20,
+                                  ["--channels", "fan.C{0..9}", "--publish-url", f"http://127.0.0.1:{shard_admin}/publish",
+                                   "--publish-rate", "200"]))
+        page = get(f"http://127.0.0.1:{shard_admin}/metrics")
+        for s in slow:
+            s.close()
+        return rep, metric(page, "ws_shard_slow_consumer_disconnects_total")
+    finally:
+        procs.stop_all()
+
+
+def scenario_slow():
+    base, _ = fanout_run(0)
+    with_slow, closed = fanout_run(200)
+    p99 = lambda r: r["delivery_us"]["p99"] / 1000
+    figures = {"baseline_p99_ms": p99(base), "with_slow_p99_ms": p99(with_slow), "slow_clients": 200,
+               "closed_as_slow_consumers": closed, "baseline_deliveries_per_s": base["deliveries_per_s"],
+               "with_slow_deliveries_per_s": with_slow["deliveries_per_s"],
+               "fast_gaps": with_slow["counts"]["gaps"], "fast_disconnects": with_slow["disconnects"]}
+    checks = [
+        ("slow clients closed with 4000", closed >= 200),
+        ("others' p99 within 1.2x", p99(with_slow) <= 1.2 * p99(base)),
+        ("others lost nothing", with_slow["counts"]["gaps"] == 0 and sum(with_slow["disconnects"].values()) == 0),
+    ]
+    return figures, checks
+
+
+def scenario_rolling():
+    procs = Procs()
+    try:
+        topic, keys = "fx", [f"K{i}" for i in range(10)]
+        broker = start_broker(procs, topic, len(keys))
+        ports = [free_port() for _ in range(3)]
+        admins = [free_port() for _ in range(3)]
+        for i in range(3):
+            start_shard_proc(procs, f"shard{i}", ports[i], admins[i], broker, topic)
+        lb, lb_admin = free_port(), free_port()
+        start_lb(procs, ports, lb, lb_admin)
+        producer = Producer(broker, topic, keys, 100)
+        producer.start()
+        lt, out = loadtest_bg(f"ws://127.0.0.1:{lb}/ws", 3000, 1000, 45, ["--channels", "fx.K{0..9}", "--reconnect"])
+        time.sleep(6)
+        for i in range(3):
+            procs.signal(f"shard{i}", signal.SIGTERM)
+            rc = procs.wait(f"shard{i}", 30)
+            start_shard_proc(procs, f"shard{i}", ports[i], admins[i], broker, topic)
+            time.sleep(3)
+        rep = finish(lt, out)
+        producer.stop.set()
+        producer.join(timeout=30)
+        c = rep["counts"]
+        figures = {"disconnects": rep["disconnects"], "reconnects": c["reconnects"], "recovered_false": c["recovered_false"],
+                   "gaps": c["gaps"], "duplicates": c["duplicates"], "active_end_of_hold": c["active_end_of_hold"]}
+        bare = sum(v for k, v in rep["disconnects"].items() if k != "close_1012")
+        checks = [
+            ("every disconnect was a 1012 close (no bare reset)", bare == 0 and rep["disconnects"].get("close_1012", 0) > 0),
+            ("all clients back", c["active_end_of_hold"] == 3000),
+            ("recovered with no gap and no duplicate", c["gaps"] == 0 and c["duplicates"] == 0 and c["recovered_false"] == 0),
+        ]
+        return figures, checks
+    finally:
+        procs.stop_all()
+
+
+SCENARIOS = {"kill-shard": scenario_kill_shard, "kill-lb": scenario_kill_lb, "kafka": scenario_kafka,
+             "slow": scenario_slow, "rolling": scenario_rolling}
+
+
+def main():
+    names = sys.argv[1:] or list(SCENARIOS)
+    results, failed = {}, False
+    for name in names:
+        started = time.time()
+        try:
+            figures, checks = SCENARIOS[name]()
+        except Exception as e:  # a scenario that cannot run is a failure, reported as such
+            figures, checks = {"error": repr(e)}, [("scenario ran", False)]
+        ok = all(c for _, c in checks)
+        failed |= not ok
+        results[name] = {"pass": ok, "figures": figures, "checks": checks, "seconds": round(time.time() - started)}
+        print(f"{'PASS' if ok else 'FAIL'} {name} ({results[name]['seconds']} s)")
+        for label, c in checks:
+            print(f"    {'ok ' if c else 'BAD'} {label}")
+        print("    " + json.dumps(figures))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"faults-{time.strftime('%Y%m%dT%H%M%S')}.json"
+    path.write_text(json.dumps(results, indent=1, default=str))
+    print(f"results: {path.relative_to(REPO)}")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
