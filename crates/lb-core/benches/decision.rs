@@ -12,16 +12,27 @@ use rand::rngs::SmallRng;
 use rand::SeedableRng;
 
 fn benches(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
     let _guard = rt.enter();
-    let pool = ShardPool::new(10, BreakerConfig::default(), ScoreConfig::default(), Arc::new(NoObserver)).unwrap();
+    let pool = ShardPool::new(
+        10,
+        BreakerConfig::default(),
+        ScoreConfig::default(),
+        Arc::new(NoObserver),
+    )
+    .unwrap();
     for i in 0..10 {
         pool.set_health(i, i as f64 / 10.0, false);
     }
     let mut rng = SmallRng::seed_from_u64(1);
     c.bench_function("select + succeed (10 shards)", |b| {
         b.iter(|| {
-            let lease = pool.select(Tried::default(), tokio::time::Instant::now(), &mut rng).unwrap();
+            let lease = pool
+                .select(Tried::default(), tokio::time::Instant::now(), &mut rng)
+                .unwrap();
             lease.succeed();
         })
     });

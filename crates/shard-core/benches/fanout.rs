@@ -15,9 +15,18 @@ fn benches(c: &mut Criterion) {
     for n in [100usize, 1_000, 10_000] {
         let hub = Hub::new(HubConfig { history_len: 1000 }, 1, "e");
         let channel = ChannelName::new("trades.BTC-USD").unwrap();
-        let queues: Vec<Arc<ConnQueue>> = (0..n).map(|_| Arc::new(ConnQueue::new(1 << 20))).collect();
+        let queues: Vec<Arc<ConnQueue>> =
+            (0..n).map(|_| Arc::new(ConnQueue::new(1 << 20))).collect();
         for q in &queues {
-            hub.subscribe(&channel, None, Subscriber { id: hub.next_subscriber_id(), shard: 0, queue: q.clone() });
+            hub.subscribe(
+                &channel,
+                None,
+                Subscriber {
+                    id: hub.next_subscriber_id(),
+                    shard: 0,
+                    queue: q.clone(),
+                },
+            );
         }
         let mut seq = 0u64;
         let data = r#"{"px":64012.5,"qty":0.3125,"side":"buy","ts":1795803982627}"#;

@@ -564,7 +564,14 @@ mod tests {
         }
         // The client saw up to 15 on a shard whose source was ahead of this one.
         let s = sub(&hub, 100);
-        let r = hub.subscribe(&ch("a"), Some(&Position { epoch: "e1".into(), seq: 15 }), s.clone());
+        let r = hub.subscribe(
+            &ch("a"),
+            Some(&Position {
+                epoch: "e1".into(),
+                seq: 15,
+            }),
+            s.clone(),
+        );
         assert!(r.recovered);
         assert!(r.replay.is_empty());
         for seq in 11..=20 {

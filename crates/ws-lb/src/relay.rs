@@ -242,7 +242,8 @@ pub async fn relay(
         };
         let timer_at = flush_deadline.map_or(timer_at, |d| d.min(timer_at));
         let closing = matches!(phase, Phase::Closing { .. });
-        let timer_armed = closing || flush_deadline.is_some() || (drain_at.is_some() && want_close.is_none());
+        let timer_armed =
+            closing || flush_deadline.is_some() || (drain_at.is_some() && want_close.is_none());
         let to_boundary = want_close.is_some();
         tokio::select! {
             biased;
