@@ -1,10 +1,12 @@
 //! Process plumbing shared by the two binaries' libraries (ws-lb, ws-shard): binding
 //! listeners with the socket options a WebSocket tier needs, an accept loop that survives
-//! descriptor exhaustion, HTTP/1 serving with header limits, shutdown signals, telemetry.
+//! descriptor exhaustion, HTTP/1 serving with header limits, shutdown signals, telemetry,
+//! and the binaries' configuration loading.
 //!
 //! Policy and protocol live elsewhere; this crate only moves connections in and out.
 
 pub mod accept;
+pub mod config;
 pub mod http;
 pub mod listener;
 pub mod shutdown;

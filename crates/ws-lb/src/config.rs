@@ -6,11 +6,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::Parser;
-use figment::providers::{Env, Format, Serialized, Toml};
-use figment::Figment;
-use serde::{Deserialize, Deserializer, Serialize};
+use figment::providers::Env;
+use serde::{Deserialize, Serialize};
 
 /// All settings, flat: each key maps to `LB_<KEY>` and to `--<key-with-dashes>`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -18,7 +17,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 pub struct Settings {
     pub listen: SocketAddr,
     pub admin_addr: SocketAddr,
-    #[serde(deserialize_with = "list")]
+    #[serde(deserialize_with = "net_core::config::list")]
     pub backend_urls: Vec<String>,
     pub circuit_breaker_failure_threshold: u32,
     #[serde(with = "humantime_serde")]
@@ -42,7 +41,7 @@ pub struct Settings {
     pub per_ip_rate: u32,
     pub per_ip_burst: u32,
     pub trust_forwarded_for: bool,
-    #[serde(deserialize_with = "list")]
+    #[serde(deserialize_with = "net_core::config::list")]
     pub allowed_origins: Vec<String>,
     #[serde(with = "humantime_serde")]
     pub health_interval: Duration,
@@ -65,25 +64,6 @@ pub struct Settings {
     pub grace: Duration,
     pub log_json: bool,
     pub log_level: String,
-}
-
-/// Accepts `"a,b"` (env) as well as `["a", "b"]` (TOML, flags).
-fn list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum OneOrMany {
-        One(String),
-        Many(Vec<String>),
-    }
-    Ok(match OneOrMany::deserialize(d)? {
-        OneOrMany::One(s) => s
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(String::from)
-            .collect(),
-        OneOrMany::Many(v) => v,
-    })
 }
 
 impl Default for Settings {
@@ -259,19 +239,8 @@ const PLAN_ENV: [&str; 4] = [
 
 /// Merges defaults, file, environment and flags.
 pub fn load(cli: &Cli, prefix: &str) -> anyhow::Result<Settings> {
-    let mut fig = Figment::from(Serialized::defaults(Settings::default()));
-    if let Some(path) = &cli.config {
-        if !path.exists() {
-            bail!("config file {} does not exist", path.display());
-        }
-        fig = fig.merge(Toml::file(path));
-    }
-    let settings: Settings = fig
-        .merge(Env::raw().only(&PLAN_ENV))
-        .merge(Env::prefixed(prefix))
-        .merge(Serialized::defaults(cli))
-        .extract()
-        .context("invalid configuration")?;
+    let envs = vec![Env::raw().only(&PLAN_ENV), Env::prefixed(prefix)];
+    let settings = net_core::config::load(Settings::default(), cli.config.as_deref(), envs, cli)?;
     if settings.backend_urls.is_empty() {
         bail!("no backends: set --backend-urls (or LB_BACKEND_URLS) to ws://host:port/ws,...");
     }

@@ -5,10 +5,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::Parser;
-use figment::providers::{Env, Format, Serialized, Toml};
-use figment::Figment;
+use figment::providers::Env;
 use serde::{Deserialize, Serialize};
 
 /// All settings, flat so that each maps to one env var (`WS_<KEY>`) and one flag.
@@ -49,15 +48,15 @@ pub struct Settings {
     pub echo_max_message_size: usize,
     pub demo_feed: bool,
     pub demo_rate: u32,
-    #[serde(deserialize_with = "list")]
+    #[serde(deserialize_with = "net_core::config::list")]
     pub kafka_brokers: Vec<String>,
-    #[serde(deserialize_with = "list")]
+    #[serde(deserialize_with = "net_core::config::list")]
     pub kafka_topics: Vec<String>,
     pub kafka_start: String,
     pub kafka_channel_template: String,
     #[serde(with = "humantime_serde")]
     pub kafka_fetch_wait_max: Duration,
-    #[serde(deserialize_with = "list")]
+    #[serde(deserialize_with = "net_core::config::list")]
     pub kafka_properties: Vec<String>,
     pub log_json: bool,
     pub log_level: String,
@@ -239,39 +238,10 @@ pub struct Cli {
     pub log_level: Option<String>,
 }
 
-/// Accepts `"a,b"` (env) as well as `["a", "b"]` (TOML, flags).
-fn list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum OneOrMany {
-        One(String),
-        Many(Vec<String>),
-    }
-    Ok(match OneOrMany::deserialize(d)? {
-        OneOrMany::One(s) => s
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(String::from)
-            .collect(),
-        OneOrMany::Many(v) => v,
-    })
-}
-
 /// Merges defaults, file, environment and flags.
 pub fn load(cli: &Cli, env: Env) -> anyhow::Result<Settings> {
-    let mut fig = Figment::from(Serialized::defaults(Settings::default()));
-    if let Some(path) = &cli.config {
-        if !path.exists() {
-            bail!("config file {} does not exist", path.display());
-        }
-        fig = fig.merge(Toml::file(path));
-    }
-    let settings: Settings = fig
-        .merge(env)
-        .merge(Serialized::defaults(cli))
-        .extract()
-        .context("invalid configuration")?;
+    let settings =
+        net_core::config::load(Settings::default(), cli.config.as_deref(), vec![env], cli)?;
     if settings.shards == 0 {
         bail!("shards must be at least 1");
     }
