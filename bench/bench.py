@@ -221,8 +221,10 @@ def median(values):
 
 
 def held_run(target_url, lb_pid, shard_pid, connections, rate, hold, extra=()):
-    """One ramp with RSS measured before and after (per held connection)."""
-    s_lb = Sampler([lb_pid]) if lb_pid else None
+    """One ramp with RSS measured before and after (per held connection). `lb_pid` may be a
+    list (several ws-lb processes sharing the port)."""
+    lb_pids = lb_pid if isinstance(lb_pid, list) else ([lb_pid] if lb_pid else [])
+    s_lb = Sampler(lb_pids) if lb_pids else None
     s_sh = Sampler([shard_pid])
     base_lb = s_lb.rss() if s_lb else 0
     base_sh = s_sh.rss()
@@ -258,8 +260,14 @@ def cmd_capacity(a):
             procs = Procs()
             try:
                 shard, shard_ports, _ = start_shards(procs)
-                lb, lb_port, _ = start_lb(procs, shard_ports)
-                row, rep = held_run(f"ws://127.0.0.1:{lb_port}/ws", lb.pid, shard.pid, a.connections, rate, a.hold)
+                # One ws-lb relays at most ~10,000 clients (two descriptors each, 20,000 per
+                # process here), so 12,000 need two processes sharing the port.
+                lb_port, lb_pids = free_port(), []
+                for i in range(a.lb_procs):
+                    lb, _, _ = start_lb(procs, shard_ports, name=f"lb{i}", port=lb_port,
+                                        extra=["--reuse-port"] if a.lb_procs > 1 else [])
+                    lb_pids.append(lb.pid)
+                row, rep = held_run(f"ws://127.0.0.1:{lb_port}/ws", lb_pids, shard.pid, a.connections, rate, a.hold)
                 row["report"] = rep
                 rows.append(row)
             finally:
@@ -466,9 +474,12 @@ def main():
     c.add_argument("--rates", type=int, nargs="+", default=[50, 100, 1000])
     c.add_argument("--hold", type=int, default=10)
     c.add_argument("--runs", type=int, default=3, help="runs of the 1000/s ramp (50 and 100/s: one run each)")
+    c.add_argument("--lb-procs", type=int, default=2, help="ws-lb processes sharing the port (SO_REUSEPORT)")
     c = sub.add_parser("compare")
     c.add_argument("--targets", nargs="+", default=["ws-lb", "nginx", "haproxy", "direct"])
-    c.add_argument("--connections", type=int, default=12000)
+    # 9,000: every proxy holds them in one process (two descriptors per relayed client,
+    # 20,000 descriptors per process on these machines).
+    c.add_argument("--connections", type=int, default=9000)
     c.add_argument("--rate", type=int, default=1000)
     c.add_argument("--hold", type=int, default=5)
     c.add_argument("--step", type=int, default=3000, help="connections per find-max step")

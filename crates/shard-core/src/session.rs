@@ -143,6 +143,7 @@ pub async fn run(
         let mut bytes = prefix.to_vec();
         st.process(&mut decoder, &mut bytes);
     }
+    drop(prefix);
     let timer = sleep_until(st.next_deadline());
     tokio::pin!(timer);
     loop {

@@ -126,7 +126,8 @@ impl Backend {
             match handshake::parse_response(&buf, &key) {
                 Ok(Response::Partial) => continue,
                 Ok(Response::Accepted { head_len }) => {
-                    let rest = buf.split_off(head_len).freeze();
+                    // Copied out so the handshake buffer is freed with this function.
+                    let rest = Bytes::copy_from_slice(buf.get(head_len..).unwrap_or_default());
                     return Ok((stream, rest));
                 }
                 Err(HandshakeError::Status(s)) => return Err(AttemptError::HttpStatus(s)),

@@ -172,6 +172,7 @@ pub async fn relay(
     up.inject(&client_prefix);
     down.tracker.observe(&shard_prefix);
     down.inject(&shard_prefix);
+    drop((client_prefix, shard_prefix));
     let mut phase = Phase::Open;
     let mut end: Option<RelayEnd> = None;
     let mut want_close: Option<(u16, &'static str, RelayEnd)> = None;
