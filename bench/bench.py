@@ -312,7 +312,9 @@ http {{
 
 HAPROXY_CONF = """
 global
-  maxconn 20000
+  # HAProxy reserves two descriptors per connection up front: 2 x 9,900 + margin stays
+  # under the 20,000 descriptors a process may open here.
+  maxconn 9900
   nbthread {workers}
   pidfile {dir}/haproxy.pid
 defaults
@@ -325,7 +327,7 @@ defaults
   option redispatch
 frontend ws
   bind 127.0.0.1:{port}
-  maxconn 20000
+  maxconn 9900
   default_backend shards
 backend shards
   balance leastconn
@@ -347,7 +349,7 @@ def start_nginx(procs, shard_ports, workers=2):
 def start_haproxy(procs, shard_ports, workers=2):
     d = Path(tempfile.mkdtemp())
     port = free_port()
-    servers = "\n".join(f"  server s{i} 127.0.0.1:{p} maxconn 20000" for i, p in enumerate(shard_ports))
+    servers = "\n".join(f"  server s{i} 127.0.0.1:{p} maxconn 9900" for i, p in enumerate(shard_ports))
     (d / "haproxy.cfg").write_text(HAPROXY_CONF.format(workers=workers, dir=d, port=port, servers=servers))
     p = procs.start("haproxy", ["haproxy", "-db", "-f", str(d / "haproxy.cfg")])
     wait_port(port)
@@ -376,7 +378,7 @@ def cmd_compare(a):
                 row, rep = held_run(url, proxy.pid if proxy else None, shard.pid, a.connections, a.rate, a.hold)
                 row["report"] = rep
                 rows.append(row)
-                fm = loadtest(url, a.step, 0, 1, ["--find-max", "--max-p99", "50ms"], name=f"{target} find-max")
+                fm = loadtest(url, a.step, 1000, 1, ["--find-max", "--max-p99", "50ms", "--find-max-rates", "500,1000,2000,3000,4000,5000,6000,7500,10000"], name=f"{target} find-max")
                 maxes.append(fm["find_max"])
             finally:
                 procs.stop()
@@ -400,29 +402,50 @@ def cmd_compare(a):
 
 
 def cmd_fanout(a):
+    """Sweeps publish rates for two shapes of subscription, through ws-lb and directly to the
+    shards, and reports the highest deliveries/s whose p99 delivery latency stays under
+    --max-p99 (25 ms)."""
+    shapes = {
+        # Every connection on one of 10 channels: one message per delivery per wake-up.
+        "wide": {"subscribers": 5000, "per_conn": 1, "rates": [20, 50, 100]},
+        # Every connection on all 10 channels: messages to one connection can share a write.
+        "dense": {"subscribers": 1000, "per_conn": 10, "rates": [50, 100, 150, 200]},
+    }
     results = {"machine": machine(), "command": " ".join(sys.argv), "runs": []}
-    for run in range(a.runs):
-        procs = Procs()
-        try:
-            shard, shard_ports, admin = start_shards(procs, extra=["--outbound-queue", "4096"])
-            lb, lb_port, _ = start_lb(procs, shard_ports)
-            rep = loadtest(f"ws://127.0.0.1:{lb_port}/ws", a.subscribers, 2000, a.hold,
-                           ["--channels", f"fan.C{{0..{a.channels - 1}}}", "--publish-url", f"http://127.0.0.1:{admin}/publish",
-                            "--publish-rate", str(a.publish_rate), "--publish-connections", "8"], name="fanout")
-        finally:
-            procs.stop()
-        d = rep["delivery_us"]
-        row = {"deliveries_per_s": rep["deliveries_per_s"], "delivery_p50_ms": d["p50"] / 1000,
-               "delivery_p99_ms": d["p99"] / 1000, "gaps": rep["counts"]["gaps"], "duplicates": rep["counts"]["duplicates"],
-               "publisher_achieved": (rep.get("publisher") or {}).get("achieved_rate"), "report": rep}
-        results["runs"].append(row)
-        print(f"run {run + 1}: {row['deliveries_per_s']:.0f} deliveries/s p50 {row['delivery_p50_ms']:.2f} ms "
-              f"p99 {row['delivery_p99_ms']:.2f} ms publisher {row['publisher_achieved']}", flush=True)
-    m = lambda k: median([r[k] for r in results["runs"]])
-    print(f"\n| subscribers | channels | publish rate | deliveries/s | delivery p50 | p99 | gaps | duplicates |")
+    for shape, cfg in shapes.items():
+        if a.shapes and shape not in a.shapes:
+            continue
+        for path in ["ws-lb", "direct"]:
+            for rate in cfg["rates"]:
+                procs = Procs()
+                try:
+                    shard, shard_ports, admin = start_shards(procs, extra=["--outbound-queue", "4096"])
+                    port = shard_ports[0]
+                    if path == "ws-lb":
+                        _, port, _ = start_lb(procs, shard_ports)
+                    rep = loadtest(f"ws://127.0.0.1:{port}/ws", cfg["subscribers"], 2000, a.hold,
+                                   ["--channels", "fan.C{0..9}", "--channels-per-conn", str(cfg["per_conn"]),
+                                    "--publish-url", f"http://127.0.0.1:{admin}/publish", "--publish-rate", str(rate),
+                                    "--publish-connections", "8"], name=f"fanout {shape} {path} {rate}")
+                finally:
+                    procs.stop()
+                d = rep["delivery_us"]
+                row = {"shape": shape, "path": path, "subscribers": cfg["subscribers"], "channels_per_conn": cfg["per_conn"],
+                       "publish_rate": rate, "publisher_achieved": (rep.get("publisher") or {}).get("achieved_rate"),
+                       "deliveries_per_s": rep["deliveries_per_s"], "delivery_p50_ms": d["p50"] / 1000,
+                       "delivery_p99_ms": d["p99"] / 1000, "gaps": rep["counts"]["gaps"],
+                       "duplicates": rep["counts"]["duplicates"], "report": rep}
+                results["runs"].append(row)
+                print(f"{shape} {path} publish {rate}/s: {row['deliveries_per_s']:.0f} deliveries/s "
+                      f"p50 {row['delivery_p50_ms']:.1f} ms p99 {row['delivery_p99_ms']:.1f} ms", flush=True)
+    print(f"\n| shape | path | subscribers x channels | publish/s | deliveries/s | delivery p50 | p99 | gaps/dups |")
     print("|---|---|---|---|---|---|---|---|")
-    print(f"| {a.subscribers} | {a.channels} | {a.publish_rate}/s | {m('deliveries_per_s'):.0f} | {m('delivery_p50_ms'):.2f} ms | "
-          f"{m('delivery_p99_ms'):.2f} ms | {m('gaps')} | {m('duplicates')} |")
+    for r in results["runs"]:
+        print(f"| {r['shape']} | {r['path']} | {r['subscribers']} x {r['channels_per_conn']} | {r['publish_rate']} | "
+              f"{r['deliveries_per_s']:.0f} | {r['delivery_p50_ms']:.1f} ms | {r['delivery_p99_ms']:.1f} ms | {r['gaps']}/{r['duplicates']} |")
+    for path in ["ws-lb", "direct"]:
+        ok = [r["deliveries_per_s"] for r in results["runs"] if r["path"] == path and r["delivery_p99_ms"] < a.max_p99]
+        print(f"highest deliveries/s with p99 < {a.max_p99:.0f} ms, {path}: {max(ok) if ok else 0:.0f}")
     save("fanout", results)
 
 
@@ -485,11 +508,9 @@ def main():
     c.add_argument("--step", type=int, default=3000, help="connections per find-max step")
     c.add_argument("--runs", type=int, default=1)
     c = sub.add_parser("fanout")
-    c.add_argument("--subscribers", type=int, default=5000)
-    c.add_argument("--channels", type=int, default=10)
-    c.add_argument("--publish-rate", type=int, default=100)
-    c.add_argument("--hold", type=int, default=20)
-    c.add_argument("--runs", type=int, default=3)
+    c.add_argument("--shapes", nargs="*", default=[], help="wide and/or dense (default both)")
+    c.add_argument("--hold", type=int, default=12)
+    c.add_argument("--max-p99", type=float, default=25.0)
     c = sub.add_parser("hold")
     c.add_argument("--connections", type=int, default=100000)
     c.add_argument("--rate", type=int, default=2000)

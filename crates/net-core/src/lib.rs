@@ -8,6 +8,7 @@
 pub mod accept;
 pub mod config;
 pub mod http;
+pub mod io;
 pub mod listener;
 pub mod shutdown;
 pub mod telemetry;

@@ -71,6 +71,10 @@ pub struct ShardMetrics {
     pub accepted: Counter,
     pub slow_consumers: Counter,
     pub deliveries: Counter,
+    /// `ws_shard_closes_total` by code, for the codes this system sends.
+    closes: Vec<(u16, Counter)>,
+    /// `ws_shard_closes_total{code="other"}`: codes echoed from clients (bounded labels).
+    close_other: Counter,
 }
 
 impl ShardMetrics {
@@ -81,16 +85,18 @@ impl ShardMetrics {
         for reason in ["full", "draining", "bad_request"] {
             metrics::counter!(REJECTED, "shard_id" => id.clone(), "reason" => reason).increment(0);
         }
-        for (code, _) in ws_protocol::close::SENT_CODES {
-            metrics::counter!(CLOSES, "shard_id" => id.clone(), "code" => code.to_string())
-                .increment(0);
-        }
+        let closes = ws_protocol::close::SENT_CODES
+            .iter()
+            .map(|(code, _)| (*code, metrics::counter!(CLOSES, "shard_id" => id.clone(), "code" => code.to_string())))
+            .collect();
         Self {
             shard_id,
             connections: metrics::gauge!(CONNECTIONS, "shard_id" => id.clone()),
             accepted: metrics::counter!(ACCEPTED, "shard_id" => id.clone()),
             slow_consumers: metrics::counter!(SLOW_CONSUMERS, "shard_id" => id.clone()),
             deliveries: metrics::counter!(DELIVERIES, "shard_id" => id),
+            closes,
+            close_other: metrics::counter!(CLOSES, "shard_id" => shard_id.to_string(), "code" => "other"),
         }
     }
 
@@ -102,6 +108,10 @@ impl ShardMetrics {
 
     /// Counts a close frame sent.
     pub fn close_sent(&self, code: u16) {
-        metrics::counter!(CLOSES, "shard_id" => self.shard_id.to_string(), "code" => code.to_string()).increment(1);
+        match self.closes.iter().find(|(c, _)| *c == code) {
+            Some((_, counter)) => counter.increment(1),
+            // A code echoed from a client (3000-4999 and the like): one bounded label.
+            None => self.close_other.increment(1),
+        }
     }
 }

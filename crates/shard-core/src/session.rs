@@ -6,8 +6,8 @@
 //! reader/writer pair halves the per-connection task state and needs no channel between
 //! halves; every branch is cancellation-safe because reads and writes are non-blocking
 //! `try_read`/`try_write_vectored` calls made after readiness, never futures that could be
-//! dropped halfway. The read buffer lives on the stack of the poll (a non-async function),
-//! so an idle connection holds no read buffer at all.
+//! dropped halfway. Reads go into a per-thread buffer (`net_core::io`), so an idle
+//! connection holds no read buffer at all.
 //!
 //! Close behaviour (codes in `ws_protocol::close`): a client close is echoed and the TCP
 //! connection closed; a protocol violation sends its code and closes at once; a drain
@@ -36,8 +36,6 @@ use crate::slots::SlotGuard;
 const WRITE_BATCH: usize = 64;
 /// Socket reads per readiness wake-up before yielding to other branches.
 const READ_BUDGET: usize = 4;
-/// Bytes read per call; lives on the poll stack, not in the connection.
-const READ_CHUNK: usize = 16 * 1024;
 
 /// What the connection serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -340,12 +338,15 @@ impl State {
     }
 
     fn on_readable(&mut self, stream: &TcpStream, decoder: &mut Decoder) -> io::Result<()> {
-        let mut buf = [0u8; READ_CHUNK];
+        net_core::io::with_buffer(|buf| self.read_into(buf, stream, decoder))
+    }
+
+    fn read_into(&mut self, buf: &mut [u8], stream: &TcpStream, decoder: &mut Decoder) -> io::Result<()> {
         for _ in 0..READ_BUDGET {
             if self.read_done {
                 break;
             }
-            match stream.try_read(&mut buf) {
+            match net_core::io::read_drained(stream, buf) {
                 Ok(0) => {
                     self.read_done = true;
                 }
@@ -355,7 +356,7 @@ impl State {
                     if let Some(data) = buf.get_mut(..n) {
                         self.process(decoder, data);
                     }
-                    if n < READ_CHUNK {
+                    if n < buf.len() {
                         break;
                     }
                 }

@@ -84,8 +84,6 @@ impl Backend {
             Ok(Ok(s)) => s,
         };
         let _ = stream.set_nodelay(true);
-        let _ = socket2::SockRef::from(&stream)
-            .set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(Duration::from_secs(60)));
         match timeout_at(deadline, self.handshake(stream, client_ip)).await {
             Err(_) => Err(AttemptError::HandshakeTimeout(budget)),
             Ok(r) => r,

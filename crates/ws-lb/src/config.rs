@@ -96,7 +96,7 @@ impl Default for Settings {
             max_header_bytes: 16 * 1024,
             backlog: 4096,
             reuse_port: false,
-            tcp_keepalive: Duration::from_secs(60),
+            tcp_keepalive: Duration::ZERO,
             socket_send_buffer: 0,
             close_timeout: Duration::from_secs(5),
             drain_window: Duration::from_secs(10),

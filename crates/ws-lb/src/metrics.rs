@@ -112,6 +112,9 @@ impl ShardHandles {
 #[derive(Debug)]
 pub struct LbMetrics {
     pub shards: Vec<ShardHandles>,
+    /// `ws_handshake_retry_count` by attempt rank (index 0 = first attempt).
+    pub attempt_rank: Vec<Counter>,
+    pub relayed: Counter,
     pub active: Gauge,
     pub queue_len: Gauge,
     pub admission_wait: Histogram,
@@ -159,6 +162,8 @@ impl LbMetrics {
         }
         Self {
             shards: (0..n).map(ShardHandles::new).collect(),
+            attempt_rank: (1..=n).map(|a| metrics::counter!(RETRY_COUNT, "attempt" => a.to_string())).collect(),
+            relayed: metrics::counter!(CLIENT_CONNECTIONS, "result" => "relayed"),
             active: metrics::gauge!(ACTIVE),
             queue_len: metrics::gauge!(QUEUE_LEN),
             admission_wait: metrics::histogram!(ADMISSION_WAIT),

@@ -18,7 +18,7 @@ use tokio::net::TcpStream;
 use tokio::time::{sleep_until, timeout, Instant};
 use ws_protocol::frame::{self, FrameTracker};
 
-use crate::metrics::{self as m, RETRY_COUNT};
+use crate::metrics as m;
 use crate::relay::{relay, RelayEnd};
 use crate::{ClientIp, Lb};
 
@@ -98,7 +98,7 @@ pub(crate) async fn handle(
                         return;
                     }
                 };
-                m::client("relayed");
+                task_lb.metrics.relayed.increment(1);
                 task_lb.metrics.active.increment(1.0);
                 let end = relay(
                     client,
@@ -150,7 +150,9 @@ async fn connect(lb: &Lb, client_ip: IpAddr) -> Result<(TcpStream, Bytes, usize)
             return Err(attempts.final_close(now));
         };
         h.attempts.increment(1);
-        metrics::counter!(RETRY_COUNT, "attempt" => attempts.count().to_string()).increment(1);
+        if let Some(rank) = lb.metrics.attempt_rank.get(attempts.count().saturating_sub(1)) {
+            rank.increment(1);
+        }
         let started = Instant::now();
         match backend.dial(budget, client_ip).await {
             Ok((stream, prefix)) => {

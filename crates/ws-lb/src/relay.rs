@@ -7,8 +7,8 @@
 //! [`FrameTracker`] per direction, so that when the shard disappears or the LB drains, it can
 //! put a close frame of its own (1012) into the client's stream *between* two frames.
 //!
-//! Memory: reads go into a buffer on the poll stack (inside a non-async function), so an
-//! idle relayed connection holds no buffer; a heap buffer exists only while a destination
+//! Memory: reads go into a per-thread buffer (`net_core::io`), so an idle relayed connection
+//! holds no buffer; a heap buffer exists only while a destination
 //! socket is full, and it holds at most one read's worth of bytes because the source is not
 //! read again until it is flushed (backpressure travels to the sender through TCP).
 
@@ -22,8 +22,8 @@ use tokio_util::sync::CancellationToken;
 use ws_protocol::close;
 use ws_protocol::frame::{self, FrameTracker};
 
-/// Bytes moved per read; on the stack of the poll, not per connection.
-const CHUNK: usize = 32 * 1024;
+/// Bytes moved per read, into the thread's buffer (net_core::io), not a per-connection one.
+const CHUNK: usize = net_core::io::READ_BUFFER;
 /// Reads per readiness wake-up before letting the other direction run.
 const BUDGET: usize = 8;
 
@@ -72,7 +72,10 @@ impl Half {
     /// With `to_boundary`, reads stop exactly at the end of the current frame, so that a frame
     /// of the LB's own can follow it.
     fn pump(&mut self, src: &TcpStream, dst: &TcpStream, forward: bool, to_boundary: bool) {
-        let mut buf = [0u8; CHUNK];
+        net_core::io::with_buffer(|buf| self.pump_with(buf, src, dst, forward, to_boundary));
+    }
+
+    fn pump_with(&mut self, buf: &mut [u8], src: &TcpStream, dst: &TcpStream, forward: bool, to_boundary: bool) {
         for _ in 0..BUDGET {
             if self.has_pending() || self.eof {
                 return;
@@ -87,7 +90,7 @@ impl Half {
             } else {
                 CHUNK
             };
-            let n = match src.try_read(buf.get_mut(..limit).unwrap_or_default()) {
+            let n = match net_core::io::read_drained(src, buf.get_mut(..limit).unwrap_or_default()) {
                 Ok(0) => {
                     self.eof = true;
                     return;

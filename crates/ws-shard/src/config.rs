@@ -86,7 +86,7 @@ impl Default for Settings {
             max_header_bytes: 16 * 1024,
             backlog: 4096,
             reuse_port: false,
-            tcp_keepalive: Duration::from_secs(60),
+            tcp_keepalive: Duration::ZERO,
             socket_send_buffer: 0,
             echo: false,
             echo_max_message_size: 16 * 1024 * 1024,
