@@ -64,11 +64,15 @@ mod tests {
         let mut buf = [0u8; 64];
         assert_eq!(read_drained(&server, &mut buf).unwrap(), 5);
         // Readiness was cleared: nothing is pending, so readable() waits...
-        let waited = tokio::time::timeout(std::time::Duration::from_millis(50), server.readable()).await;
+        let waited =
+            tokio::time::timeout(std::time::Duration::from_millis(50), server.readable()).await;
         assert!(waited.is_err());
         // ...until new data arrives.
         client.write_all(b"again").await.unwrap();
-        tokio::time::timeout(std::time::Duration::from_secs(2), server.readable()).await.unwrap().unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(2), server.readable())
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(read_drained(&server, &mut buf).unwrap(), 5);
         drop(client);
         server.readable().await.unwrap();

@@ -87,7 +87,12 @@ impl ShardMetrics {
         }
         let closes = ws_protocol::close::SENT_CODES
             .iter()
-            .map(|(code, _)| (*code, metrics::counter!(CLOSES, "shard_id" => id.clone(), "code" => code.to_string())))
+            .map(|(code, _)| {
+                (
+                    *code,
+                    metrics::counter!(CLOSES, "shard_id" => id.clone(), "code" => code.to_string()),
+                )
+            })
             .collect();
         Self {
             shard_id,

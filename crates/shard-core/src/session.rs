@@ -341,7 +341,12 @@ impl State {
         net_core::io::with_buffer(|buf| self.read_into(buf, stream, decoder))
     }
 
-    fn read_into(&mut self, buf: &mut [u8], stream: &TcpStream, decoder: &mut Decoder) -> io::Result<()> {
+    fn read_into(
+        &mut self,
+        buf: &mut [u8],
+        stream: &TcpStream,
+        decoder: &mut Decoder,
+    ) -> io::Result<()> {
         for _ in 0..READ_BUDGET {
             if self.read_done {
                 break;

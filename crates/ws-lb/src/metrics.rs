@@ -162,7 +162,9 @@ impl LbMetrics {
         }
         Self {
             shards: (0..n).map(ShardHandles::new).collect(),
-            attempt_rank: (1..=n).map(|a| metrics::counter!(RETRY_COUNT, "attempt" => a.to_string())).collect(),
+            attempt_rank: (1..=n)
+                .map(|a| metrics::counter!(RETRY_COUNT, "attempt" => a.to_string()))
+                .collect(),
             relayed: metrics::counter!(CLIENT_CONNECTIONS, "result" => "relayed"),
             active: metrics::gauge!(ACTIVE),
             queue_len: metrics::gauge!(QUEUE_LEN),

@@ -150,7 +150,11 @@ async fn connect(lb: &Lb, client_ip: IpAddr) -> Result<(TcpStream, Bytes, usize)
             return Err(attempts.final_close(now));
         };
         h.attempts.increment(1);
-        if let Some(rank) = lb.metrics.attempt_rank.get(attempts.count().saturating_sub(1)) {
+        if let Some(rank) = lb
+            .metrics
+            .attempt_rank
+            .get(attempts.count().saturating_sub(1))
+        {
             rank.increment(1);
         }
         let started = Instant::now();

@@ -75,7 +75,14 @@ impl Half {
         net_core::io::with_buffer(|buf| self.pump_with(buf, src, dst, forward, to_boundary));
     }
 
-    fn pump_with(&mut self, buf: &mut [u8], src: &TcpStream, dst: &TcpStream, forward: bool, to_boundary: bool) {
+    fn pump_with(
+        &mut self,
+        buf: &mut [u8],
+        src: &TcpStream,
+        dst: &TcpStream,
+        forward: bool,
+        to_boundary: bool,
+    ) {
         for _ in 0..BUDGET {
             if self.has_pending() || self.eof {
                 return;
@@ -90,7 +97,8 @@ impl Half {
             } else {
                 CHUNK
             };
-            let n = match net_core::io::read_drained(src, buf.get_mut(..limit).unwrap_or_default()) {
+            let n = match net_core::io::read_drained(src, buf.get_mut(..limit).unwrap_or_default())
+            {
                 Ok(0) => {
                     self.eof = true;
                     return;
