@@ -17,6 +17,12 @@ if ((${#py_missing[@]})); then
     python3 -m pip install --quiet --disable-pip-version-check "${py_missing[@]}"
 fi
 
+# prlimit (util-linux) runs the binaries under a small open-files limit in the fd tests.
+if ! command -v prlimit >/dev/null 2>&1; then
+    log "apt-get install util-linux (prlimit)"
+    apt-get update -qq && apt-get install -y -qq util-linux
+fi
+
 if ! cargo nextest --version >/dev/null 2>&1; then
     log "cargo install --locked cargo-nextest"
     cargo install --locked cargo-nextest

@@ -26,13 +26,18 @@ pub enum AttemptError {
     /// The shard spoke something that is not a valid WebSocket handshake.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// This process could not even open a socket (out of file descriptors or local
+    /// ports): not the shard's fault, so it never counts against its breaker or score, and
+    /// another shard would fail the same way.
+    #[error("local resources exhausted: {0}")]
+    LocalResources(String),
 }
 
 impl AttemptError {
     /// Whether the failure is a sign of overload (busy or slow) rather than absence.
     pub fn is_overload(&self) -> bool {
         match self {
-            Self::ConnectTimeout(_) | Self::HandshakeTimeout(_) => true,
+            Self::ConnectTimeout(_) | Self::HandshakeTimeout(_) | Self::LocalResources(_) => true,
             Self::HttpStatus(s) => matches!(s, 429 | 503),
             _ => false,
         }
@@ -48,6 +53,7 @@ impl AttemptError {
             Self::HttpStatus(_) => "http_other",
             Self::ConnectionLost(_) => "connection_lost",
             Self::Protocol(_) => "protocol",
+            Self::LocalResources(_) => "local_resources",
         }
     }
 
@@ -60,12 +66,14 @@ impl AttemptError {
         "http_other",
         "connection_lost",
         "protocol",
+        "local_resources",
     ];
 
-    /// Every failure counts against the shard's breaker and score: a full shard that keeps
-    /// answering 503 should be skipped for a while just like a dead one.
+    /// Every failure the shard caused counts against its breaker and score: a full shard
+    /// that keeps answering 503 should be skipped for a while just like a dead one. Running
+    /// out of descriptors here says nothing about the shard.
     pub fn counts_against_shard(&self) -> bool {
-        true
+        !matches!(self, Self::LocalResources(_))
     }
 }
 

@@ -103,6 +103,11 @@ pub async fn accept_loop<F>(
                     tracing::warn!(listener = name, error = %e, "out of file descriptors; refusing new connections with 503");
                     last_warn = Some(Instant::now());
                 }
+                // The reserve may have been lost to another task's socket in the window
+                // below; take it again as soon as a descriptor is free.
+                if reserve.is_none() {
+                    reserve = File::open("/dev/null").ok();
+                }
                 if reserve.take().is_some() {
                     if let Ok(Ok((mut stream, _))) =
                         tokio::time::timeout(Duration::from_millis(5), listener.accept()).await

@@ -9,6 +9,7 @@ pub mod accept;
 pub mod config;
 pub mod http;
 pub mod io;
+pub mod limits;
 pub mod listener;
 pub mod shutdown;
 pub mod telemetry;

@@ -155,6 +155,7 @@ pub fn lb_config(backends: Vec<String>) -> ws_lb::LbConfig {
         retry: RetryConfig::default(),
         pacing: PacingConfig::default(),
         per_ip: None,
+        max_clients: 0,
         trust_forwarded_for: false,
         allowed_origins: Vec::new(),
         health_interval: Duration::from_millis(100),

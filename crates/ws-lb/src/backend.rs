@@ -80,6 +80,9 @@ impl Backend {
         let deadline = Instant::now() + budget;
         let stream = match timeout_at(deadline, TcpStream::connect(self.addr)).await {
             Err(_) => return Err(AttemptError::ConnectTimeout(budget)),
+            Ok(Err(e)) if local_exhaustion(&e) => {
+                return Err(AttemptError::LocalResources(e.to_string()))
+            }
             Ok(Err(e)) => return Err(AttemptError::ConnectRefused(e.to_string())),
             Ok(Ok(s)) => s,
         };
@@ -133,6 +136,13 @@ impl Backend {
             }
         }
     }
+}
+
+/// Errors of `socket()`/`connect()` that mean this process or host ran out of something
+/// (descriptors: EMFILE 24, ENFILE 23; buffers: ENOBUFS 105; local ports: EADDRNOTAVAIL 99).
+fn local_exhaustion(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(23 | 24 | 99 | 105))
+        || e.kind() == std::io::ErrorKind::OutOfMemory
 }
 
 #[cfg(test)]

@@ -40,6 +40,7 @@ pub struct Settings {
     pub admission_max_queue: usize,
     pub per_ip_rate: u32,
     pub per_ip_burst: u32,
+    pub max_clients: usize,
     pub trust_forwarded_for: bool,
     #[serde(deserialize_with = "net_core::config::list")]
     pub allowed_origins: Vec<String>,
@@ -87,6 +88,7 @@ impl Default for Settings {
             admission_max_queue: 20_000,
             per_ip_rate: 100,
             per_ip_burst: 200,
+            max_clients: 0,
             trust_forwarded_for: false,
             allowed_origins: Vec::new(),
             health_interval: Duration::from_secs(1),
@@ -174,6 +176,11 @@ pub struct Cli {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub per_ip_burst: Option<u32>,
+    /// Clients relayed or being connected at once; beyond it new ones get 503 before
+    /// upgrading (0 = derived from the open-files limit: (limit - 64) / 2).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_clients: Option<usize>,
     /// Take the client IP from X-Forwarded-For as set by the GCP load balancer.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     #[serde(skip_serializing_if = "Option::is_none")]

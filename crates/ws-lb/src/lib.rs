@@ -50,6 +50,10 @@ pub struct LbConfig {
     pub pacing: PacingConfig,
     /// `None` disables the per-IP limit.
     pub per_ip: Option<PerIpLimit>,
+    /// Clients relayed or being connected at once (each holds two sockets); beyond it a
+    /// new client gets 503 before its upgrade, well before the process runs out of
+    /// descriptors. 0 = no cap.
+    pub max_clients: usize,
     /// Take the client IP from `X-Forwarded-For` (as set by the GCP HTTP(S) load balancer:
     /// the entry before the last) instead of the TCP peer.
     pub trust_forwarded_for: bool,
@@ -96,6 +100,29 @@ pub(crate) struct Lb {
     pub(crate) relays: TaskTracker,
     pub(crate) relay_opts: relay::RelayOptions,
     pub(crate) shutdown: Shutdown,
+    /// Clients between admission and the end of their relay (see `max_clients`).
+    pub(crate) clients: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// One unit of `max_clients`, given back when dropped (relay over, or the client left).
+#[derive(Debug)]
+pub(crate) struct ClientPermit(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Lb {
+    pub(crate) fn client_permit(&self) -> Option<ClientPermit> {
+        use std::sync::atomic::Ordering::{AcqRel, Acquire};
+        let cap = self.cfg.max_clients;
+        self.clients
+            .fetch_update(AcqRel, Acquire, |n| (cap == 0 || n < cap).then_some(n + 1))
+            .ok()
+            .map(|_| ClientPermit(self.clients.clone()))
+    }
+}
+
+impl Drop for ClientPermit {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 impl Lb {
@@ -217,6 +244,7 @@ pub async fn run(
         pool,
         cfg,
         shutdown: shutdown.clone(),
+        clients: Arc::default(),
     });
     let tasks = TaskTracker::new();
     tasks.spawn(health::poll_loop(lb.clone()));

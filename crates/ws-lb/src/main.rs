@@ -29,6 +29,10 @@ fn lb_config(s: &config::Settings) -> anyhow::Result<LbConfig> {
             per_second: s.per_ip_rate,
             burst: s.per_ip_burst.max(1),
         }),
+        max_clients: match s.max_clients {
+            0 => net_core::limits::clients_for_open_files(2, 64),
+            n => n,
+        },
         trust_forwarded_for: s.trust_forwarded_for,
         allowed_origins: s.allowed_origins.clone(),
         health_interval: s.health_interval,

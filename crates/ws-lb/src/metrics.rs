@@ -130,6 +130,7 @@ impl LbMetrics {
             "per_ip",
             "origin",
             "draining",
+            "client_limit",
         ] {
             metrics::counter!(ADMISSION_REJECTIONS, "reason" => reason).increment(0);
         }

@@ -57,6 +57,11 @@ pub(crate) async fn handle(
         m::client("rejected");
         return refuse(StatusCode::SERVICE_UNAVAILABLE, "load balancer draining");
     }
+    let Some(permit) = lb.client_permit() else {
+        m::rejected("client_limit");
+        m::client("rejected");
+        return refuse(StatusCode::SERVICE_UNAVAILABLE, "client limit reached");
+    };
     let client_ip = ClientIp {
         trust_forwarded_for: lb.cfg.trust_forwarded_for,
     }
@@ -91,6 +96,7 @@ pub(crate) async fn handle(
     match outcome {
         Ok((shard, shard_prefix, idx)) => {
             lb.relays.spawn(async move {
+                let _permit = permit;
                 let (client, client_prefix) = match into_raw(upgrade).await {
                     Ok(pair) => pair,
                     Err(e) => {
@@ -123,6 +129,7 @@ pub(crate) async fn handle(
             });
             let close_timeout = lb.cfg.close_timeout;
             lb.relays.spawn(async move {
+                let _permit = permit;
                 if let Ok((client, _)) = into_raw(upgrade).await {
                     m::lb_close(close.code);
                     close_client(client, close, close_timeout).await;
@@ -164,6 +171,14 @@ async fn connect(lb: &Lb, client_ip: IpAddr) -> Result<(TcpStream, Bytes, usize)
                 h.duration.record(started.elapsed().as_secs_f64());
                 lease.succeed();
                 return Ok((stream, prefix, idx));
+            }
+            Err(e) if !e.counts_against_shard() => {
+                // Out of descriptors or ports here: every other shard would fail the same
+                // way, and none of them is to blame. The client hears 1013 at once.
+                metrics::counter!(m::ATTEMPT_ERRORS, "shard_id" => idx.to_string(), "kind" => e.kind()).increment(1);
+                tracing::warn!(shard_id = idx, error = %e, "cannot dial a shard: local resources exhausted");
+                lease.fail(&e);
+                return Err(OVERLOADED);
             }
             Err(e) => {
                 h.failures.increment(1);

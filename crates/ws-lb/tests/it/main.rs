@@ -5,4 +5,5 @@
 mod admission;
 mod breaker;
 mod failover;
+mod fd_limit;
 mod relay;

@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 mod drain;
+mod fd_limit;
 mod hostile;
 mod kafka;
 mod pubsub;

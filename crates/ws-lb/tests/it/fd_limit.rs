@@ -1,0 +1,121 @@
+//! At its file-descriptor limit ws-lb degrades cleanly. The real binary runs with a small
+//! `RLIMIT_NOFILE` (util-linux `prlimit`) and the default `max_clients` (derived from that
+//! limit: (96 - 64) / 2 = 16). Filling it: every client beyond the cap gets HTTP 503 before
+//! its upgrade, never a silent drop or a hang; the relayed clients keep working; the process
+//! idles; no shard's breaker is blamed; once clients leave, new ones get through again.
+
+use std::time::Duration;
+
+use test_support::http::get;
+use test_support::servers::free_port;
+use test_support::start_shards;
+use test_support::ws::{connect, next_event, send, Client, Event};
+use tokio::process::Command;
+use tokio_tungstenite::tungstenite;
+use ws_protocol::ServerMessage;
+
+enum Outcome {
+    Relayed(Box<Client>),
+    Http503,
+}
+
+async fn try_client(url: &str, id: u64) -> Outcome {
+    match connect(url).await {
+        Err(e) => match e.downcast_ref::<tungstenite::Error>() {
+            Some(tungstenite::Error::Http(r)) if r.status() == 503 => Outcome::Http503,
+            _ => panic!("client {id}: unexpected connect failure: {e:#}"),
+        },
+        Ok(mut ws) => {
+            send(&mut ws, &format!(r#"{{"type":"ping","id":{id}}}"#))
+                .await
+                .unwrap();
+            match next_event(&mut ws, Duration::from_secs(5)).await.unwrap() {
+                Event::Msg(ServerMessage::Pong { id: Some(got) }) if got == id => {
+                    Outcome::Relayed(Box::new(ws))
+                }
+                other => panic!("client {id}: unexpected {other:?}"),
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_descriptor_limit_new_clients_get_503_and_nothing_spins() {
+    let shards = start_shards(2, |_| {}).await;
+    let (listen, admin) = (free_port(), free_port());
+    let backends: Vec<String> = (0..2).map(|i| shards.ws_url(i)).collect();
+    let mut lb = Command::new("prlimit")
+        .arg("--nofile=96:96")
+        .arg("--")
+        .arg(env!("CARGO_BIN_EXE_ws-lb"))
+        .args(["--listen", &listen.to_string()])
+        .args(["--admin-addr", &admin.to_string()])
+        .args(["--backend-urls", &backends.join(",")])
+        .args(["--per-ip-rate", "0", "--health-interval", "200ms"])
+        .args(["--log-level", "error"])
+        .kill_on_drop(true)
+        .spawn()
+        .expect("prlimit (util-linux) and the ws-lb binary");
+    let pid = lb.id().unwrap();
+    assert!(
+        test_support::http::wait_until(Duration::from_secs(20), || async {
+            get(listen, "/health").await.is_ok_and(|r| r.status == 200)
+        })
+        .await,
+        "ws-lb did not come up"
+    );
+    let url = format!("ws://{listen}/ws");
+
+    let (mut held, mut refused) = (Vec::new(), 0u32);
+    for id in 0..30 {
+        match try_client(&url, id).await {
+            Outcome::Relayed(ws) => held.push((id, ws)),
+            Outcome::Http503 => refused += 1,
+        }
+    }
+    assert_eq!(held.len(), 16, "the cap derived from the open-files limit");
+    assert_eq!(refused, 14);
+    let page = get(admin, "/metrics").await.unwrap().body;
+    assert_eq!(
+        test_support::http::metric(
+            &page,
+            "ws_lb_admission_rejections_total",
+            &["reason=\"client_limit\""]
+        ),
+        14.0
+    );
+
+    // At the cap the process idles: a spinning loop would burn ~2 s of CPU here.
+    let before = test_support::cpu_seconds(pid);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let used = test_support::cpu_seconds(pid) - before;
+    assert!(used < 0.5, "ws-lb used {used:.2} CPU s in 2 s at its limit");
+
+    // The clients already relayed are unaffected.
+    for (id, ws) in &mut held {
+        send(ws, &format!(r#"{{"type":"ping","id":{}}}"#, *id + 1000))
+            .await
+            .unwrap();
+        assert!(matches!(
+            next_event(ws, Duration::from_secs(5)).await.unwrap(),
+            Event::Msg(ServerMessage::Pong { .. })
+        ));
+    }
+
+    // Make room: the LB takes clients again, and no shard was blamed.
+    for (_, ws) in held.drain(..4) {
+        test_support::ws::close(*ws).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for id in 100..104 {
+        assert!(matches!(try_client(&url, id).await, Outcome::Relayed(_)));
+    }
+    let health: serde_json::Value =
+        serde_json::from_str(&get(listen, "/health").await.unwrap().body).unwrap();
+    for s in health["shards"].as_array().unwrap() {
+        assert_eq!(s["breaker"], "closed", "{health}");
+    }
+
+    lb.kill().await.unwrap();
+    shards.kill();
+}

@@ -1,0 +1,88 @@
+//! Out of descriptors, a shard answers new connections 503 from its reserve descriptor
+//! instead of spinning on EMFILE in the accept loop or leaving them hanging in the backlog;
+//! its connected clients are unaffected; it accepts again once descriptors free up. The real
+//! binary runs with `RLIMIT_NOFILE` 64 (util-linux `prlimit`) and `--max-connections` far
+//! above what 64 descriptors hold, so the descriptor limit, not the slot count, is hit.
+
+use std::time::Duration;
+
+use test_support::servers::free_port;
+use test_support::ws::{connect, next_event, send, Event};
+use tokio::process::Command;
+use tokio_tungstenite::tungstenite;
+use ws_protocol::ServerMessage;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_descriptors_a_shard_answers_503_and_does_not_spin() {
+    let (port, admin) = (free_port(), free_port());
+    let mut shard = Command::new("prlimit")
+        .arg("--nofile=64:64")
+        .arg("--")
+        .arg(env!("CARGO_BIN_EXE_ws-shard"))
+        .args(["--shards", "1", "--base-port", &port.port().to_string()])
+        .args(["--admin-addr", &admin.to_string()])
+        .args(["--max-connections", "1000", "--client-rate", "0"])
+        .args(["--log-level", "error"])
+        .kill_on_drop(true)
+        .spawn()
+        .expect("prlimit (util-linux) and the ws-shard binary");
+    let pid = shard.id().unwrap();
+    assert!(
+        test_support::http::wait_until(Duration::from_secs(20), || async {
+            test_support::http::get(port, "/health")
+                .await
+                .is_ok_and(|r| r.status == 200)
+        })
+        .await,
+        "ws-shard did not come up"
+    );
+    let url = format!("ws://{port}/ws");
+
+    let (mut held, mut refused) = (Vec::new(), 0u32);
+    for _ in 0..80 {
+        match connect(&url).await {
+            Ok(ws) => held.push(ws),
+            Err(e) => match e.downcast_ref::<tungstenite::Error>() {
+                Some(tungstenite::Error::Http(r)) if r.status() == 503 => refused += 1,
+                _ => panic!("unexpected connect failure: {e:#}"),
+            },
+        }
+    }
+    assert!(held.len() >= 30, "only {} connected", held.len());
+    assert!(refused >= 20, "the limit was never reached");
+
+    let before = test_support::cpu_seconds(pid);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let used = test_support::cpu_seconds(pid) - before;
+    assert!(
+        used < 0.5,
+        "ws-shard used {used:.2} CPU s in 2 s out of descriptors"
+    );
+
+    for (id, ws) in held.iter_mut().enumerate() {
+        send(ws, &format!(r#"{{"type":"ping","id":{id}}}"#))
+            .await
+            .unwrap();
+        assert!(matches!(
+            next_event(ws, Duration::from_secs(5)).await.unwrap(),
+            Event::Msg(ServerMessage::Pong { .. })
+        ));
+    }
+
+    for ws in held.drain(..5) {
+        test_support::ws::close(ws).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut again = connect(&url)
+        .await
+        .expect("accepts again once descriptors free up");
+    send(&mut again, r#"{"type":"ping","id":1}"#).await.unwrap();
+    assert!(matches!(
+        next_event(&mut again, Duration::from_secs(5))
+            .await
+            .unwrap(),
+        Event::Msg(ServerMessage::Pong { .. })
+    ));
+
+    shard.kill().await.unwrap();
+}
