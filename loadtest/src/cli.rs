@@ -83,6 +83,9 @@ pub struct RunArgs {
     /// Keep-alive HTTP connections the publisher uses.
     #[arg(long, env = "PUBLISH_CONNECTIONS", default_value_t = 4)]
     pub publish_connections: usize,
+    /// Pad each published message's data with this many bytes (field `pad`).
+    #[arg(long, env = "PUBLISH_PAD_BYTES", default_value_t = 0)]
+    pub publish_pad_bytes: usize,
     /// Split the run over this many processes (re-executions of this binary), each with its
     /// share of connections, rate and source addresses.
     #[arg(long, env = "LOADTEST_WORKERS", default_value_t = 1)]
@@ -135,6 +138,9 @@ pub struct PublishArgs {
     /// Keep-alive HTTP connections.
     #[arg(long, env = "PUBLISH_CONNECTIONS", default_value_t = 4)]
     pub connections: usize,
+    /// Pad each message's data with this many bytes (field `pad`).
+    #[arg(long, env = "PUBLISH_PAD_BYTES", default_value_t = 0)]
+    pub pad_bytes: usize,
     /// Write the JSON report here.
     #[arg(long, env = "LOADTEST_JSON")]
     pub json: Option<PathBuf>,

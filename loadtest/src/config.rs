@@ -54,6 +54,8 @@ pub struct PublishConfig {
     pub channels: Vec<String>,
     pub duration: Duration,
     pub connections: usize,
+    /// Bytes of padding in each message's data.
+    pub pad_bytes: usize,
 }
 
 /// find-max settings.
@@ -117,6 +119,7 @@ impl RunConfig {
                     channels: channels.clone(),
                     duration: Duration::ZERO,
                     connections: a.publish_connections.max(1),
+                    pad_bytes: a.publish_pad_bytes,
                 })
             }
             (Some(_), false) => bail!("--publish-url needs --publish-rate above 0"),
@@ -199,6 +202,7 @@ impl PublishConfig {
             channels,
             duration: parse_duration(&a.duration)?,
             connections: a.connections.max(1),
+            pad_bytes: a.pad_bytes,
         })
     }
 }

@@ -56,6 +56,7 @@ struct Shared {
     addr: SocketAddr,
     head: String,
     channels: Vec<String>,
+    pad: String,
     t0: Instant,
     acc: Mutex<Acc>,
 }
@@ -88,6 +89,7 @@ pub async fn publish(cfg: &PublishConfig, progress: &Progress) -> anyhow::Result
             cfg.url.path, cfg.url.authority
         ),
         channels: cfg.channels.clone(),
+        pad: "x".repeat(cfg.pad_bytes),
         t0,
         acc: Mutex::new(Acc {
             attempted: 0,
@@ -153,10 +155,17 @@ async fn lane(shared: Arc<Shared>, schedule: Schedule, slot: Slot, total: u64) {
         let channel = shared
             .channels
             .get(usize::try_from(k).unwrap_or(0) % shared.channels.len().max(1));
-        let body = serde_json::json!({
-            "channel": channel,
-            "data": { "ts_us": unix_us(), "n": k },
-        })
+        let body = if shared.pad.is_empty() {
+            serde_json::json!({
+                "channel": channel,
+                "data": { "ts_us": unix_us(), "n": k },
+            })
+        } else {
+            serde_json::json!({
+                "channel": channel,
+                "data": { "ts_us": unix_us(), "n": k, "pad": shared.pad },
+            })
+        }
         .to_string();
         let result =
             tokio::time::timeout(REQUEST_TIMEOUT, conn.post(&shared, body.as_bytes())).await;
