@@ -3,7 +3,8 @@
 continuous churn; samples ws-lb and ws-shard RSS and connection gauges over time.
 
 Defaults: 100,000 connections through 12 ws-lb processes sharing the port (SO_REUSEPORT)
-to 8 ws-shard processes, held 30 minutes, a publisher at 50 messages/s over 100 channels,
+to 8 ws-shard processes, held 30 minutes, a publisher per shard process at 10 messages/s over
+100 channels (80 messages/s in all, ~10,000 deliveries/s),
 and 1 % churn (1,000 extra clients connecting, holding 20 s and leaving, over and over).
 
 Pass criteria: RSS drift under 5 % between the first window after warm-up and the last
@@ -37,6 +38,11 @@ def main():
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--churn", type=float, default=0.01)
     ap.add_argument("--sample-s", type=int, default=30)
+    ap.add_argument("--publish-rate", type=int, default=10, help="messages/s per shard process, over 100 channels")
+    # At 0.1 message/s per channel the default 1,000-entry history rings take ~3 h to fill, so
+    # shard RSS keeps rising (bounded) through a 30-minute run: warm-up, not drift. A smaller
+    # ring (e.g. 20: full in ~200 s) takes that out of the drift figure.
+    ap.add_argument("--history-len", type=int, default=1000, help="ws-shard --history-len")
     a = ap.parse_args()
     procs = bench.Procs()
     result = {"machine": bench.machine(), "command": " ".join(sys.argv), "samples": []}
@@ -44,7 +50,7 @@ def main():
         shard_ports, shard_pids, admins = [], [], []
         per_shard = a.connections // (2 * a.shard_procs) + 2000
         for _ in range(a.shard_procs):
-            p, ports, admin = bench.start_shards(bench_procs := procs, shards=2, max_conn=per_shard)
+            p, ports, admin = bench.start_shards(procs, shards=2, max_conn=per_shard, extra=["--history-len", str(a.history_len)])
             shard_ports += ports
             shard_pids.append(p.pid)
             admins.append(admin)
@@ -60,8 +66,14 @@ def main():
             [str(bench.LT), "--url", f"ws://127.0.0.1:{port}/ws", "--connections", str(a.connections), "--rate", str(a.rate),
              "--hold", str(hold_s), "--workers", str(a.workers), "--source-ips", "127.0.0.2-127.0.0.41",
              "--channels", "soak.C{0..99}", "--publish-url", f"http://127.0.0.1:{admins[0]}/publish",
-             "--publish-rate", "50", "--json", str(out), "--quiet"],
+             "--publish-rate", str(a.publish_rate), "--json", str(out), "--quiet"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # The embedded bus is per process: one publisher per shard process (the main run's
+        # own publisher covers the first), so every client receives messages.
+        publishers = [subprocess.Popen(
+            [str(bench.LT), "publish", "--publish-url", f"http://127.0.0.1:{admin}/publish", "--rate", str(a.publish_rate),
+             "--channels", "soak.C{0..99}", "--duration", str(int(ramp_s) + hold_s), "--quiet"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for admin in admins[1:]]
         stop = threading.Event()
         churn_runs = []
 
@@ -88,6 +100,8 @@ def main():
         stop.set()
         churner.join(timeout=120)
         stdout, _ = main_lt.communicate(timeout=hold_s + 600)
+        for p in publishers:
+            p.kill()
         rep = json.loads(out.read_text())
         result["main"] = bench.summarize(rep) | {"deliveries_per_s": rep["deliveries_per_s"], "gaps": rep["counts"]["gaps"]}
         result["churn_runs"] = len(churn_runs)

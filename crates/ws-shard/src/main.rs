@@ -121,6 +121,14 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = Shutdown::new();
     shutdown.install_signal_handlers(cfg.grace)?;
     tracing::info!(shards = settings.shards, base_port = settings.base_port, admin = %settings.admin_addr, "ws-shard starting");
+    let slots = (settings.shards as u64).saturating_mul(settings.max_connections as u64);
+    if let Some(limit) = net_core::limits::open_files_limit() {
+        if slots + 64 > limit {
+            // Not fatal: the accept loop answers 503 from a reserve descriptor when they run
+            // out, but the shards will never fill their slots.
+            tracing::warn!(slots, open_files_limit = limit, "shards x max_connections exceeds the open-files limit (ulimit -n); raise it or lower max_connections");
+        }
+    }
     let left = ws_shard::run(Listeners { shards, admin }, cfg, prometheus, shutdown).await?;
     if left > 0 {
         tracing::warn!(sessions = left, "exiting with sessions still open");
