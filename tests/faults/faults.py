@@ -217,18 +217,27 @@ async def _touch(url, n):
             pass
 
 
+def start_kafka_tier(procs, lb_extra=()):
+    """tansu with topic `fx` (10 partitions, key K<i> on partition i), three single-shard
+    ws-shard processes consuming it, and ws-lb in front. Returns (broker, topic, keys,
+    shard ports, shard admin ports, lb port, lb admin port)."""
+    topic, keys = "fx", [f"K{i}" for i in range(10)]
+    broker = start_broker(procs, topic, len(keys))
+    ports = [free_port() for _ in range(3)]
+    admins = [free_port() for _ in range(3)]
+    for i in range(3):
+        start_shard_proc(procs, f"shard{i}", ports[i], admins[i], broker, topic)
+    lb, lb_admin = free_port(), free_port()
+    start_lb(procs, ports, lb, lb_admin, lb_extra)
+    return broker, topic, keys, ports, admins, lb, lb_admin
+
+
 def scenario_kill_shard():
     procs = Procs()
     try:
-        topic, keys = "fx", [f"K{i}" for i in range(10)]
-        broker = start_broker(procs, topic, len(keys))
-        ports = [free_port() for _ in range(3)]
-        admins = [free_port() for _ in range(3)]
-        for i in range(3):
-            start_shard_proc(procs, f"shard{i}", ports[i], admins[i], broker, topic)
-        lb, lb_admin = free_port(), free_port()
-        start_lb(procs, ports, lb, lb_admin, ["--circuit-breaker-failure-threshold", "5", "--circuit-breaker-timeout", "3s",
-                                              "--circuit-breaker-half-open-max-calls", "2", "--circuit-breaker-success-threshold", "2"])
+        broker, topic, keys, ports, admins, lb, lb_admin = start_kafka_tier(
+            procs, ["--circuit-breaker-failure-threshold", "5", "--circuit-breaker-timeout", "3s",
+                    "--circuit-breaker-half-open-max-calls", "2", "--circuit-breaker-success-threshold", "2"])
         # 20 records/s over 10 channels: 2 messages/s per subscriber, 16,000 deliveries/s at
         # 8,000 clients, leaving the 2 cores to the ramp (fan-out capacity is measured apart).
         producer = Producer(broker, topic, keys, 20)
@@ -384,14 +393,7 @@ def scenario_slow():
 def scenario_rolling():
     procs = Procs()
     try:
-        topic, keys = "fx", [f"K{i}" for i in range(10)]
-        broker = start_broker(procs, topic, len(keys))
-        ports = [free_port() for _ in range(3)]
-        admins = [free_port() for _ in range(3)]
-        for i in range(3):
-            start_shard_proc(procs, f"shard{i}", ports[i], admins[i], broker, topic)
-        lb, lb_admin = free_port(), free_port()
-        start_lb(procs, ports, lb, lb_admin)
+        broker, topic, keys, ports, admins, lb, lb_admin = start_kafka_tier(procs)
         producer = Producer(broker, topic, keys, 100)
         producer.start()
         lt, out = loadtest_bg(f"ws://127.0.0.1:{lb}/ws", 3000, 1000, 45, ["--channels", "fx.K{0..9}", "--reconnect"])

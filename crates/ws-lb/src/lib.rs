@@ -100,28 +100,18 @@ pub(crate) struct Lb {
     pub(crate) relays: TaskTracker,
     pub(crate) relay_opts: relay::RelayOptions,
     pub(crate) shutdown: Shutdown,
-    /// Clients between admission and the end of their relay (see `max_clients`).
-    pub(crate) clients: Arc<std::sync::atomic::AtomicUsize>,
+    /// Clients between admission and the end of their relay (`None`: no `max_clients`).
+    pub(crate) clients: Option<Arc<tokio::sync::Semaphore>>,
 }
-
-/// One unit of `max_clients`, given back when dropped (relay over, or the client left).
-#[derive(Debug)]
-pub(crate) struct ClientPermit(Arc<std::sync::atomic::AtomicUsize>);
 
 impl Lb {
-    pub(crate) fn client_permit(&self) -> Option<ClientPermit> {
-        use std::sync::atomic::Ordering::{AcqRel, Acquire};
-        let cap = self.cfg.max_clients;
-        self.clients
-            .fetch_update(AcqRel, Acquire, |n| (cap == 0 || n < cap).then_some(n + 1))
-            .ok()
-            .map(|_| ClientPermit(self.clients.clone()))
-    }
-}
-
-impl Drop for ClientPermit {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    /// One unit of `max_clients`, held until the relay ends or the client leaves; `Err` at
+    /// the cap. `Ok(None)` when there is no cap.
+    pub(crate) fn client_permit(&self) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, ()> {
+        match &self.clients {
+            None => Ok(None),
+            Some(s) => s.clone().try_acquire_owned().map(Some).map_err(|_| ()),
+        }
     }
 }
 
@@ -231,6 +221,7 @@ pub async fn run(
         names: cfg.backends.clone(),
     });
     let pool = ShardPool::new(backends.len(), cfg.breaker, cfg.score, observer)?;
+    let cfg_max_clients = cfg.max_clients;
     let lb = Arc::new(Lb {
         metrics: metrics::LbMetrics::new(backends.len()),
         pacer: Pacer::new(cfg.pacing),
@@ -244,7 +235,8 @@ pub async fn run(
         pool,
         cfg,
         shutdown: shutdown.clone(),
-        clients: Arc::default(),
+        clients: (cfg_max_clients > 0)
+            .then(|| Arc::new(tokio::sync::Semaphore::new(cfg_max_clients))),
     });
     let tasks = TaskTracker::new();
     tasks.spawn(health::poll_loop(lb.clone()));

@@ -57,7 +57,7 @@ pub(crate) async fn handle(
         m::client("rejected");
         return refuse(StatusCode::SERVICE_UNAVAILABLE, "load balancer draining");
     }
-    let Some(permit) = lb.client_permit() else {
+    let Ok(permit) = lb.client_permit() else {
         m::rejected("client_limit");
         m::client("rejected");
         return refuse(StatusCode::SERVICE_UNAVAILABLE, "client limit reached");
@@ -172,20 +172,18 @@ async fn connect(lb: &Lb, client_ip: IpAddr) -> Result<(TcpStream, Bytes, usize)
                 lease.succeed();
                 return Ok((stream, prefix, idx));
             }
-            Err(e) if !e.counts_against_shard() => {
-                // Out of descriptors or ports here: every other shard would fail the same
-                // way, and none of them is to blame. The client hears 1013 at once.
-                metrics::counter!(m::ATTEMPT_ERRORS, "shard_id" => idx.to_string(), "kind" => e.kind()).increment(1);
-                tracing::warn!(shard_id = idx, error = %e, "cannot dial a shard: local resources exhausted");
-                lease.fail(&e);
-                return Err(OVERLOADED);
-            }
             Err(e) => {
+                metrics::counter!(m::ATTEMPT_ERRORS, "shard_id" => idx.to_string(), "kind" => e.kind()).increment(1);
+                lease.fail(&e);
+                if !e.counts_against_shard() {
+                    // Out of descriptors or ports here: every other shard would fail the
+                    // same way, and none of them is to blame. The client hears 1013 at once.
+                    tracing::warn!(shard_id = idx, error = %e, "cannot dial a shard: local resources exhausted");
+                    return Err(OVERLOADED);
+                }
                 h.failures.increment(1);
                 h.breaker_failures.increment(1);
-                metrics::counter!(m::ATTEMPT_ERRORS, "shard_id" => idx.to_string(), "kind" => e.kind()).increment(1);
                 tracing::debug!(shard_id = idx, error = %e, "shard handshake failed");
-                lease.fail(&e);
                 attempts.fail(e);
                 match attempts.next_start(Instant::now()) {
                     Some(at) => sleep_until(at).await,

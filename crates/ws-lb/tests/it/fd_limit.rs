@@ -106,10 +106,23 @@ async fn at_the_descriptor_limit_new_clients_get_503_and_nothing_spins() {
     for (_, ws) in held.drain(..4) {
         test_support::ws::close(*ws).await;
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    for id in 100..104 {
-        assert!(matches!(try_client(&url, id).await, Outcome::Relayed(_)));
+    // The permits come back when the relays end; poll until four new clients are relayed.
+    let (mut again, mut id) = (Vec::new(), 100);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while again.len() < 4 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no room after clients left"
+        );
+        if let Outcome::Relayed(ws) = try_client(&url, id).await {
+            again.push(ws);
+        }
+        id += 1;
     }
+    assert!(
+        matches!(try_client(&url, id).await, Outcome::Http503),
+        "the cap holds again"
+    );
     let health: serde_json::Value =
         serde_json::from_str(&get(listen, "/health").await.unwrap().body).unwrap();
     for s in health["shards"].as_array().unwrap() {

@@ -72,10 +72,17 @@ async fn out_of_descriptors_a_shard_answers_503_and_does_not_spin() {
     for ws in held.drain(..5) {
         test_support::ws::close(ws).await;
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let mut again = connect(&url)
-        .await
-        .expect("accepts again once descriptors free up");
+    // Descriptors come back as the server side of those connections closes; poll.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut again = loop {
+        match connect(&url).await {
+            Ok(ws) => break ws,
+            Err(e) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "never accepted again: {e:#}"
+            ),
+        }
+    };
     send(&mut again, r#"{"type":"ping","id":1}"#).await.unwrap();
     assert!(matches!(
         next_event(&mut again, Duration::from_secs(5))
