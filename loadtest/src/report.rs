@@ -182,6 +182,10 @@ pub struct TimelinePoint {
     /// of the workers' values).
     pub handshake_p99_us: Option<u64>,
     pub deliveries: u64,
+    /// Delivery p99 of the messages received in this second (merged reports: the highest
+    /// of the workers' values).
+    #[serde(default)]
+    pub delivery_p99_us: Option<u64>,
 }
 
 /// HDR histograms, V2 serialized and base64 encoded (`""` when empty).

@@ -231,6 +231,7 @@ async fn sample(
         };
         let snap = stats.snapshot();
         let p99 = stats.take_interval_p99();
+        let delivery_p99 = stats.take_interval_delivery_p99();
         let elapsed = snap.elapsed.as_secs_f64();
         let dt = (snap.elapsed.saturating_sub(prev.elapsed))
             .as_secs_f64()
@@ -247,6 +248,7 @@ async fn sample(
             failures: snap.failed - prev.failed,
             handshake_p99_us: p99,
             deliveries: snap.deliveries - prev.deliveries,
+            delivery_p99_us: delivery_p99,
         };
         progress.line(&Line {
             elapsed_s: elapsed,
@@ -268,6 +270,7 @@ async fn sample(
                 p.failures += point.failures;
                 p.deliveries += point.deliveries;
                 p.handshake_p99_us = p.handshake_p99_us.max(point.handshake_p99_us.take());
+                p.delivery_p99_us = p.delivery_p99_us.max(point.delivery_p99_us.take());
             }
             _ => points.push(point),
         }

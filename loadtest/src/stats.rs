@@ -83,7 +83,8 @@ pub struct Stats {
     /// Whole-run handshake latency and the one for the current timeline second.
     handshake: Mutex<(Histogram<u64>, Histogram<u64>)>,
     lag: Mutex<Histogram<u64>>,
-    delivery: Vec<Mutex<Histogram<u64>>>,
+    /// Whole-run delivery latency and the one for the current timeline second, per shard.
+    delivery: Vec<Mutex<(Histogram<u64>, Histogram<u64>)>>,
     messages_per_conn: Mutex<Histogram<u64>>,
     per_channel: Vec<AtomicU64>,
     /// Offsets from t0 of the first and last attempt start, in microseconds.
@@ -150,7 +151,7 @@ impl Stats {
             handshake: Mutex::new((new_histogram(), new_histogram())),
             lag: Mutex::new(new_histogram()),
             delivery: (0..DELIVERY_SHARDS)
-                .map(|_| Mutex::new(new_histogram()))
+                .map(|_| Mutex::new((new_histogram(), new_histogram())))
                 .collect(),
             messages_per_conn: Mutex::new(new_histogram()),
             per_channel: (0..channels).map(|_| AtomicU64::new(0)).collect(),
@@ -218,7 +219,10 @@ impl Stats {
         if let Some(us) = latency_us {
             let shard = usize::try_from(conn).unwrap_or(0) % DELIVERY_SHARDS;
             if let Some(h) = self.delivery.get(shard) {
-                let _ = lock(h).record(us.clamp(1, MAX_US));
+                let us = us.clamp(1, MAX_US);
+                let mut h = lock(h);
+                let _ = h.0.record(us);
+                let _ = h.1.record(us);
             }
         }
     }
@@ -248,6 +252,18 @@ impl Stats {
         let p99 = (!h.1.is_empty()).then(|| h.1.value_at_quantile(0.99));
         h.1.reset();
         p99
+    }
+
+    /// The delivery p99 of the interval since the previous call (None when no timestamped
+    /// message arrived in it), resetting the interval histograms.
+    pub fn take_interval_delivery_p99(&self) -> Option<u64> {
+        let mut merged = new_histogram();
+        for shard in &self.delivery {
+            let mut h = lock(shard);
+            let _ = merged.add(&h.1);
+            h.1.reset();
+        }
+        (!merged.is_empty()).then(|| merged.value_at_quantile(0.99))
     }
 
     /// Offsets from t0 of the first and last attempt start, if any attempt started.
@@ -280,7 +296,7 @@ impl Stats {
     pub fn histograms(&self) -> Histograms {
         let mut delivery = new_histogram();
         for shard in &self.delivery {
-            let _ = delivery.add(&*lock(shard));
+            let _ = delivery.add(&lock(shard).0);
         }
         Histograms {
             handshake: lock(&self.handshake).0.clone(),
@@ -328,6 +344,17 @@ mod tests {
         assert_eq!(s.per_channel(), vec![0, 1]);
         assert_eq!(s.histograms().delivery.len(), 1);
         assert_eq!(s.c.deliveries.load(Relaxed), 2);
+        // Connections 7 and 9 land in different delivery shards; the interval merges them.
+        s.delivery(9, Some(1), Some(4_000));
+        assert!(s
+            .take_interval_delivery_p99()
+            .is_some_and(|p| (3_990..=4_010).contains(&p)));
+        assert_eq!(s.take_interval_delivery_p99(), None, "the interval resets");
+        assert_eq!(
+            s.histograms().delivery.len(),
+            2,
+            "the whole-run one does not"
+        );
         // A connection that received nothing counts as zero, not as one.
         s.connection_done(0);
         s.connection_done(7);

@@ -174,6 +174,7 @@ pub fn merge(reports: &[Report]) -> anyhow::Result<Report> {
             t.failures += p.failures;
             t.deliveries += p.deliveries;
             t.handshake_p99_us = t.handshake_p99_us.max(p.handshake_p99_us);
+            t.delivery_p99_us = t.delivery_p99_us.max(p.delivery_p99_us);
         }
         hists.add(&r.histograms.decode()?)?;
         if r.counts.attempted > 0 {

@@ -199,14 +199,17 @@ impl State {
     }
 
     fn next_deadline(&self) -> Instant {
+        // Closing: only the close handshake's deadline is left. The other timers act only on
+        // an open connection, so one of them in the past would fire again and again without
+        // changing anything (a busy loop until the close deadline).
+        if let Some(at) = self.close_deadline {
+            return at;
+        }
         let mut d = self.last_inbound + self.cfg.idle_timeout;
         if !self.ping_sent {
             d = d.min(self.last_inbound + self.cfg.ping_interval);
         }
         if let Some(at) = self.drain_at {
-            d = d.min(at);
-        }
-        if let Some(at) = self.close_deadline {
             d = d.min(at);
         }
         d
@@ -403,11 +406,9 @@ impl State {
         if let Message::Close(c) = msg {
             self.close_received = true;
             if !self.close_sent {
-                let code = c.map_or(close::NORMAL, |(code, _)| code);
-                self.close_sent = true;
-                self.queue.close();
-                self.out.push_back(frame::encode_close(code, ""));
-                self.ctx.metrics.close_sent(code);
+                // The echo of the peer's close is bounded by the close deadline too: a peer
+                // that closes and then stops reading must not keep the slot.
+                self.start_close(c.map_or(close::NORMAL, |(code, _)| code), "");
             }
             return Flow::Stop;
         }

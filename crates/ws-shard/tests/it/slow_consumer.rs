@@ -117,3 +117,96 @@ async fn slow_consumer_is_closed_and_never_slows_the_others() {
     assert_eq!(close_code, Some(ws_protocol::close::SLOW_CONSUMER));
     srv.kill();
 }
+
+/// A slow consumer waits out the close deadline quietly. Regression: while the 4000 close
+/// frame could not be written, a ping deadline that passed (the connection was older than
+/// `--ping-interval`) fired again and again without changing anything, so the session spun
+/// a core until the close deadline; 200 such clients stalled everyone's deliveries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closing_slow_consumer_does_not_spin() {
+    let (port, admin) = (
+        test_support::servers::free_port(),
+        test_support::servers::free_port(),
+    );
+    let mut shard = tokio::process::Command::new(env!("CARGO_BIN_EXE_ws-shard"))
+        .args(["--shards", "1", "--base-port", &port.port().to_string()])
+        .args(["--admin-addr", &admin.to_string()])
+        .args(["--client-rate", "0", "--outbound-queue", "8"])
+        .args(["--socket-send-buffer", "4096"])
+        .args(["--ping-interval", "1s", "--close-timeout", "6s"])
+        .args(["--log-level", "error"])
+        .kill_on_drop(true)
+        .spawn()
+        .expect("ws-shard binary");
+    let pid = shard.id().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            test_support::http::get(port, "/health")
+                .await
+                .is_ok_and(|r| r.status == 200)
+        })
+        .await,
+        "ws-shard did not come up"
+    );
+    let channel = "trades.SPIN";
+    let sock = TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut slow = sock.connect(port).await.unwrap();
+    slow.write_all(upgrade_request("/ws").as_bytes())
+        .await
+        .unwrap();
+    let sub = ws_protocol::frame::encode_masked_frame(
+        ws_protocol::frame::OP_TEXT,
+        format!(r#"{{"type":"subscribe","channels":["{channel}"]}}"#).as_bytes(),
+        [9, 8, 7, 6],
+    );
+    slow.write_all(&sub).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // Overflow its queue: it is sent 4000 but cannot take it.
+    let payload = format!(r#"{{"pad":"{}"}}"#, "x".repeat(8000));
+    let mut publisher = KeepAlive::connect(admin).await.unwrap();
+    let slow_closed = || async {
+        let page = test_support::http::get(admin, "/metrics")
+            .await
+            .unwrap()
+            .body;
+        metric(&page, "ws_shard_slow_consumer_disconnects_total", &[]) >= 1.0
+    };
+    for _ in 0..200 {
+        publisher.publish(channel, &payload).await.unwrap();
+        if slow_closed().await {
+            break;
+        }
+    }
+    assert!(slow_closed().await, "the client was never found slow");
+    let connections = || async {
+        let page = test_support::http::get(admin, "/metrics")
+            .await
+            .unwrap()
+            .body;
+        metric(&page, "ws_shard_connections", &[])
+    };
+    assert_eq!(connections().await, 1.0, "still waiting for the close");
+
+    // The connection is older than the ping interval from here on. Over the next 2.5 s (well
+    // inside the 6 s close deadline) the shard has nothing to do.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before = test_support::cpu_seconds(pid);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let used = test_support::cpu_seconds(pid) - before;
+    assert!(
+        used < 0.5,
+        "ws-shard used {used:.2} CPU s in 2.5 s waiting for one close"
+    );
+    // And the deadline still ends it: the slot is released without the client reading.
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            connections().await == 0.0
+        })
+        .await,
+        "the slow consumer's slot was never released"
+    );
+    drop(slow);
+    let _ = shard.kill().await;
+}
