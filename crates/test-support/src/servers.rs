@@ -163,6 +163,7 @@ pub fn lb_config(backends: Vec<String>) -> ws_lb::LbConfig {
         http: HttpLimits::default(),
         socket: SocketOptions::default(),
         close_timeout: Duration::from_secs(2),
+        stall_timeout: Duration::from_secs(30),
         drain_window: Duration::from_millis(500),
         grace: Duration::from_secs(10),
     }

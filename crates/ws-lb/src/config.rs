@@ -60,6 +60,8 @@ pub struct Settings {
     #[serde(with = "humantime_serde")]
     pub close_timeout: Duration,
     #[serde(with = "humantime_serde")]
+    pub stall_timeout: Duration,
+    #[serde(with = "humantime_serde")]
     pub drain_window: Duration,
     #[serde(with = "humantime_serde")]
     pub grace: Duration,
@@ -101,6 +103,7 @@ impl Default for Settings {
             tcp_keepalive: Duration::ZERO,
             socket_send_buffer: 0,
             close_timeout: Duration::from_secs(5),
+            stall_timeout: Duration::from_secs(30),
             drain_window: Duration::from_secs(10),
             grace: Duration::from_secs(30),
             log_json: false,
@@ -222,6 +225,11 @@ pub struct Cli {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub close_timeout: Option<String>,
+    /// Drop a relayed connection whose client (or shard) takes no byte of what waits for it
+    /// for this long.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stall_timeout: Option<String>,
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub drain_window: Option<String>,

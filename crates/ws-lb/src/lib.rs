@@ -65,6 +65,9 @@ pub struct LbConfig {
     /// Options for accepted client sockets.
     pub socket: SocketOptions,
     pub close_timeout: Duration,
+    /// A relayed client (or shard) that takes no byte of what waits for it for this long is
+    /// dropped (see `relay::RelayOptions::stall_timeout`).
+    pub stall_timeout: Duration,
     pub drain_window: Duration,
     pub grace: Duration,
 }
@@ -227,6 +230,7 @@ pub async fn run(
         pacer: Pacer::new(cfg.pacing),
         relay_opts: relay::RelayOptions {
             close_timeout: cfg.close_timeout,
+            stall_timeout: cfg.stall_timeout,
             drain_window: cfg.drain_window,
             drain: shutdown.drain.clone(),
         },

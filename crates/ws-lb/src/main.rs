@@ -9,6 +9,9 @@ use net_core::{HttpLimits, ListenOptions, Shutdown, SocketOptions};
 use ws_lb::{LbConfig, Listeners, PerIpLimit};
 
 fn lb_config(s: &config::Settings) -> anyhow::Result<LbConfig> {
+    if s.stall_timeout.is_zero() {
+        anyhow::bail!("stall_timeout must be positive (it bounds how long a client that stopped reading is kept)");
+    }
     Ok(LbConfig {
         backends: s.backend_urls.clone(),
         breaker: BreakerConfig::try_new(
@@ -47,6 +50,7 @@ fn lb_config(s: &config::Settings) -> anyhow::Result<LbConfig> {
             send_buffer: (s.socket_send_buffer > 0).then_some(s.socket_send_buffer),
         },
         close_timeout: s.close_timeout,
+        stall_timeout: s.stall_timeout,
         drain_window: s.drain_window,
         grace: s.grace,
     })

@@ -38,6 +38,8 @@ pub const ADMISSION_REJECTIONS: &str = "ws_lb_admission_rejections_total";
 pub const CLOSE_CODES: &str = "ws_lb_close_codes_total";
 /// Counter: client connections by outcome, label `result` (relayed, closed_1012, closed_1013, rejected).
 pub const CLIENT_CONNECTIONS: &str = "ws_lb_client_connections_total";
+/// Counter: ended relays by how they ended, label `end` (closed, client_gone, shard_lost, drained, client_stalled).
+pub const RELAY_ENDS: &str = "ws_lb_relay_ends_total";
 /// Counter: failed shard `/health` polls, label `shard_id`.
 pub const HEALTH_POLL_FAILURES: &str = "ws_lb_health_poll_failures_total";
 /// Counter: failed shard handshakes by kind, labels `shard_id`, `kind`.
@@ -57,6 +59,7 @@ pub const ALL: &[&str] = &[
     UTILIZATION,
     RECENT_FAILURES,
     ACTIVE,
+    RELAY_ENDS,
     QUEUE_LEN,
     ADMISSION_WAIT,
     ADMISSION_REJECTIONS,
@@ -140,6 +143,9 @@ impl LbMetrics {
         for result in ["relayed", "closed_1012", "closed_1013", "rejected"] {
             metrics::counter!(CLIENT_CONNECTIONS, "result" => result).increment(0);
         }
+        for end in crate::relay::RelayEnd::LABELS {
+            metrics::counter!(RELAY_ENDS, "end" => *end).increment(0);
+        }
         for attempt in 1..=n {
             metrics::counter!(RETRY_COUNT, "attempt" => attempt.to_string()).increment(0);
         }
@@ -194,6 +200,11 @@ pub fn rejected(reason: &'static str) {
 /// Counts a close frame sent by the LB.
 pub fn lb_close(code: u16) {
     metrics::counter!(CLOSE_CODES, "code" => code.to_string()).increment(1);
+}
+
+/// Counts an ended relay by its `end` label.
+pub fn relay_end(end: &'static str) {
+    metrics::counter!(RELAY_ENDS, "end" => end).increment(1);
 }
 
 /// Counts a client connection outcome.

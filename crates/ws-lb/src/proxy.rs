@@ -116,6 +116,7 @@ pub(crate) async fn handle(
                 )
                 .await;
                 task_lb.metrics.active.decrement(1.0);
+                m::relay_end(end.label());
                 if let RelayEnd::ShardLost { notified } = end {
                     tracing::debug!(shard_id = idx, notified, "shard lost mid-session");
                 }

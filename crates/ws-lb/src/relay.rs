@@ -38,6 +38,30 @@ pub enum RelayEnd {
     ShardLost { notified: bool },
     /// The LB drained and sent the client 1012.
     Drained,
+    /// The client took no byte of what the shard sent for `stall_timeout`: dropped.
+    ClientStalled,
+}
+
+impl RelayEnd {
+    /// Every `end` label value of `ws_lb_relay_ends_total`.
+    pub const LABELS: &'static [&'static str] = &[
+        "closed",
+        "client_gone",
+        "shard_lost",
+        "drained",
+        "client_stalled",
+    ];
+
+    /// This end's `end` label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            RelayEnd::Closed => "closed",
+            RelayEnd::ClientGone => "client_gone",
+            RelayEnd::ShardLost { .. } => "shard_lost",
+            RelayEnd::Drained => "drained",
+            RelayEnd::ClientStalled => "client_stalled",
+        }
+    }
 }
 
 /// Relay settings.
@@ -47,21 +71,41 @@ pub struct RelayOptions {
     pub close_timeout: Duration,
     /// On drain, the 1012 goes out at a random moment within this window.
     pub drain_window: Duration,
+    /// A destination that accepts no byte of what is waiting for it for this long is given
+    /// up on: a client that stopped reading is dropped (its shard has long since closed it
+    /// as a slow consumer, but that close sits behind the data the client is not taking);
+    /// a shard that stopped reading is treated as lost (1012 to the client).
+    pub stall_timeout: Duration,
     /// Cancelled when the LB starts draining.
     pub drain: CancellationToken,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Half {
     /// Bytes read but not yet written to the destination.
     pending: Vec<u8>,
     offset: usize,
+    /// While bytes are pending: when the destination will have taken none of them for
+    /// `stall_timeout` (moved on every write that makes progress).
+    stall_at: Option<Instant>,
+    stall_timeout: Duration,
     tracker: FrameTracker,
     /// The source reached EOF or failed.
     eof: bool,
 }
 
 impl Half {
+    fn new(stall_timeout: Duration) -> Self {
+        Self {
+            pending: Vec::new(),
+            offset: 0,
+            stall_at: None,
+            stall_timeout,
+            tracker: FrameTracker::default(),
+            eof: false,
+        }
+    }
+
     fn has_pending(&self) -> bool {
         self.offset < self.pending.len()
     }
@@ -132,6 +176,21 @@ impl Half {
         self.pending.clear();
         self.pending.extend_from_slice(rest);
         self.offset = 0;
+        self.arm_stall();
+    }
+
+    /// Forgets what was waiting for a destination that failed.
+    fn drop_pending(&mut self) {
+        self.pending = Vec::new();
+        self.offset = 0;
+        self.stall_at = None;
+    }
+
+    /// Starts the stall clock when bytes begin to wait (a running clock is left alone).
+    fn arm_stall(&mut self) {
+        if self.stall_at.is_none() {
+            self.stall_at = Some(Instant::now() + self.stall_timeout);
+        }
     }
 
     /// Queues bytes of the LB's own (a close frame) after what is pending.
@@ -141,13 +200,19 @@ impl Half {
             self.offset = 0;
         }
         self.pending.extend_from_slice(bytes);
+        if self.has_pending() {
+            self.arm_stall();
+        }
     }
 
     fn flush(&mut self, dst: &TcpStream) -> io::Result<()> {
         while self.has_pending() {
             let rest = self.pending.get(self.offset..).unwrap_or_default();
             match dst.try_write(rest) {
-                Ok(n) => self.offset += n,
+                Ok(n) => {
+                    self.offset += n;
+                    self.stall_at = Some(Instant::now() + self.stall_timeout);
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) => return Err(e),
             }
@@ -155,6 +220,7 @@ impl Half {
         // Give the buffer back once drained: it was only needed while the peer was slow.
         self.pending = Vec::new();
         self.offset = 0;
+        self.stall_at = None;
         Ok(())
     }
 }
@@ -177,8 +243,8 @@ pub async fn relay(
     opts: &RelayOptions,
     on_lb_close: &(dyn Fn(u16) + Sync),
 ) -> RelayEnd {
-    let mut up = Half::default();
-    let mut down = Half::default();
+    let mut up = Half::new(opts.stall_timeout);
+    let mut down = Half::new(opts.stall_timeout);
     up.tracker.observe(&client_prefix);
     up.inject(&client_prefix);
     down.tracker.observe(&shard_prefix);
@@ -253,9 +319,17 @@ pub async fn relay(
             Phase::Open => drain_at.unwrap_or(far),
         };
         let timer_at = flush_deadline.map_or(timer_at, |d| d.min(timer_at));
+        let up_stall = up.stall_at.filter(|_| shard_open);
+        let stall_at = match (down.stall_at, up_stall) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let timer_at = stall_at.map_or(timer_at, |d| d.min(timer_at));
         let closing = matches!(phase, Phase::Closing { .. });
-        let timer_armed =
-            closing || flush_deadline.is_some() || (drain_at.is_some() && want_close.is_none());
+        let timer_armed = closing
+            || flush_deadline.is_some()
+            || stall_at.is_some()
+            || (drain_at.is_some() && want_close.is_none());
         let to_boundary = want_close.is_some();
         tokio::select! {
             biased;
@@ -271,8 +345,7 @@ pub async fn relay(
             }
             r = shard.writable(), if up.has_pending() && shard_open => {
                 if r.is_err() || up.flush(&shard).is_err() {
-                    up.pending.clear();
-                    up.offset = 0;
+                    up.drop_pending();
                     down.eof = true;
                 }
             }
@@ -283,15 +356,25 @@ pub async fn relay(
                 if r.is_err() { down.eof = true; } else { down.pump(&shard, &client, true, to_boundary); }
             }
             _ = sleep_until(timer_at), if timer_armed => {
-                if flush_deadline.is_some_and(|d| Instant::now() >= d) {
+                let now = Instant::now();
+                if flush_deadline.is_some_and(|d| now >= d) {
                     // The client never took what the shard last sent (a slow consumer's close).
                     return end.unwrap_or(RelayEnd::ClientGone);
                 }
+                if down.stall_at.is_some_and(|d| now >= d) {
+                    return RelayEnd::ClientStalled;
+                }
+                if up_stall.is_some_and(|d| now >= d) {
+                    // The shard stopped taking the client's bytes: handled as a lost shard.
+                    up.drop_pending();
+                    down.eof = true;
+                }
                 match phase {
-                    Phase::Closing { .. } => return end.unwrap_or(RelayEnd::Closed),
-                    Phase::Open => {
+                    Phase::Closing { deadline } if now >= deadline => return end.unwrap_or(RelayEnd::Closed),
+                    Phase::Open if drain_at.is_some_and(|d| now >= d) => {
                         want_close.get_or_insert((close::SERVICE_RESTART, "load balancer restarting, reconnect", RelayEnd::Drained));
                     }
+                    _ => {}
                 }
             }
         }

@@ -121,3 +121,191 @@ async fn lb_drain_sends_1012_to_relayed_clients() {
     );
     shards.kill();
 }
+
+/// A client that subscribes and then never reads, while keeping its TCP connection open.
+/// Its shard closes it as a slow consumer, but that close waits behind the bytes the client
+/// does not take, so only the LB's stall timeout frees the relay (two descriptors and a
+/// `max_clients` place). A client reading the same channel is not touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_dropped_after_the_stall_timeout() {
+    use test_support::ws::upgrade_request;
+    use tokio::io::AsyncWriteExt;
+
+    let shards = start_shards(1, |c| {
+        c.session.outbound_queue = 8;
+        c.socket.send_buffer = Some(4096);
+    })
+    .await;
+    let lb = start_lb(vec![shards.ws_url(0)], |c| {
+        c.stall_timeout = Duration::from_secs(2);
+        c.socket.send_buffer = Some(4096);
+    })
+    .await;
+    let channel = "trades.STALL";
+    let mut reader = connect(&lb.ws_url()).await.unwrap();
+    subscribe(&mut reader, &[channel]).await.unwrap();
+
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = sock.connect(lb.addr).await.unwrap();
+    stalled
+        .write_all(upgrade_request("/ws").as_bytes())
+        .await
+        .unwrap();
+    let sub = ws_protocol::frame::encode_masked_frame(
+        ws_protocol::frame::OP_TEXT,
+        format!(r#"{{"type":"subscribe","channels":["{channel}"]}}"#).as_bytes(),
+        [1, 2, 3, 4],
+    );
+    stalled.write_all(&sub).await.unwrap();
+    let lb_metric = |name: &'static str, labels: &'static [&'static str]| {
+        let lb = &lb;
+        async move { metric(&lb.metrics().await, name, labels) }
+    };
+    assert!(
+        test_support::http::wait_until(Duration::from_secs(5), || async {
+            shards.connections(0).await == 2
+        })
+        .await
+    );
+
+    // 400 messages of 8 KB: far more than the stalled client's buffers and queue hold.
+    let reading = tokio::spawn(async move {
+        for seq in 1..=400u64 {
+            match next_msg(&mut reader).await.unwrap() {
+                ServerMessage::Message { seq: got, .. } => assert_eq!(got, seq),
+                other => panic!("{other:?}"),
+            }
+        }
+        reader
+    });
+    let payload = format!(r#"{{"pad":"{}"}}"#, "x".repeat(8000));
+    let mut admin = KeepAlive::connect(shards.admin).await.unwrap();
+    for _ in 0..400 {
+        admin.publish(channel, &payload).await.unwrap();
+        // Paced a little, so the reader (whose queue holds 8) keeps up.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let mut reader = reading.await.unwrap();
+    // The shard gave up on it (slow consumer, then its close deadline) ...
+    assert!(
+        test_support::http::wait_until(Duration::from_secs(10), || async {
+            shards.connections(0).await == 1
+        })
+        .await,
+        "the shard never released the stalled client"
+    );
+    // ... and the LB drops the relay after the stall timeout, not later.
+    assert!(
+        test_support::http::wait_until(Duration::from_secs(10), || async {
+            lb_metric("ws_lb_active_connections", &[]).await == 1.0
+        })
+        .await,
+        "the stalled client's relay was never released"
+    );
+    assert_eq!(
+        lb_metric("ws_lb_relay_ends_total", &["end=\"client_stalled\""]).await,
+        1.0
+    );
+    // The reader is still served.
+    admin.publish(channel, r#"{"after":1}"#).await.unwrap();
+    match next_msg(&mut reader).await.unwrap() {
+        ServerMessage::Message { seq, .. } => assert_eq!(seq, 401),
+        other => panic!("{other:?}"),
+    }
+    drop(stalled);
+    shards.kill();
+}
+
+/// A shard that completed the handshake and then stopped reading: once it has taken none
+/// of the client's bytes for the stall timeout, the LB handles it as a lost shard and the
+/// client gets 1012.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_that_stops_reading_is_handled_as_lost() {
+    use test_support::ws::{raw_upgrade, status_of, upgrade_request};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use ws_protocol::frame::{Decoder, Flow, Limits, Message as Frame, Role};
+
+    // The deaf shard: answers upgrades, then never reads again (health polls are dropped).
+    let deaf = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let deaf_addr = deaf.local_addr().unwrap();
+    let deaf_task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut s, _)) = deaf.accept().await {
+            let mut head = Vec::new();
+            let mut b = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut b).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&b[..n]),
+                }
+            }
+            let head = String::from_utf8_lossy(&head).to_string();
+            let key = head.lines().find_map(|l| {
+                let (name, value) = l.split_once(':')?;
+                name.eq_ignore_ascii_case("sec-websocket-key")
+                    .then(|| value.trim().to_owned())
+            });
+            if let Some(key) = key {
+                let accept = ws_protocol::handshake::accept_key(&key);
+                let reply = format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n");
+                s.write_all(reply.as_bytes()).await.unwrap();
+                held.push(s);
+            }
+        }
+    });
+    let lb = start_lb(vec![format!("ws://{deaf_addr}/ws")], |c| {
+        c.stall_timeout = Duration::from_secs(2);
+    })
+    .await;
+    let (client, head) = raw_upgrade(lb.addr, &upgrade_request("/ws")).await.unwrap();
+    assert_eq!(status_of(&head), 101, "{head}");
+    let (mut rd, mut wr) = client.into_split();
+    // The client keeps sending 64 KB binary messages; the shard takes none of them.
+    let writer = tokio::spawn(async move {
+        let frame = ws_protocol::frame::encode_masked_frame(
+            ws_protocol::frame::OP_BINARY,
+            &[7u8; 65536],
+            [1, 2, 3, 4],
+        );
+        while wr.write_all(&frame).await.is_ok() {}
+    });
+    let mut decoder = Decoder::new(Role::Client, Limits::new(1 << 20));
+    let mut close_code = None;
+    let mut buf = vec![0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_secs(15), async {
+        while close_code.is_none() {
+            let n = rd.read(&mut buf).await.unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            let mut data = buf[..n].to_vec();
+            let _ = decoder.feed(&mut data, &mut |m| {
+                if let Frame::Close(c) = m {
+                    close_code = c.map(|(code, _)| code);
+                    return Flow::Stop;
+                }
+                Flow::Continue
+            });
+        }
+    })
+    .await;
+    assert_eq!(close_code, Some(ws_protocol::close::SERVICE_RESTART));
+    writer.abort();
+    assert!(
+        test_support::http::wait_until(Duration::from_secs(10), || async {
+            metric(&lb.metrics().await, "ws_lb_active_connections", &[]) == 0.0
+        })
+        .await,
+        "the relay was never released"
+    );
+    assert_eq!(
+        metric(
+            &lb.metrics().await,
+            "ws_lb_relay_ends_total",
+            &["end=\"shard_lost\""]
+        ),
+        1.0
+    );
+    deaf_task.abort();
+}
