@@ -391,22 +391,37 @@ def fanout_run(slow_clients: int):
         procs.stop_all()
 
 
+SLOW_ROUNDS = 2
+
+
 def scenario_slow():
-    base, _, _, _ = fanout_run(0)
-    with_slow, closed, released, stalled = fanout_run(200)
+    # A p99 from one ~40 s run moves by ±10-15 % from run to run on this box, as much as the
+    # margin being checked, so the two configurations alternate (baseline, with slow clients)
+    # for SLOW_ROUNDS rounds and the means of their p99s are compared.
     p99 = lambda r: r["delivery_us"]["p99"] / 1000
     worst_second = lambda r: max((p.get("delivery_p99_us") or 0) for p in r["timeline"]) / 1000
-    figures = {"baseline_p99_ms": p99(base), "with_slow_p99_ms": p99(with_slow), "slow_clients": 200,
-               "closed_as_slow_consumers": closed, "baseline_deliveries_per_s": base["deliveries_per_s"],
-               "with_slow_deliveries_per_s": with_slow["deliveries_per_s"],
-               "fast_gaps": with_slow["counts"]["gaps"], "fast_disconnects": with_slow["disconnects"],
-               "baseline_worst_second_p99_ms": worst_second(base), "with_slow_worst_second_p99_ms": worst_second(with_slow),
-               "held_after_run_lb_shards": released, "lb_relays_ended_client_stalled": stalled}
+    rounds = []
+    for _ in range(SLOW_ROUNDS):
+        base, _, _, _ = fanout_run(0)
+        with_slow, closed, released, stalled = fanout_run(200)
+        rounds.append({"baseline_p99_ms": p99(base), "with_slow_p99_ms": p99(with_slow),
+                       "baseline_worst_second_p99_ms": worst_second(base),
+                       "with_slow_worst_second_p99_ms": worst_second(with_slow),
+                       "baseline_deliveries_per_s": base["deliveries_per_s"],
+                       "with_slow_deliveries_per_s": with_slow["deliveries_per_s"],
+                       "closed_as_slow_consumers": closed, "fast_gaps": with_slow["counts"]["gaps"],
+                       "fast_disconnects": with_slow["disconnects"], "held_after_run_lb_shards": released,
+                       "lb_relays_ended_client_stalled": stalled})
+    mean = lambda k: round(sum(r[k] for r in rounds) / len(rounds), 3)
+    base_p99, slow_p99 = mean("baseline_p99_ms"), mean("with_slow_p99_ms")
+    figures = {"slow_clients": 200, "baseline_p99_ms_mean": base_p99, "with_slow_p99_ms_mean": slow_p99,
+               "ratio": round(slow_p99 / base_p99, 3), "rounds": rounds}
     checks = [
-        ("slow clients closed with 4000", closed >= 200),
-        ("others' p99 within 1.2x", p99(with_slow) <= 1.2 * p99(base)),
-        ("others lost nothing", with_slow["counts"]["gaps"] == 0 and sum(with_slow["disconnects"].values()) == 0),
-        ("slow clients' slots released on ws-lb and the shards while their sockets stay open", released == (0, 0)),
+        ("slow clients closed with 4000", all(r["closed_as_slow_consumers"] >= 200 for r in rounds)),
+        ("others' p99 within 1.2x", slow_p99 <= 1.2 * base_p99),
+        ("others lost nothing", all(r["fast_gaps"] == 0 and not r["fast_disconnects"] for r in rounds)),
+        ("slow clients' slots released on ws-lb and the shards while their sockets stay open",
+         all(r["held_after_run_lb_shards"] == (0, 0) for r in rounds)),
     ]
     return figures, checks
 
