@@ -85,22 +85,20 @@ struct Half {
     /// Bytes read but not yet written to the destination.
     pending: Vec<u8>,
     offset: usize,
-    /// While bytes are pending: when the destination will have taken none of them for
-    /// `stall_timeout` (moved on every write that makes progress).
-    stall_at: Option<Instant>,
-    stall_timeout: Duration,
+    /// While bytes are pending: since when the destination has taken none of them (moved
+    /// on every write that makes progress); it stalls at this plus `stall_timeout`.
+    waiting_since: Option<Instant>,
     tracker: FrameTracker,
     /// The source reached EOF or failed.
     eof: bool,
 }
 
 impl Half {
-    fn new(stall_timeout: Duration) -> Self {
+    fn new() -> Self {
         Self {
             pending: Vec::new(),
             offset: 0,
-            stall_at: None,
-            stall_timeout,
+            waiting_since: None,
             tracker: FrameTracker::default(),
             eof: false,
         }
@@ -183,13 +181,13 @@ impl Half {
     fn drop_pending(&mut self) {
         self.pending = Vec::new();
         self.offset = 0;
-        self.stall_at = None;
+        self.waiting_since = None;
     }
 
     /// Starts the stall clock when bytes begin to wait (a running clock is left alone).
     fn arm_stall(&mut self) {
-        if self.stall_at.is_none() {
-            self.stall_at = Some(Instant::now() + self.stall_timeout);
+        if self.waiting_since.is_none() {
+            self.waiting_since = Some(Instant::now());
         }
     }
 
@@ -211,7 +209,7 @@ impl Half {
             match dst.try_write(rest) {
                 Ok(n) => {
                     self.offset += n;
-                    self.stall_at = Some(Instant::now() + self.stall_timeout);
+                    self.waiting_since = Some(Instant::now());
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) => return Err(e),
@@ -220,9 +218,15 @@ impl Half {
         // Give the buffer back once drained: it was only needed while the peer was slow.
         self.pending = Vec::new();
         self.offset = 0;
-        self.stall_at = None;
+        self.waiting_since = None;
         Ok(())
     }
+}
+
+/// When `half`'s destination will have taken nothing of what waits for it for `timeout`
+/// (None when nothing waits, or when `watched` is false).
+fn stall_deadline(half: &Half, watched: bool, timeout: Duration) -> Option<Instant> {
+    half.waiting_since.filter(|_| watched).map(|t| t + timeout)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -243,8 +247,8 @@ pub async fn relay(
     opts: &RelayOptions,
     on_lb_close: &(dyn Fn(u16) + Sync),
 ) -> RelayEnd {
-    let mut up = Half::new(opts.stall_timeout);
-    let mut down = Half::new(opts.stall_timeout);
+    let mut up = Half::new();
+    let mut down = Half::new();
     up.tracker.observe(&client_prefix);
     up.inject(&client_prefix);
     down.tracker.observe(&shard_prefix);
@@ -314,22 +318,25 @@ pub async fn relay(
         if down.eof && down.has_pending() && flush_deadline.is_none() {
             flush_deadline = Some(Instant::now() + opts.close_timeout);
         }
-        let timer_at = match phase {
-            Phase::Closing { deadline } => deadline,
-            Phase::Open => drain_at.unwrap_or(far),
-        };
-        let timer_at = flush_deadline.map_or(timer_at, |d| d.min(timer_at));
-        let up_stall = up.stall_at.filter(|_| shard_open);
-        let stall_at = match (down.stall_at, up_stall) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        let timer_at = stall_at.map_or(timer_at, |d| d.min(timer_at));
         let closing = matches!(phase, Phase::Closing { .. });
-        let timer_armed = closing
-            || flush_deadline.is_some()
-            || stall_at.is_some()
-            || (drain_at.is_some() && want_close.is_none());
+        // In a block, so that none of these stays in the task's state across the await
+        // (every relayed connection pays for each byte of it).
+        let (timer_at, timer_armed) = {
+            let timer_at = match phase {
+                Phase::Closing { deadline } => deadline,
+                Phase::Open => drain_at.unwrap_or(far),
+            };
+            let timer_at = flush_deadline.map_or(timer_at, |d| d.min(timer_at));
+            let stall_at = stall_deadline(&down, true, opts.stall_timeout)
+                .into_iter()
+                .chain(stall_deadline(&up, shard_open, opts.stall_timeout))
+                .min();
+            let armed = closing
+                || flush_deadline.is_some()
+                || stall_at.is_some()
+                || (drain_at.is_some() && want_close.is_none());
+            (stall_at.map_or(timer_at, |d| d.min(timer_at)), armed)
+        };
         let to_boundary = want_close.is_some();
         tokio::select! {
             biased;
@@ -361,10 +368,10 @@ pub async fn relay(
                     // The client never took what the shard last sent (a slow consumer's close).
                     return end.unwrap_or(RelayEnd::ClientGone);
                 }
-                if down.stall_at.is_some_and(|d| now >= d) {
+                if stall_deadline(&down, true, opts.stall_timeout).is_some_and(|d| now >= d) {
                     return RelayEnd::ClientStalled;
                 }
-                if up_stall.is_some_and(|d| now >= d) {
+                if stall_deadline(&up, shard_open, opts.stall_timeout).is_some_and(|d| now >= d) {
                     // The shard stopped taking the client's bytes: handled as a lost shard.
                     up.drop_pending();
                     down.eof = true;
