@@ -59,6 +59,8 @@ ROWS = [
         ts("Client connection outcomes", [q(f"sum by (result) (rate(ws_lb_client_connections_total{{{LB}}}[{RI}]))", "{{result}}")],
            unit="cps", description="relayed, closed_1012, closed_1013, rejected"),
         ts("Close codes sent to clients", [q(f"sum by (code) (rate(ws_lb_close_codes_total{{{LB}}}[{RI}]))", "{{code}}")], unit="cps"),
+        ts("Relay ends by cause", [q(f"sum by (end) (rate(ws_lb_relay_ends_total{{{LB}}}[{RI}]))", "{{end}}")], unit="cps",
+           description="closed, client_gone, shard_lost, drained, client_stalled (dropped after stall_timeout without reading)"),
         ts("Admission queue length", [q(f"max by (instance) (ws_lb_admission_queue_length{{{LB}}})", "{{instance}}")]),
         ts("Admission wait", quantiles("ws_lb_admission_wait_seconds", LB), unit="s"),
         ts("Admission rejections by reason", [q(f"sum by (reason) (rate(ws_lb_admission_rejections_total{{{LB}}}[{RI}]))", "{{reason}}")],

@@ -122,7 +122,12 @@ class KafkaProxy:
             finally:
                 dst.close()
 
-        await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
+        try:
+            await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
+        except asyncio.CancelledError:
+            # Loop teardown. Returning normally keeps Python 3.11's StreamReaderProtocol
+            # callback from printing a traceback for the cancelled handler task.
+            return
         self.victims.discard(pair)
 
     def start_cut(self):
