@@ -62,10 +62,12 @@ pub(crate) async fn poll_loop(lb: Arc<Lb>) {
         while let Some(done) = polls.join_next().await {
             let Ok((i, result)) = done else { continue };
             match result {
-                Some(h) => {
-                    lb.pool
-                        .set_health(i, h.utilization(), h.status == ShardStatus::Draining)
-                }
+                Some(h) => lb.pool.set_health(
+                    i,
+                    h.utilization(),
+                    h.status == ShardStatus::Draining,
+                    h.source.connected,
+                ),
                 None => {
                     lb.pool.set_health_unreachable(i);
                     metrics::counter!(HEALTH_POLL_FAILURES, "shard_id" => i.to_string())
