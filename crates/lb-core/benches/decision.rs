@@ -25,7 +25,7 @@ fn benches(c: &mut Criterion) {
     )
     .unwrap();
     for i in 0..10 {
-        pool.set_health(i, i as f64 / 10.0, false, true);
+        pool.set_health(i, i as f64 / 10.0, false);
     }
     let mut rng = SmallRng::seed_from_u64(1);
     c.bench_function("select + succeed (10 shards)", |b| {

@@ -40,7 +40,6 @@ struct ShardState {
     utilization: f64,
     draining: bool,
     health_ok: bool,
-    source_connected: bool,
 }
 
 /// A point-in-time view of one shard, for `/health` and metrics.
@@ -55,8 +54,6 @@ pub struct ShardSnapshot {
     pub draining: bool,
     /// Whether the last `/health` poll succeeded.
     pub health_ok: bool,
-    /// Whether the shard's message source was connected at the last successful poll.
-    pub source_connected: bool,
     /// Whether a new client could be sent there now.
     pub admits: bool,
 }
@@ -100,7 +97,6 @@ impl ShardPool {
                     utilization: 0.0,
                     draining: false,
                     health_ok: true,
-                    source_connected: true,
                 })
             })
             .collect();
@@ -117,15 +113,8 @@ impl ShardPool {
         self.shards.is_empty()
     }
 
-    /// Stores the result of a `/health` poll. A shard whose source is disconnected is used
-    /// only when no other shard is left (see [`crate::select`]).
-    pub fn set_health(
-        &self,
-        index: usize,
-        utilization: f64,
-        draining: bool,
-        source_connected: bool,
-    ) {
+    /// Stores the result of a `/health` poll.
+    pub fn set_health(&self, index: usize, utilization: f64, draining: bool) {
         if let Some(s) = self.shards.get(index) {
             let mut s = s.lock();
             s.utilization = if utilization.is_nan() {
@@ -135,7 +124,6 @@ impl ShardPool {
             };
             s.draining = draining;
             s.health_ok = true;
-            s.source_connected = source_connected;
         }
     }
 
@@ -178,7 +166,6 @@ impl ShardPool {
                         admission,
                         score,
                         last_failure: s.breaker.last_failure(),
-                        preferred: s.source_connected,
                     })
                 })
                 .collect();
@@ -229,7 +216,6 @@ impl ShardPool {
                     failure_rate,
                     draining: s.draining,
                     health_ok: s.health_ok,
-                    source_connected: s.source_connected,
                     admits: !s.draining && s.breaker.would_admit(now),
                 }
             })
@@ -323,9 +309,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn steers_new_clients_to_lightly_loaded_shards() {
         let p = pool(3, Arc::new(NoObserver));
-        p.set_health(0, 0.9, false, true);
-        p.set_health(1, 0.1, false, true);
-        p.set_health(2, 0.1, false, true);
+        p.set_health(0, 0.9, false);
+        p.set_health(1, 0.1, false);
+        p.set_health(2, 0.1, false);
         let mut rng = StdRng::seed_from_u64(42);
         let mut counts = [0usize; 3];
         for _ in 0..3_000 {
@@ -427,7 +413,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn draining_shards_are_skipped_and_health_reflects_it() {
         let p = pool(2, Arc::new(NoObserver));
-        p.set_health(0, 0.0, true, true);
+        p.set_health(0, 0.0, true);
         let mut rng = StdRng::seed_from_u64(9);
         for _ in 0..50 {
             assert_eq!(
@@ -437,40 +423,11 @@ mod tests {
                 1
             );
         }
-        p.set_health(1, 0.5, true, true);
+        p.set_health(1, 0.5, true);
         assert!(!p.any_admits(Instant::now()));
         assert!(p
             .select(Tried::default(), Instant::now(), &mut rng)
             .is_none());
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn shards_cut_from_their_source_are_the_last_resort() {
-        let p = pool(3, Arc::new(NoObserver));
-        // Shards 0 and 2 are idle (the best score) but cut from their message source; shard
-        // 1 is half full and connected.
-        p.set_health(0, 0.0, false, false);
-        p.set_health(1, 0.5, false, true);
-        p.set_health(2, 0.0, false, false);
-        let mut rng = StdRng::seed_from_u64(5);
-        let now = Instant::now();
-        for _ in 0..100 {
-            let lease = p.select(Tried::default(), now, &mut rng).unwrap();
-            assert_eq!(lease.index(), 1);
-        }
-        // A client that already failed on shard 1 still gets a shard rather than none.
-        let mut tried = Tried::default();
-        tried.insert(1);
-        let other = p.select(tried, now, &mut rng).unwrap().index();
-        assert!(other == 0 || other == 2, "{other}");
-        let snap = p.snapshot(now);
-        assert!(!snap[0].source_connected && snap[0].health_ok);
-        // Reconnected: back in the rotation, and with the better score it wins its pairs.
-        p.set_health(0, 0.0, false, true);
-        let zeros = (0..300)
-            .filter(|_| p.select(Tried::default(), now, &mut rng).unwrap().index() == 0)
-            .count();
-        assert!(zeros > 100, "{zeros}");
     }
 
     #[test]

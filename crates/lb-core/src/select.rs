@@ -9,10 +9,7 @@
 //! first attempt, retried elsewhere.
 //!
 //! Otherwise, among closed shards, power-of-two-choices on the health score: sample two at
-//! random and take the better. Shards whose message source is disconnected (a shard cut
-//! from Kafka serves stale data) are used only when no other closed shard is left: they stay
-//! in the pool, so a tier-wide broker outage never empties it. (A failed `/health` poll does
-//! not demote a shard: handshake outcomes and the breaker decide that.) Unlike "always the best", this keeps ten independent LB
+//! random and take the better. Unlike "always the best", this keeps ten independent LB
 //! instances from stampeding the same shard between two health polls, while still steering
 //! most traffic away from loaded or failing shards.
 
@@ -37,8 +34,6 @@ pub struct Candidate {
     pub admission: Admission,
     pub score: f64,
     pub last_failure: Option<Instant>,
-    /// Message source connected (at the last successful health poll).
-    pub preferred: bool,
 }
 
 /// Picks a shard among `candidates` (already filtered for shards tried by this client and
@@ -52,12 +47,9 @@ pub fn pick<R: Rng + ?Sized>(candidates: &[Candidate], rng: &mut R) -> Option<us
     if trial.is_some() {
         return trial;
     }
-    let any_preferred = candidates
-        .iter()
-        .any(|c| c.admission == Admission::Closed && c.preferred);
     let closed: Vec<&Candidate> = candidates
         .iter()
-        .filter(|c| c.admission == Admission::Closed && (c.preferred || !any_preferred))
+        .filter(|c| c.admission == Admission::Closed)
         .collect();
     match closed.len() {
         0 => {}
@@ -91,39 +83,7 @@ mod tests {
             admission,
             score,
             last_failure: None,
-            preferred: true,
         }
-    }
-
-    #[test]
-    fn disconnected_shards_only_when_nothing_else_is_left() {
-        let mut rng = StdRng::seed_from_u64(3);
-        let stale = |i, score| Candidate {
-            preferred: false,
-            ..c(i, Admission::Closed, score)
-        };
-        // The stale shard has the best score and is still never picked.
-        let cands = [
-            c(0, Admission::Closed, 0.2),
-            stale(1, 1.0),
-            c(2, Admission::Closed, 0.3),
-        ];
-        for _ in 0..1_000 {
-            assert_ne!(pick(&cands, &mut rng), Some(1));
-        }
-        // With the preferred ones refused, the stale one is used rather than nobody.
-        let cands = [
-            c(0, Admission::Refused, 0.9),
-            stale(1, 0.1),
-            c(2, Admission::Refused, 0.9),
-        ];
-        assert_eq!(pick(&cands, &mut rng), Some(1));
-        // All stale (a tier-wide broker outage): P2C among them as usual.
-        let cands = [stale(0, 0.9), stale(1, 0.1)];
-        let zeros = (0..1_000)
-            .filter(|_| pick(&cands, &mut rng) == Some(0))
-            .count();
-        assert!(zeros > 500, "{zeros}");
     }
 
     #[test]
@@ -168,21 +128,18 @@ mod tests {
                 admission: Admission::Trial,
                 score: 0.9,
                 last_failure: Some(t0 + std::time::Duration::from_secs(5)),
-                preferred: true,
             },
             Candidate {
                 index: 1,
                 admission: Admission::Trial,
                 score: 0.1,
                 last_failure: Some(t0),
-                preferred: true,
             },
             Candidate {
                 index: 2,
                 admission: Admission::Refused,
                 score: 1.0,
                 last_failure: None,
-                preferred: true,
             },
         ];
         assert_eq!(pick(&cands, &mut rng), Some(1));

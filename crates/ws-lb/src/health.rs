@@ -62,12 +62,10 @@ pub(crate) async fn poll_loop(lb: Arc<Lb>) {
         while let Some(done) = polls.join_next().await {
             let Ok((i, result)) = done else { continue };
             match result {
-                Some(h) => lb.pool.set_health(
-                    i,
-                    h.utilization(),
-                    h.status == ShardStatus::Draining,
-                    h.source.connected,
-                ),
+                Some(h) => {
+                    lb.pool
+                        .set_health(i, h.utilization(), h.status == ShardStatus::Draining)
+                }
                 None => {
                     lb.pool.set_health_unreachable(i);
                     metrics::counter!(HEALTH_POLL_FAILURES, "shard_id" => i.to_string())
