@@ -141,3 +141,65 @@ pub fn reset(s: TcpStream) {
     let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
     drop(s);
 }
+
+/// A raw client with a `recv_buffer`-byte receive buffer that sends an upgrade for `/ws` and
+/// a subscribe to `channel`, and reads nothing: the slow consumer of the tests. The 101 head
+/// and everything after it are left unread in the socket.
+pub async fn raw_subscriber(
+    addr: SocketAddr,
+    channel: &str,
+    recv_buffer: u32,
+) -> anyhow::Result<TcpStream> {
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    sock.set_recv_buffer_size(recv_buffer)?;
+    let mut s = sock.connect(addr).await?;
+    s.write_all(upgrade_request("/ws").as_bytes()).await?;
+    let sub = ws_protocol::frame::encode_masked_frame(
+        ws_protocol::frame::OP_TEXT,
+        format!(r#"{{"type":"subscribe","channels":["{channel}"]}}"#).as_bytes(),
+        [9, 8, 7, 6],
+    );
+    s.write_all(&sub).await?;
+    Ok(s)
+}
+
+/// Reads server frames from `r` (after the HTTP head when `skip_head`) until a close frame
+/// arrives, the stream ends or `limit` passes; returns the close code, if one came.
+pub async fn read_close_code<R: tokio::io::AsyncRead + Unpin>(
+    r: &mut R,
+    skip_head: bool,
+    limit: Duration,
+) -> Option<u16> {
+    use ws_protocol::frame::{Decoder, Flow, Limits, Message as Frame, Role};
+    let mut decoder = Decoder::new(Role::Client, Limits::new(1 << 20));
+    let mut close_code = None;
+    let mut head_done = !skip_head;
+    let mut head = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let _ = tokio::time::timeout(limit, async {
+        while close_code.is_none() {
+            let n = r.read(&mut buf).await.unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            let mut data = buf[..n].to_vec();
+            if !head_done {
+                head.extend_from_slice(&data);
+                let Some(p) = head.windows(4).position(|w| w == b"\r\n\r\n") else {
+                    continue;
+                };
+                data = head.split_off(p + 4);
+                head_done = true;
+            }
+            let _ = decoder.feed(&mut data, &mut |m| {
+                if let Frame::Close(c) = m {
+                    close_code = c.map(|(code, _)| code);
+                    return Flow::Stop;
+                }
+                Flow::Continue
+            });
+        }
+    })
+    .await;
+    close_code
+}

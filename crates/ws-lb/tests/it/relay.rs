@@ -128,9 +128,6 @@ async fn lb_drain_sends_1012_to_relayed_clients() {
 /// `max_clients` place). A client reading the same channel is not touched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_is_dropped_after_the_stall_timeout() {
-    use test_support::ws::upgrade_request;
-    use tokio::io::AsyncWriteExt;
-
     let shards = start_shards(1, |c| {
         c.session.outbound_queue = 8;
         c.socket.send_buffer = Some(4096);
@@ -145,19 +142,9 @@ async fn a_client_that_stops_reading_is_dropped_after_the_stall_timeout() {
     let mut reader = connect(&lb.ws_url()).await.unwrap();
     subscribe(&mut reader, &[channel]).await.unwrap();
 
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
-    let mut stalled = sock.connect(lb.addr).await.unwrap();
-    stalled
-        .write_all(upgrade_request("/ws").as_bytes())
+    let stalled = test_support::ws::raw_subscriber(lb.addr, channel, 4096)
         .await
         .unwrap();
-    let sub = ws_protocol::frame::encode_masked_frame(
-        ws_protocol::frame::OP_TEXT,
-        format!(r#"{{"type":"subscribe","channels":["{channel}"]}}"#).as_bytes(),
-        [1, 2, 3, 4],
-    );
-    stalled.write_all(&sub).await.unwrap();
     let lb_metric = |name: &'static str, labels: &'static [&'static str]| {
         let lb = &lb;
         async move { metric(&lb.metrics().await, name, labels) }
@@ -224,7 +211,6 @@ async fn a_client_that_stops_reading_is_dropped_after_the_stall_timeout() {
 async fn a_shard_that_stops_reading_is_handled_as_lost() {
     use test_support::ws::{raw_upgrade, status_of, upgrade_request};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use ws_protocol::frame::{Decoder, Flow, Limits, Message as Frame, Role};
 
     // The deaf shard: answers upgrades, then never reads again (health polls are dropped).
     let deaf = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -270,26 +256,8 @@ async fn a_shard_that_stops_reading_is_handled_as_lost() {
         );
         while wr.write_all(&frame).await.is_ok() {}
     });
-    let mut decoder = Decoder::new(Role::Client, Limits::new(1 << 20));
-    let mut close_code = None;
-    let mut buf = vec![0u8; 4096];
-    let _ = tokio::time::timeout(Duration::from_secs(15), async {
-        while close_code.is_none() {
-            let n = rd.read(&mut buf).await.unwrap_or(0);
-            if n == 0 {
-                break;
-            }
-            let mut data = buf[..n].to_vec();
-            let _ = decoder.feed(&mut data, &mut |m| {
-                if let Frame::Close(c) = m {
-                    close_code = c.map(|(code, _)| code);
-                    return Flow::Stop;
-                }
-                Flow::Continue
-            });
-        }
-    })
-    .await;
+    let close_code =
+        test_support::ws::read_close_code(&mut rd, false, Duration::from_secs(15)).await;
     assert_eq!(close_code, Some(ws_protocol::close::SERVICE_RESTART));
     writer.abort();
     assert!(

@@ -5,11 +5,8 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use test_support::http::{metric, wait_until, KeepAlive};
 use test_support::start_shards;
-use test_support::ws::{connect, subscribe, upgrade_request};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpSocket;
+use test_support::ws::{connect, raw_subscriber, read_close_code, subscribe};
 use tokio_tungstenite::tungstenite::Message;
-use ws_protocol::frame::{Decoder, Flow, Limits, Message as Frame, Role};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_consumer_is_closed_and_never_slows_the_others() {
@@ -22,18 +19,7 @@ async fn slow_consumer_is_closed_and_never_slows_the_others() {
     let messages = 600u64;
 
     // The slow client: tiny receive buffer, subscribes, then does not read.
-    let sock = TcpSocket::new_v4().unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
-    let mut slow = sock.connect(srv.shards[0]).await.unwrap();
-    slow.write_all(upgrade_request("/ws").as_bytes())
-        .await
-        .unwrap();
-    let sub = ws_protocol::frame::encode_masked_frame(
-        ws_protocol::frame::OP_TEXT,
-        format!(r#"{{"type":"subscribe","channels":["{channel}"]}}"#).as_bytes(),
-        [9, 8, 7, 6],
-    );
-    slow.write_all(&sub).await.unwrap();
+    let mut slow = raw_subscriber(srv.shards[0], channel, 4096).await.unwrap();
 
     // 100 normal subscribers, each reading everything in its own task.
     let mut readers = Vec::new();
@@ -84,36 +70,7 @@ async fn slow_consumer_is_closed_and_never_slows_the_others() {
     );
 
     // Now the slow client reads: some messages, then a close frame with 4000.
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut decoder = Decoder::new(Role::Client, Limits::new(1 << 20));
-    let mut close_code = None;
-    let mut head_done = false;
-    let mut pending = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), async {
-        while close_code.is_none() {
-            let n = slow.read(&mut buf).await.unwrap_or(0);
-            if n == 0 {
-                break;
-            }
-            let mut data = buf[..n].to_vec();
-            if !head_done {
-                pending.extend_from_slice(&data);
-                let Some(p) = pending.windows(4).position(|w| w == b"\r\n\r\n") else {
-                    continue;
-                };
-                data = pending.split_off(p + 4);
-                head_done = true;
-            }
-            let _ = decoder.feed(&mut data, &mut |m| {
-                if let Frame::Close(c) = m {
-                    close_code = c.map(|(code, _)| code);
-                    return Flow::Stop;
-                }
-                Flow::Continue
-            });
-        }
-    })
-    .await;
+    let close_code = read_close_code(&mut slow, true, Duration::from_secs(10)).await;
     assert_eq!(close_code, Some(ws_protocol::close::SLOW_CONSUMER));
     srv.kill();
 }
@@ -149,18 +106,7 @@ async fn a_closing_slow_consumer_does_not_spin() {
         "ws-shard did not come up"
     );
     let channel = "trades.SPIN";
-    let sock = TcpSocket::new_v4().unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
-    let mut slow = sock.connect(port).await.unwrap();
-    slow.write_all(upgrade_request("/ws").as_bytes())
-        .await
-        .unwrap();
-    let sub = ws_protocol::frame::encode_masked_frame(
-        ws_protocol::frame::OP_TEXT,
-        format!(r#"{{"type":"subscribe","channels":["{channel}"]}}"#).as_bytes(),
-        [9, 8, 7, 6],
-    );
-    slow.write_all(&sub).await.unwrap();
+    let slow = raw_subscriber(port, channel, 4096).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     // Overflow its queue: it is sent 4000 but cannot take it.
