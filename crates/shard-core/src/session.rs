@@ -84,10 +84,11 @@ struct State {
     out: VecDeque<Bytes>,
     /// Bytes of `out.front()` already written.
     out_offset: usize,
-    close_sent: bool,
     close_received: bool,
     /// Close the TCP connection as soon as the output is flushed (protocol violations).
     finish_after_flush: bool,
+    /// Set when our close frame is queued (`start_close`): from then on the only timer, and
+    /// what `close_sent()` reads.
     close_deadline: Option<Instant>,
     read_done: bool,
     last_inbound: Instant,
@@ -126,7 +127,6 @@ pub async fn run(
         mode,
         out: VecDeque::new(),
         out_offset: 0,
-        close_sent: false,
         close_received: false,
         finish_after_flush: false,
         close_deadline: None,
@@ -153,8 +153,8 @@ pub async fn run(
             timer.as_mut().reset(deadline);
         }
         let want_write = !st.out.is_empty();
-        let listen_queue = st.mode == Mode::PubSub && !st.close_sent;
-        let drain_armed = st.drain_at.is_none() && !st.close_sent;
+        let listen_queue = st.mode == Mode::PubSub && !st.close_sent();
+        let drain_armed = st.drain_at.is_none() && !st.close_sent();
         let result: io::Result<()> = tokio::select! {
             biased;
             r = stream.writable(), if want_write => match r {
@@ -187,15 +187,20 @@ pub async fn run(
 }
 
 impl State {
+    /// Whether our close frame is queued or sent (only `start_close` sets the deadline).
+    fn close_sent(&self) -> bool {
+        self.close_deadline.is_some()
+    }
+
     fn finished(&self) -> bool {
-        if self.close_sent
+        if self.close_sent()
             && self.out.is_empty()
             && (self.close_received || self.finish_after_flush)
         {
             return true;
         }
         // The peer went away without a close handshake.
-        self.read_done && (self.out.is_empty() || !self.close_sent)
+        self.read_done && (self.out.is_empty() || !self.close_sent())
     }
 
     fn next_deadline(&self) -> Instant {
@@ -217,22 +222,25 @@ impl State {
 
     fn on_timer(&mut self) {
         let now = Instant::now();
-        if self.close_deadline.is_some_and(|d| now >= d) {
-            // The peer never answered our close: give up on the handshake.
-            self.out.clear();
-            self.out_offset = 0;
-            self.finish_after_flush = true;
-            self.read_done = true;
+        if let Some(deadline) = self.close_deadline {
+            // Closing: the close deadline is the only timer left (see next_deadline).
+            if now >= deadline {
+                // The peer never answered our close: give up on the handshake.
+                self.out.clear();
+                self.out_offset = 0;
+                self.finish_after_flush = true;
+                self.read_done = true;
+            }
             return;
         }
-        if self.drain_at.is_some_and(|d| now >= d) && !self.close_sent {
+        if self.drain_at.is_some_and(|d| now >= d) {
             self.start_close(close::SERVICE_RESTART, "service restart, reconnect");
             return;
         }
         let idle = now.saturating_duration_since(self.last_inbound);
-        if idle >= self.cfg.idle_timeout && !self.close_sent {
+        if idle >= self.cfg.idle_timeout {
             self.start_close(close::GOING_AWAY, "keepalive timeout");
-        } else if idle >= self.cfg.ping_interval && !self.ping_sent && !self.close_sent {
+        } else if idle >= self.cfg.ping_interval && !self.ping_sent {
             self.ping_sent = true;
             self.out.push_back(frame::encode_frame(frame::OP_PING, b""));
         }
@@ -263,7 +271,7 @@ impl State {
     }
 
     fn slow_consumer(&mut self) {
-        if self.close_sent {
+        if self.close_sent() {
             return;
         }
         self.ctx.metrics.slow_consumers.increment(1);
@@ -277,10 +285,9 @@ impl State {
     }
 
     fn start_close(&mut self, code: u16, reason: &str) {
-        if self.close_sent {
+        if self.close_sent() {
             return;
         }
-        self.close_sent = true;
         self.queue.close();
         self.out.push_back(frame::encode_close(code, reason));
         self.ctx.metrics.close_sent(code);
@@ -317,7 +324,7 @@ impl State {
         if self.out.capacity() > 4 * WRITE_BATCH {
             self.out = VecDeque::new();
         }
-        if !self.close_sent && self.mode == Mode::PubSub && self.queue.drain_into(&mut self.out) {
+        if !self.close_sent() && self.mode == Mode::PubSub && self.queue.drain_into(&mut self.out) {
             self.slow_consumer();
         }
         Ok(())
@@ -405,14 +412,14 @@ impl State {
     fn on_message(&mut self, msg: Message<'_>) -> Flow {
         if let Message::Close(c) = msg {
             self.close_received = true;
-            if !self.close_sent {
+            if !self.close_sent() {
                 // The echo of the peer's close is bounded by the close deadline too: a peer
                 // that closes and then stops reading must not keep the slot.
                 self.start_close(c.map_or(close::NORMAL, |(code, _)| code), "");
             }
             return Flow::Stop;
         }
-        if self.close_sent {
+        if self.close_sent() {
             // Closing: data and pings are ignored while we wait for the peer's close.
             return Flow::Continue;
         }
