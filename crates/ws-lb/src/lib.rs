@@ -103,18 +103,16 @@ pub(crate) struct Lb {
     pub(crate) relays: TaskTracker,
     pub(crate) relay_opts: relay::RelayOptions,
     pub(crate) shutdown: Shutdown,
-    /// Clients between admission and the end of their relay (`None`: no `max_clients`).
-    pub(crate) clients: Option<Arc<tokio::sync::Semaphore>>,
+    /// Clients between admission and the end of their relay: `max_clients` permits
+    /// (`Semaphore::MAX_PERMITS` when there is no cap).
+    pub(crate) clients: Arc<tokio::sync::Semaphore>,
 }
 
 impl Lb {
-    /// One unit of `max_clients`, held until the relay ends or the client leaves; `Err` at
-    /// the cap. `Ok(None)` when there is no cap.
-    pub(crate) fn client_permit(&self) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, ()> {
-        match &self.clients {
-            None => Ok(None),
-            Some(s) => s.clone().try_acquire_owned().map(Some).map_err(|_| ()),
-        }
+    /// One unit of `max_clients`, held until the relay ends or the client leaves; `None`
+    /// at the cap.
+    pub(crate) fn client_permit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.clients.clone().try_acquire_owned().ok()
     }
 }
 
@@ -224,7 +222,10 @@ pub async fn run(
         names: cfg.backends.clone(),
     });
     let pool = ShardPool::new(backends.len(), cfg.breaker, cfg.score, observer)?;
-    let cfg_max_clients = cfg.max_clients;
+    let clients = match cfg.max_clients {
+        0 => tokio::sync::Semaphore::MAX_PERMITS,
+        n => n.min(tokio::sync::Semaphore::MAX_PERMITS),
+    };
     let lb = Arc::new(Lb {
         metrics: metrics::LbMetrics::new(backends.len()),
         pacer: Pacer::new(cfg.pacing),
@@ -239,8 +240,7 @@ pub async fn run(
         pool,
         cfg,
         shutdown: shutdown.clone(),
-        clients: (cfg_max_clients > 0)
-            .then(|| Arc::new(tokio::sync::Semaphore::new(cfg_max_clients))),
+        clients: Arc::new(tokio::sync::Semaphore::new(clients)),
     });
     let tasks = TaskTracker::new();
     tasks.spawn(health::poll_loop(lb.clone()));

@@ -143,8 +143,8 @@ impl LbMetrics {
         for result in ["relayed", "closed_1012", "closed_1013", "rejected"] {
             metrics::counter!(CLIENT_CONNECTIONS, "result" => result).increment(0);
         }
-        for end in crate::relay::RelayEnd::LABELS {
-            metrics::counter!(RELAY_ENDS, "end" => *end).increment(0);
+        for end in crate::relay::RelayEnd::KINDS {
+            metrics::counter!(RELAY_ENDS, "end" => end.label()).increment(0);
         }
         for attempt in 1..=n {
             metrics::counter!(RETRY_COUNT, "attempt" => attempt.to_string()).increment(0);

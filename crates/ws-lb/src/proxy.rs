@@ -57,7 +57,7 @@ pub(crate) async fn handle(
         m::client("rejected");
         return refuse(StatusCode::SERVICE_UNAVAILABLE, "load balancer draining");
     }
-    let Ok(permit) = lb.client_permit() else {
+    let Some(permit) = lb.client_permit() else {
         m::rejected("client_limit");
         m::client("rejected");
         return refuse(StatusCode::SERVICE_UNAVAILABLE, "client limit reached");

@@ -43,13 +43,13 @@ pub enum RelayEnd {
 }
 
 impl RelayEnd {
-    /// Every `end` label value of `ws_lb_relay_ends_total`.
-    pub const LABELS: &'static [&'static str] = &[
-        "closed",
-        "client_gone",
-        "shard_lost",
-        "drained",
-        "client_stalled",
+    /// One of each kind (for registering every `ws_lb_relay_ends_total` series at zero).
+    pub const KINDS: [RelayEnd; 5] = [
+        RelayEnd::Closed,
+        RelayEnd::ClientGone,
+        RelayEnd::ShardLost { notified: true },
+        RelayEnd::Drained,
+        RelayEnd::ClientStalled,
     ];
 
     /// This end's `end` label value.
@@ -191,6 +191,12 @@ impl Half {
         }
     }
 
+    /// When the destination will have taken nothing of what waits for it for `timeout`
+    /// (None when nothing waits).
+    fn stall_deadline(&self, timeout: Duration) -> Option<Instant> {
+        self.waiting_since.map(|t| t + timeout)
+    }
+
     /// Queues bytes of the LB's own (a close frame) after what is pending.
     fn inject(&mut self, bytes: &[u8]) {
         if !self.has_pending() {
@@ -204,14 +210,18 @@ impl Half {
     }
 
     fn flush(&mut self, dst: &TcpStream) -> io::Result<()> {
+        let start = self.offset;
         while self.has_pending() {
             let rest = self.pending.get(self.offset..).unwrap_or_default();
             match dst.try_write(rest) {
-                Ok(n) => {
-                    self.offset += n;
-                    self.waiting_since = Some(Instant::now());
+                Ok(n) => self.offset += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if self.offset > start {
+                        // The destination took some bytes: the stall clock restarts.
+                        self.waiting_since = Some(Instant::now());
+                    }
+                    return Ok(());
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) => return Err(e),
             }
         }
@@ -221,12 +231,6 @@ impl Half {
         self.waiting_since = None;
         Ok(())
     }
-}
-
-/// When `half`'s destination will have taken nothing of what waits for it for `timeout`
-/// (None when nothing waits, or when `watched` is false).
-fn stall_deadline(half: &Half, watched: bool, timeout: Duration) -> Option<Instant> {
-    half.waiting_since.filter(|_| watched).map(|t| t + timeout)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -327,9 +331,11 @@ pub async fn relay(
                 Phase::Open => drain_at.unwrap_or(far),
             };
             let timer_at = flush_deadline.map_or(timer_at, |d| d.min(timer_at));
-            let stall_at = stall_deadline(&down, true, opts.stall_timeout)
+            let up_stall = up.stall_deadline(opts.stall_timeout).filter(|_| shard_open);
+            let stall_at = down
+                .stall_deadline(opts.stall_timeout)
                 .into_iter()
-                .chain(stall_deadline(&up, shard_open, opts.stall_timeout))
+                .chain(up_stall)
                 .min();
             let armed = closing
                 || flush_deadline.is_some()
@@ -368,10 +374,10 @@ pub async fn relay(
                     // The client never took what the shard last sent (a slow consumer's close).
                     return end.unwrap_or(RelayEnd::ClientGone);
                 }
-                if stall_deadline(&down, true, opts.stall_timeout).is_some_and(|d| now >= d) {
+                if down.stall_deadline(opts.stall_timeout).is_some_and(|d| now >= d) {
                     return RelayEnd::ClientStalled;
                 }
-                if stall_deadline(&up, shard_open, opts.stall_timeout).is_some_and(|d| now >= d) {
+                if shard_open && up.stall_deadline(opts.stall_timeout).is_some_and(|d| now >= d) {
                     // The shard stopped taking the client's bytes: handled as a lost shard.
                     up.drop_pending();
                     down.eof = true;
