@@ -167,3 +167,12 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Polls `GET /health` on `addr` until it answers 200 or `limit` passes (a server process
+/// started by a test coming up).
+pub async fn wait_healthy(addr: SocketAddr, limit: Duration) -> bool {
+    wait_until(limit, || async {
+        get(addr, "/health").await.is_ok_and(|r| r.status == 200)
+    })
+    .await
+}

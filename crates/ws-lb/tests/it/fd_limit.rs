@@ -58,10 +58,7 @@ async fn at_the_descriptor_limit_new_clients_get_503_and_nothing_spins() {
         .expect("prlimit (util-linux) and the ws-lb binary");
     let pid = lb.id().unwrap();
     assert!(
-        test_support::http::wait_until(Duration::from_secs(20), || async {
-            get(listen, "/health").await.is_ok_and(|r| r.status == 200)
-        })
-        .await,
+        test_support::http::wait_healthy(listen, Duration::from_secs(20)).await,
         "ws-lb did not come up"
     );
     let url = format!("ws://{listen}/ws");

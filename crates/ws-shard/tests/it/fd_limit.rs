@@ -28,12 +28,7 @@ async fn out_of_descriptors_a_shard_answers_503_and_does_not_spin() {
         .expect("prlimit (util-linux) and the ws-shard binary");
     let pid = shard.id().unwrap();
     assert!(
-        test_support::http::wait_until(Duration::from_secs(20), || async {
-            test_support::http::get(port, "/health")
-                .await
-                .is_ok_and(|r| r.status == 200)
-        })
-        .await,
+        test_support::http::wait_healthy(port, Duration::from_secs(20)).await,
         "ws-shard did not come up"
     );
     let url = format!("ws://{port}/ws");

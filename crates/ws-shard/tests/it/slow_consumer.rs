@@ -97,12 +97,7 @@ async fn a_closing_slow_consumer_does_not_spin() {
         .expect("ws-shard binary");
     let pid = shard.id().unwrap();
     assert!(
-        wait_until(Duration::from_secs(20), || async {
-            test_support::http::get(port, "/health")
-                .await
-                .is_ok_and(|r| r.status == 200)
-        })
-        .await,
+        test_support::http::wait_healthy(port, Duration::from_secs(20)).await,
         "ws-shard did not come up"
     );
     let channel = "trades.SPIN";
