@@ -83,8 +83,12 @@ pub struct Stats {
     /// Whole-run handshake latency and the one for the current timeline second.
     handshake: Mutex<(Histogram<u64>, Histogram<u64>)>,
     lag: Mutex<Histogram<u64>>,
-    /// Whole-run delivery latency and the one for the current timeline second, per shard.
-    delivery: Vec<Mutex<(Histogram<u64>, Histogram<u64>)>>,
+    /// Delivery latency of the current timeline second, sharded by connection: each message
+    /// is recorded once, here; `take_interval_delivery_p99` folds the second into
+    /// `delivery_run` once per second.
+    delivery: Vec<Mutex<Histogram<u64>>>,
+    /// Delivery latency of every second already taken.
+    delivery_run: Mutex<Histogram<u64>>,
     messages_per_conn: Mutex<Histogram<u64>>,
     per_channel: Vec<AtomicU64>,
     /// Offsets from t0 of the first and last attempt start, in microseconds.
@@ -151,8 +155,9 @@ impl Stats {
             handshake: Mutex::new((new_histogram(), new_histogram())),
             lag: Mutex::new(new_histogram()),
             delivery: (0..DELIVERY_SHARDS)
-                .map(|_| Mutex::new((new_histogram(), new_histogram())))
+                .map(|_| Mutex::new(new_histogram()))
                 .collect(),
+            delivery_run: Mutex::new(new_histogram()),
             messages_per_conn: Mutex::new(new_histogram()),
             per_channel: (0..channels).map(|_| AtomicU64::new(0)).collect(),
             first_start_us: AtomicU64::new(u64::MAX),
@@ -219,10 +224,7 @@ impl Stats {
         if let Some(us) = latency_us {
             let shard = usize::try_from(conn).unwrap_or(0) % DELIVERY_SHARDS;
             if let Some(h) = self.delivery.get(shard) {
-                let us = us.clamp(1, MAX_US);
-                let mut h = lock(h);
-                let _ = h.0.record(us);
-                let _ = h.1.record(us);
+                let _ = lock(h).record(us.clamp(1, MAX_US));
             }
         }
     }
@@ -257,13 +259,14 @@ impl Stats {
     /// The delivery p99 of the interval since the previous call (None when no timestamped
     /// message arrived in it), resetting the interval histograms.
     pub fn take_interval_delivery_p99(&self) -> Option<u64> {
-        let mut merged = new_histogram();
+        let mut second = new_histogram();
         for shard in &self.delivery {
             let mut h = lock(shard);
-            let _ = merged.add(&h.1);
-            h.1.reset();
+            let _ = second.add(&*h);
+            h.reset();
         }
-        (!merged.is_empty()).then(|| merged.value_at_quantile(0.99))
+        let _ = lock(&self.delivery_run).add(&second);
+        (!second.is_empty()).then(|| second.value_at_quantile(0.99))
     }
 
     /// Offsets from t0 of the first and last attempt start, if any attempt started.
@@ -294,9 +297,10 @@ impl Stats {
 
     /// Copies of the histograms, the delivery shards merged into one.
     pub fn histograms(&self) -> Histograms {
-        let mut delivery = new_histogram();
+        // Every second taken so far plus the one in progress (left in place).
+        let mut delivery = lock(&self.delivery_run).clone();
         for shard in &self.delivery {
-            let _ = delivery.add(&lock(shard).0);
+            let _ = delivery.add(&*lock(shard));
         }
         Histograms {
             handshake: lock(&self.handshake).0.clone(),
