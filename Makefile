@@ -6,7 +6,7 @@ BASE_PORT ?= 3002
 LB_PORT ?= 3001
 
 .PHONY: capacity bench-compare bench-fanout bench-hold bench-micro faults soak bench-tools
-.PHONY: help run build build-debug test deps fmt fmt-check lint test-rust test-e2e test-deploy conformance conformance-short
+.PHONY: help run build build-debug test deps fmt fmt-check lint test-rust test-e2e test-clients test-deploy conformance conformance-short
 TANSU ?= $(shell command -v tansu || echo $(HOME)/.cargo/bin/tansu)
 
 help:
@@ -49,6 +49,13 @@ test-e2e: build-debug
 	python3 tests/e2e/kafka_e2e.py $(TANSU) target/debug/ws-shard target/debug/ws-lb
 	python3 tests/e2e/exported_metrics.py $(TANSU) target/debug/ws-shard target/debug/ws-lb
 
+# Client libraries (docs/clients.md): the TypeScript client's unit tests on Node, then both
+# clients (headless Chromium, and ws-tail on the Rust crate) through ws-lb to real shards while
+# the tiers are broken (tests/clients).
+test-clients: build-debug
+	cd clients/js && npm run --silent build && npm test --silent
+	ODIN_BIN=target/debug node --test --test-concurrency=1 tests/clients/
+
 # Terraform, gcloud scripts, images, systemd units, alerts, dashboard (offline).
 test-deploy:
 	bash deploy/tests/run.sh
@@ -60,7 +67,7 @@ conformance: build
 conformance-short: build-debug
 	python3 tests/conformance/run.py --bin target/debug --cases short --out target/conformance-short
 
-test: deps fmt-check lint test-rust test-e2e test-deploy conformance-short
+test: deps fmt-check lint test-rust test-e2e test-clients test-deploy conformance-short
 	@echo "make test: all checks passed"
 
 # ---- Measurements (not part of make test; release builds, loopback only) ----

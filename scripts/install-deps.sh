@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Installs what `make test` needs and is not part of a fresh machine, skipping anything
 # already present: Python packages for the independent test clients (websockets,
-# kafka-python, kosoku), cargo-nextest, and the tansu Kafka-protocol broker (the first
-# build takes ~10-20 minutes on 2 cores; later runs reuse the installed binary).
+# kafka-python, kosoku), cargo-nextest, the tansu Kafka-protocol broker (the first
+# build takes ~10-20 minutes on 2 cores; later runs reuse the installed binary), and for the
+# client libraries Debian's chromium and the npm packages of clients/js (typescript,
+# playwright-core; `npm ci` from the committed package-lock.json; no browser download).
 # deploy/tests/run.sh installs its own tools (shellcheck, promtool, python-hcl2).
 set -euo pipefail
 
@@ -31,5 +33,19 @@ fi
 if ! command -v tansu >/dev/null 2>&1; then
     log "cargo install --locked tansu --features dynostore (one-time, slow)"
     cargo install --locked tansu --features dynostore
+fi
+# Client libraries: Node.js for the TypeScript client, Debian's Chromium for its browser test.
+apt_missing=()
+command -v node >/dev/null 2>&1 || apt_missing+=(nodejs npm)
+command -v chromium >/dev/null 2>&1 || apt_missing+=(chromium)
+if ((${#apt_missing[@]})); then
+    log "apt-get install ${apt_missing[*]}"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_missing[@]}"
+fi
+js="$(dirname "$0")/../clients/js"
+# npm ci replaces node_modules; run it only when the lock file is newer than the install.
+if [[ ! -f "$js/node_modules/.package-lock.json" || "$js/package-lock.json" -nt "$js/node_modules/.package-lock.json" ]]; then
+    log "npm ci (clients/js)"
+    (cd "$js" && npm ci --no-audit --no-fund --loglevel=error)
 fi
 log "ok"
