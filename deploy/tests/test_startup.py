@@ -170,6 +170,24 @@ def test_common_block_identical():
     check("common block of ws-lb-startup.sh and ws-shard-startup.sh identical", a == b)
 
 
+def test_backlog_agrees_with_somaxconn():
+    """The application's listen backlog (both binaries' default, docs/runbook.md and the
+    Rust defaults) is the net.core.somaxconn the startup scripts set: neither caps the
+    other below what the VM is tuned for."""
+    import re
+    repo = DEPLOY.parent
+    for script in ("ws-lb-startup.sh", "ws-shard-startup.sh"):
+        m = re.search(r"^net\.core\.somaxconn = (\d+)$", (STARTUP / script).read_text(), re.M)
+        check(f"{script} sets net.core.somaxconn", m is not None)
+        somaxconn = int(m.group(1)) if m else None
+        runbook = re.findall(r"^\| `backlog` \| (\d+) \|", (repo / "docs/runbook.md").read_text(), re.M)
+        eq(f"runbook backlog defaults (ws-shard, ws-lb) = {script} somaxconn", [int(v) for v in runbook],
+           [somaxconn, somaxconn])
+        for src in ("crates/ws-lb/src/config.rs", "crates/ws-shard/src/config.rs", "crates/net-core/src/listener.rs"):
+            d = re.findall(r"^\s*backlog: (\d+),$", (repo / src).read_text(), re.M)
+            eq(f"{src} default backlog = {script} somaxconn", [int(v) for v in d], [somaxconn])
+
+
 def test_cos_lb():
     sb = Sandbox("cos", lb_metadata())
     try:
@@ -332,7 +350,7 @@ def test_shutdown():
 
 
 def main():
-    tests = [test_common_block_identical, test_cos_lb, test_cos_shard,
+    tests = [test_common_block_identical, test_backlog_agrees_with_somaxconn, test_cos_lb, test_cos_shard,
              lambda: test_debian_shard("https://releases.test/odin-ws-release.tar.gz"),
              lambda: test_debian_shard("gs://odin-releases/odin-ws-release.tar.gz"),
              test_failures, test_publisher, test_shutdown]

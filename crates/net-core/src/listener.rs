@@ -10,7 +10,10 @@ use tokio::net::TcpListener;
 /// How to bind a listener.
 #[derive(Debug, Clone, Copy)]
 pub struct ListenOptions {
-    /// Listen backlog (the kernel caps it at `net.core.somaxconn`).
+    /// Listen backlog. The kernel silently caps it at `net.core.somaxconn` (4096 on a stock
+    /// kernel), so the default asks for 65535, the value the deploy startup scripts give
+    /// `net.core.somaxconn`: the application never holds the queue shorter than the kernel
+    /// allows.
     pub backlog: u32,
     /// Set `SO_REUSEPORT` so several processes can accept on the same port.
     pub reuse_port: bool,
@@ -19,7 +22,7 @@ pub struct ListenOptions {
 impl Default for ListenOptions {
     fn default() -> Self {
         Self {
-            backlog: 4096,
+            backlog: 65535,
             reuse_port: false,
         }
     }

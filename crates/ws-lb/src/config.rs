@@ -98,7 +98,7 @@ impl Default for Settings {
             header_timeout: Duration::from_secs(5),
             max_headers: 64,
             max_header_bytes: 16 * 1024,
-            backlog: 4096,
+            backlog: 65535,
             reuse_port: false,
             tcp_keepalive: Duration::ZERO,
             socket_send_buffer: 0,
