@@ -28,8 +28,10 @@ gc compute instance-templates create "$LB_TEMPLATE" \
     "odin-connections-metric=$LB_CONNECTIONS_METRIC")"
 
 # Autohealing check: more tolerant than the load balancer's (40-global-lb.sh).
+# /health is liveness only (503 only while draining): a shard-tier outage never
+# gets LB VMs recreated.
 gc compute health-checks create http "$NAME-lb-autoheal-hc" --global \
-  --port "$LB_PORT" --request-path /health \
+  --port "$LB_PORT" --request-path /health --description "$LB_HEALTH_CHECK_DESCRIPTION" \
   --check-interval 10s --timeout 5s --healthy-threshold 2 --unhealthy-threshold 6
 
 gc compute instance-groups managed create "$NAME-lb" \

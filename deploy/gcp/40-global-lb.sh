@@ -13,8 +13,10 @@ require DOMAIN
 
 gc compute addresses create "$NAME-ip" --global --ip-version IPV4
 
+# /health is liveness: a draining ws-lb (503) leaves the load balancer, a live
+# one stays even when no shard can take a client (clients get 1012, not a 5xx).
 gc compute health-checks create http "$NAME-lb-backend-hc" --global \
-  --port "$LB_PORT" --request-path /health \
+  --port "$LB_PORT" --request-path /health --description "$LB_HEALTH_CHECK_DESCRIPTION" \
   --check-interval 5s --timeout 5s --healthy-threshold 2 --unhealthy-threshold 2
 
 # --timeout is the longest a WebSocket may stay open through the proxy.

@@ -56,3 +56,6 @@ LB_ADMIN_PORT=9101
 SHARD_BASE_PORT=3002
 SHARD_ADMIN_PORT=9102
 GOOGLE_LB_SOURCE_RANGES="35.191.0.0/16,130.211.0.0/22"
+# What ws-lb's GET /health means (both LB-tier health checks use it; keep in
+# step with local.lb_health_check_description in deploy/terraform/main.tf).
+LB_HEALTH_CHECK_DESCRIPTION="ws-lb liveness: 200 while it serves clients, 503 only while draining; shard availability is reported in the body and ws_lb_shards_available, not here"

@@ -18,6 +18,7 @@ DS = {"type": "prometheus", "uid": "${datasource}"}
 RI = "$__rate_interval"
 LB = 'instance=~"$lb"'
 SH = 'instance=~"$shard_vm"'
+PROC = 'instance=~"$lb|$shard_vm"'
 
 
 def q(expr, legend=""):
@@ -49,6 +50,9 @@ ROWS = [
         stat("Rejections/s", [q(f"sum(rate(ws_lb_admission_rejections_total{{{LB}}}[{RI}]))")],
              unit="reqps", thresholds=[("green", None), ("orange", 1)]),
         stat("Open circuit breakers", [q(f'sum(ws_circuit_breaker_state{{{LB}, state="open"}})')],
+             thresholds=[("green", None), ("red", 1)]),
+        stat("LBs with no shard available", [q(f"count(max by (instance) (ws_lb_shards_available{{{LB}}}) == 0) or vector(0)")],
+             description="ws-lb VMs that can place no client (every new client gets 1012); NoShardAvailable fires after 1 minute. /health stays 200 meanwhile.",
              thresholds=[("green", None), ("red", 1)]),
         stat("Shard fill", [q(f"sum(ws_shard_connections{{{SH}}}) / sum(ws_shard_max_connections{{{SH}}})")],
              unit="percentunit", thresholds=[("green", None), ("orange", 0.7), ("red", 0.9)]),
@@ -92,6 +96,8 @@ ROWS = [
            unit="percentunit", description="Worst score over all ws-lb VMs; ShardUnhealthy fires below 0.3."),
         ts("Shard utilization", [q(f"max by (shard_id) (ws_shard_utilization{{{LB}}})", "shard {{shard_id}}")], unit="percentunit"),
         ts("Shard recent failures", [q(f"max by (shard_id) (ws_shard_recent_failures{{{LB}}})", "shard {{shard_id}}")]),
+        ts("Shards available per ws-lb", [q(f"min by (instance) (ws_lb_shards_available{{{LB}}})", "{{instance}}")],
+           description="Shards each ws-lb would send a new client to now; 0 = every new client gets 1012 (NoShardAvailable)."),
     ]),
     ("Shards (ws-shard)", [
         ts("Connections per shard", [
@@ -121,6 +127,25 @@ ROWS = [
            unit="ops", description="Both binaries."),
         ts("Refused for lack of file descriptors (503)", [q(f"sum by (job, listener) (rate(ws_accept_fd_exhausted_rejects_total{{instance=~\"$lb|$shard_vm\"}}[{RI}]))", "{{job}} {{listener}}")],
            unit="ops", description="Connections answered 503 from the reserved descriptor. Both binaries."),
+    ]),
+    ("Process and runtime (both binaries)", [
+        ts("Memory", [q(f"process_resident_memory_bytes{{{PROC}}}", "resident {{job}} {{instance}}"),
+                      q(f"process_virtual_memory_bytes{{{PROC}}}", "virtual {{job}} {{instance}}")], unit="bytes"),
+        ts("CPU", [q(f"rate(process_cpu_seconds_total{{{PROC}}}[{RI}])", "{{job}} {{instance}}")], unit="percentunit",
+           description="CPU seconds per second (1.0 = one core)."),
+        ts("Open descriptors / limit", [q(f"process_open_fds{{{PROC}}} / process_max_fds{{{PROC}}}", "{{job}} {{instance}}")],
+           unit="percentunit", description="FileDescriptorsNearLimit fires above 0.8. ws-lb holds two per relayed client."),
+        ts("Open descriptors", [q(f"process_open_fds{{{PROC}}}", "{{job}} {{instance}}")]),
+        ts("Threads", [q(f"process_threads{{{PROC}}}", "{{job}} {{instance}}"),
+                       q(f"tokio_workers{{{PROC}}}", "workers {{job}} {{instance}}")]),
+        ts("Tokio tasks alive", [q(f"tokio_alive_tasks{{{PROC}}}", "{{job}} {{instance}}")],
+           description="About one per connection plus a fixed few; growth at a flat connection count is a leak."),
+        ts("Tokio global queue", [q(f"tokio_global_queue_depth{{{PROC}}}", "{{job}} {{instance}}")],
+           description="Tasks waiting for a worker; persistently above 0 = the runtime cannot keep up."),
+        ts("Tokio busy ratio", [q(f"rate(tokio_worker_busy_seconds_total{{{PROC}}}[{RI}]) / tokio_workers{{{PROC}}}", "{{job}} {{instance}}")],
+           unit="percentunit"),
+        ts("Restarts", [q(f"changes(process_start_time_seconds{{{PROC}}}[1h])", "{{job}} {{instance}}")],
+           description="Process restarts in the last hour (autohealing, crashes, deploys)."),
     ]),
     ("Fan-out", [
         ts("Messages published", [

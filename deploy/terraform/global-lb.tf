@@ -6,8 +6,15 @@ resource "google_compute_global_address" "lb" {
   ip_version = "IPV4"
 }
 
+# ws-lb's /health is liveness: 200 while the process serves clients, 503 only
+# while it drains (SIGTERM), so a draining VM leaves the load balancer and a
+# live one stays in it even when no shard can take a client (its clients then
+# get a WebSocket closed with 1012, not an HTTP 5xx from the load balancer).
+# Shard availability is in the body and in ws_lb_shards_available (alert
+# NoShardAvailable), never in the status code.
 resource "google_compute_health_check" "lb_backend" {
   name                = "${local.name}-lb-backend-hc"
+  description         = local.lb_health_check_description
   check_interval_sec  = 5
   timeout_sec         = 5
   healthy_threshold   = 2

@@ -56,9 +56,12 @@ resource "google_compute_instance_template" "lb" {
 
 # Autohealing check: more tolerant than the load balancer's own check
 # (global-lb.tf), so a briefly overloaded VM is taken out of rotation, not
-# recreated.
+# recreated. Same endpoint, same meaning: /health fails only when ws-lb itself
+# does not answer (or drains), never because of the shard tier, so a shard
+# outage cannot get the LB VMs recreated.
 resource "google_compute_health_check" "lb_autoheal" {
   name                = "${local.name}-lb-autoheal-hc"
+  description         = local.lb_health_check_description
   check_interval_sec  = 10
   timeout_sec         = 5
   healthy_threshold   = 2

@@ -18,6 +18,9 @@ locals {
   # only (global external Application Load Balancer).
   google_lb_source_ranges = ["35.191.0.0/16", "130.211.0.0/22"]
 
+  # What ws-lb's GET /health means (both LB-tier health checks use it).
+  lb_health_check_description = "ws-lb liveness: 200 while it serves clients, 503 only while draining; shard availability is reported in the body and ws_lb_shards_available, not here"
+
   # Per-VM connection signal for the autoscaler. ws-lb exports the gauge
   # ws_lb_active_connections on :9101/metrics; the LB startup script publishes it
   # every 30 s as this Cloud Monitoring custom metric on the gce_instance

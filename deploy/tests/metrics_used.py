@@ -2,7 +2,7 @@
 """Prints every metric name that deploy/prometheus/alerts.yml and
 deploy/grafana/odin-ws.json reference, one per line, sorted and unique.
 
-Names are the identifiers starting with ws_ in the PromQL expressions (alert
+Names are the identifiers starting with ws_, process_ or tokio_ in the PromQL expressions (alert
 `expr`, panel target `expr`, template variable queries), with string literals
 removed first. Histogram series suffixes are mapped to the histogram's name:
 _bucket always, _sum/_count when the same base also appears as _bucket or
@@ -25,7 +25,7 @@ ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 DASHBOARD = DEPLOY / "grafana" / "odin-ws.json"
 
 STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
-IDENT = re.compile(r"(?<![A-Za-z0-9_:])ws_[A-Za-z0-9_:]*")
+IDENT = re.compile(r"(?<![A-Za-z0-9_:])(?:ws|process|tokio)_[A-Za-z0-9_:]*")
 
 
 def alert_exprs():

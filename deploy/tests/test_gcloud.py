@@ -212,6 +212,9 @@ def check_facts(cmds):
     for name, port in (("odin-ws-lb-autoheal-hc", "3001"), ("odin-ws-lb-backend-hc", "3001"), ("odin-ws-shard-hc", "3002")):
         c = hcs.get(name, [])
         eq(f"{name}: /health on {port}", (flag(c, "--request-path"), flag(c, "--port")), ("/health", port))
+    for name in ("odin-ws-lb-autoheal-hc", "odin-ws-lb-backend-hc"):
+        d = flag(hcs.get(name, []), "--description") or ""
+        check(f"{name}: described as liveness, 503 only while draining", "liveness" in d and "503 only while draining" in d, d)
 
     # Global LB.
     be = one(cmds, "compute", "backend-services", "create", name="odin-ws-lb-backend")

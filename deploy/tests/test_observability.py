@@ -24,8 +24,8 @@ DEPLOY = Path(__file__).resolve().parent.parent
 TESTS = DEPLOY / "tests"
 EXPECTED = {
     "HighHandshakeFailureRate": "sum by (instance) (rate(ws_handshake_failures_total[5m])) > 0.15",
-    "AllCircuitsOpen": 'sum by (instance) (ws_circuit_breaker_state{state="open"}) == '
-                       'count by (instance) (ws_circuit_breaker_state{state="open"})',
+    "NoShardAvailable": "max by (instance) (ws_lb_shards_available) == 0",
+    "FileDescriptorsNearLimit": 'process_open_fds{job=~"ws-lb|ws-shard"} / process_max_fds{job=~"ws-lb|ws-shard"} > 0.8',
     "ShardUnhealthy": "ws_shard_health_score < 0.3",
     "SlowConsumerSpike": "sum by (instance, shard_id) (rate(ws_shard_slow_consumer_disconnects_total[5m])) > 1",
     "KafkaConsumerLagHigh": "max by (instance, topic) (ws_kafka_consumer_lag) > 10000",
@@ -100,7 +100,8 @@ def test_dashboard():
         targets = p.get("targets", [])
         check(f"{name}: has targets", bool(targets))
         for t in targets:
-            check(f"{name}: target {t.get('refId')} has a ws_ expression", "ws_" in t.get("expr", ""))
+            check(f"{name}: target {t.get('refId')} has an odin-ws expression",
+                  any(p in t.get("expr", "") for p in ("ws_", "process_", "tokio_")))
         refs = [t.get("refId") for t in targets]
         eq(f"{name}: refIds unique", len(refs), len(set(refs)))
     text = " ".join(t.get("expr", "") for p in ps for t in p.get("targets", []))

@@ -202,6 +202,13 @@ def test_health_checks():
         hc = block(res("google_compute_health_check", name), "http_health_check")
         eq(f"health check {name} request_path", hc.get("request_path"), "/health")
         eq(f"health check {name} port", resolve(hc.get("port")), port)
+    # Both LB-tier checks are liveness checks of ws-lb, and say so.
+    desc = resolve(LOCALS.get("lb_health_check_description"))
+    check("lb_health_check_description says liveness, 503 only while draining",
+          isinstance(desc, str) and "liveness" in desc and "503 only while draining" in desc, desc)
+    for name in ("lb_backend", "lb_autoheal"):
+        eq(f"health check {name} description", res("google_compute_health_check", name).get("description"),
+           "${local.lb_health_check_description}")
     hcs = sorted(n for (t, n) in RES if t == "google_compute_health_check")
     eq("health checks defined", hcs, sorted(want))
     lb_mig = res("google_compute_region_instance_group_manager", "lb")

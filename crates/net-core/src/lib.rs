@@ -11,6 +11,7 @@ pub mod http;
 pub mod io;
 pub mod limits;
 pub mod listener;
+pub mod runtime_metrics;
 pub mod shutdown;
 pub mod telemetry;
 pub mod upgrade;

@@ -54,7 +54,15 @@ pub fn prometheus() -> PrometheusHandle {
         .clone()
 }
 
-/// `GET /metrics` in the Prometheus text format.
+/// `GET /metrics` in the Prometheus text format: the recorder's metrics, then the process
+/// and tokio runtime metrics read at scrape time (`runtime_metrics`).
 pub fn metrics_router(handle: PrometheusHandle) -> Router {
-    Router::new().route("/metrics", get(move || std::future::ready(handle.render())))
+    Router::new().route(
+        "/metrics",
+        get(move || {
+            let mut page = handle.render();
+            crate::runtime_metrics::render(&mut page);
+            std::future::ready(page)
+        }),
+    )
 }

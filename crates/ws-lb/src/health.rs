@@ -1,5 +1,12 @@
 //! Shard health polling (feeding utilization and draining state into the pool) and the
 //! LB's own `GET /health`.
+//!
+//! `/health` is this process's liveness: 200 while it serves clients, 503 only while it
+//! drains. Whether any shard can take a client is reported in the body and in
+//! `ws_lb_shards_available`, never in the status code: the front load balancer and the
+//! instance group's autohealer both act on the status, and a shard-tier outage must neither
+//! take every LB out of the front LB (clients would get the front LB's HTTP 5xx instead of a
+//! WebSocket closed with 1012) nor get every LB VM recreated.
 
 use std::sync::Arc;
 
@@ -73,7 +80,11 @@ pub(crate) async fn poll_loop(lb: Arc<Lb>) {
                 }
             }
         }
-        lb.metrics.update(&lb.pool.snapshot(Instant::now()));
+        let snapshot = lb.pool.snapshot(Instant::now());
+        lb.metrics.update(&snapshot);
+        lb.metrics
+            .shards_available
+            .set(snapshot.iter().filter(|s| s.admits).count() as f64);
         lb.metrics.queue_len.set(lb.pacer.queue_len() as f64);
     }
 }
@@ -87,40 +98,45 @@ struct ShardView {
 
 #[derive(Serialize)]
 struct LbHealth {
+    /// `ok`, `no_shard_available` (live, but every new client gets 1012 until a shard
+    /// admits again) or `draining`.
     status: &'static str,
+    /// Shards that would take a new client now.
+    shards_available: usize,
+    shards_total: usize,
     admission_queue: usize,
     shards: Vec<ShardView>,
 }
 
-/// `GET /health`: 200 while at least one shard can take connections and the LB is not
-/// draining; 503 otherwise. The body shows each shard's breaker state, score and utilization.
+/// `GET /health`: 200 unless the LB is draining (503). The body says whether any shard can
+/// take a new client (`status`, `shards_available`) and shows each shard's breaker state,
+/// score and utilization.
 pub(crate) async fn lb_health(State(lb): State<Arc<Lb>>) -> Response {
-    let now = Instant::now();
-    let admits = lb.pool.any_admits(now);
-    let status = match (lb.draining(), admits) {
+    let snapshot = lb.pool.snapshot(Instant::now());
+    let available = snapshot.iter().filter(|s| s.admits).count();
+    let status = match (lb.draining(), available) {
         (true, _) => "draining",
-        (false, false) => "no_shard_available",
-        (false, true) => "ok",
+        (false, 0) => "no_shard_available",
+        (false, _) => "ok",
     };
-    let shards = lb
-        .pool
-        .snapshot(now)
-        .into_iter()
-        .zip(&lb.backends)
-        .map(|(snapshot, b)| ShardView {
-            url: b.url.clone(),
-            snapshot,
-        })
-        .collect();
     let body = LbHealth {
         status,
+        shards_available: available,
+        shards_total: snapshot.len(),
         admission_queue: lb.pacer.queue_len(),
-        shards,
+        shards: snapshot
+            .into_iter()
+            .zip(&lb.backends)
+            .map(|(snapshot, b)| ShardView {
+                url: b.url.clone(),
+                snapshot,
+            })
+            .collect(),
     };
-    let code = if status == "ok" {
-        StatusCode::OK
-    } else {
+    let code = if lb.draining() {
         StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
     };
     (code, Json(body)).into_response()
 }

@@ -40,6 +40,9 @@ pub const CLOSE_CODES: &str = "ws_lb_close_codes_total";
 pub const CLIENT_CONNECTIONS: &str = "ws_lb_client_connections_total";
 /// Counter: ended relays by how they ended, label `end` (closed, client_gone, shard_lost, drained, client_stalled).
 pub const RELAY_ENDS: &str = "ws_lb_relay_ends_total";
+/// Gauge: shards that would take a new client now (not draining, breaker admitting); 0 means
+/// every new client gets 1012. Updated every `health_interval`.
+pub const SHARDS_AVAILABLE: &str = "ws_lb_shards_available";
 /// Counter: failed shard `/health` polls, label `shard_id`.
 pub const HEALTH_POLL_FAILURES: &str = "ws_lb_health_poll_failures_total";
 /// Counter: failed shard handshakes by kind, labels `shard_id`, `kind`.
@@ -66,6 +69,7 @@ pub const ALL: &[&str] = &[
     CLOSE_CODES,
     CLIENT_CONNECTIONS,
     HEALTH_POLL_FAILURES,
+    SHARDS_AVAILABLE,
     ATTEMPT_ERRORS,
 ];
 
@@ -121,6 +125,7 @@ pub struct LbMetrics {
     pub active: Gauge,
     pub queue_len: Gauge,
     pub admission_wait: Histogram,
+    pub shards_available: Gauge,
 }
 
 impl LbMetrics {
@@ -176,6 +181,13 @@ impl LbMetrics {
             active: metrics::gauge!(ACTIVE),
             queue_len: metrics::gauge!(QUEUE_LEN),
             admission_wait: metrics::histogram!(ADMISSION_WAIT),
+            shards_available: {
+                // Until the first poll every shard counts as available (the pool starts
+                // with closed breakers).
+                let g = metrics::gauge!(SHARDS_AVAILABLE);
+                g.set(n as f64);
+                g
+            },
         }
     }
 

@@ -6,4 +6,5 @@ mod admission;
 mod breaker;
 mod failover;
 mod fd_limit;
+mod health;
 mod relay;

@@ -1,0 +1,70 @@
+//! `GET /health` is the LB's liveness: 200 while it serves, even when no shard can take a
+//! client (that is reported in the body and in `ws_lb_shards_available`, and the client
+//! still gets a WebSocket closed with 1012); 503 only while draining.
+
+use std::time::Duration;
+
+use lb_core::BreakerConfig;
+use test_support::http::{get, metric, wait_until};
+use test_support::ws::{connect, next_event, Event};
+use test_support::{free_port, start_lb, start_shards};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_shard_available_is_live_and_only_draining_is_503() {
+    let shards = start_shards(1, |_| {}).await;
+    let dead = free_port();
+    let lb = start_lb(vec![shards.ws_url(0), format!("ws://{dead}/ws")], |c| {
+        c.breaker = BreakerConfig::try_new(1, Duration::from_secs(3600), 1, 1).unwrap();
+    })
+    .await;
+    let shards_available = |page: &str| metric(page, "ws_lb_shards_available", &[]);
+    assert!(
+        wait_until(Duration::from_secs(5), || async {
+            shards_available(&lb.metrics().await) == 2.0
+        })
+        .await
+    );
+
+    // Lose the whole shard tier: every new client is closed with 1012 (one attempt per
+    // shard opens its breaker), and the LB stays live.
+    shards.kill();
+    let gone = shards.shards[0];
+    assert!(
+        wait_until(Duration::from_secs(5), || async move {
+            get(gone, "/health").await.is_err()
+        })
+        .await
+    );
+    let mut closes = Vec::new();
+    for _ in 0..3 {
+        let mut ws = connect(&lb.ws_url()).await.unwrap();
+        closes.push(next_event(&mut ws, Duration::from_secs(10)).await.unwrap());
+    }
+    assert!(
+        closes
+            .iter()
+            .all(|e| matches!(e, Event::Close(1012, reason) if !reason.is_empty())),
+        "{closes:?}"
+    );
+    let reply = get(lb.addr, "/health").await.unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let body: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+    assert_eq!(body["status"], "no_shard_available");
+    assert_eq!(body["shards_available"], 0);
+    assert_eq!(body["shards_total"], 2);
+    assert!(
+        wait_until(Duration::from_secs(5), || async {
+            shards_available(&lb.metrics().await) == 0.0
+        })
+        .await,
+        "the gauge follows within a poll"
+    );
+
+    // Draining: now the LB asks to be taken out of the front load balancer.
+    lb.shutdown.drain.cancel();
+    let reply = get(lb.addr, "/health").await.unwrap();
+    assert_eq!(reply.status, 503);
+    let body: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+    assert_eq!(body["status"], "draining");
+    lb.shutdown.hard.cancel();
+}
