@@ -30,9 +30,13 @@ pub enum Command {
 /// Flags of a connection run (the default command).
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
-    /// WebSocket URL to connect to (ws:// only).
+    /// WebSocket URL to connect to (ws:// or wss://).
     #[arg(long, env = "WS_URL")]
     pub url: Option<String>,
+    /// PEM file of the certificates trusted for wss:// (default: SSL_CERT_FILE, then
+    /// /etc/ssl/certs/ca-certificates.crt). The server is verified as the URL's host.
+    #[arg(long, env = "LOADTEST_CA_FILE")]
+    pub ca_file: Option<std::path::PathBuf>,
     /// Connections to attempt in total (across all workers).
     #[arg(long, env = "TARGET_CONNECTIONS", default_value_t = 1000)]
     pub connections: u64,

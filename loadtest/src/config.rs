@@ -21,6 +21,8 @@ const FIND_MAX_RATES: &[f64] = &[
 pub struct RunConfig {
     pub url: String,
     pub target: Url,
+    /// PEM roots trusted for `wss://` (default: `SSL_CERT_FILE`, then the system bundle).
+    pub ca_file: Option<std::path::PathBuf>,
     /// Total attempts across all workers.
     pub connections: u64,
     /// Total attempts per second across all workers.
@@ -97,7 +99,7 @@ impl RunConfig {
     /// Validates the flags of a connection run.
     pub fn from_args(a: &RunArgs) -> anyhow::Result<Self> {
         let url = a.url.clone().context("--url (or WS_URL) is required")?;
-        let target = Url::parse(&url, &[("ws", 80)])?;
+        let target = Url::parse(&url, &[("ws", 80), ("wss", 443)])?;
         if a.connections == 0 {
             bail!("--connections must be at least 1");
         }
@@ -134,6 +136,7 @@ impl RunConfig {
         let mut cfg = Self {
             url,
             target,
+            ca_file: a.ca_file.clone(),
             connections: a.connections,
             rate: positive_rate(a.rate, "--rate")?,
             hold,

@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng as _;
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 use ws_protocol::frame::{close_payload, encode_masked_frame, Decoder, Limits, Role};
@@ -23,9 +22,10 @@ use ws_protocol::frame::{OP_CLOSE, OP_PONG, OP_TEXT};
 use ws_protocol::{ClientMessage, Position};
 
 use crate::frames::{read_once, Inbox, ReadResult, Session, Track};
-use crate::handshake::{dial, write_all, Target};
+use crate::handshake::{dial, Target};
 use crate::outcome::{Disconnect, Failure};
 use crate::stats::Stats;
+use crate::stream::Stream;
 
 /// First and largest reconnect delay; jittered so a mass disconnect does not come back as a
 /// synchronized reconnect storm.
@@ -86,7 +86,7 @@ impl Ctx {
 }
 
 struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     decoder: Decoder,
     /// Frame bytes that arrived with the 101; processed first, then freed.
     pending: Vec<u8>,
@@ -193,7 +193,7 @@ async fn establish(
         }
         let channels = sess.tracks.iter().map(|t| t.name.to_string()).collect();
         let sub = ClientMessage::Subscribe { channels, since }.to_json();
-        send(&conn.stream, OP_TEXT, sub.as_bytes())
+        send(&mut conn.stream, OP_TEXT, sub.as_bytes())
             .await
             .map_err(|e| EstError::Failed(Failure::from_io(&e)))?;
         sess.subscribed = 0;
@@ -254,7 +254,7 @@ async fn pump(
             return Pumped::Ended(Disconnect::NoCloseFrame, true);
         }
         let mut inbox = Inbox::default();
-        match read_once(&conn.stream, &mut conn.decoder, sess, stats, &mut inbox) {
+        match read_once(&mut conn.stream, &mut conn.decoder, sess, stats, &mut inbox) {
             ReadResult::Data => {}
             ReadResult::WouldBlock => continue,
             ReadResult::Eof => return Pumped::Ended(Disconnect::NoCloseFrame, false),
@@ -271,7 +271,7 @@ async fn pump(
 
 /// Most reads carry only data; pings and closes are rare, so their (larger) write state is
 /// boxed and allocated only when there is something to send.
-async fn act_if_needed(conn: &Conn, inbox: Inbox, stats: &Stats) -> Option<Pumped> {
+async fn act_if_needed(conn: &mut Conn, inbox: Inbox, stats: &Stats) -> Option<Pumped> {
     if inbox.pong.is_none() && inbox.close.is_none() && inbox.violation.is_none() {
         return None;
     }
@@ -287,15 +287,15 @@ async fn expire(timer: &mut Option<Pin<Box<Sleep>>>) {
 }
 
 /// Answers pings and closes; returns how the connection ended, if it did.
-async fn act(conn: &Conn, inbox: Inbox, stats: &Stats) -> Option<Pumped> {
+async fn act(conn: &mut Conn, inbox: Inbox, stats: &Stats) -> Option<Pumped> {
     if let Some(payload) = inbox.pong {
-        if send(&conn.stream, OP_PONG, &payload).await.is_ok() {
+        if send(&mut conn.stream, OP_PONG, &payload).await.is_ok() {
             stats.c.pings_answered.fetch_add(1, Relaxed);
         }
     }
     if let Some(code) = inbox.violation {
         let _ = send(
-            &conn.stream,
+            &mut conn.stream,
             OP_CLOSE,
             &close_payload(code, "protocol error"),
         )
@@ -305,7 +305,7 @@ async fn act(conn: &Conn, inbox: Inbox, stats: &Stats) -> Option<Pumped> {
     if let Some(code) = inbox.close {
         // Echo the server's code as RFC 6455 §5.5.1 asks; an empty close gets an empty reply.
         let payload = code.map(|c| close_payload(c, "")).unwrap_or_default();
-        let _ = send(&conn.stream, OP_CLOSE, &payload).await;
+        let _ = send(&mut conn.stream, OP_CLOSE, &payload).await;
         return Some(Pumped::Ended(Disconnect::Closed(code), false));
     }
     None
@@ -342,7 +342,7 @@ async fn reconnect(
 /// EOF, so the server closes TCP first.
 async fn close_politely(mut conn: Conn, sess: &mut Session, ctx: &Ctx) {
     if send(
-        &conn.stream,
+        &mut conn.stream,
         OP_CLOSE,
         &close_payload(ws_protocol::close::NORMAL, ""),
     )
@@ -358,7 +358,7 @@ async fn close_politely(mut conn: Conn, sess: &mut Session, ctx: &Ctx) {
             }
             let mut inbox = Inbox::default();
             match read_once(
-                &conn.stream,
+                &mut conn.stream,
                 &mut conn.decoder,
                 sess,
                 &ctx.stats,
@@ -374,9 +374,11 @@ async fn close_politely(mut conn: Conn, sess: &mut Session, ctx: &Ctx) {
 }
 
 /// Sends one masked frame with a fresh random mask.
-async fn send(stream: &TcpStream, opcode: u8, payload: &[u8]) -> std::io::Result<()> {
+async fn send(stream: &mut Stream, opcode: u8, payload: &[u8]) -> std::io::Result<()> {
     let mask: [u8; 4] = rand::rng().random();
-    write_all(stream, &encode_masked_frame(opcode, payload, mask)).await
+    stream
+        .write_all(&encode_masked_frame(opcode, payload, mask))
+        .await
 }
 
 #[cfg(test)]
@@ -390,6 +392,7 @@ mod tests {
                 addr: ([127, 0, 0, 1], 9).into(),
                 authority: "x".into(),
                 path: "/".into(),
+                tls: None,
             },
             stats: Arc::new(Stats::new(Instant::now(), 5)),
             channels: (0..5)

@@ -10,11 +10,11 @@ use std::io;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
-use tokio::net::TcpStream;
 use ws_protocol::frame::{Decoder, Flow, Message};
 use ws_protocol::ServerMessage;
 
 use crate::stats::{unix_us, Stats};
+use crate::stream::Stream;
 
 /// Bytes read per readiness event.
 const READ_BUF: usize = 16 * 1024;
@@ -67,7 +67,7 @@ pub enum ReadResult {
 
 /// Reads once from a ready socket and decodes everything that arrived.
 pub fn read_once(
-    stream: &TcpStream,
+    stream: &mut Stream,
     decoder: &mut Decoder,
     sess: &mut Session,
     stats: &Stats,

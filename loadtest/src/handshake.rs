@@ -1,4 +1,5 @@
-//! Dialing: a TCP connect from a chosen source address and a hand-written HTTP/1.1 upgrade.
+//! Dialing: a TCP connect from a chosen source address, TLS for `wss://`, and a hand-written
+//! HTTP/1.1 upgrade.
 //!
 //! The tool must be light enough for 100k connections across a few processes, so it skips
 //! general HTTP machinery: one `GET` with a random `Sec-WebSocket-Key`, a response head read
@@ -13,10 +14,11 @@ use base64::Engine as _;
 use rand::Rng as _;
 use sha1::{Digest as _, Sha1};
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpSocket;
 use tokio::time::Instant;
 
 use crate::outcome::Failure;
+use crate::stream::{Stream, Tls};
 
 /// The GUID a server appends to the key before hashing (RFC 6455 §1.3).
 const WS_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
@@ -31,12 +33,14 @@ pub struct Target {
     pub authority: String,
     /// Request path and query.
     pub path: String,
+    /// TLS settings for `wss://`; `None` for `ws://`.
+    pub tls: Option<Tls>,
 }
 
 /// A connection whose upgrade succeeded.
 #[derive(Debug)]
 pub struct Upgraded {
-    pub stream: TcpStream,
+    pub stream: Stream,
     /// Bytes received after the response head: the start of the frame stream.
     pub leftover: Vec<u8>,
 }
@@ -66,8 +70,8 @@ fn socket_for(addr: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpSocket>
     )))
 }
 
-/// Connects and upgrades, all before `deadline`. Time spent in TCP connect counts as
-/// `connect_timeout`, time after it as `handshake_timeout`.
+/// Connects, runs the TLS handshake (`wss://`) and upgrades, all before `deadline`. Time
+/// spent in TCP connect counts as `connect_timeout`, time after it as `handshake_timeout`.
 pub async fn dial(
     target: &Target,
     source: Option<IpAddr>,
@@ -79,13 +83,22 @@ pub async fn dial(
         Ok(Err(e)) => return Err(Failure::from_io(&e)),
         Ok(Ok(s)) => s,
     };
-    match tokio::time::timeout_at(deadline, upgrade(stream, target)).await {
+    let secured = async {
+        let stream = Stream::connect(stream, target.tls.as_ref())
+            .await
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::InvalidData => Failure::Tls,
+                _ => Failure::from_io(&e),
+            })?;
+        upgrade(stream, target).await
+    };
+    match tokio::time::timeout_at(deadline, secured).await {
         Err(_) => Err(Failure::HandshakeTimeout),
         Ok(r) => r,
     }
 }
 
-async fn upgrade(stream: TcpStream, target: &Target) -> Result<Upgraded, Failure> {
+async fn upgrade(mut stream: Stream, target: &Target) -> Result<Upgraded, Failure> {
     let key_bytes: [u8; 16] = rand::rng().random();
     let key = base64::engine::general_purpose::STANDARD.encode(key_bytes);
     let request = format!(
@@ -93,7 +106,8 @@ async fn upgrade(stream: TcpStream, target: &Target) -> Result<Upgraded, Failure
          Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nUser-Agent: odin-loadtest\r\n\r\n",
         target.path, target.authority
     );
-    write_all(&stream, request.as_bytes())
+    stream
+        .write_all(request.as_bytes())
         .await
         .map_err(|e| Failure::from_io(&e))?;
     drop(request);
@@ -124,20 +138,6 @@ async fn upgrade(stream: TcpStream, target: &Target) -> Result<Upgraded, Failure
         .map(<[u8]>::to_vec)
         .unwrap_or_default();
     Ok(Upgraded { stream, leftover })
-}
-
-/// Writes all of `buf` using readiness, so callers only need `&TcpStream`.
-pub async fn write_all(stream: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
-    while !buf.is_empty() {
-        stream.writable().await?;
-        match stream.try_write(buf) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => buf = buf.get(n..).unwrap_or_default(),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 /// Position of the `\r\n\r\n` that ends an HTTP head, searching from `from`.

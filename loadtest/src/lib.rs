@@ -24,6 +24,7 @@ pub mod run;
 pub mod schedule;
 pub mod spec;
 pub mod stats;
+pub mod stream;
 pub mod summary;
 pub mod workers;
 

@@ -20,6 +20,8 @@ pub enum Failure {
     Http(u16),
     /// The 101 response was malformed or its `Sec-WebSocket-Accept` was wrong.
     BadHandshake,
+    /// The TLS handshake failed (certificate not trusted, wrong name, no common protocol).
+    Tls,
     /// The server sent a close frame (with this code, if any) before establishment.
     ClosedBefore(Option<u16>),
     /// The server broke the framing rules before establishment (our close code).
@@ -51,6 +53,7 @@ impl Failure {
             Failure::HandshakeTimeout => "handshake_timeout".into(),
             Failure::Http(code) => format!("http_{code}"),
             Failure::BadHandshake => "bad_handshake".into(),
+            Failure::Tls => "tls".into(),
             Failure::ClosedBefore(Some(code)) => format!("closed_{code}"),
             Failure::ClosedBefore(None) => "closed_no_code".into(),
             Failure::Protocol(code) => format!("protocol_error_{code}"),

@@ -20,6 +20,7 @@ use crate::progress::{Line, Progress};
 use crate::report::{Counts, Report, ScheduleReport, TimelinePoint, SCHEMA};
 use crate::schedule::{ramp, Schedule};
 use crate::stats::{Snapshot, Stats};
+use crate::stream::Tls;
 
 /// Descriptors a process needs besides its connections (runtime, stdio, publisher).
 const FD_RESERVE: u64 = 64;
@@ -63,6 +64,9 @@ pub async fn run(cfg: &RunConfig, progress: &Progress) -> anyhow::Result<Report>
             addr,
             authority: cfg.target.authority.clone(),
             path: cfg.target.path.clone(),
+            tls: (cfg.target.scheme == "wss")
+                .then(|| Tls::new(cfg.ca_file.as_deref(), &cfg.target.host))
+                .transpose()?,
         },
         stats: stats.clone(),
         channels: cfg.channels.iter().map(|c| Arc::from(c.as_str())).collect(),

@@ -99,9 +99,12 @@ pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
     Duration::try_from_secs_f64(secs).with_context(|| format!("bad duration {s:?}"))
 }
 
-/// A parsed `ws://` or `http://` URL: what to put in the request line and Host header.
+/// A parsed `ws://`, `wss://` or `http://` URL: what to put in the request line and Host
+/// header.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Url {
+    /// The scheme, lower case (`ws`, `wss`, `http`).
+    pub scheme: String,
     /// `host` or `host:port` exactly as given, for the Host header.
     pub authority: String,
     /// The host without brackets, for resolution.
@@ -113,7 +116,7 @@ pub struct Url {
 
 impl Url {
     /// Parses `scheme://host[:port][/path][?query]`; `schemes` lists the accepted schemes
-    /// with their default ports. TLS schemes are refused because the tool speaks plain TCP.
+    /// with their default ports.
     pub fn parse(url: &str, schemes: &[(&str, u16)]) -> anyhow::Result<Self> {
         let (scheme, rest) = url
             .split_once("://")
@@ -123,7 +126,11 @@ impl Url {
             .find(|(s, _)| s.eq_ignore_ascii_case(scheme))
             .map(|(_, p)| *p)
             .with_context(|| {
-                format!("unsupported scheme {scheme:?} in {url:?} (plain ws:// or http:// only)")
+                let known: Vec<_> = schemes.iter().map(|(s, _)| format!("{s}://")).collect();
+                format!(
+                    "unsupported scheme {scheme:?} in {url:?} ({} only)",
+                    known.join(" or ")
+                )
             })?;
         let cut = rest.find(['/', '?']).unwrap_or(rest.len());
         let (authority, path) = rest.split_at(cut);
@@ -157,6 +164,7 @@ impl Url {
             p => p.to_owned(),
         };
         Ok(Self {
+            scheme: scheme.to_ascii_lowercase(),
             authority: authority.to_owned(),
             host,
             port,
@@ -241,6 +249,8 @@ mod tests {
             ("::1", 9000, "/?q")
         );
         assert!(Url::parse("wss://example/", &ws).is_err());
+        let u = Url::parse("WSS://example", &[("ws", 80), ("wss", 443)]).unwrap();
+        assert_eq!((u.scheme.as_str(), u.port), ("wss", 443));
         assert!(Url::parse("127.0.0.1:80", &ws).is_err());
         assert!(Url::parse("ws://:80/", &ws).is_err());
     }

@@ -6,6 +6,7 @@ mod failures;
 mod protocol;
 mod ramp;
 mod servers;
+mod tls;
 mod workers;
 
 use std::future::Future;
