@@ -3,19 +3,10 @@
 
 use std::time::Duration;
 
-/// A configuration value outside its allowed range.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid {key}: {problem}")]
-pub struct ConfigError {
-    pub key: &'static str,
-    pub problem: String,
-}
+pub use config_core::ConfigError;
 
 fn bad(key: &'static str, problem: impl Into<String>) -> ConfigError {
-    ConfigError {
-        key,
-        problem: problem.into(),
-    }
+    ConfigError::new(key, problem)
 }
 
 /// Circuit breaker settings (env names from the plan: `CIRCUIT_BREAKER_*`).

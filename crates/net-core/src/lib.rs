@@ -6,6 +6,7 @@
 //! Policy and protocol live elsewhere; this crate only moves connections in and out.
 
 pub mod accept;
+pub mod cli;
 pub mod config;
 pub mod http;
 pub mod io;

@@ -2,19 +2,10 @@
 
 use std::time::Duration;
 
-/// A setting outside its allowed range.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid {key}: {problem}")]
-pub struct ConfigError {
-    pub key: &'static str,
-    pub problem: String,
-}
+pub use config_core::ConfigError;
 
 fn bad(key: &'static str, problem: impl Into<String>) -> ConfigError {
-    ConfigError {
-        key,
-        problem: problem.into(),
-    }
+    ConfigError::new(key, problem)
 }
 
 /// Per-connection limits and timers.
@@ -57,6 +48,19 @@ impl Default for SessionConfig {
 }
 
 impl SessionConfig {
+    /// Default message limit on `/echo`: Autobahn's largest cases send 16 MiB messages.
+    pub const ECHO_MAX_MESSAGE_SIZE: usize = 16 << 20;
+
+    /// The settings of an `/echo` session derived from these: `max_message_size` as given,
+    /// no rate limit (conformance cases send thousands of frames at once).
+    pub fn echo(self, max_message_size: usize) -> Self {
+        Self {
+            max_message_size,
+            rate_per_sec: 0,
+            ..self
+        }
+    }
+
     /// Checks the relations between the settings.
     pub fn validate(self) -> Result<Self, ConfigError> {
         if self.max_message_size < 125 {

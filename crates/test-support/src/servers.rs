@@ -3,9 +3,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use lb_core::{BreakerConfig, PacingConfig, RetryConfig, ScoreConfig};
-use net_core::{HttpLimits, ListenOptions, Shutdown, SocketOptions};
-use shard_core::{HubConfig, SessionConfig};
+use net_core::{ListenOptions, Shutdown};
+use shard_core::SessionConfig;
 use tokio::task::JoinHandle;
 
 use crate::http::{get, wait_until};
@@ -47,7 +46,8 @@ impl TestShards {
     }
 }
 
-/// Test defaults: production values except shorter timers.
+/// Test defaults: the production defaults (`ServerConfig::default()`) with shorter close and
+/// drain timers, so drain tests end quickly, and `/echo` on.
 pub fn shard_config() -> ws_shard::ServerConfig {
     let session = SessionConfig {
         close_timeout: Duration::from_secs(2),
@@ -55,18 +55,10 @@ pub fn shard_config() -> ws_shard::ServerConfig {
         ..SessionConfig::default()
     };
     ws_shard::ServerConfig {
-        max_connections: 6000,
         session,
-        echo: Some(SessionConfig {
-            max_message_size: 16 << 20,
-            rate_per_sec: 0,
-            ..session
-        }),
-        hub: HubConfig::default(),
-        http: HttpLimits::default(),
-        socket: SocketOptions::default(),
-        source: ws_shard::SourceConfig::Embedded { demo_rate: None },
+        echo: Some(session.echo(SessionConfig::ECHO_MAX_MESSAGE_SIZE)),
         grace: Duration::from_secs(10),
+        ..ws_shard::ServerConfig::default()
     }
 }
 
@@ -146,26 +138,17 @@ impl TestLb {
     }
 }
 
-/// Test defaults for the LB: production policy with short timers, no per-IP limit.
+/// Test defaults for the LB: the production defaults (`LbConfig::default()`) with shorter
+/// health polls and close/drain timers, and no per-IP limit (every test client is 127.0.0.1).
 pub fn lb_config(backends: Vec<String>) -> ws_lb::LbConfig {
     ws_lb::LbConfig {
         backends,
-        breaker: BreakerConfig::default(),
-        score: ScoreConfig::default(),
-        retry: RetryConfig::default(),
-        pacing: PacingConfig::default(),
         per_ip: None,
-        max_clients: 0,
-        trust_forwarded_for: false,
-        allowed_origins: Vec::new(),
         health_interval: Duration::from_millis(100),
-        health_timeout: Duration::from_millis(500),
-        http: HttpLimits::default(),
-        socket: SocketOptions::default(),
         close_timeout: Duration::from_secs(2),
-        stall_timeout: Duration::from_secs(30),
         drain_window: Duration::from_millis(500),
         grace: Duration::from_secs(10),
+        ..ws_lb::LbConfig::default()
     }
 }
 

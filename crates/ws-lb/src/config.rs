@@ -1,247 +1,240 @@
-//! ws-lb configuration: defaults < TOML file (`--config`) < environment (`LB_` prefix, plus
-//! the plan's `CIRCUIT_BREAKER_*` names) < command-line flags. Every key is documented in
-//! `docs/runbook.md` with its default.
+//! ws-lb settings. Each is defined once, as a field of [`Settings`]: its flag
+//! (`--key-with-dashes`), help text, TOML key, environment variable (`LB_<KEY>`) and type
+//! come from the field, and its default from the library config that uses it
+//! (`LbConfig::default()`), which `--help` shows. Precedence: defaults < TOML file
+//! (`--config`) < environment < flags. Every key is documented in `docs/runbook.md` with its
+//! default (a test below checks both).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::bail;
-use clap::Parser;
+use clap::{ArgMatches, FromArgMatches, Parser};
 use figment::providers::Env;
+use lb_core::ConfigError;
+use net_core::cli::{human, CommandLine};
+use net_core::{HttpLimits, ListenOptions, SocketOptions};
 use serde::{Deserialize, Serialize};
+use ws_lb::{LbConfig, PerIpLimit};
+
+/// The library defaults the settings' defaults are read from.
+fn lib() -> LbConfig {
+    LbConfig::default()
+}
+
+/// The command line: `--config` and every setting.
+#[derive(Debug, Parser)]
+#[command(name = "ws-lb", version, about = "odin-ws load balancer")]
+pub struct Cli {
+    /// TOML file with settings (keys as in docs/runbook.md).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub settings: Settings,
+}
 
 /// All settings, flat: each key maps to `LB_<KEY>` and to `--<key-with-dashes>`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, PartialEq, clap::Args, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
+    /// Client listener (GET /ws, GET /health).
+    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], 3001)))]
     pub listen: SocketAddr,
+    /// Admin listener (GET /metrics); 0.0.0.0:9101 where Prometheus scrapes.
+    #[arg(long, default_value_t = SocketAddr::from(([127, 0, 0, 1], 9101)))]
     pub admin_addr: SocketAddr,
+    /// Shard URLs, comma-separated: ws://host:port/ws,... (required; resolved once at start).
+    #[arg(long, value_delimiter = ',')]
     #[serde(deserialize_with = "net_core::config::list")]
     pub backend_urls: Vec<String>,
+    /// Consecutive failed handshakes that open a shard's breaker (also env
+    /// CIRCUIT_BREAKER_FAILURE_THRESHOLD).
+    #[arg(long, default_value_t = lib().breaker.failure_threshold)]
     pub circuit_breaker_failure_threshold: u32,
+    /// How long an open breaker refuses before trial handshakes (also env
+    /// CIRCUIT_BREAKER_TIMEOUT).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = human(lib().breaker.open_timeout))]
     #[serde(with = "humantime_serde")]
     pub circuit_breaker_timeout: Duration,
+    /// Trial handshakes at once while half-open (also env
+    /// CIRCUIT_BREAKER_HALF_OPEN_MAX_CALLS).
+    #[arg(long, default_value_t = lib().breaker.half_open_max_calls)]
     pub circuit_breaker_half_open_max_calls: u32,
+    /// Successful trials that close a half-open breaker (also env
+    /// CIRCUIT_BREAKER_SUCCESS_THRESHOLD).
+    #[arg(long, default_value_t = lib().breaker.success_threshold)]
     pub circuit_breaker_success_threshold: u32,
+    /// Handshake outcomes older than this leave a shard's failure rate.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = human(lib().score.window))]
     #[serde(with = "humantime_serde")]
     pub score_window: Duration,
+    /// Most handshake outcomes remembered per shard.
+    #[arg(long, default_value_t = lib().score.window_len)]
     pub score_window_len: usize,
+    /// Pause before trying the next shard.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = human(lib().retry.delay))]
     #[serde(with = "humantime_serde")]
     pub retry_delay: Duration,
+    /// Budget for all attempts of one client.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = human(lib().retry.deadline))]
     #[serde(with = "humantime_serde")]
     pub handshake_deadline: Duration,
+    /// Budget for one shard (TCP connect + WebSocket handshake).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = human(lib().retry.attempt_timeout))]
     #[serde(with = "humantime_serde")]
     pub attempt_timeout: Duration,
+    /// New connections admitted per second (0 = no pacing).
+    #[arg(long, default_value_t = lib().pacing.rate)]
     pub admission_rate: u32,
+    /// Admissions allowed back to back before pacing applies.
+    #[arg(long, default_value_t = lib().pacing.burst)]
     pub admission_burst: u32,
+    /// Longest wait in the admission queue; beyond it the client gets 1013.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = human(lib().pacing.max_wait))]
     #[serde(with = "humantime_serde")]
     pub admission_max_wait: Duration,
+    /// Most clients waiting for admission at once; beyond it the client gets 1013.
+    #[arg(long, default_value_t = lib().pacing.max_queue)]
     pub admission_max_queue: usize,
+    /// New connections per second per client IP (0 = no limit); beyond it HTTP 429.
+    #[arg(long, default_value_t = lib().per_ip.map_or(0, |l| l.per_second))]
     pub per_ip_rate: u32,
+    /// Per-IP burst allowance.
+    #[arg(long, default_value_t = lib().per_ip.map_or(0, |l| l.burst))]
     pub per_ip_burst: u32,
+    /// Clients relayed or being connected at once; beyond it new ones get 503 before
+    /// upgrading (0 = derived from the open-files limit: (limit - 64) / 2).
+    #[arg(long, default_value_t = 0)]
     pub max_clients: usize,
+    /// Take the client IP from X-Forwarded-For as set by the GCP load balancer.
+    #[arg(long, default_value_t = lib().trust_forwarded_for, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub trust_forwarded_for: bool,
+    /// Allowed Origin values, comma-separated (none given = any Origin; for local runs only).
+    #[arg(long, value_delimiter = ',')]
     #[serde(deserialize_with = "net_core::config::list")]
     pub allowed_origins: Vec<String>,
+    /// How often each shard's /health is polled.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = human(lib().health_interval))]
     #[serde(with = "humantime_serde")]
     pub health_interval: Duration,
+    /// Timeout of one /health poll.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = human(lib().health_timeout))]
     #[serde(with = "humantime_serde")]
     pub health_timeout: Duration,
+    /// The HTTP request head must arrive within this time (slowloris).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = human(lib().http.header_read_timeout))]
     #[serde(with = "humantime_serde")]
     pub header_timeout: Duration,
+    /// Most header fields in a request (431 beyond).
+    #[arg(long, default_value_t = lib().http.max_headers)]
     pub max_headers: usize,
+    /// Most bytes of request head (431 beyond; at least 8192).
+    #[arg(long, default_value_t = lib().http.max_header_bytes)]
     pub max_header_bytes: usize,
+    /// Listen backlog (the kernel caps it at net.core.somaxconn).
+    #[arg(long, default_value_t = ListenOptions::default().backlog)]
     pub backlog: u32,
+    /// Set SO_REUSEPORT so several ws-lb processes share the listen port.
+    #[arg(long, default_value_t = ListenOptions::default().reuse_port, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub reuse_port: bool,
+    /// TCP keep-alive idle time on client sockets (0s = off).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = human(lib().socket.keepalive.unwrap_or_default()))]
     #[serde(with = "humantime_serde")]
     pub tcp_keepalive: Duration,
+    /// SO_SNDBUF for client sockets in bytes (0 = kernel default).
+    #[arg(long, default_value_t = lib().socket.send_buffer.unwrap_or(0))]
     pub socket_send_buffer: usize,
+    /// Wait for a client's close frame after the LB sent one.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = human(lib().close_timeout))]
     #[serde(with = "humantime_serde")]
     pub close_timeout: Duration,
+    /// Drop a relayed connection whose client (or shard) takes no byte of what waits for it
+    /// for this long.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = human(lib().stall_timeout))]
     #[serde(with = "humantime_serde")]
     pub stall_timeout: Duration,
+    /// On drain, 1012 closes are spread over this window.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = human(lib().drain_window))]
     #[serde(with = "humantime_serde")]
     pub drain_window: Duration,
+    /// Longest a drain may take before the process stops anyway.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = human(lib().grace))]
     #[serde(with = "humantime_serde")]
     pub grace: Duration,
+    /// Log JSON lines instead of text.
+    #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub log_json: bool,
+    /// Log filter (RUST_LOG syntax, e.g. info,ws_lb=debug).
+    #[arg(long, default_value = "info")]
     pub log_level: String,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Self {
-            listen: SocketAddr::from(([0, 0, 0, 0], 3001)),
-            admin_addr: SocketAddr::from(([127, 0, 0, 1], 9101)),
-            backend_urls: Vec::new(),
-            circuit_breaker_failure_threshold: 10,
-            circuit_breaker_timeout: Duration::from_secs(30),
-            circuit_breaker_half_open_max_calls: 5,
-            circuit_breaker_success_threshold: 3,
-            score_window: Duration::from_secs(60),
-            score_window_len: 100,
-            retry_delay: Duration::from_millis(10),
-            handshake_deadline: Duration::from_secs(5),
-            attempt_timeout: Duration::from_secs(2),
-            admission_rate: 5000,
-            admission_burst: 500,
-            admission_max_wait: Duration::from_secs(3),
-            admission_max_queue: 20_000,
-            per_ip_rate: 100,
-            per_ip_burst: 200,
-            max_clients: 0,
-            trust_forwarded_for: false,
-            allowed_origins: Vec::new(),
-            health_interval: Duration::from_secs(1),
-            health_timeout: Duration::from_millis(500),
-            header_timeout: Duration::from_secs(5),
-            max_headers: 64,
-            max_header_bytes: 16 * 1024,
-            backlog: 65535,
-            reuse_port: false,
-            tcp_keepalive: Duration::ZERO,
-            socket_send_buffer: 0,
-            close_timeout: Duration::from_secs(5),
-            stall_timeout: Duration::from_secs(30),
-            drain_window: Duration::from_secs(10),
-            grace: Duration::from_secs(30),
-            log_json: false,
-            log_level: "info".into(),
-        }
+        net_core::cli::defaults()
     }
 }
 
-/// Command-line flags; each overrides the key of the same name.
-#[derive(Debug, Parser, Serialize)]
-#[command(name = "ws-lb", version, about = "odin-ws load balancer")]
-pub struct Cli {
-    /// TOML file with settings (keys as in docs/runbook.md).
-    #[arg(long)]
-    #[serde(skip)]
-    pub config: Option<PathBuf>,
-    /// Client listener (GET /ws, GET /health).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub listen: Option<SocketAddr>,
-    /// Admin listener (GET /metrics).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub admin_addr: Option<SocketAddr>,
-    /// Shard URLs, comma-separated: ws://host:port/ws,...
-    #[arg(long, value_delimiter = ',')]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub backend_urls: Option<Vec<String>>,
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub circuit_breaker_failure_threshold: Option<u32>,
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub circuit_breaker_timeout: Option<String>,
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub circuit_breaker_half_open_max_calls: Option<u32>,
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub circuit_breaker_success_threshold: Option<u32>,
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub score_window: Option<String>,
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub score_window_len: Option<usize>,
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub retry_delay: Option<String>,
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub handshake_deadline: Option<String>,
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub attempt_timeout: Option<String>,
-    /// New connections admitted per second (0 = no pacing).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub admission_rate: Option<u32>,
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub admission_burst: Option<u32>,
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub admission_max_wait: Option<String>,
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub admission_max_queue: Option<usize>,
-    /// New connections per second per client IP (0 = no limit).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub per_ip_rate: Option<u32>,
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub per_ip_burst: Option<u32>,
-    /// Clients relayed or being connected at once; beyond it new ones get 503 before
-    /// upgrading (0 = derived from the open-files limit: (limit - 64) / 2).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_clients: Option<usize>,
-    /// Take the client IP from X-Forwarded-For as set by the GCP load balancer.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub trust_forwarded_for: Option<bool>,
-    /// Allowed Origin values, comma-separated (empty = any).
-    #[arg(long, value_delimiter = ',')]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub allowed_origins: Option<Vec<String>>,
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub health_interval: Option<String>,
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub health_timeout: Option<String>,
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub header_timeout: Option<String>,
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_headers: Option<usize>,
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_header_bytes: Option<usize>,
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub backlog: Option<u32>,
-    /// Set SO_REUSEPORT so several ws-lb processes share the listen port.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reuse_port: Option<bool>,
-    /// TCP keep-alive idle time on client sockets (0s = off).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tcp_keepalive: Option<String>,
-    /// SO_SNDBUF for client sockets in bytes (0 = kernel default).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub socket_send_buffer: Option<usize>,
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub close_timeout: Option<String>,
-    /// Drop a relayed connection whose client (or shard) takes no byte of what waits for it
-    /// for this long.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub stall_timeout: Option<String>,
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub drain_window: Option<String>,
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub grace: Option<String>,
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub log_json: Option<bool>,
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub log_level: Option<String>,
+impl Settings {
+    /// The validated library config these settings describe.
+    pub fn lb_config(&self) -> Result<LbConfig, ConfigError> {
+        LbConfig {
+            backends: self.backend_urls.clone(),
+            breaker: lb_core::BreakerConfig::try_new(
+                self.circuit_breaker_failure_threshold,
+                self.circuit_breaker_timeout,
+                self.circuit_breaker_half_open_max_calls,
+                self.circuit_breaker_success_threshold,
+            )?,
+            score: lb_core::ScoreConfig::try_new(self.score_window, self.score_window_len)?,
+            retry: lb_core::RetryConfig::try_new(
+                self.retry_delay,
+                self.handshake_deadline,
+                self.attempt_timeout,
+            )?,
+            pacing: lb_core::PacingConfig::try_new(
+                self.admission_rate,
+                self.admission_burst,
+                self.admission_max_wait,
+                self.admission_max_queue,
+            )?,
+            per_ip: (self.per_ip_rate > 0).then_some(PerIpLimit {
+                per_second: self.per_ip_rate,
+                burst: self.per_ip_burst.max(1),
+            }),
+            max_clients: match self.max_clients {
+                0 => net_core::limits::clients_for_open_files(2, 64),
+                n => n,
+            },
+            trust_forwarded_for: self.trust_forwarded_for,
+            allowed_origins: self.allowed_origins.clone(),
+            health_interval: self.health_interval,
+            health_timeout: self.health_timeout,
+            http: HttpLimits {
+                header_read_timeout: self.header_timeout,
+                max_headers: self.max_headers,
+                max_header_bytes: self.max_header_bytes,
+            },
+            socket: SocketOptions {
+                keepalive: (!self.tcp_keepalive.is_zero()).then_some(self.tcp_keepalive),
+                send_buffer: (self.socket_send_buffer > 0).then_some(self.socket_send_buffer),
+            },
+            close_timeout: self.close_timeout,
+            stall_timeout: self.stall_timeout,
+            drain_window: self.drain_window,
+            grace: self.grace,
+        }
+        .validate()
+    }
+
+    /// How the client listener is bound.
+    pub fn listen_options(&self) -> ListenOptions {
+        ListenOptions {
+            backlog: self.backlog,
+            reuse_port: self.reuse_port,
+        }
+    }
 }
 
 /// The plan's unprefixed environment names for the breaker.
@@ -252,10 +245,14 @@ const PLAN_ENV: [&str; 4] = [
     "CIRCUIT_BREAKER_SUCCESS_THRESHOLD",
 ];
 
-/// Merges defaults, file, environment and flags.
-pub fn load(cli: &Cli, prefix: &str) -> anyhow::Result<Settings> {
+/// Merges defaults, file, environment (variables with `prefix`) and the flags given in
+/// `matches` (parsed with [`Cli`]).
+pub fn load(matches: &ArgMatches, prefix: &str) -> anyhow::Result<Settings> {
+    let cli = Cli::from_arg_matches(matches)?;
+    let flags = CommandLine::new(&cli.settings, matches)?;
     let envs = vec![Env::raw().only(&PLAN_ENV), Env::prefixed(prefix)];
-    let settings = net_core::config::load(Settings::default(), cli.config.as_deref(), envs, cli)?;
+    let settings =
+        net_core::config::load(Settings::default(), cli.config.as_deref(), envs, &flags)?;
     if settings.backend_urls.is_empty() {
         bail!("no backends: set --backend-urls (or LB_BACKEND_URLS) to ws://host:port/ws,...");
     }
@@ -267,9 +264,10 @@ pub fn load(cli: &Cli, prefix: &str) -> anyhow::Result<Settings> {
 #[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
+    use clap::CommandFactory;
 
-    fn cli(args: &[&str]) -> Cli {
-        Cli::parse_from(std::iter::once("ws-lb").chain(args.iter().copied()))
+    fn cli(args: &[&str]) -> ArgMatches {
+        Cli::command().get_matches_from(std::iter::once("ws-lb").chain(args.iter().copied()))
     }
 
     #[test]
@@ -282,7 +280,7 @@ mod tests {
                 "LB_BACKEND_URLS",
                 "ws://127.0.0.1:3002/ws, ws://127.0.0.1:3003/ws",
             );
-            jail.create_file("lb.toml", "admission_rate = 7\nbackend_urls = [\"ws://a:1/ws\"]\ncircuit_breaker_failure_threshold = 9")?;
+            jail.create_file("lb.toml", "admission_rate = 7\nbackend_urls = [\"ws://a:1/ws\"]\ncircuit_breaker_failure_threshold = 9\nper_ip_rate = 8")?;
             let s = load(&cli(&["--config", "lb.toml", "--per-ip-rate", "3"]), "LB_")
                 .map_err(|e| e.to_string())?;
             assert_eq!(s.circuit_breaker_failure_threshold, 4, "env beats file");
@@ -292,11 +290,16 @@ mod tests {
                 s.backend_urls,
                 vec!["ws://127.0.0.1:3002/ws", "ws://127.0.0.1:3003/ws"]
             );
-            assert_eq!(s.admission_rate, 7);
-            assert_eq!(s.per_ip_rate, 3);
+            assert_eq!(s.admission_rate, 7, "file beats default");
+            assert_eq!(s.per_ip_rate, 3, "flag beats file");
+            assert_eq!(s.close_timeout, Duration::from_secs(5), "default");
             let s = load(&cli(&["--backend-urls", "ws://x:1/ws,ws://y:2/ws"]), "LB_")
                 .map_err(|e| e.to_string())?;
             assert_eq!(s.backend_urls.len(), 2, "flag beats env");
+            // A flag given with its default value still beats the environment.
+            jail.set_env("LB_ADMISSION_RATE", "9");
+            let s = load(&cli(&["--admission-rate", "5000"]), "LB_").map_err(|e| e.to_string())?;
+            assert_eq!(s.admission_rate, 5000);
             Ok(())
         });
     }
@@ -316,18 +319,46 @@ mod tests {
             );
             Ok(())
         });
+        let err = Cli::command()
+            .try_get_matches_from(["ws-lb", "--close-timeout", "soon"])
+            .unwrap_err();
+        assert!(err.to_string().contains("--close-timeout"), "{err}");
+        let zero = Settings {
+            stall_timeout: Duration::ZERO,
+            ..Settings::default()
+        };
+        assert_eq!(zero.lb_config().unwrap_err().key, "stall_timeout");
     }
 
     #[test]
-    fn runbook_documents_every_key_metric_and_close_code() {
+    fn defaults_are_the_library_defaults() {
+        let s = Settings::default();
+        let mut cfg = s.lb_config().unwrap();
+        let lib = LbConfig::default();
+        // The one setting whose 0 means something else in the binary (derived from the
+        // open-files limit) than in the library (no cap).
+        assert_eq!(s.max_clients, 0);
+        cfg.max_clients = lib.max_clients;
+        assert_eq!(format!("{cfg:?}"), format!("{lib:?}"));
+        assert_eq!(s.listen_options().backlog, ListenOptions::default().backlog);
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn help_shows_every_flag_with_a_description_and_its_default() {
+        let help = Cli::command().render_long_help().to_string();
+        let settings = serde_json::to_value(Settings::default()).unwrap();
+        let gaps = net_core::cli::help_gaps(&help, &settings);
+        assert!(gaps.is_empty(), "{gaps:#?}");
+    }
+
+    #[test]
+    fn runbook_documents_every_key_with_its_default_every_metric_and_close_code() {
         let runbook = include_str!("../../../docs/runbook.md");
-        let keys = serde_json::to_value(Settings::default()).unwrap();
-        for key in keys.as_object().unwrap().keys() {
-            assert!(
-                runbook.contains(&format!("| `{key}` |")),
-                "config key {key} missing from docs/runbook.md"
-            );
-        }
+        let table = &runbook[runbook.find("### ws-lb").unwrap()..];
+        let settings = serde_json::to_value(Settings::default()).unwrap();
+        let gaps = net_core::cli::runbook_gaps(table, &settings);
+        assert!(gaps.is_empty(), "docs/runbook.md: {gaps:#?}");
         for name in ws_lb::metrics::ALL {
             assert!(
                 runbook.contains(&format!("| `{name}` |")),

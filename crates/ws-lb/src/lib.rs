@@ -20,7 +20,9 @@ use std::time::Duration;
 use axum::routing::get;
 use axum::Router;
 use http::Request;
-use lb_core::{BreakerConfig, Pacer, PacingConfig, RetryConfig, ScoreConfig, ShardPool};
+use lb_core::{
+    BreakerConfig, ConfigError, Pacer, PacingConfig, RetryConfig, ScoreConfig, ShardPool,
+};
 use metrics_exporter_prometheus::PrometheusHandle;
 use net_core::{HttpLimits, Shutdown, SocketOptions};
 use tokio::net::TcpListener;
@@ -70,6 +72,47 @@ pub struct LbConfig {
     pub stall_timeout: Duration,
     pub drain_window: Duration,
     pub grace: Duration,
+}
+
+impl Default for LbConfig {
+    /// Production values; `backends` is empty (a deployment must name its shards).
+    fn default() -> Self {
+        Self {
+            backends: Vec::new(),
+            breaker: BreakerConfig::default(),
+            score: ScoreConfig::default(),
+            retry: RetryConfig::default(),
+            pacing: PacingConfig::default(),
+            per_ip: Some(PerIpLimit {
+                per_second: 100,
+                burst: 200,
+            }),
+            max_clients: 0,
+            trust_forwarded_for: false,
+            allowed_origins: Vec::new(),
+            health_interval: Duration::from_secs(1),
+            health_timeout: Duration::from_millis(500),
+            http: HttpLimits::default(),
+            socket: SocketOptions::default(),
+            close_timeout: Duration::from_secs(5),
+            stall_timeout: Duration::from_secs(30),
+            drain_window: Duration::from_secs(10),
+            grace: Duration::from_secs(30),
+        }
+    }
+}
+
+impl LbConfig {
+    /// Checks what the parts' own constructors do not.
+    pub fn validate(self) -> Result<Self, ConfigError> {
+        if self.stall_timeout.is_zero() {
+            return Err(ConfigError::new(
+                "stall_timeout",
+                "must be positive (it bounds how long a client that stopped reading is kept)",
+            ));
+        }
+        Ok(self)
+    }
 }
 
 /// Pre-bound listeners.

@@ -1,247 +1,260 @@
-//! ws-shard configuration: defaults < TOML file (`--config`) < environment (`WS_` prefix) <
-//! command-line flags. Every key is documented in `docs/runbook.md` with its default.
+//! ws-shard settings. Each is defined once, as a field of [`Settings`]: its flag
+//! (`--key-with-dashes`), help text, TOML key, environment variable (`WS_<KEY>`) and type
+//! come from the field, and its default from the library config that uses it
+//! (`ServerConfig::default()` and its parts), which `--help` shows. Precedence: defaults <
+//! TOML file (`--config`) < environment < flags. Every key is documented in
+//! `docs/runbook.md` with its default (a test below checks both).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::bail;
-use clap::Parser;
+use anyhow::{bail, Context};
+use clap::{ArgMatches, FromArgMatches, Parser};
 use figment::providers::Env;
+use net_core::cli::{human, CommandLine};
+use net_core::{HttpLimits, ListenOptions, SocketOptions};
 use serde::{Deserialize, Serialize};
+use shard_core::source::kafka::{Isolation, KafkaConfig, StartPosition};
+use shard_core::{HubConfig, SessionConfig};
+use ws_shard::{ServerConfig, SourceConfig};
+
+/// The library defaults the settings' defaults are read from.
+fn lib() -> ServerConfig {
+    ServerConfig::default()
+}
+
+fn kafka() -> KafkaConfig {
+    KafkaConfig::default()
+}
+
+/// The command line: `--config` and every setting.
+#[derive(Debug, Parser)]
+#[command(name = "ws-shard", version, about = "odin-ws shard server")]
+pub struct Cli {
+    /// TOML file with settings (keys as in docs/runbook.md).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub settings: Settings,
+}
 
 /// All settings, flat so that each maps to one env var (`WS_<KEY>`) and one flag.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, PartialEq, clap::Args, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
+    /// Number of shards in this process; shard i listens on base-port + i.
+    #[arg(long, default_value_t = 3)]
     pub shards: u32,
+    /// Port of shard 0.
+    #[arg(long, default_value_t = 3002)]
     pub base_port: u16,
+    /// Address the shard ports bind to (0.0.0.0 on a VM).
+    #[arg(long, default_value_t = IpAddr::from([127, 0, 0, 1]))]
     pub bind: IpAddr,
+    /// Admin listener (/metrics, /health of all shards, /publish).
+    #[arg(long, default_value_t = SocketAddr::from(([127, 0, 0, 1], 9102)))]
     pub admin_addr: SocketAddr,
+    /// Connection slots per shard; the next upgrade gets 503.
+    #[arg(long, default_value_t = lib().max_connections)]
     pub max_connections: usize,
+    /// Largest client frame or message in bytes; beyond it close 1009.
+    #[arg(long, default_value_t = lib().session.max_message_size)]
     pub max_message_size: usize,
+    /// Frames queued for one connection before it is closed as a slow consumer (4000).
+    #[arg(long, default_value_t = lib().session.outbound_queue)]
     pub outbound_queue: usize,
+    /// Server ping after this long without any frame from the client.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = human(lib().session.ping_interval))]
     #[serde(with = "humantime_serde")]
     pub ping_interval: Duration,
+    /// Connection closed (1001) after this long without any frame from the client.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = human(lib().session.idle_timeout))]
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// Wait for the client's close frame after the server sent one.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = human(lib().session.close_timeout))]
     #[serde(with = "humantime_serde")]
     pub close_timeout: Duration,
+    /// Channels per connection.
+    #[arg(long, default_value_t = lib().session.max_subscriptions)]
     pub max_subscriptions: usize,
+    /// Client frames per second per connection (0 = unlimited); beyond it close 1008.
+    #[arg(long, default_value_t = lib().session.rate_per_sec)]
     pub client_rate: u32,
+    /// Frames allowed in a burst before client-rate applies.
+    #[arg(long, default_value_t = lib().session.rate_burst)]
     pub client_rate_burst: u32,
+    /// On drain, 1012 closes are spread over this window.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = human(lib().session.drain_window))]
     #[serde(with = "humantime_serde")]
     pub drain_window: Duration,
+    /// Longest a drain may take before the process stops anyway.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = human(lib().grace))]
     #[serde(with = "humantime_serde")]
     pub grace: Duration,
+    /// Messages kept per channel for `since` recovery.
+    #[arg(long, default_value_t = lib().hub.history_len)]
     pub history_len: usize,
+    /// The HTTP request head must arrive within this time (slowloris).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = human(lib().http.header_read_timeout))]
     #[serde(with = "humantime_serde")]
     pub header_timeout: Duration,
+    /// Most header fields in the upgrade request (431 beyond).
+    #[arg(long, default_value_t = lib().http.max_headers)]
     pub max_headers: usize,
+    /// Most bytes of request head (431 beyond; at least 8192).
+    #[arg(long, default_value_t = lib().http.max_header_bytes)]
     pub max_header_bytes: usize,
+    /// Listen backlog (the kernel caps it at net.core.somaxconn).
+    #[arg(long, default_value_t = ListenOptions::default().backlog)]
     pub backlog: u32,
+    /// Set SO_REUSEPORT on shard ports.
+    #[arg(long, default_value_t = ListenOptions::default().reuse_port, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub reuse_port: bool,
+    /// TCP keep-alive idle time on client sockets (0s = off).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = human(lib().socket.keepalive.unwrap_or_default()))]
     #[serde(with = "humantime_serde")]
     pub tcp_keepalive: Duration,
+    /// SO_SNDBUF for client sockets in bytes (0 = kernel default).
+    #[arg(long, default_value_t = lib().socket.send_buffer.unwrap_or(0))]
     pub socket_send_buffer: usize,
+    /// Serve GET /echo on every shard port (conformance testing).
+    #[arg(long, default_value_t = lib().echo.is_some(), num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub echo: bool,
+    /// Message limit on /echo.
+    #[arg(long, default_value_t = SessionConfig::ECHO_MAX_MESSAGE_SIZE)]
     pub echo_max_message_size: usize,
+    /// Publish synthetic market ticks on the embedded bus.
+    #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub demo_feed: bool,
+    /// Demo ticks per second per channel.
+    #[arg(long, default_value_t = shard_core::source::demo::DEFAULT_RATE)]
     pub demo_rate: u32,
+    /// Kafka brokers host:port,... (none given: the embedded bus).
+    #[arg(long, value_delimiter = ',')]
     #[serde(deserialize_with = "net_core::config::list")]
     pub kafka_brokers: Vec<String>,
+    /// Kafka topics to fan out, comma-separated.
+    #[arg(long, value_delimiter = ',')]
     #[serde(deserialize_with = "net_core::config::list")]
     pub kafka_topics: Vec<String>,
-    pub kafka_start: String,
+    /// Where consumption starts per partition: `latest` or `back:<records>`.
+    #[arg(long, default_value_t = kafka().start)]
+    pub kafka_start: StartPosition,
+    /// Channel of a record: {topic} and {key} are replaced.
+    #[arg(long, default_value_t = kafka().channel_template)]
     pub kafka_channel_template: String,
+    /// librdkafka fetch.wait.max.ms: longest the broker holds a fetch waiting for data.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = human(kafka().fetch_wait_max))]
     #[serde(with = "humantime_serde")]
     pub kafka_fetch_wait_max: Duration,
+    /// Extra librdkafka properties, comma-separated key=value (applied last).
+    #[arg(long, value_delimiter = ',')]
     #[serde(deserialize_with = "net_core::config::list")]
     pub kafka_properties: Vec<String>,
+    /// Log JSON lines instead of text.
+    #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub log_json: bool,
+    /// Log filter (RUST_LOG syntax).
+    #[arg(long, default_value = "info")]
     pub log_level: String,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Self {
-            shards: 3,
-            base_port: 3002,
-            bind: IpAddr::from([127, 0, 0, 1]),
-            admin_addr: SocketAddr::from(([127, 0, 0, 1], 9102)),
-            max_connections: 6000,
-            max_message_size: 64 * 1024,
-            outbound_queue: 1024,
-            ping_interval: Duration::from_secs(25),
-            idle_timeout: Duration::from_secs(60),
-            close_timeout: Duration::from_secs(5),
-            max_subscriptions: 256,
-            client_rate: 100,
-            client_rate_burst: 200,
-            drain_window: Duration::from_secs(10),
-            grace: Duration::from_secs(30),
-            history_len: 1000,
-            header_timeout: Duration::from_secs(5),
-            max_headers: 64,
-            max_header_bytes: 16 * 1024,
-            backlog: 65535,
-            reuse_port: false,
-            tcp_keepalive: Duration::ZERO,
-            socket_send_buffer: 0,
-            echo: false,
-            echo_max_message_size: 16 * 1024 * 1024,
-            demo_feed: false,
-            demo_rate: 5,
-            kafka_brokers: Vec::new(),
-            kafka_topics: Vec::new(),
-            kafka_start: "latest".into(),
-            kafka_channel_template: "{topic}.{key}".into(),
-            kafka_fetch_wait_max: Duration::from_millis(10),
-            kafka_properties: Vec::new(),
-            log_json: false,
-            log_level: "info".into(),
+        net_core::cli::defaults()
+    }
+}
+
+impl Settings {
+    /// The validated library config these settings describe.
+    pub fn server_config(&self) -> anyhow::Result<ServerConfig> {
+        let session = SessionConfig {
+            max_message_size: self.max_message_size,
+            outbound_queue: self.outbound_queue,
+            ping_interval: self.ping_interval,
+            idle_timeout: self.idle_timeout,
+            close_timeout: self.close_timeout,
+            max_subscriptions: self.max_subscriptions,
+            rate_per_sec: self.client_rate,
+            rate_burst: self.client_rate_burst,
+            drain_window: self.drain_window,
+        }
+        .validate()?;
+        let echo = self
+            .echo
+            .then(|| session.echo(self.echo_max_message_size).validate())
+            .transpose()?;
+        Ok(ServerConfig {
+            max_connections: self.max_connections,
+            session,
+            echo,
+            hub: HubConfig {
+                history_len: self.history_len,
+            }
+            .validate()?,
+            http: HttpLimits {
+                header_read_timeout: self.header_timeout,
+                max_headers: self.max_headers,
+                max_header_bytes: self.max_header_bytes,
+            },
+            socket: SocketOptions {
+                keepalive: (!self.tcp_keepalive.is_zero()).then_some(self.tcp_keepalive),
+                send_buffer: (self.socket_send_buffer > 0).then_some(self.socket_send_buffer),
+            },
+            source: if self.kafka_brokers.is_empty() {
+                SourceConfig::Embedded {
+                    demo_rate: self.demo_feed.then_some(self.demo_rate),
+                }
+            } else {
+                SourceConfig::Kafka(self.kafka_config()?)
+            },
+            grace: self.grace,
+        })
+    }
+
+    fn kafka_config(&self) -> anyhow::Result<KafkaConfig> {
+        Ok(KafkaConfig {
+            brokers: self.kafka_brokers.join(","),
+            topics: self.kafka_topics.clone(),
+            start: self.kafka_start,
+            channel_template: self.kafka_channel_template.clone(),
+            fetch_wait_max: self.kafka_fetch_wait_max,
+            isolation: Isolation::Process {
+                exe: std::env::current_exe().context("locating the ws-shard binary")?,
+            },
+            overrides: self
+                .kafka_properties
+                .iter()
+                .map(|kv| {
+                    kv.split_once('=')
+                        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                        .ok_or_else(|| {
+                            anyhow::anyhow!("kafka_properties: expected key=value, got {kv:?}")
+                        })
+                })
+                .collect::<anyhow::Result<_>>()?,
+        }
+        .validate()?)
+    }
+
+    /// How the shard listeners are bound.
+    pub fn listen_options(&self) -> ListenOptions {
+        ListenOptions {
+            backlog: self.backlog,
+            reuse_port: self.reuse_port,
         }
     }
 }
 
-/// Command-line flags; each overrides the key of the same name.
-#[derive(Debug, Parser, Serialize)]
-#[command(name = "ws-shard", version, about = "odin-ws shard server")]
-pub struct Cli {
-    /// TOML file with settings (keys as in docs/runbook.md).
-    #[arg(long)]
-    #[serde(skip)]
-    pub config: Option<PathBuf>,
-    /// Number of shards in this process; shard i listens on base-port + i.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub shards: Option<u32>,
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub base_port: Option<u16>,
-    /// Address the shard ports bind to.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub bind: Option<IpAddr>,
-    /// Address of the admin listener (/metrics, /publish).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub admin_addr: Option<SocketAddr>,
-    /// Connection slots per shard.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_connections: Option<usize>,
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_message_size: Option<usize>,
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub outbound_queue: Option<usize>,
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub ping_interval: Option<String>,
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub idle_timeout: Option<String>,
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub close_timeout: Option<String>,
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_subscriptions: Option<usize>,
-    /// Client frames per second per connection (0 = unlimited).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub client_rate: Option<u32>,
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub client_rate_burst: Option<u32>,
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub drain_window: Option<String>,
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub grace: Option<String>,
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub history_len: Option<usize>,
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub header_timeout: Option<String>,
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_headers: Option<usize>,
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_header_bytes: Option<usize>,
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub backlog: Option<u32>,
-    /// Set SO_REUSEPORT on shard ports.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reuse_port: Option<bool>,
-    /// TCP keep-alive idle time on client sockets (0s = off).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tcp_keepalive: Option<String>,
-    /// SO_SNDBUF for client sockets in bytes (0 = kernel default).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub socket_send_buffer: Option<usize>,
-    /// Serve GET /echo on every shard port (conformance testing).
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub echo: Option<bool>,
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub echo_max_message_size: Option<usize>,
-    /// Publish synthetic market ticks on the embedded bus.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub demo_feed: Option<bool>,
-    /// Demo ticks per second per channel.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub demo_rate: Option<u32>,
-    /// Kafka brokers host:port,... (empty: embedded bus).
-    #[arg(long, value_delimiter = ',')]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub kafka_brokers: Option<Vec<String>>,
-    /// Kafka topics to fan out, comma-separated.
-    #[arg(long, value_delimiter = ',')]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub kafka_topics: Option<Vec<String>>,
-    /// `latest` or `back:<records>` per partition.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub kafka_start: Option<String>,
-    /// Channel of a record: {topic} and {key} are replaced.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub kafka_channel_template: Option<String>,
-    /// librdkafka fetch.wait.max.ms.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub kafka_fetch_wait_max: Option<String>,
-    /// Extra librdkafka properties, comma-separated key=value (applied last).
-    #[arg(long, value_delimiter = ',')]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub kafka_properties: Option<Vec<String>>,
-    /// Log JSON lines instead of text.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub log_json: Option<bool>,
-    /// Log filter (RUST_LOG syntax).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub log_level: Option<String>,
-}
-
-/// Merges defaults, file, environment and flags.
-pub fn load(cli: &Cli, env: Env) -> anyhow::Result<Settings> {
+/// Merges defaults, file, environment (`env`) and the flags given in `matches` (parsed with
+/// [`Cli`]).
+pub fn load(matches: &ArgMatches, env: Env) -> anyhow::Result<Settings> {
+    let cli = Cli::from_arg_matches(matches)?;
+    let flags = CommandLine::new(&cli.settings, matches)?;
     let settings =
-        net_core::config::load(Settings::default(), cli.config.as_deref(), vec![env], cli)?;
+        net_core::config::load(Settings::default(), cli.config.as_deref(), vec![env], &flags)?;
     if settings.shards == 0 {
         bail!("shards must be at least 1");
     }
@@ -267,9 +280,10 @@ pub fn env() -> Env {
 #[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
+    use clap::CommandFactory;
 
-    fn cli(args: &[&str]) -> Cli {
-        Cli::parse_from(std::iter::once("ws-shard").chain(args.iter().copied()))
+    fn cli(args: &[&str]) -> ArgMatches {
+        Cli::command().get_matches_from(std::iter::once("ws-shard").chain(args.iter().copied()))
     }
 
     #[test]
@@ -300,6 +314,9 @@ mod tests {
             assert_eq!(s.history_len, 5);
             assert_eq!(s.drain_window, Duration::from_millis(250));
             assert_eq!(s.base_port, 3002, "default");
+            // A flag given with its default value still beats the environment.
+            let s = load(&cli(&["--shards", "3"]), env()).map_err(|e| e.to_string())?;
+            assert_eq!(s.shards, 3);
             Ok(())
         });
     }
@@ -316,23 +333,58 @@ mod tests {
                 format!("{err:#}").to_lowercase().contains("ping_interval"),
                 "{err:#}"
             );
+            jail.set_env("WS_PING_INTERVAL", "25s");
+            jail.set_env("WS_KAFKA_START", "earliest");
+            let err = load(&cli(&[]), env()).unwrap_err();
+            assert!(format!("{err:#}").contains("back:<records>"), "{err:#}");
             Ok(())
         });
         let err = load(&cli(&["--config", "/nonexistent.toml"]), env()).unwrap_err();
         assert!(err.to_string().contains("does not exist"));
         assert!(load(&cli(&["--shards", "0"]), Env::prefixed("WS_TEST_NONE_")).is_err());
+        let err = Cli::command()
+            .try_get_matches_from(["ws-shard", "--kafka-start", "soon"])
+            .unwrap_err();
+        assert!(err.to_string().contains("--kafka-start"), "{err}");
+        let s = Settings {
+            ping_interval: Duration::from_secs(90),
+            ..Settings::default()
+        };
+        assert!(s.server_config().unwrap_err().to_string().contains("ping_interval"));
     }
 
     #[test]
-    fn runbook_documents_every_key_metric_and_close_code() {
+    fn defaults_are_the_library_defaults() {
+        let s = Settings::default();
+        let cfg = s.server_config().unwrap();
+        assert_eq!(format!("{cfg:?}"), format!("{:?}", ServerConfig::default()));
+        let echo = Settings {
+            echo: true,
+            ..Settings::default()
+        };
+        let echo = echo.server_config().unwrap().echo.unwrap();
+        assert_eq!(echo.max_message_size, SessionConfig::ECHO_MAX_MESSAGE_SIZE);
+        assert_eq!(echo.rate_per_sec, 0);
+        assert_eq!(s.kafka_start, KafkaConfig::default().start);
+        assert_eq!(s.listen_options().backlog, ListenOptions::default().backlog);
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn help_shows_every_flag_with_a_description_and_its_default() {
+        let help = Cli::command().render_long_help().to_string();
+        let settings = serde_json::to_value(Settings::default()).unwrap();
+        let gaps = net_core::cli::help_gaps(&help, &settings);
+        assert!(gaps.is_empty(), "{gaps:#?}");
+    }
+
+    #[test]
+    fn runbook_documents_every_key_with_its_default_every_metric_and_close_code() {
         let runbook = include_str!("../../../docs/runbook.md");
-        let keys = serde_json::to_value(Settings::default()).unwrap();
-        for key in keys.as_object().unwrap().keys() {
-            assert!(
-                runbook.contains(&format!("| `{key}` |")),
-                "config key {key} missing from docs/runbook.md"
-            );
-        }
+        let table = &runbook[runbook.find("### ws-shard").unwrap()..];
+        let settings = serde_json::to_value(Settings::default()).unwrap();
+        let gaps = net_core::cli::runbook_gaps(table, &settings);
+        assert!(gaps.is_empty(), "docs/runbook.md: {gaps:#?}");
         for name in shard_core::metrics::ALL
             .iter()
             .chain(shard_core::source::kafka::ALL)

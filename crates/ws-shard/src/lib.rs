@@ -55,6 +55,22 @@ pub struct ServerConfig {
     pub grace: Duration,
 }
 
+impl Default for ServerConfig {
+    /// Production values: the embedded bus without the demo feed, no `/echo`.
+    fn default() -> Self {
+        Self {
+            max_connections: 6000,
+            session: SessionConfig::default(),
+            echo: None,
+            hub: HubConfig::default(),
+            http: HttpLimits::default(),
+            socket: SocketOptions::default(),
+            source: SourceConfig::Embedded { demo_rate: None },
+            grace: Duration::from_secs(30),
+        }
+    }
+}
+
 /// Pre-bound listeners: one per shard (shard `i` = index `i`) and the admin listener.
 #[derive(Debug)]
 pub struct Listeners {

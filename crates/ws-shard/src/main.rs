@@ -5,86 +5,9 @@ mod config;
 use std::net::SocketAddr;
 
 use anyhow::Context;
-use clap::Parser;
-use net_core::{HttpLimits, ListenOptions, Shutdown, SocketOptions};
-use shard_core::source::kafka::{Isolation, KafkaConfig, StartPosition};
-use shard_core::{HubConfig, SessionConfig};
-use ws_shard::{Listeners, ServerConfig, SourceConfig};
-
-fn server_config(s: &config::Settings) -> anyhow::Result<ServerConfig> {
-    let session = SessionConfig {
-        max_message_size: s.max_message_size,
-        outbound_queue: s.outbound_queue,
-        ping_interval: s.ping_interval,
-        idle_timeout: s.idle_timeout,
-        close_timeout: s.close_timeout,
-        max_subscriptions: s.max_subscriptions,
-        rate_per_sec: s.client_rate,
-        rate_burst: s.client_rate_burst,
-        drain_window: s.drain_window,
-    }
-    .validate()?;
-    let echo = s
-        .echo
-        .then(|| {
-            SessionConfig {
-                max_message_size: s.echo_max_message_size,
-                rate_per_sec: 0,
-                ..session
-            }
-            .validate()
-        })
-        .transpose()?;
-    Ok(ServerConfig {
-        max_connections: s.max_connections,
-        session,
-        echo,
-        hub: HubConfig {
-            history_len: s.history_len,
-        }
-        .validate()?,
-        http: HttpLimits {
-            header_read_timeout: s.header_timeout,
-            max_headers: s.max_headers,
-            max_header_bytes: s.max_header_bytes,
-        },
-        socket: SocketOptions {
-            keepalive: (!s.tcp_keepalive.is_zero()).then_some(s.tcp_keepalive),
-            send_buffer: (s.socket_send_buffer > 0).then_some(s.socket_send_buffer),
-        },
-        source: if s.kafka_brokers.is_empty() {
-            SourceConfig::Embedded {
-                demo_rate: s.demo_feed.then_some(s.demo_rate),
-            }
-        } else {
-            SourceConfig::Kafka(KafkaConfig {
-                brokers: s.kafka_brokers.join(","),
-                topics: s.kafka_topics.clone(),
-                start: s
-                    .kafka_start
-                    .parse::<StartPosition>()
-                    .map_err(anyhow::Error::msg)?,
-                channel_template: s.kafka_channel_template.clone(),
-                fetch_wait_max: s.kafka_fetch_wait_max,
-                isolation: Isolation::Process {
-                    exe: std::env::current_exe().context("locating the ws-shard binary")?,
-                },
-                overrides: s
-                    .kafka_properties
-                    .iter()
-                    .map(|kv| {
-                        kv.split_once('=')
-                            .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
-                            .ok_or_else(|| {
-                                anyhow::anyhow!("kafka_properties: expected key=value, got {kv:?}")
-                            })
-                    })
-                    .collect::<anyhow::Result<_>>()?,
-            })
-        },
-        grace: s.grace,
-    })
-}
+use clap::CommandFactory;
+use net_core::{ListenOptions, Shutdown};
+use ws_shard::Listeners;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -97,16 +20,12 @@ async fn main() -> anyhow::Result<()> {
         );
         std::process::exit(shard_core::source::kafka::consumer::child_main().await);
     }
-    let cli = config::Cli::parse();
-    let settings = config::load(&cli, config::env())?;
+    let settings = config::load(&config::Cli::command().get_matches(), config::env())?;
     net_core::telemetry::init_tracing(settings.log_json, &settings.log_level);
-    let cfg = server_config(&settings)?;
+    let cfg = settings.server_config()?;
     let prometheus = net_core::telemetry::prometheus();
 
-    let opts = ListenOptions {
-        backlog: settings.backlog,
-        reuse_port: settings.reuse_port,
-    };
+    let opts = settings.listen_options();
     let mut shards = Vec::new();
     for i in 0..settings.shards {
         let port = u16::try_from(u32::from(settings.base_port) + i).context("port out of range")?;

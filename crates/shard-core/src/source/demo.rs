@@ -9,6 +9,9 @@ use ws_protocol::ChannelName;
 
 use super::bus::EmbeddedBus;
 
+/// Ticks per second per channel unless configured otherwise (`demo_rate`).
+pub const DEFAULT_RATE: u32 = 5;
+
 /// The instruments of the demo feed.
 pub const SYMBOLS: [&str; 3] = ["BTC-USD", "ETH-USD", "SOL-USD"];
 

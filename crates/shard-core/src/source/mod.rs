@@ -21,6 +21,8 @@ use crate::hub::Hub;
 /// A source failed in a way it cannot recover from by itself.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
+    #[error(transparent)]
+    Invalid(#[from] crate::config::ConfigError),
     #[error("source configuration: {0}")]
     Config(String),
     #[error("source failed: {0}")]

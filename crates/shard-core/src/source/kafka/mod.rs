@@ -32,6 +32,7 @@ use ws_protocol::ChannelName;
 use self::consumer::ConsumerConfig;
 use self::wire::{Assigned, Event, Record};
 use super::{MessageSource, SourceError, SourceStatus};
+use crate::config::ConfigError;
 use crate::hub::{Hub, Publication};
 
 /// Counter: records consumed, label `topic`.
@@ -82,9 +83,15 @@ impl TryFrom<String> for StartPosition {
 
 impl From<StartPosition> for String {
     fn from(p: StartPosition) -> Self {
-        match p {
-            StartPosition::Latest => "latest".into(),
-            StartPosition::Back(n) => format!("back:{n}"),
+        p.to_string()
+    }
+}
+
+impl std::fmt::Display for StartPosition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartPosition::Latest => f.write_str("latest"),
+            StartPosition::Back(n) => write!(f, "back:{n}"),
         }
     }
 }
@@ -114,20 +121,39 @@ pub struct KafkaConfig {
     pub isolation: Isolation,
 }
 
+impl Default for KafkaConfig {
+    /// No brokers and no topics (they have no sensible default and `validate` requires
+    /// them); the consumer runs in this process, as in tests: the ws-shard binary sets
+    /// [`Isolation::Process`].
+    fn default() -> Self {
+        Self {
+            brokers: String::new(),
+            topics: Vec::new(),
+            start: StartPosition::Latest,
+            channel_template: "{topic}.{key}".into(),
+            fetch_wait_max: Duration::from_millis(10),
+            overrides: Vec::new(),
+            isolation: Isolation::InProcess,
+        }
+    }
+}
+
 impl KafkaConfig {
     /// Checks the settings.
-    pub fn validate(self) -> Result<Self, SourceError> {
+    pub fn validate(self) -> Result<Self, ConfigError> {
         if self.brokers.trim().is_empty() {
-            return Err(SourceError::Config("kafka_brokers is empty".into()));
+            return Err(ConfigError::new("kafka_brokers", "must not be empty"));
         }
         if self.topics.is_empty() || self.topics.iter().any(|t| t.trim().is_empty()) {
-            return Err(SourceError::Config(
-                "kafka_topics must name at least one topic".into(),
+            return Err(ConfigError::new(
+                "kafka_topics",
+                "must name at least one topic",
             ));
         }
         if !self.channel_template.contains("{key}") && !self.channel_template.contains("{topic}") {
-            return Err(SourceError::Config(
-                "kafka_channel_template must use {topic} or {key}".into(),
+            return Err(ConfigError::new(
+                "kafka_channel_template",
+                "must use {topic} or {key}",
             ));
         }
         Ok(self)
