@@ -74,7 +74,10 @@ pub fn help_gaps(long_help: &str, settings: &serde_json::Value) -> Vec<String> {
         };
         let entry = long_help.get(at..).unwrap_or_default();
         // An entry runs to the next line that starts a flag.
-        let end = entry.get(2..).and_then(|e| e.find("\n  -")).map_or(entry.len(), |e| e + 2);
+        let end = entry
+            .get(2..)
+            .and_then(|e| e.find("\n  -"))
+            .map_or(entry.len(), |e| e + 2);
         let entry = entry.get(..end).unwrap_or_default();
         if entry.trim_end().lines().count() < 2 {
             gaps.push(format!("{flag}: no description"));
@@ -85,6 +88,26 @@ pub fn help_gaps(long_help: &str, settings: &serde_json::Value) -> Vec<String> {
         }
     }
     gaps
+}
+
+/// The table of `binary`'s settings in the runbook: the text under `### <binary>` in the
+/// `## Configuration` section, up to the next heading (empty when there is none).
+pub fn runbook_table<'a>(runbook: &'a str, binary: &str) -> &'a str {
+    let section = runbook
+        .find("\n## Configuration\n")
+        .and_then(|at| runbook.get(at + 1..))
+        .unwrap_or_default();
+    let heading = format!("\n### {binary}\n");
+    let Some(table) = section
+        .find(&heading)
+        .and_then(|at| section.get(at + heading.len()..))
+    else {
+        return "";
+    };
+    table
+        .find("\n#")
+        .and_then(|end| table.get(..end))
+        .unwrap_or(table)
 }
 
 /// Keys of `settings` (a serialized settings struct) whose row in `table` (a runbook section:
@@ -117,7 +140,9 @@ pub fn runbook_gaps(table: &str, settings: &serde_json::Value) -> Vec<String> {
             _ => cell.starts_with(&default),
         };
         if !same {
-            gaps.push(format!("{key}: runbook says {cell:?}, the code {default:?}"));
+            gaps.push(format!(
+                "{key}: runbook says {cell:?}, the code {default:?}"
+            ));
         }
     }
     gaps
@@ -148,13 +173,21 @@ mod tests {
             .try_get_matches_from(std::iter::once("s").chain(args.iter().copied()))
             .unwrap();
         let s = S::from_arg_matches(&m).unwrap();
-        CommandLine::new(&s, &m).unwrap().keys().map(String::from).collect()
+        CommandLine::new(&s, &m)
+            .unwrap()
+            .keys()
+            .map(String::from)
+            .collect()
     }
 
     #[test]
     fn only_given_flags_are_a_layer() {
         assert!(given(&[]).is_empty());
-        assert_eq!(given(&["--n", "7"]), ["n"], "given, even when equal to the default");
+        assert_eq!(
+            given(&["--n", "7"]),
+            ["n"],
+            "given, even when equal to the default"
+        );
         assert_eq!(given(&["--wait", "1s", "--on"]), ["on", "wait"]);
     }
 
@@ -171,6 +204,10 @@ mod tests {
         );
         assert!(runbook_gaps("| `n` | 7 (auto) |", &serde_json::json!({"n": 7})).is_empty());
         assert!(runbook_gaps("| `w` | 60s |", &serde_json::json!({"w": "1m"})).is_empty());
+        let runbook = "# R\n### a\n| `n` | 1 |\n## Configuration\ntext\n### a\n| `n` | 7 |\n### b\n| `n` | 8 |\n## Next\n";
+        assert_eq!(runbook_table(runbook, "a"), "| `n` | 7 |");
+        assert_eq!(runbook_table(runbook, "b"), "| `n` | 8 |");
+        assert_eq!(runbook_table(runbook, "c"), "");
     }
 
     #[test]

@@ -355,7 +355,7 @@ mod tests {
     #[test]
     fn runbook_documents_every_key_with_its_default_every_metric_and_close_code() {
         let runbook = include_str!("../../../docs/runbook.md");
-        let table = &runbook[runbook.find("### ws-lb").unwrap()..];
+        let table = net_core::cli::runbook_table(runbook, "ws-lb");
         let settings = serde_json::to_value(Settings::default()).unwrap();
         let gaps = net_core::cli::runbook_gaps(table, &settings);
         assert!(gaps.is_empty(), "docs/runbook.md: {gaps:#?}");

@@ -253,8 +253,12 @@ impl Settings {
 pub fn load(matches: &ArgMatches, env: Env) -> anyhow::Result<Settings> {
     let cli = Cli::from_arg_matches(matches)?;
     let flags = CommandLine::new(&cli.settings, matches)?;
-    let settings =
-        net_core::config::load(Settings::default(), cli.config.as_deref(), vec![env], &flags)?;
+    let settings = net_core::config::load(
+        Settings::default(),
+        cli.config.as_deref(),
+        vec![env],
+        &flags,
+    )?;
     if settings.shards == 0 {
         bail!("shards must be at least 1");
     }
@@ -350,7 +354,11 @@ mod tests {
             ping_interval: Duration::from_secs(90),
             ..Settings::default()
         };
-        assert!(s.server_config().unwrap_err().to_string().contains("ping_interval"));
+        assert!(s
+            .server_config()
+            .unwrap_err()
+            .to_string()
+            .contains("ping_interval"));
     }
 
     #[test]
@@ -381,7 +389,7 @@ mod tests {
     #[test]
     fn runbook_documents_every_key_with_its_default_every_metric_and_close_code() {
         let runbook = include_str!("../../../docs/runbook.md");
-        let table = &runbook[runbook.find("### ws-shard").unwrap()..];
+        let table = net_core::cli::runbook_table(runbook, "ws-shard");
         let settings = serde_json::to_value(Settings::default()).unwrap();
         let gaps = net_core::cli::runbook_gaps(table, &settings);
         assert!(gaps.is_empty(), "docs/runbook.md: {gaps:#?}");
