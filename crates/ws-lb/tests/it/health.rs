@@ -15,6 +15,10 @@ async fn no_shard_available_is_live_and_only_draining_is_503() {
     let dead = free_port();
     let lb = start_lb(vec![shards.ws_url(0), format!("ws://{dead}/ws")], |c| {
         c.breaker = BreakerConfig::try_new(1, Duration::from_secs(3600), 1, 1).unwrap();
+        // The clients below never answer their 1012, so the LB keeps waiting for them until
+        // the end of the test: a draining LB with no client left exits at once, and the
+        // draining /health could not be asked.
+        c.close_timeout = Duration::from_secs(60);
     })
     .await;
     let shards_available = |page: &str| metric(page, "ws_lb_shards_available", &[]);
@@ -36,9 +40,11 @@ async fn no_shard_available_is_live_and_only_draining_is_503() {
         .await
     );
     let mut closes = Vec::new();
+    let mut held = Vec::new();
     for _ in 0..3 {
         let mut ws = connect(&lb.ws_url()).await.unwrap();
         closes.push(next_event(&mut ws, Duration::from_secs(10)).await.unwrap());
+        held.push(ws);
     }
     assert!(
         closes
@@ -66,5 +72,6 @@ async fn no_shard_available_is_live_and_only_draining_is_503() {
     assert_eq!(reply.status, 503);
     let body: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
     assert_eq!(body["status"], "draining");
+    drop(held);
     lb.shutdown.hard.cancel();
 }
