@@ -9,7 +9,6 @@ pub mod accept;
 pub mod cli;
 pub mod config;
 pub mod http;
-pub mod io;
 pub mod limits;
 pub mod listener;
 pub mod runtime_metrics;

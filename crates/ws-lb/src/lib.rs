@@ -68,7 +68,7 @@ pub struct LbConfig {
     pub socket: SocketOptions,
     pub close_timeout: Duration,
     /// A relayed client (or shard) that takes no byte of what waits for it for this long is
-    /// dropped (see `relay::RelayOptions::stall_timeout`).
+    /// dropped (see `relay::machine::Timers::stall_timeout`).
     pub stall_timeout: Duration,
     pub drain_window: Duration,
     pub grace: Duration,
@@ -272,12 +272,12 @@ pub async fn run(
     let lb = Arc::new(Lb {
         metrics: metrics::LbMetrics::new(backends.len()),
         pacer: Pacer::new(cfg.pacing),
-        relay_opts: relay::RelayOptions {
-            close_timeout: cfg.close_timeout,
-            stall_timeout: cfg.stall_timeout,
-            drain_window: cfg.drain_window,
-            drain: shutdown.drain.clone(),
-        },
+        relay_opts: relay::RelayOptions::new(
+            cfg.close_timeout,
+            cfg.stall_timeout,
+            cfg.drain_window,
+            shutdown.drain.clone(),
+        ),
         relays: TaskTracker::new(),
         backends,
         pool,

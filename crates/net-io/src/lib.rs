@@ -1,4 +1,7 @@
-//! Socket reads for the per-connection loops of the relay and the shard sessions.
+//! Non-blocking socket I/O for the per-connection loops of ws-lb's relay and ws-shard's
+//! sessions. Both are sans-IO state machines that read from `std::io::Read` and write to
+//! `std::io::Write` (as rustls does): [`Nonblocking`] is that view of a tokio `TcpStream`,
+//! a call that would block returns `WouldBlock` and the driver waits for readiness again.
 //!
 //! Two costs dominate a relayed delivery besides the kernel's TCP work: zeroing a fresh read
 //! buffer on every wake-up, and the extra `read` that returns `WouldBlock` before tokio
@@ -9,7 +12,7 @@
 //! after our read wakes the task again.
 
 use std::cell::RefCell;
-use std::io::{self, Read};
+use std::io::{self, IoSlice, Read, Write};
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
@@ -49,6 +52,32 @@ pub fn read_drained(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
+/// A tokio `TcpStream` as `std::io::Read + Write`, for one non-blocking call at a time:
+/// reads go through [`read_drained`], writes through `try_write`/`try_write_vectored`, and
+/// either returns `WouldBlock` when the socket is not ready.
+#[derive(Debug, Clone, Copy)]
+pub struct Nonblocking<'a>(pub &'a TcpStream);
+
+impl Read for Nonblocking<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        read_drained(self.0, buf)
+    }
+}
+
+impl Write for Nonblocking<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.try_write(buf)
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.0.try_write_vectored(bufs)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -78,5 +107,23 @@ mod tests {
         server.readable().await.unwrap();
         assert_eq!(read_drained(&server, &mut buf).unwrap(), 0);
         assert_eq!(with_buffer(|b| b.len()), READ_BUFFER);
+    }
+
+    #[tokio::test]
+    async fn nonblocking_reads_and_writes_without_waiting() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (server, _) = l.accept().await.unwrap();
+        let mut buf = [0u8; 16];
+        let e = Nonblocking(&server).read(&mut buf).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+        client.writable().await.unwrap();
+        let n = Nonblocking(&client)
+            .write_vectored(&[IoSlice::new(b"ab"), IoSlice::new(b"cd")])
+            .unwrap();
+        assert_eq!(n, 4);
+        server.readable().await.unwrap();
+        assert_eq!(Nonblocking(&server).read(&mut buf).unwrap(), 4);
+        assert_eq!(&buf[..4], b"abcd");
     }
 }

@@ -1,0 +1,174 @@
+//! The pub/sub side of a session: its subscriptions, its outbound queue in the hub, and the
+//! answers to the client's JSON requests. No I/O and no lifecycle: replies go to the
+//! session's [`Output`], and an overflowing queue is reported to the session, which closes.
+
+use std::sync::Arc;
+
+use ws_protocol::frame;
+use ws_protocol::{ChannelName, ClientMessage, ErrorCode, ServerMessage};
+
+use super::output::Output;
+use crate::hub::{Hub, Subscriber};
+use crate::metrics as m;
+use crate::queue::ConnQueue;
+
+/// The connection's outbound queue overflowed: it is a slow consumer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Overflowed;
+
+#[derive(Debug)]
+pub(crate) struct PubSub {
+    hub: Arc<Hub>,
+    /// This connection's subscriber id in the hub.
+    id: u64,
+    shard: u32,
+    queue: Arc<ConnQueue>,
+    channels: Vec<ChannelName>,
+}
+
+impl PubSub {
+    pub(crate) fn new(hub: Arc<Hub>, shard: u32, queue_len: usize) -> Self {
+        Self {
+            id: hub.next_subscriber_id(),
+            hub,
+            shard,
+            queue: Arc::new(ConnQueue::new(queue_len)),
+            channels: Vec::new(),
+        }
+    }
+
+    pub(crate) fn queue(&self) -> &ConnQueue {
+        &self.queue
+    }
+
+    /// Moves what the hub queued for this connection to `out`.
+    pub(crate) fn deliver(&self, out: &mut Output) -> Result<(), Overflowed> {
+        if self.queue.drain_into(out.frames_mut()) {
+            Err(Overflowed)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Answers one text frame from the client.
+    pub(crate) fn on_request(
+        &mut self,
+        text: &[u8],
+        out: &mut Output,
+        max_subscriptions: usize,
+    ) -> Result<(), Overflowed> {
+        match ClientMessage::decode(text) {
+            Err(e) => error(out, e.code, e.message, None),
+            Ok(ClientMessage::Ping { id }) => reply(out, &ServerMessage::Pong { id }),
+            Ok(ClientMessage::Subscribe { channels, since }) => {
+                for name in channels {
+                    let channel = match ChannelName::new(&name) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            error(out, ErrorCode::InvalidChannel, e.to_string(), Some(name));
+                            continue;
+                        }
+                    };
+                    if self.channels.contains(&channel) {
+                        error(
+                            out,
+                            ErrorCode::AlreadySubscribed,
+                            "already subscribed".into(),
+                            Some(name),
+                        );
+                        continue;
+                    }
+                    if self.channels.len() >= max_subscriptions {
+                        let msg =
+                            format!("at most {max_subscriptions} subscriptions per connection");
+                        error(out, ErrorCode::TooManySubscriptions, msg, Some(name));
+                        continue;
+                    }
+                    let position = since.get(&name);
+                    let sub = Subscriber {
+                        id: self.id,
+                        shard: self.shard,
+                        queue: self.queue.clone(),
+                    };
+                    let r = self.hub.subscribe(&channel, position, sub);
+                    self.channels.push(channel);
+                    if position.is_some() {
+                        let label = if r.recovered { "true" } else { "false" };
+                        metrics::counter!(m::RECOVERIES, "recovered" => label).increment(1);
+                    }
+                    reply(
+                        out,
+                        &ServerMessage::Subscribed {
+                            channel: name,
+                            epoch: r.epoch.to_string(),
+                            seq: r.seq,
+                            recovered: r.recovered,
+                        },
+                    );
+                    out.extend(r.replay);
+                }
+            }
+            Ok(ClientMessage::Unsubscribe { channels }) => {
+                for name in channels {
+                    let pos = self.channels.iter().position(|c| c.as_str() == name);
+                    let Some(pos) = pos else {
+                        error(
+                            out,
+                            ErrorCode::NotSubscribed,
+                            "not subscribed".into(),
+                            Some(name),
+                        );
+                        continue;
+                    };
+                    let channel = self.channels.swap_remove(pos);
+                    self.hub.unsubscribe(&channel, self.id);
+                    // Everything queued before the unsubscribe goes out before the reply,
+                    // nothing of the channel after it.
+                    self.deliver(out)?;
+                    reply(out, &ServerMessage::Unsubscribed { channel: name });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PubSub {
+    /// Unsubscribes every channel and frees the queue when the session ends, whatever ends
+    /// it (including a panic).
+    fn drop(&mut self) {
+        self.queue.close();
+        for c in self.channels.drain(..) {
+            self.hub.unsubscribe(&c, self.id);
+        }
+    }
+}
+
+/// The answer to a binary frame: the protocol is JSON text.
+pub(crate) fn binary_not_supported(out: &mut Output) {
+    error(
+        out,
+        ErrorCode::BinaryNotSupported,
+        "send JSON text frames".into(),
+        None,
+    );
+}
+
+fn reply(out: &mut Output, msg: &ServerMessage) {
+    out.push(frame::encode_frame(
+        frame::OP_TEXT,
+        msg.to_json().as_bytes(),
+    ));
+}
+
+fn error(out: &mut Output, code: ErrorCode, message: String, channel: Option<String>) {
+    metrics::counter!(m::ERROR_REPLIES, "code" => code.as_str()).increment(1);
+    reply(
+        out,
+        &ServerMessage::Error {
+            code,
+            message,
+            channel,
+        },
+    );
+}
