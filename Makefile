@@ -6,7 +6,7 @@ BASE_PORT ?= 3002
 LB_PORT ?= 3001
 
 .PHONY: capacity bench-compare bench-fanout bench-hold bench-micro faults soak bench-tools
-.PHONY: help run build build-debug test deps fmt fmt-check lint test-rust test-e2e test-clients test-deploy conformance conformance-short
+.PHONY: help run build build-debug test deps fmt fmt-check lint test-rust test-e2e test-clients test-deploy conformance conformance-short test-make-run
 TANSU ?= $(shell command -v tansu || echo $(HOME)/.cargo/bin/tansu)
 
 help:
@@ -24,7 +24,11 @@ build-debug:
 	$(CARGO) test --workspace --no-run --locked -q
 
 run: build
-	SHARDS=$(SHARDS) BASE_PORT=$(BASE_PORT) LB_PORT=$(LB_PORT) scripts/run-local.sh target/release
+	scripts/run-local.sh target/release $(SHARDS) $(BASE_PORT) $(LB_PORT)
+
+# The README's `make run`, run as a user would, in its own network namespace (fixed ports).
+test-make-run: build
+	scripts/in-netns.sh python3 tests/e2e/make_run.py
 
 deps:
 	scripts/install-deps.sh
@@ -67,7 +71,7 @@ conformance: build
 conformance-short: build-debug
 	python3 tests/conformance/run.py --bin target/debug --cases short --out target/conformance-short
 
-test: deps fmt-check lint test-rust test-e2e test-clients test-deploy conformance-short
+test: deps fmt-check lint test-rust test-e2e test-clients test-deploy conformance-short test-make-run
 	@echo "make test: all checks passed"
 
 # ---- Measurements (not part of make test; release builds, loopback only) ----

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Starts a local odin-ws: ws-shard with SHARDS shards and the demo feed, and ws-lb in front
-# of them. Ctrl-C (or SIGTERM) drains and stops both.
-set -euo pipefail
+# of them. Ctrl-C (or SIGTERM) drains and stops both. If either process exits on its own
+# (a port in use, a bad setting), the other is stopped too and the script exits with the
+# first one's status, so nothing is left running behind a failed `make run`.
+set -uo pipefail
 
+# Arguments, not environment: LB_* and WS_* variables are the binaries' settings.
 bin=${1:-target/release}
-shards=${SHARDS:-3}
-base=${BASE_PORT:-3002}
-lb_port=${LB_PORT:-3001}
+shards=${2:-3}
+base=${3:-3002}
+lb_port=${4:-3001}
 
 backends=()
 for ((i = 0; i < shards; i++)); do
@@ -20,12 +23,13 @@ shard_pid=$!
 lb_pid=$!
 
 stop() {
+    local status=${1:-0}
     trap - INT TERM
-    kill -TERM "$lb_pid" "$shard_pid" 2>/dev/null || true
-    wait "$lb_pid" "$shard_pid" 2>/dev/null || true
-    exit 0
+    kill -TERM "$lb_pid" "$shard_pid" 2>/dev/null
+    wait "$lb_pid" "$shard_pid" 2>/dev/null
+    exit "$status"
 }
-trap stop INT TERM
+trap 'stop 0' INT TERM
 
 cat <<MSG
 
@@ -40,4 +44,6 @@ cat <<MSG
 
 MSG
 wait -n "$lb_pid" "$shard_pid"
-stop
+status=$?
+echo "run-local: a process exited (status $status); stopping the other" >&2
+stop "$((status == 0 ? 1 : status))"

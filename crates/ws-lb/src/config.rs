@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use anyhow::bail;
 use clap::{ArgMatches, FromArgMatches, Parser};
-use figment::providers::Env;
 use lb_core::ConfigError;
 use net_core::cli::{human, CommandLine};
+use net_core::config::{EnvSources, Loaded};
 use net_core::{HttpLimits, ListenOptions, SocketOptions};
 use serde::{Deserialize, Serialize};
 use ws_lb::{LbConfig, PerIpLimit};
@@ -246,17 +246,20 @@ const PLAN_ENV: [&str; 4] = [
 ];
 
 /// Merges defaults, file, environment (variables with `prefix`) and the flags given in
-/// `matches` (parsed with [`Cli`]).
-pub fn load(matches: &ArgMatches, prefix: &str) -> anyhow::Result<Settings> {
+/// `matches` (parsed with [`Cli`]). `LB_*` variables that name no setting come back in
+/// `ignored_env`, not as an error: the environment is shared with other tools.
+pub fn load(matches: &ArgMatches, prefix: &str) -> anyhow::Result<Loaded<Settings>> {
     let cli = Cli::from_arg_matches(matches)?;
     let flags = CommandLine::new(&cli.settings, matches)?;
-    let envs = vec![Env::raw().only(&PLAN_ENV), Env::prefixed(prefix)];
-    let settings =
-        net_core::config::load(Settings::default(), cli.config.as_deref(), envs, &flags)?;
-    if settings.backend_urls.is_empty() {
+    let env = EnvSources {
+        prefix,
+        raw: &PLAN_ENV,
+    };
+    let loaded = net_core::config::load(Settings::default(), cli.config.as_deref(), env, &flags)?;
+    if loaded.settings.backend_urls.is_empty() {
         bail!("no backends: set --backend-urls (or LB_BACKEND_URLS) to ws://host:port/ws,...");
     }
-    Ok(settings)
+    Ok(loaded)
 }
 
 #[cfg(test)]
@@ -282,7 +285,8 @@ mod tests {
             );
             jail.create_file("lb.toml", "admission_rate = 7\nbackend_urls = [\"ws://a:1/ws\"]\ncircuit_breaker_failure_threshold = 9\nper_ip_rate = 8")?;
             let s = load(&cli(&["--config", "lb.toml", "--per-ip-rate", "3"]), "LB_")
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| e.to_string())?
+                .settings;
             assert_eq!(s.circuit_breaker_failure_threshold, 4, "env beats file");
             assert_eq!(s.circuit_breaker_timeout, Duration::from_secs(45));
             assert_eq!(s.circuit_breaker_half_open_max_calls, 2);
@@ -294,12 +298,45 @@ mod tests {
             assert_eq!(s.per_ip_rate, 3, "flag beats file");
             assert_eq!(s.close_timeout, Duration::from_secs(5), "default");
             let s = load(&cli(&["--backend-urls", "ws://x:1/ws,ws://y:2/ws"]), "LB_")
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| e.to_string())?
+                .settings;
             assert_eq!(s.backend_urls.len(), 2, "flag beats env");
             // A flag given with its default value still beats the environment.
             jail.set_env("LB_ADMISSION_RATE", "9");
-            let s = load(&cli(&["--admission-rate", "5000"]), "LB_").map_err(|e| e.to_string())?;
+            let s = load(&cli(&["--admission-rate", "5000"]), "LB_")
+                .map_err(|e| e.to_string())?
+                .settings;
             assert_eq!(s.admission_rate, 5000);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_env_keys_are_ignored_but_file_keys_and_bad_values_are_errors() {
+        figment::Jail::expect_with(|jail| {
+            // `make run` once exported LB_PORT for its own script; it must not stop ws-lb.
+            jail.set_env("LB_PORT", "3001");
+            jail.set_env("LB_ADMISSION_RATE", "9");
+            let loaded =
+                load(&cli(&["--backend-urls", "ws://x:1/ws"]), "LB_").map_err(|e| e.to_string())?;
+            assert_eq!(loaded.settings.admission_rate, 9, "known keys still apply");
+            assert_eq!(loaded.ignored_env, ["LB_PORT"]);
+
+            jail.set_env("LB_ADMISSION_RATE", "many");
+            let err = load(&cli(&["--backend-urls", "ws://x:1/ws"]), "LB_").unwrap_err();
+            assert!(
+                format!("{err:#}").to_lowercase().contains("admission_rate"),
+                "{err:#}"
+            );
+            jail.set_env("LB_ADMISSION_RATE", "9");
+
+            jail.create_file("lb.toml", "port = 1")?;
+            let err = load(
+                &cli(&["--config", "lb.toml", "--backend-urls", "ws://x:1/ws"]),
+                "LB_",
+            )
+            .unwrap_err();
+            assert!(format!("{err:#}").contains("port"), "{err:#}");
             Ok(())
         });
     }

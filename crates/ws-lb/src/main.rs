@@ -9,8 +9,10 @@ use ws_lb::Listeners;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let settings = config::load(&config::Cli::command().get_matches(), "LB_")?;
+    let loaded = config::load(&config::Cli::command().get_matches(), "LB_")?;
+    let settings = loaded.settings.clone();
     net_core::telemetry::init_tracing(settings.log_json, &settings.log_level);
+    loaded.warn_ignored();
     let cfg = settings.lb_config()?;
     let prometheus = net_core::telemetry::prometheus();
     let client = net_core::bind(settings.listen, settings.listen_options())

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{ArgMatches, FromArgMatches, Parser};
-use figment::providers::Env;
 use net_core::cli::{human, CommandLine};
+use net_core::config::{EnvSources, Loaded};
 use net_core::{HttpLimits, ListenOptions, SocketOptions};
 use serde::{Deserialize, Serialize};
 use shard_core::source::kafka::{Isolation, KafkaConfig, StartPosition};
@@ -250,15 +250,12 @@ impl Settings {
 
 /// Merges defaults, file, environment (`env`) and the flags given in `matches` (parsed with
 /// [`Cli`]).
-pub fn load(matches: &ArgMatches, env: Env) -> anyhow::Result<Settings> {
+pub fn load(matches: &ArgMatches, prefix: &str) -> anyhow::Result<Loaded<Settings>> {
     let cli = Cli::from_arg_matches(matches)?;
     let flags = CommandLine::new(&cli.settings, matches)?;
-    let settings = net_core::config::load(
-        Settings::default(),
-        cli.config.as_deref(),
-        vec![env],
-        &flags,
-    )?;
+    let env = EnvSources { prefix, raw: &[] };
+    let loaded = net_core::config::load(Settings::default(), cli.config.as_deref(), env, &flags)?;
+    let settings = &loaded.settings;
     if settings.shards == 0 {
         bail!("shards must be at least 1");
     }
@@ -271,13 +268,12 @@ pub fn load(matches: &ArgMatches, env: Env) -> anyhow::Result<Settings> {
     if !settings.kafka_brokers.is_empty() && settings.demo_feed {
         bail!("demo_feed needs the embedded bus; it cannot be combined with kafka_brokers");
     }
-    Ok(settings)
+    Ok(loaded)
 }
 
-/// The environment provider used by the binary.
-pub fn env() -> Env {
-    Env::prefixed("WS_")
-}
+/// The prefix of ws-shard's environment variables. Prefixed variables that name no setting
+/// are ignored with a warning (`WS_URL`, for one, is the load tool's).
+pub const ENV_PREFIX: &str = "WS_";
 
 #[cfg(test)]
 // figment::Jail's closures return figment's (large) error type.
@@ -307,7 +303,7 @@ mod tests {
                 "--drain-window",
                 "250ms",
             ]);
-            let s = load(&c, env()).map_err(|e| e.to_string())?;
+            let s = load(&c, ENV_PREFIX).map_err(|e| e.to_string())?.settings;
             assert_eq!(s.max_connections, 20, "env beats file");
             assert_eq!(s.shards, 5, "flag beats env");
             assert_eq!(
@@ -319,8 +315,23 @@ mod tests {
             assert_eq!(s.drain_window, Duration::from_millis(250));
             assert_eq!(s.base_port, 3002, "default");
             // A flag given with its default value still beats the environment.
-            let s = load(&cli(&["--shards", "3"]), env()).map_err(|e| e.to_string())?;
+            let s = load(&cli(&["--shards", "3"]), ENV_PREFIX)
+                .map_err(|e| e.to_string())?
+                .settings;
             assert_eq!(s.shards, 3);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_env_keys_are_ignored() {
+        figment::Jail::expect_with(|jail| {
+            // The load tool's own variable, set in the same shell.
+            jail.set_env("WS_URL", "ws://x/ws");
+            jail.set_env("WS_SHARDS", "2");
+            let loaded = load(&cli(&[]), ENV_PREFIX).map_err(|e| e.to_string())?;
+            assert_eq!(loaded.settings.shards, 2);
+            assert_eq!(loaded.ignored_env, ["WS_URL"]);
             Ok(())
         });
     }
@@ -329,23 +340,23 @@ mod tests {
     fn bad_input_is_a_clear_error() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("bad.toml", "max_conections = 10")?;
-            let err = load(&cli(&["--config", "bad.toml"]), env()).unwrap_err();
+            let err = load(&cli(&["--config", "bad.toml"]), ENV_PREFIX).unwrap_err();
             assert!(format!("{err:#}").contains("max_conections"), "{err:#}");
             jail.set_env("WS_PING_INTERVAL", "soon");
-            let err = load(&cli(&[]), env()).unwrap_err();
+            let err = load(&cli(&[]), ENV_PREFIX).unwrap_err();
             assert!(
                 format!("{err:#}").to_lowercase().contains("ping_interval"),
                 "{err:#}"
             );
             jail.set_env("WS_PING_INTERVAL", "25s");
             jail.set_env("WS_KAFKA_START", "earliest");
-            let err = load(&cli(&[]), env()).unwrap_err();
+            let err = load(&cli(&[]), ENV_PREFIX).unwrap_err();
             assert!(format!("{err:#}").contains("back:<records>"), "{err:#}");
             Ok(())
         });
-        let err = load(&cli(&["--config", "/nonexistent.toml"]), env()).unwrap_err();
+        let err = load(&cli(&["--config", "/nonexistent.toml"]), ENV_PREFIX).unwrap_err();
         assert!(err.to_string().contains("does not exist"));
-        assert!(load(&cli(&["--shards", "0"]), Env::prefixed("WS_TEST_NONE_")).is_err());
+        assert!(load(&cli(&["--shards", "0"]), "WS_TEST_NONE_").is_err());
         let err = Cli::command()
             .try_get_matches_from(["ws-shard", "--kafka-start", "soon"])
             .unwrap_err();

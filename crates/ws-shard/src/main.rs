@@ -20,8 +20,10 @@ async fn main() -> anyhow::Result<()> {
         );
         std::process::exit(shard_core::source::kafka::consumer::child_main().await);
     }
-    let settings = config::load(&config::Cli::command().get_matches(), config::env())?;
+    let loaded = config::load(&config::Cli::command().get_matches(), config::ENV_PREFIX)?;
+    let settings = loaded.settings.clone();
     net_core::telemetry::init_tracing(settings.log_json, &settings.log_level);
+    loaded.warn_ignored();
     let cfg = settings.server_config()?;
     let prometheus = net_core::telemetry::prometheus();
 
