@@ -10,7 +10,12 @@ shards' connections by the Kafka client id in their first request (`odin-ws-shar
 cut only those, so "the broker is unreachable for the shards while the producer keeps going"
 is real.
 
-Checks (issue #4 acceptance):
+Checks (issue #4 acceptance; 0 from issue #11):
+ 0. Quiet topic: single records produced one at a time on an otherwise idle topic, 250 ms
+    apart, each reach a subscriber directly on both shards and through ws-lb within 250 ms of
+    the broker's acknowledgement; the last record of a burst is delivered. (The consumer child
+    once wrote its events into std's line-buffered stdout, which held a record back until a
+    later one, or a status event, happened to carry a newline byte.)
  1. 10,000 records over 3 partitions and 50 keys: clients subscribed through ws-lb to a sample
     of channels receive exactly their channel's records, in offset order, seq == offset.
  2. Two shard processes deliver identical (epoch, seq) for the same record.
@@ -40,6 +45,10 @@ from kafka import KafkaProducer
 
 TOPIC = "trades"
 KEYS = [f"S{i:02d}" for i in range(50)]
+QUIET = "quiet"
+QUIET_RECORDS = 20
+QUIET_GAP = 0.25
+QUIET_BUDGET = 0.25
 
 
 def free_port() -> int:
@@ -222,6 +231,79 @@ def check_channel(sub: Sub, channel: str, expected, label: str):
         assert epoch.startswith(f"{TOPIC}-{part}-"), (epoch, part)
 
 
+class Arrivals(Sub):
+    """A subscriber that notes when each message arrived (monotonic clock)."""
+
+    def __init__(self, url: str, channel: str):
+        super().__init__(url, [channel])
+        self.at = {}
+
+    async def read(self):
+        try:
+            async for raw in self.ws:
+                m = json.loads(raw)
+                if m["type"] == "message":
+                    self.at.setdefault(m["data"]["n"], time.monotonic())
+                    self.got[m["channel"]].append((m["epoch"], m["seq"], m["data"]))
+        except websockets.exceptions.ConnectionClosed as e:
+            self.closes.append(e.rcvd.code if e.rcvd else None)
+
+
+async def quiet_topic(urls, port: int):
+    """Check 0: nothing is held back on an idle topic."""
+    channel = f"{QUIET}.k1"
+    subs = [Arrivals(u, channel) for u in urls]
+    for s in subs:
+        await s.connect()
+    # Everything Kafka runs off the event loop: the proxy in front of the broker runs on it.
+    producer = await asyncio.to_thread(KafkaProducer, bootstrap_servers=f"127.0.0.1:{port}", linger_ms=0,
+                                       acks=1, request_timeout_ms=30000, max_block_ms=30000)
+
+    def produce(numbers, gap):
+        acked = {}
+        for n in numbers:
+            producer.send(QUIET, key=b"k1", value=json.dumps({"n": n}).encode()).get(timeout=30)
+            acked[n] = time.monotonic()
+            if gap:
+                time.sleep(gap)
+        return acked
+
+    def produce_burst(numbers):
+        """Sent back to back, acknowledged together; then nothing more."""
+        futures = [producer.send(QUIET, key=b"k1", value=json.dumps({"n": n}).encode()) for n in numbers]
+        producer.flush(30)
+        for f in futures:
+            f.get(timeout=30)
+        return time.monotonic()
+
+    burst = range(QUIET_RECORDS, QUIET_RECORDS + 50)
+    try:
+        acked = await asyncio.to_thread(produce, range(QUIET_RECORDS), QUIET_GAP)
+        burst_acked = await asyncio.to_thread(produce_burst, burst)
+    finally:
+        await asyncio.to_thread(producer.close)
+    deadline = time.monotonic() + 5
+    last = burst[-1]
+    while time.monotonic() < deadline and not all(last in s.at for s in subs):
+        await asyncio.sleep(0.02)
+    worst = 0.0
+    for s, where in zip(subs, ("through ws-lb", "on shard A", "on shard B")):
+        late = {n: (s.at[n] - t) if n in s.at else None for n, t in acked.items()}
+        missing = [n for n, d in late.items() if d is None]
+        slow = {n: round(d, 3) for n, d in late.items() if d is not None and d > QUIET_BUDGET}
+        assert not missing and not slow, f"quiet topic {where}: not delivered {missing}, later than {QUIET_BUDGET}s after the ack {slow}"
+        assert last in s.at, f"quiet topic {where}: the last record of a burst was not delivered within 5 s"
+        seqs = [seq for _, seq, _ in s.got[channel]]
+        assert seqs == sorted(set(seqs)) and len(seqs) == QUIET_RECORDS + 50, f"quiet topic {where}: {len(seqs)} records"
+        worst = max(worst, max(late.values()), s.at[last] - burst_acked)
+        ms = sorted(round(d * 1000, 1) for d in late.values())
+        print(f"   quiet topic {where}: ack-to-client ms median {ms[len(ms) // 2]}, max {ms[-1]}; "
+              f"burst's last record {1000 * (s.at[last] - burst_acked):.1f} ms after the burst's ack")
+        await s.ws.close()
+    print(f"ok: quiet topic: {QUIET_RECORDS} single records {QUIET_GAP * 1000:.0f} ms apart and a 50-record burst, "
+          f"directly on both shards and through ws-lb; worst ack-to-client {worst * 1000:.1f} ms")
+
+
 class Procs:
     def __init__(self):
         self.procs = {}
@@ -258,13 +340,14 @@ async def main():
                               "--advertised-listener-url", f"tcp://127.0.0.1:{proxy_port}",
                               "--storage-engine", "memory://tansu/"])
         await wait(lambda: socket.create_connection(("127.0.0.1", broker), 1).close() or True, 20, "tansu")
-        out = await asyncio.to_thread(subprocess.run, [tansu, "topic", "create", TOPIC, "--partitions", "3",
-                              "--broker", f"tcp://127.0.0.1:{broker}"], capture_output=True, text=True, timeout=30)
-        assert out.returncode == 0, out.stderr
+        for topic, partitions in ((TOPIC, 3), (QUIET, 1)):
+            out = await asyncio.to_thread(subprocess.run, [tansu, "topic", "create", topic, "--partitions", str(partitions),
+                                  "--broker", f"tcp://127.0.0.1:{broker}"], capture_output=True, text=True, timeout=30)
+            assert out.returncode == 0, out.stderr
 
     def start_shard(name, port, admin):
         procs.start(name, [shard_bin, "--shards", "1", "--base-port", str(port), "--admin-addr", f"127.0.0.1:{admin}",
-                           "--kafka-brokers", f"127.0.0.1:{proxy_port}", "--kafka-topics", TOPIC,
+                           "--kafka-brokers", f"127.0.0.1:{proxy_port}", "--kafka-topics", f"{TOPIC},{QUIET}",
                            "--kafka-start", "latest", "--history-len", "5000", "--client-rate", "0"])
 
     try:
@@ -278,6 +361,7 @@ async def main():
                            "--per-ip-rate", "0", "--health-interval", "200ms"])
         await wait(lambda: http_json(f"http://127.0.0.1:{lb_port}/health")["status"] == "ok", 20, "ws-lb")
         lb_url = f"ws://127.0.0.1:{lb_port}/ws"
+        await quiet_topic([lb_url, f"ws://127.0.0.1:{shard_a}/ws", f"ws://127.0.0.1:{shard_b}/ws"], proxy_port)
         producer = await asyncio.to_thread(Producer, proxy_port)
 
         # 1 + 2 + 5: sample through the LB, the same channels directly on both shards.

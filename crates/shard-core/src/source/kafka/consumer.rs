@@ -194,9 +194,14 @@ fn survey(
 /// recreated (the caller then starts a fresh one with the resume positions it tracked).
 pub async fn run<W: AsyncWrite + Unpin>(
     cfg: ConsumerConfig,
-    mut out: W,
+    out: W,
     stop: CancellationToken,
 ) -> Result<ConsumerEnd, SourceError> {
+    // Events are written through a buffer and flushed at the end of every batch: whatever
+    // has been read from librdkafka is on its way to the shard before we wait for more. A
+    // writer that holds bytes back until some later event (std's line-buffered stdout did,
+    // until a newline byte happened to pass) delays the last record before a lull forever.
+    let mut out = Events::new(out);
     let probe: Arc<BaseConsumer<Ctx>> = Arc::new(client(&cfg, new_ctx())?);
     let parts = loop {
         let (p, topics) = (probe.clone(), cfg.topics.clone());
@@ -206,7 +211,7 @@ pub async fn run<W: AsyncWrite + Unpin>(
             Err(e) => return Err(SourceError::Fatal(e.to_string())),
         }
         if out
-            .write_all(&wire::encode(&Event::Status(Status {
+            .send(&wire::encode(&Event::Status(Status {
                 connected: false,
                 lag: Vec::new(),
             })))
@@ -273,7 +278,7 @@ pub async fn run<W: AsyncWrite + Unpin>(
         .map(|a| ((a.topic.clone(), a.partition), a.start))
         .collect();
     if out
-        .write_all(&wire::encode(&Event::Partitions(assigned)))
+        .send(&wire::encode(&Event::Partitions(assigned)))
         .await
         .is_err()
     {
@@ -285,7 +290,7 @@ pub async fn run<W: AsyncWrite + Unpin>(
         connected: true,
         lag: Vec::new(),
     });
-    if out.write_all(&wire::encode(&up)).await.is_err() {
+    if out.send(&wire::encode(&up)).await.is_err() {
         return Ok(ConsumerEnd::OutputClosed);
     }
 
@@ -312,7 +317,7 @@ pub async fn run<W: AsyncWrite + Unpin>(
                 let broker_down = consumer.context().latest.lock().take().is_some_and(|s| !s.connected);
                 let connected = !broker_down && marks.iter().all(|(_, _, h)| h.is_some());
                 let lag = marks.iter().filter_map(|((t, p), next, h)| Some((t.clone(), *p, (h.as_ref()? - next).max(0)))).collect();
-                if out.write_all(&wire::encode(&Event::Status(Status { connected, lag }))).await.is_err() {
+                if out.send(&wire::encode(&Event::Status(Status { connected, lag }))).await.is_err() {
                     return Ok(ConsumerEnd::OutputClosed);
                 }
                 let now: Vec<(String, i32)> = marks
@@ -328,10 +333,7 @@ pub async fn run<W: AsyncWrite + Unpin>(
                 continue;
             }
             m = consumer.recv() => match m {
-                Ok(m) => {
-                    next.insert((m.topic().to_owned(), m.partition()), m.offset() + 1);
-                    wire::encode_record(m.topic(), m.partition(), m.offset(), m.timestamp().to_millis(), m.key(), m.payload())
-                }
+                Ok(m) => record_frame(&m, &mut next),
                 Err(e) => {
                     tracing::warn!(error = %e, "kafka consume error");
                     tokio::select! {
@@ -342,10 +344,80 @@ pub async fn run<W: AsyncWrite + Unpin>(
                 }
             },
         };
-        if out.write_all(&frame).await.is_err() {
+        if out.buffer(&frame).await.is_err() {
+            return Ok(ConsumerEnd::OutputClosed);
+        }
+        // Take what librdkafka already holds without waiting, then flush once: one write
+        // for a burst, and no record waits for a later one.
+        for _ in 1..MAX_BATCH {
+            let ready = tokio::select! {
+                biased;
+                m = consumer.recv() => m.ok().map(|m| record_frame(&m, &mut next)),
+                _ = std::future::ready(()) => None,
+            };
+            let Some(frame) = ready else { break };
+            if out.buffer(&frame).await.is_err() {
+                return Ok(ConsumerEnd::OutputClosed);
+            }
+        }
+        if out.flush().await.is_err() {
             return Ok(ConsumerEnd::OutputClosed);
         }
     }
+}
+
+/// Most records taken from librdkafka's queue before the buffered events are flushed.
+const MAX_BATCH: usize = 256;
+
+/// The event for a record, noting the partition's next offset.
+fn record_frame<M: Message>(m: &M, next: &mut HashMap<(String, i32), i64>) -> Vec<u8> {
+    next.insert((m.topic().to_owned(), m.partition()), m.offset() + 1);
+    wire::encode_record(
+        m.topic(),
+        m.partition(),
+        m.offset(),
+        m.timestamp().to_millis(),
+        m.key(),
+        m.payload(),
+    )
+}
+
+/// The event stream to the shard: buffered, flushed explicitly.
+struct Events<W: AsyncWrite + Unpin> {
+    out: tokio::io::BufWriter<W>,
+}
+
+impl<W: AsyncWrite + Unpin> Events<W> {
+    fn new(out: W) -> Self {
+        Self {
+            out: tokio::io::BufWriter::with_capacity(64 * 1024, out),
+        }
+    }
+
+    /// Adds an event to the buffer (writing out what is there when it is full).
+    async fn buffer(&mut self, frame: &[u8]) -> std::io::Result<()> {
+        self.out.write_all(frame).await
+    }
+
+    /// Pushes every buffered byte to the reader.
+    async fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush().await
+    }
+
+    /// One event, flushed.
+    async fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
+        self.buffer(frame).await?;
+        self.flush().await
+    }
+}
+
+/// Our stdout as a non-blocking pipe writer on the reactor, when it is a pipe (as the shard
+/// starts us). std's `Stdout`, which `tokio::io::stdout()` wraps, is line-buffered: a binary
+/// event sat in it until a newline byte happened to pass.
+fn stdout_pipe() -> Option<tokio::net::unix::pipe::Sender> {
+    use std::os::fd::AsFd;
+    let fd = std::io::stdout().as_fd().try_clone_to_owned().ok()?;
+    tokio::net::unix::pipe::Sender::from_owned_fd(fd).ok()
 }
 
 /// Exit code of a consumer process that found a recreated partition.
@@ -375,7 +447,13 @@ pub async fn child_main() -> i32 {
         let _ = tokio::io::AsyncReadExt::read_to_end(&mut stdin, &mut rest).await;
         watch.cancel();
     });
-    match run(cfg, tokio::io::stdout(), stop).await {
+    let result = match stdout_pipe() {
+        Some(pipe) => run(cfg, pipe, stop).await,
+        // Not a pipe (started by hand): tokio's stdout works too, since every batch is
+        // flushed, at the cost of a blocking-pool hop per write.
+        None => run(cfg, tokio::io::stdout(), stop).await,
+    };
+    match result {
         Ok(ConsumerEnd::Recreated) => EXIT_RECREATED,
         Ok(_) => 0,
         Err(e) => {

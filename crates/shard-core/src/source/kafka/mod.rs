@@ -430,8 +430,11 @@ impl MessageSource for KafkaSource {
                         tracing::warn!(error = %e, "kafka consumer process did not take its configuration");
                     }
                     // stdin stays open: closing it is how the child learns we are gone.
+                    // A read buffer only batches what the pipe already holds: it never
+                    // waits for more than one read returns.
+                    let events = tokio::io::BufReader::with_capacity(64 * 1024, stdout);
                     let stopped = self
-                        .consume(stdout, &hub, &mut state, &fanout, &shutdown)
+                        .consume(events, &hub, &mut state, &fanout, &shutdown)
                         .await;
                     drop(stdin);
                     if stopped {
