@@ -155,6 +155,19 @@ ROWS = [
         ts("Deliveries", [q(f"sum by (instance) (rate(ws_shard_deliveries_total{{{SH}}}[{RI}]))", "{{instance}}")], unit="ops"),
         ts("Fan-out latency", quantiles("ws_shard_fanout_seconds", SH), unit="s"),
     ]),
+    ("History and memory (ws-shard)", [
+        ts("History budget used", [
+            q(f"max by (instance) (ws_shard_history_bytes{{{SH}}} / ws_shard_history_budget_bytes{{{SH}}})", "{{instance}}"),
+        ], unit="percentunit", description="HistoryBudgetNearlyFull fires above 0.9 for 15 minutes; eviction keeps it at or below 1."),
+        ts("Registry entries", [
+            q(f"sum(ws_shard_channels{{{SH}}})", "channels"),
+            q(f"sum(ws_shard_channel_positions{{{SH}}})", "kept positions"),
+            q(f"sum(ws_shard_empty_channels{{{SH}}})", "empty (subscribed, no message)"),
+        ], description="Kept positions: channels that left the registry, remembered as (epoch, last seq)."),
+        ts("Evictions by cause", [
+            q(f"sum by (cause) (rate(ws_shard_channel_evictions_total{{{SH}}}[{RI}]))", "{{cause}}"),
+        ], unit="ops", description="budget: history dropped to stay within history_budget; idle: channel left after channel_idle_timeout; position: a kept position dropped."),
+    ]),
     ("Kafka", [
         ts("Consumer lag by topic", [q(f"max by (topic) (ws_kafka_consumer_lag{{{SH}}})", "{{topic}}")],
            description="Worst partition; KafkaConsumerLagHigh fires above 10000."),

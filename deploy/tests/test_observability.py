@@ -31,6 +31,7 @@ EXPECTED = {
     "KafkaConsumerLagHigh": "max by (instance, topic) (ws_kafka_consumer_lag) > 10000",
     "AdmissionRejections": "sum by (instance, reason) (rate(ws_lb_admission_rejections_total[5m])) > 1",
     "KafkaDisconnected": "ws_kafka_connected == 0",
+    "HistoryBudgetNearlyFull": "max by (instance) (ws_shard_history_bytes / ws_shard_history_budget_bytes) > 0.9",
 }
 
 FAILURES = []

@@ -1,4 +1,5 @@
-//! Process limits that size defaults: how many clients fit in the open-files limit.
+//! Process limits that size defaults: how many clients fit in the open-files limit, how much
+//! memory the process may use.
 
 /// The soft `RLIMIT_NOFILE` of this process, read from `/proc/self/limits` (Linux);
 /// `None` where that file is missing or says "unlimited".
@@ -26,6 +27,38 @@ pub fn clients_for_open_files(per_client: u64, reserve: u64) -> usize {
     })
 }
 
+/// The memory this process may use in bytes: the smaller of its cgroup's limit (v2
+/// `memory.max`, or v1 `memory.limit_in_bytes`) and the machine's `MemTotal`; `None` where
+/// neither can be read (not Linux).
+pub fn memory_limit() -> Option<u64> {
+    let total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| parse_mem_total(&t));
+    let cgroup = [
+        "/sys/fs/cgroup/memory.max",
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+    ]
+    .iter()
+    .find_map(|p| std::fs::read_to_string(p).ok())
+    .and_then(|t| parse_cgroup_limit(&t));
+    match (total, cgroup) {
+        (Some(t), Some(c)) => Some(t.min(c)),
+        (t, c) => t.or(c),
+    }
+}
+
+fn parse_mem_total(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// A cgroup limit; "max" (v2) and the v1 "no limit" value (close to `i64::MAX`) are none.
+fn parse_cgroup_limit(text: &str) -> Option<u64> {
+    let n: u64 = text.trim().parse().ok()?;
+    (n < 1 << 60).then_some(n)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -43,6 +76,20 @@ mod tests {
             None
         );
         assert_eq!(parse_open_files("nothing here"), None);
+    }
+
+    #[test]
+    fn parses_memory_limits() {
+        assert_eq!(
+            parse_mem_total("MemTotal:       24568244 kB\nMemFree: 1 kB\n"),
+            Some(24_568_244 * 1024)
+        );
+        assert_eq!(parse_mem_total("nothing"), None);
+        assert_eq!(parse_cgroup_limit("max\n"), None);
+        assert_eq!(parse_cgroup_limit("9223372036854771712\n"), None);
+        assert_eq!(parse_cgroup_limit("4294967296\n"), Some(4 << 30));
+        let here = memory_limit().unwrap();
+        assert!(here > 1 << 20, "{here}");
     }
 
     #[test]

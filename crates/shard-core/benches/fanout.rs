@@ -13,7 +13,7 @@ use ws_protocol::ChannelName;
 fn benches(c: &mut Criterion) {
     let mut g = c.benchmark_group("hub publish");
     for n in [100usize, 1_000, 10_000] {
-        let hub = Hub::new(HubConfig { history_len: 1000 }, 1, "e");
+        let hub = Hub::new(HubConfig::default(), 1, "e");
         let channel = ChannelName::new("trades.BTC-USD").unwrap();
         let queues: Vec<Arc<ConnQueue>> =
             (0..n).map(|_| Arc::new(ConnQueue::new(1 << 20))).collect();
@@ -26,7 +26,8 @@ fn benches(c: &mut Criterion) {
                     shard: 0,
                     queue: q.clone(),
                 },
-            );
+            )
+            .unwrap();
         }
         let mut seq = 0u64;
         let data = r#"{"px":64012.5,"qty":0.3125,"side":"buy","ts":1795803982627}"#;

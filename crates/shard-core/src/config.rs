@@ -96,19 +96,48 @@ impl SessionConfig {
 pub struct HubConfig {
     /// Messages kept per channel for `since` recovery.
     pub history_len: usize,
+    /// Bytes of history and channel bookkeeping the process may hold; beyond it the least
+    /// recently used history is evicted.
+    pub history_budget: usize,
+    /// A channel without subscribers that carried no message for this long leaves the
+    /// registry (its position is kept while the budget allows).
+    pub channel_idle_timeout: Duration,
+    /// Most channels created by subscriptions that have carried no message yet; a
+    /// subscription that would create one more is refused.
+    pub max_empty_channels: usize,
 }
+
+/// Smallest `history_budget` accepted: room for a few thousand channels.
+pub const MIN_HISTORY_BUDGET: usize = 1 << 20;
 
 impl Default for HubConfig {
     fn default() -> Self {
-        Self { history_len: 1000 }
+        Self {
+            history_len: 1000,
+            history_budget: 1 << 30,
+            channel_idle_timeout: Duration::from_secs(300),
+            max_empty_channels: 100_000,
+        }
     }
 }
 
 impl HubConfig {
-    /// Checks the setting.
+    /// Checks the settings.
     pub fn validate(self) -> Result<Self, ConfigError> {
         if self.history_len > 1_000_000 {
             return Err(bad("history_len", "must be at most 1000000"));
+        }
+        if self.history_budget < MIN_HISTORY_BUDGET {
+            return Err(bad(
+                "history_budget",
+                format!("must be at least {MIN_HISTORY_BUDGET} bytes"),
+            ));
+        }
+        if self.channel_idle_timeout.is_zero() {
+            return Err(bad("channel_idle_timeout", "must be positive"));
+        }
+        if self.max_empty_channels == 0 {
+            return Err(bad("max_empty_channels", "must be at least 1"));
         }
         Ok(self)
     }
@@ -133,10 +162,25 @@ mod tests {
         }
         .validate()
         .is_err());
-        assert!(HubConfig {
-            history_len: 2_000_000
+        for bad in [
+            HubConfig {
+                history_len: 2_000_000,
+                ..HubConfig::default()
+            },
+            HubConfig {
+                history_budget: MIN_HISTORY_BUDGET - 1,
+                ..HubConfig::default()
+            },
+            HubConfig {
+                channel_idle_timeout: Duration::ZERO,
+                ..HubConfig::default()
+            },
+            HubConfig {
+                max_empty_channels: 0,
+                ..HubConfig::default()
+            },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
         }
-        .validate()
-        .is_err());
     }
 }

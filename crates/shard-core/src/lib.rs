@@ -2,7 +2,8 @@
 //!
 //! - [`slots`]: connection slots owned by guards, so every exit path releases them.
 //! - [`hub`]: the channel registry — subscribers, per-channel history, and fan-out of
-//!   frames encoded once and shared by every subscriber.
+//!   frames encoded once and shared by every subscriber; history within a byte budget,
+//!   idle channels evicted, recovery answers kept honest after eviction.
 //! - [`queue`]: each connection's bounded outbound queue; overflowing it marks a slow
 //!   consumer instead of slowing the publisher.
 //! - [`source`]: message sources behind one trait (the embedded bus, a demo feed; Kafka).
@@ -21,5 +22,5 @@ pub mod slots;
 pub mod source;
 
 pub use config::{ConfigError, HubConfig, SessionConfig};
-pub use hub::{Hub, Publication};
+pub use hub::{Hub, Publication, SubscribeError};
 pub use slots::{SlotGuard, Slots};

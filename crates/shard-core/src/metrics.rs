@@ -23,8 +23,19 @@ pub const DUPLICATES: &str = "ws_shard_messages_duplicate_total";
 pub const DELIVERIES: &str = "ws_shard_deliveries_total";
 /// Histogram: seconds from a message's source timestamp to the end of its fan-out.
 pub const FANOUT_SECONDS: &str = "ws_shard_fanout_seconds";
-/// Gauge: channels known to the registry.
+/// Gauge: channels with state in the registry (published ones and placeholders).
 pub const CHANNELS: &str = "ws_shard_channels";
+/// Gauge: channels that left the registry and are kept only as a position (epoch, last seq).
+pub const CHANNEL_POSITIONS: &str = "ws_shard_channel_positions";
+/// Gauge: channels created by subscriptions that have carried no message (capped by
+/// `max_empty_channels`).
+pub const EMPTY_CHANNELS: &str = "ws_shard_empty_channels";
+/// Gauge: bytes of history and channel bookkeeping counted against the budget.
+pub const HISTORY_BYTES: &str = "ws_shard_history_bytes";
+/// Gauge: the `history_budget` in bytes.
+pub const HISTORY_BUDGET: &str = "ws_shard_history_budget_bytes";
+/// Counter: history or channels evicted, label `cause` (`EvictionCause::label`).
+pub const CHANNEL_EVICTIONS: &str = "ws_shard_channel_evictions_total";
 /// Gauge: subscriptions across all connections.
 pub const SUBSCRIPTIONS: &str = "ws_shard_subscriptions";
 /// Counter: `error` replies sent, label `code`.
@@ -42,6 +53,9 @@ pub fn register_process_series() {
     for recovered in ["true", "false"] {
         metrics::counter!(RECOVERIES, "recovered" => recovered).increment(0);
     }
+    for cause in crate::hub::EvictionCause::ALL {
+        metrics::counter!(CHANNEL_EVICTIONS, "cause" => cause.label()).increment(0);
+    }
 }
 
 /// Every metric name this crate exports (for the docs and exported-metrics tests).
@@ -57,6 +71,11 @@ pub const ALL: &[&str] = &[
     DELIVERIES,
     FANOUT_SECONDS,
     CHANNELS,
+    CHANNEL_POSITIONS,
+    EMPTY_CHANNELS,
+    HISTORY_BYTES,
+    HISTORY_BUDGET,
+    CHANNEL_EVICTIONS,
     SUBSCRIPTIONS,
     ERROR_REPLIES,
     REPLAYED,

@@ -25,6 +25,9 @@ pub enum ErrorCode {
     NotSubscribed,
     /// A binary frame was sent; the protocol is JSON text only.
     BinaryNotSupported,
+    /// The shard holds as many channels that carry nothing as it allows
+    /// (`max_empty_channels`); the subscription would create one more.
+    TooManyChannels,
 }
 
 impl ErrorCode {
@@ -39,11 +42,12 @@ impl ErrorCode {
             Self::AlreadySubscribed => "already_subscribed",
             Self::NotSubscribed => "not_subscribed",
             Self::BinaryNotSupported => "binary_not_supported",
+            Self::TooManyChannels => "too_many_channels",
         }
     }
 
     /// Every code, for documentation tests.
-    pub const ALL: [ErrorCode; 8] = [
+    pub const ALL: [ErrorCode; 9] = [
         Self::InvalidJson,
         Self::InvalidMessage,
         Self::UnknownType,
@@ -52,6 +56,7 @@ impl ErrorCode {
         Self::AlreadySubscribed,
         Self::NotSubscribed,
         Self::BinaryNotSupported,
+        Self::TooManyChannels,
     ];
 }
 

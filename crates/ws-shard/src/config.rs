@@ -93,9 +93,21 @@ pub struct Settings {
     #[arg(long, value_parser = humantime::parse_duration, default_value = human(lib().grace))]
     #[serde(with = "humantime_serde")]
     pub grace: Duration,
-    /// Messages kept per channel for `since` recovery.
+    /// Messages kept per channel for `since` recovery, as long as history-budget allows.
     #[arg(long, default_value_t = lib().hub.history_len)]
     pub history_len: usize,
+    /// Bytes of history and channel bookkeeping per process; beyond it the least recently
+    /// used history is evicted (0 = a quarter of the memory the process may use).
+    #[arg(long, default_value_t = 0)]
+    pub history_budget: usize,
+    /// A channel without subscribers leaves the registry after this long without a message.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = human(lib().hub.channel_idle_timeout))]
+    #[serde(with = "humantime_serde")]
+    pub channel_idle_timeout: Duration,
+    /// Most channels created by subscriptions that carry no message yet, per process
+    /// (too_many_channels beyond).
+    #[arg(long, default_value_t = lib().hub.max_empty_channels)]
+    pub max_empty_channels: usize,
     /// The HTTP request head must arrive within this time (slowloris).
     #[arg(long, value_parser = humantime::parse_duration, default_value = human(lib().http.header_read_timeout))]
     #[serde(with = "humantime_serde")]
@@ -192,6 +204,12 @@ impl Settings {
             echo,
             hub: HubConfig {
                 history_len: self.history_len,
+                history_budget: match self.history_budget {
+                    0 => auto_history_budget(),
+                    n => n,
+                },
+                channel_idle_timeout: self.channel_idle_timeout,
+                max_empty_channels: self.max_empty_channels,
             }
             .validate()?,
             http: HttpLimits {
@@ -246,6 +264,17 @@ impl Settings {
             reuse_port: self.reuse_port,
         }
     }
+}
+
+/// `history_budget = 0`: a quarter of the memory this process may use (its cgroup limit or
+/// the machine's memory), at least the minimum; the library default where neither can be
+/// read.
+fn auto_history_budget() -> usize {
+    net_core::limits::memory_limit()
+        .map_or(lib().hub.history_budget, |bytes| {
+            usize::try_from(bytes / 4).unwrap_or(usize::MAX)
+        })
+        .max(shard_core::config::MIN_HISTORY_BUDGET)
 }
 
 /// Merges defaults, file, environment (`env`) and the flags given in `matches` (parsed with
@@ -375,7 +404,13 @@ mod tests {
     #[test]
     fn defaults_are_the_library_defaults() {
         let s = Settings::default();
-        let cfg = s.server_config().unwrap();
+        let mut cfg = s.server_config().unwrap();
+        // The one setting whose default the binary derives from the machine (a quarter of
+        // its memory) rather than taking the library's fixed one.
+        assert_eq!(s.history_budget, 0);
+        assert_eq!(cfg.hub.history_budget, auto_history_budget());
+        assert!(cfg.hub.history_budget >= shard_core::config::MIN_HISTORY_BUDGET);
+        cfg.hub.history_budget = ServerConfig::default().hub.history_budget;
         assert_eq!(format!("{cfg:?}"), format!("{:?}", ServerConfig::default()));
         let echo = Settings {
             echo: true,

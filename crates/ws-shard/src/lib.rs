@@ -153,6 +153,7 @@ pub async fn run(
     let epoch = fresh_epoch();
     let hub = Hub::new(cfg.hub, n as u32, &epoch);
     let tasks = TaskTracker::new();
+    tasks.spawn(maintain(hub.clone(), shutdown.hard.clone()));
 
     let (status, bus) = match cfg.source {
         SourceConfig::Embedded { demo_rate } => {
@@ -252,6 +253,19 @@ pub async fn run(
     tasks.close();
     let _ = tokio::time::timeout(Duration::from_secs(1), tasks.wait()).await;
     Ok(left)
+}
+
+/// Runs the hub's maintenance (hub clock, idle channels, budget, registry gauges) until the
+/// hard stop.
+async fn maintain(hub: Arc<Hub>, stop: tokio_util::sync::CancellationToken) {
+    let mut tick = tokio::time::interval(hub.maintenance_interval());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            now = tick.tick() => hub.maintain(now.into_std()),
+        }
+    }
 }
 
 async fn serve(

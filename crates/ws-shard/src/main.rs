@@ -25,6 +25,10 @@ async fn main() -> anyhow::Result<()> {
     net_core::telemetry::init_tracing(settings.log_json, &settings.log_level);
     loaded.warn_ignored();
     let cfg = settings.server_config()?;
+    tracing::info!(
+        history_budget = cfg.hub.history_budget,
+        "history budget (bytes) of this process"
+    );
     let prometheus = net_core::telemetry::prometheus();
 
     let opts = settings.listen_options();

@@ -90,7 +90,13 @@ impl PubSub {
                         shard: self.shard,
                         queue: self.queue.clone(),
                     };
-                    let r = self.hub.subscribe(&channel, position, sub);
+                    let r = match self.hub.subscribe(&channel, position, sub) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            error(out, ErrorCode::TooManyChannels, e.to_string(), Some(name));
+                            continue;
+                        }
+                    };
                     self.channels.push(channel);
                     if position.is_some() {
                         let label = if r.recovered { "true" } else { "false" };

@@ -2,21 +2,21 @@
 //! `POST /publish`).
 //!
 //! Each channel is numbered from 1 in the bus's epoch, which is fresh for every process
-//! start, so positions from an earlier run are never mistaken for current ones. A
-//! per-channel lock is held while a message is numbered and handed to the hub, so messages
-//! of one channel reach the hub in `seq` order even with concurrent publishers, while
-//! different channels publish in parallel.
+//! start, so positions from an earlier run are never mistaken for current ones. The hub
+//! numbers each message under the channel's lock ([`Hub::publish_next`]), so messages of one
+//! channel are numbered and fanned out in order even with concurrent publishers, different
+//! channels publish in parallel, and the bus keeps no state per channel: a channel the hub
+//! has forgotten (memory budget) costs nothing here, and its numbering resumes above every
+//! number it was given before.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 use ws_protocol::{ChannelName, Position};
 
 use super::{MessageSource, SourceError, SourceStatus};
-use crate::hub::{Hub, Publication};
+use crate::hub::Hub;
 
 /// The embedded bus. Cheap to clone; clones publish into the same sequence space.
 #[derive(Debug, Clone)]
@@ -28,7 +28,6 @@ pub struct EmbeddedBus {
 struct BusInner {
     hub: Arc<Hub>,
     epoch: Arc<str>,
-    channels: Mutex<HashMap<ChannelName, Arc<Mutex<u64>>>>,
     status: Arc<SourceStatus>,
 }
 
@@ -49,7 +48,6 @@ impl EmbeddedBus {
             inner: Arc::new(BusInner {
                 hub,
                 epoch: Arc::from(epoch),
-                channels: Mutex::new(HashMap::new()),
                 status: SourceStatus::new("embedded", false),
             }),
         }
@@ -62,26 +60,14 @@ impl EmbeddedBus {
 
     /// Publishes `data_json` (one valid JSON value) on `channel`; returns its position.
     pub fn publish(&self, channel: ChannelName, data_json: &str) -> Position {
-        let counter = {
-            let mut map = self.inner.channels.lock();
-            map.entry(channel.clone())
-                .or_insert_with(|| Arc::new(Mutex::new(0)))
-                .clone()
-        };
-        let mut seq = counter.lock();
-        *seq += 1;
-        let p = Publication::encode(
-            channel,
-            self.inner.epoch.clone(),
-            *seq,
-            1,
-            data_json,
-            Some(SystemTime::now()),
-        );
-        self.inner.hub.publish(&p);
+        let inner = &self.inner;
+        let seq =
+            inner
+                .hub
+                .publish_next(&channel, &inner.epoch, data_json, Some(SystemTime::now()));
         Position {
-            epoch: self.inner.epoch.to_string(),
-            seq: *seq,
+            epoch: inner.epoch.to_string(),
+            seq,
         }
     }
 }

@@ -2,6 +2,7 @@
 //! (tokio-tungstenite) and raw TCP for the abusive cases.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+mod budget;
 mod drain;
 mod fd_limit;
 mod hostile;
