@@ -135,6 +135,31 @@ impl ShardPool {
         }
     }
 
+    /// Records that this LB could not even open a TCP connection to the shard for its
+    /// `/health` poll (refused, or the connect timed out): the same evidence as a failed
+    /// connect, so while the breaker is closed it counts as one failed call. Without it, a
+    /// shard this LB cannot reach (a network partition between the two) never opens its
+    /// breaker: once a few attempts failed, the score makes it lose almost every P2C
+    /// comparison, so consecutive failures pile up too slowly, and it keeps being tried now
+    /// and then, each try costing a client `attempt_timeout`. A reachable shard that answers
+    /// its poll slowly or with an error does not count (a busy or half-broken health
+    /// endpoint alone must never empty the pool), and open or half-open breakers are left
+    /// to the handshakes (trials), as before.
+    pub fn probe_unreachable(&self, index: usize, now: Instant) {
+        let transition = self.shards.get(index).and_then(|s| {
+            let mut s = s.lock();
+            s.health_ok = false;
+            if s.breaker.state() != BreakerState::Closed {
+                return None;
+            }
+            let (ticket, _) = s.breaker.acquire(now).ok()?;
+            s.breaker.on_failure(ticket, now)
+        });
+        if let Some(t) = transition {
+            self.observer.transition(index, t);
+        }
+    }
+
     /// Chooses a shard not yet in `tried` and takes a call permit on it.
     pub fn select<R: Rng + ?Sized>(
         &self,
@@ -408,6 +433,47 @@ mod tests {
         let c = p.select(Tried::default(), Instant::now(), &mut rng);
         assert!(c.is_some());
         drop(b);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unreachable_probes_count_as_failures_only_while_closed() {
+        let p = pool(2, Arc::new(NoObserver));
+        let mut rng = StdRng::seed_from_u64(3);
+        // A success between probes resets the count, as for handshakes.
+        p.probe_unreachable(0, Instant::now());
+        p.probe_unreachable(0, Instant::now());
+        let lease = loop {
+            let l = p
+                .select(Tried::default(), Instant::now(), &mut rng)
+                .unwrap();
+            if l.index() == 0 {
+                break l;
+            }
+        };
+        lease.succeed();
+        p.probe_unreachable(0, Instant::now());
+        p.probe_unreachable(0, Instant::now());
+        assert_eq!(p.snapshot(Instant::now())[0].breaker, BreakerState::Closed);
+        p.probe_unreachable(0, Instant::now());
+        let snap = p.snapshot(Instant::now());
+        assert_eq!(snap[0].breaker, BreakerState::Open);
+        assert!(!snap[0].admits && !snap[0].health_ok);
+        assert_eq!(snap[1].breaker, BreakerState::Closed);
+        // Open: probes change nothing; after the timeout the next client is the trial.
+        tokio::time::advance(Duration::from_secs(30)).await;
+        p.probe_unreachable(0, Instant::now());
+        assert!(p.snapshot(Instant::now())[0].admits);
+        let trial = p
+            .select(Tried::default(), Instant::now(), &mut rng)
+            .unwrap();
+        assert!(trial.is_trial() && trial.index() == 0);
+        // Half-open: probes leave the trial alone.
+        p.probe_unreachable(0, Instant::now());
+        assert_eq!(
+            p.snapshot(Instant::now())[0].breaker,
+            BreakerState::HalfOpen
+        );
+        drop(trial);
     }
 
     #[tokio::test(start_paused = true)]

@@ -31,29 +31,49 @@ const MAX_HEALTH_BODY: usize = 64 * 1024;
 
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>;
 
-async fn poll_one(
-    client: HttpClient,
-    uri: String,
-    limit: std::time::Duration,
-) -> Option<ShardHealth> {
-    let uri: http::Uri = uri.parse().ok()?;
+/// What one `/health` poll found.
+enum Poll {
+    Health(ShardHealth),
+    /// No TCP connection could be opened (refused, or the connect timed out).
+    Unreachable,
+    /// Connected, but no usable answer in time (slow, an error status without a health body,
+    /// a malformed body).
+    NoAnswer,
+}
+
+async fn poll_one(client: HttpClient, uri: String, limit: std::time::Duration) -> Poll {
+    let Ok(uri) = uri.parse::<http::Uri>() else {
+        return Poll::NoAnswer;
+    };
     let fut = async {
-        let resp = client.get(uri).await.ok()?;
-        let body = Limited::new(resp.into_body(), MAX_HEALTH_BODY)
+        let resp = match client.get(uri).await {
+            Ok(r) => r,
+            Err(e) if e.is_connect() => return Poll::Unreachable,
+            Err(_) => return Poll::NoAnswer,
+        };
+        let Ok(body) = Limited::new(resp.into_body(), MAX_HEALTH_BODY)
             .collect()
             .await
-            .ok()?
-            .to_bytes();
-        serde_json::from_slice::<ShardHealth>(&body).ok()
+        else {
+            return Poll::NoAnswer;
+        };
+        match serde_json::from_slice::<ShardHealth>(&body.to_bytes()) {
+            Ok(h) => Poll::Health(h),
+            Err(_) => Poll::NoAnswer,
+        }
     };
-    timeout(limit, fut).await.ok().flatten()
+    timeout(limit, fut).await.unwrap_or(Poll::NoAnswer)
 }
 
 /// Polls every shard's `/health` each `health_interval` until the LB stops.
 pub(crate) async fn poll_loop(lb: Arc<Lb>) {
+    // The connect gets half the poll's budget, so a connect that never completes (a shard
+    // this LB cannot reach) is told apart from a shard that is merely slow to answer.
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.set_connect_timeout(Some(lb.cfg.health_timeout / 2));
     let client: HttpClient = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(1)
-        .build_http();
+        .build(connector);
     let mut tick = tokio::time::interval(lb.cfg.health_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -69,11 +89,16 @@ pub(crate) async fn poll_loop(lb: Arc<Lb>) {
         while let Some(done) = polls.join_next().await {
             let Ok((i, result)) = done else { continue };
             match result {
-                Some(h) => {
+                Poll::Health(h) => {
                     lb.pool
                         .set_health(i, h.utilization(), h.status == ShardStatus::Draining)
                 }
-                None => {
+                Poll::Unreachable => {
+                    lb.pool.probe_unreachable(i, Instant::now());
+                    metrics::counter!(HEALTH_POLL_FAILURES, "shard_id" => i.to_string())
+                        .increment(1);
+                }
+                Poll::NoAnswer => {
                     lb.pool.set_health_unreachable(i);
                     metrics::counter!(HEALTH_POLL_FAILURES, "shard_id" => i.to_string())
                         .increment(1);

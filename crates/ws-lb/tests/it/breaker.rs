@@ -31,7 +31,16 @@ async fn failing_shard_opens_is_avoided_half_opens_and_closes_on_recovery() {
     for _ in 0..36 {
         held.push(connect(&good.ws_url(0)).await.unwrap());
     }
-    let flaky = free_port();
+    // The failing shard accepts TCP and hangs up at once: its handshakes fail, while the
+    // LB's health polls (which connect fine) find no answer, which is not held against its
+    // breaker, so the breaker here counts handshakes only.
+    let hangup = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let flaky = hangup.local_addr().unwrap();
+    let hangup = tokio::spawn(async move {
+        while let Ok((s, _)) = hangup.accept().await {
+            drop(s);
+        }
+    });
     let lb = start_lb(vec![good.ws_url(0), format!("ws://{flaky}/ws")], |c| {
         c.breaker = BreakerConfig::try_new(3, Duration::from_secs(1), 2, 2).unwrap();
     })
@@ -80,6 +89,8 @@ async fn failing_shard_opens_is_avoided_half_opens_and_closes_on_recovery() {
     );
 
     // The shard comes back on the same address; after the open timeout trials close it.
+    hangup.abort();
+    let _ = hangup.await;
     let revived = start_shards_at(vec![flaky], |_| {}).await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let mut probes = Vec::new();
@@ -185,4 +196,38 @@ async fn new_connections_go_to_lightly_loaded_shards() {
     assert_eq!(on.iter().sum::<u64>(), 100);
     assert!(on[0] <= 5, "the 90% shard got {} of 100 ({on:?})", on[0]);
     shards.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_the_lb_cannot_connect_to_opens_its_breaker_without_any_client() {
+    // A shard this LB cannot reach at all (here: nothing listens; a network partition looks
+    // the same, with connect timeouts) is found by the health polls alone: no client pays
+    // for it. The breaker counts each failed connect of a poll while closed.
+    let good = start_shards(1, |_| {}).await;
+    let gone = free_port();
+    let lb = start_lb(vec![good.ws_url(0), format!("ws://{gone}/ws")], |c| {
+        c.breaker = BreakerConfig::try_new(3, Duration::from_secs(3600), 2, 2).unwrap();
+    })
+    .await;
+    assert!(
+        wait_until(Duration::from_secs(5), || async {
+            transitions(&lb.metrics().await, "1", "closed", "open") == 1.0
+        })
+        .await,
+        "the breaker of the unreachable shard opened"
+    );
+    let page = lb.metrics().await;
+    assert_eq!(
+        metric(&page, "ws_handshake_attempts_total", &["shard_id=\"1\""]),
+        0.0
+    );
+    assert_eq!(transitions(&page, "0", "closed", "open"), 0.0);
+    assert_eq!(metric(&page, "ws_lb_shards_available", &[]), 1.0);
+    let h = lb.health().await;
+    assert_eq!(
+        (h["status"].as_str(), h["shards_available"].as_u64()),
+        (Some("ok"), Some(1))
+    );
+    assert_eq!(h["shards"][1]["health_ok"], false);
+    good.kill();
 }

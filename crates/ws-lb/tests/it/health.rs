@@ -22,15 +22,17 @@ async fn no_shard_available_is_live_and_only_draining_is_503() {
     })
     .await;
     let shards_available = |page: &str| metric(page, "ws_lb_shards_available", &[]);
+    // The dead backend is found by the health polls (its connects are refused) and taken
+    // out; the live one stays.
     assert!(
         wait_until(Duration::from_secs(5), || async {
-            shards_available(&lb.metrics().await) == 2.0
+            shards_available(&lb.metrics().await) == 1.0
         })
         .await
     );
 
-    // Lose the whole shard tier: every new client is closed with 1012 (one attempt per
-    // shard opens its breaker), and the LB stays live.
+    // Lose the whole shard tier: the polls take the other one out too, and every new client
+    // still gets a WebSocket, closed with 1012 and a reason; the LB stays live.
     shards.kill();
     let gone = shards.shards[0];
     assert!(
@@ -38,6 +40,13 @@ async fn no_shard_available_is_live_and_only_draining_is_503() {
             get(gone, "/health").await.is_err()
         })
         .await
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || async {
+            shards_available(&lb.metrics().await) == 0.0
+        })
+        .await,
+        "the gauge follows within a poll"
     );
     let mut closes = Vec::new();
     let mut held = Vec::new();
@@ -58,13 +67,6 @@ async fn no_shard_available_is_live_and_only_draining_is_503() {
     assert_eq!(body["status"], "no_shard_available");
     assert_eq!(body["shards_available"], 0);
     assert_eq!(body["shards_total"], 2);
-    assert!(
-        wait_until(Duration::from_secs(5), || async {
-            shards_available(&lb.metrics().await) == 0.0
-        })
-        .await,
-        "the gauge follows within a poll"
-    );
 
     // Draining: now the LB asks to be taken out of the front load balancer.
     lb.shutdown.drain.cancel();
