@@ -33,6 +33,9 @@ SHARD_IP_START="${SHARD_IP_START:-10}"
 SHARD_IPS="${SHARD_IPS:-}"
 KAFKA_BROKERS="${KAFKA_BROKERS:-}"             # empty: no Kafka consumer
 KAFKA_TOPICS="${KAFKA_TOPICS:-trades,book}"
+# Where a (re)started shard begins each partition: back:N warms its history so clients
+# reconnecting to a restarted shard VM recover with `since` (see variables.tf kafka_start).
+KAFKA_START="${KAFKA_START:-back:1000}"
 
 # ---- LB tier -----------------------------------------------------------------
 LB_TARGET_SIZE="${LB_TARGET_SIZE:-10}"

@@ -94,7 +94,7 @@ load_config() {
 
   SHARD_ARGS="--shards $SHARDS_PER_VM --base-port $SHARD_BASE_PORT --bind 0.0.0.0 --admin-addr 0.0.0.0:$SHARD_ADMIN_PORT --max-connections $SHARD_MAX_CONNECTIONS --drain-window 10s --grace 30s --log-json"
   if [[ -n "$KAFKA_BROKERS" ]]; then
-    SHARD_ARGS+=" --kafka-brokers $KAFKA_BROKERS --kafka-topics $KAFKA_TOPICS"
+    SHARD_ARGS+=" --kafka-brokers $KAFKA_BROKERS --kafka-topics $KAFKA_TOPICS --kafka-start $KAFKA_START"
   fi
   LB_ARGS="--listen 0.0.0.0:$LB_PORT --admin-addr 0.0.0.0:$LB_ADMIN_PORT --backend-urls=$BACKEND_URLS --allowed-origins $ALLOWED_ORIGINS --trust-forwarded-for"
   LB_ENV="CIRCUIT_BREAKER_FAILURE_THRESHOLD=$CB_FAILURE_THRESHOLD CIRCUIT_BREAKER_TIMEOUT=$CB_TIMEOUT CIRCUIT_BREAKER_HALF_OPEN_MAX_CALLS=$CB_HALF_OPEN_MAX_CALLS"

@@ -48,6 +48,7 @@ locals {
     "--log-json",
     var.kafka_brokers == "" ? "" : "--kafka-brokers ${var.kafka_brokers}",
     var.kafka_brokers == "" ? "" : "--kafka-topics ${join(",", var.kafka_topics)}",
+    var.kafka_brokers == "" ? "" : "--kafka-start ${var.kafka_start}",
   ]))
 
   lb_args = join(" ", [

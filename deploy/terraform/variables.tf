@@ -144,6 +144,17 @@ variable "kafka_topics" {
   default     = ["trades", "book"]
 }
 
+variable "kafka_start" {
+  description = "ws-shard --kafka-start: where a (re)started shard begins each partition. back:N re-reads the last N records so the history of a shard VM that was restarted or recreated holds what its reconnecting clients ask for with `since` (latest would leave it empty, and they would get recovered:false)."
+  type        = string
+  default     = "back:1000"
+
+  validation {
+    condition     = can(regex("^(latest|back:[0-9]+)$", var.kafka_start))
+    error_message = "kafka_start must be latest or back:<n>."
+  }
+}
+
 variable "shard_machine_type" {
   description = "Machine type of the shard VMs."
   type        = string

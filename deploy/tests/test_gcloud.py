@@ -363,9 +363,21 @@ def test_real_gcloud(cmds):
         shutil.rmtree(cfg, ignore_errors=True)
 
 
+def test_kafka_args():
+    """With brokers, the shard arguments consume Kafka and warm the history on a restart."""
+    env = clean_env({**BASE_ENV, "KAFKA_BROKERS": "kafka-0:9092,kafka-1:9092"})
+    env = {k: v for k, v in env.items() if v is not None}
+    p = subprocess.run(["bash", "-c", f"source {GCP}/config.sh && source {GCP}/lib.sh && load_config && "
+                        'printf "%s" "$SHARD_ARGS"'], env=env, capture_output=True, text=True, timeout=60)
+    eq("shard odin-args with Kafka", p.stdout,
+       "--shards 4 --base-port 3002 --bind 0.0.0.0 --admin-addr 0.0.0.0:9102 --max-connections 6000 "
+       "--drain-window 10s --grace 30s --log-json --kafka-brokers kafka-0:9092,kafka-1:9092 "
+       "--kafka-topics trades,book --kafka-start back:1000")
+
+
 def main():
     cmds = []
-    for t in (test_dry_run, test_refusals):
+    for t in (test_dry_run, test_refusals, test_kafka_args):
         try:
             r = t()
             if r:

@@ -192,6 +192,10 @@ def test_ports_and_locals():
                  '"--bind 0.0.0.0"', '"--admin-addr 0.0.0.0:${local.shard_admin_port}"',
                  '"--max-connections ${var.shard_max_connections}"', '"--grace 30s"'):
         check(f"shard_args has {part}", part in shard_args, shard_args)
+    # A restarted shard VM warms its history from Kafka (clients reconnecting there recover).
+    check("shard_args has --kafka-start ${var.kafka_start} with Kafka",
+          '"--kafka-start ${var.kafka_start}"' in shard_args, shard_args)
+    eq("var.kafka_start default", VARS.get("kafka_start", {}).get("default"), "back:1000")
     eq("local.lb_open_ports", resolve(LOCALS.get("lb_open_ports")), "3001,9101")
     eq("local.shard_open_ports", resolve(LOCALS.get("shard_open_ports")), "3002:3005,9102")
 
