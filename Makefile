@@ -6,6 +6,7 @@ BASE_PORT ?= 3002
 LB_PORT ?= 3001
 
 .PHONY: capacity bench-compare bench-fanout bench-hold bench-micro faults soak bench-tools
+.PHONY: cluster cluster-test cluster-bench cluster-tools
 .PHONY: help run build build-debug test deps fmt fmt-check lint test-rust test-e2e test-clients test-deploy conformance conformance-short test-make-run
 TANSU ?= $(shell command -v tansu || echo $(HOME)/.cargo/bin/tansu)
 
@@ -14,6 +15,8 @@ help:
 	@echo "make test       install what tests need, then fmt check, clippy, all tests"
 	@echo "make lint       clippy -D warnings;  make fmt  format the code"
 	@echo "make build      release binaries in target/release"
+	@echo "make cluster    the production topology in network namespaces (root); prints the wss:// URL"
+	@echo "make cluster-test / cluster-bench   its scenarios, short (part of make test) / full size"
 
 build:
 	$(CARGO) build --release --locked -p ws-shard -p ws-lb
@@ -73,6 +76,25 @@ conformance-short: build-debug
 
 test: deps fmt-check lint test-rust test-e2e test-clients test-deploy conformance-short test-make-run
 	@echo "make test: all checks passed"
+
+# ---- The production topology on this machine (deploy/local, docs/topology.md) ----
+# Network namespaces need root. CLUSTER_FLAGS passes options through, e.g.
+# CLUSTER_FLAGS="--lbs 4 --delay-ms 0" or "rolling kill-lb" to pick scenarios.
+CLUSTER_FLAGS ?=
+
+cluster-tools: deps
+	@command -v haproxy >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy; }
+	@python3 -c 'import hcl2; hcl2.SerializationOptions' 2>/dev/null || python3 -m pip install -q 'python-hcl2>=8,<9'
+
+cluster: build-bench cluster-tools
+	python3 deploy/local/cluster.py up $(CLUSTER_FLAGS)
+
+# Short version of every scenario on the debug binaries that test-e2e built (a few minutes).
+cluster-test: build-debug cluster-tools
+	python3 deploy/local/cluster.py test --bin-dir target/debug $(CLUSTER_FLAGS)
+
+cluster-bench: build-bench cluster-tools
+	python3 deploy/local/cluster.py bench $(CLUSTER_FLAGS)
 
 # ---- Measurements (not part of make test; release builds, loopback only) ----
 bench-tools:

@@ -1,0 +1,616 @@
+#!/usr/bin/env python3
+"""The production topology on one machine (docs/topology.md).
+
+One network namespace per VM on a bridge: N ws-lb VMs (default 10, the LB instance
+group's size), M ws-shard VMs (default 7), a Kafka VM (tansu), a front VM running the
+stand-in for the GCP global external Application Load Balancer (HAProxy, TLS on 443, from
+the Terraform values) and a clients VM for the load generators. Every process gets the
+arguments and environment the deploy artefacts give it (deploy/gcp/lib.sh, the startup
+scripts' kernel settings, the systemd units' environment). An autohealer stands in for the
+LB instance group's.
+
+    cluster.py up [--lbs N --shards M --delay-ms D]   start, print the client URL, wait for Ctrl-C
+    cluster.py test [scenario ...]                     short version of every scenario (make cluster-test)
+    cluster.py bench [scenario ...]                    full sizes (make cluster-bench)
+    cluster.py down                                    remove what a crashed run left behind
+
+Scenarios (deploy/local/scenarios/*.py, each also runnable on its own): ramp, client-ip,
+kill-lb, kill-shard, shard-outage, rolling, kafka-restart, partition. Each prints PASS/FAIL
+and writes bench/results/cluster-<scenario>-<time>.json.
+"""
+
+import argparse
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import deploy_values  # noqa: E402
+import topo  # noqa: E402
+from front import Autohealer, Front  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+RESULTS = REPO / "bench" / "results"
+LOCK = Path("/run/odin-ws-cluster.lock")
+
+FRONT_IP = "10.213.0.10"
+KAFKA_IP = "10.213.0.20"
+KAFKA_PORT = 9092
+# Addresses the harness itself uses as distinct clients (beside the bridge's 10.213.0.1).
+HOST_CLIENT_IPS = [f"10.213.0.{200 + i}" for i in range(1, 9)]
+
+
+def lb_ip(i):
+    return f"10.213.1.{10 + i}"
+
+
+def shard_ip(j):
+    return f"10.213.2.{10 + j}"
+
+
+def client_ips(n):
+    return [f"10.213.100.{1 + i}" for i in range(n)]
+
+
+def get(url, timeout=2.0):
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.status, r.read().decode()
+
+
+def get_any(url, timeout=2.0):
+    """(status, body) also for error statuses; (None, error) when nothing answered."""
+    try:
+        return get(url, timeout)
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+    except OSError as e:
+        return None, str(e)
+
+
+def wait(cond, timeout, what, interval=0.2):
+    deadline = time.time() + timeout
+    last = None
+    while time.time() < deadline:
+        try:
+            if cond():
+                return
+        except Exception as e:  # a probe that cannot answer yet is "not yet"
+            last = e
+        time.sleep(interval)
+    raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}" + (f" (last error: {last})" if last else ""))
+
+
+def metric(page, name, *labels):
+    total, found = 0.0, False
+    for line in page.splitlines():
+        if line.startswith(name) and line[len(name):len(name) + 1] in ("{", " ") and all(l in line for l in labels):
+            total += float(line.rsplit(" ", 1)[1])
+            found = True
+    return total if found else None
+
+
+def commit():
+    r = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    return r.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def machine():
+    load = os.getloadavg()
+    return {"cpus": os.cpu_count(), "kernel": os.uname().release,
+            "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+            "nofile": subprocess.run(["bash", "-c", "ulimit -n"], capture_output=True, text=True).stdout.strip(),
+            "loadavg_at_start": [round(x, 2) for x in load]}
+
+
+class Proc:
+    """One VM's process: started with `ip netns exec`, logs in the run directory."""
+
+    def __init__(self, name, ns, argv, env, log_path):
+        self.name, self.ns, self.argv, self.env, self.log_path = name, ns, argv, env, log_path
+        self.p = None
+        self.starts = 0
+        self.started_at = None
+
+    def start(self):
+        log = open(self.log_path, "a")
+        log.write(f"--- start {time.strftime('%H:%M:%S')}: {' '.join(self.argv)}\n")
+        log.flush()
+        self.p = subprocess.Popen(["ip", "netns", "exec", self.ns, *self.argv], env=self.env,
+                                  stdout=log, stderr=log, start_new_session=True)
+        self.starts += 1
+        self.started_at = time.time()
+
+    def alive(self):
+        return self.p is not None and self.p.poll() is None
+
+    def signal(self, sig):
+        if self.alive():
+            self.p.send_signal(sig)
+
+    def wait(self, timeout):
+        if self.p is None:
+            return None
+        try:
+            return self.p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill(self):
+        if self.alive():
+            # The whole session: ws-shard's Kafka consumer child goes with it.
+            try:
+                os.killpg(self.p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.p is not None:
+            self.p.wait()
+
+
+class MetricsWatcher(threading.Thread):
+    """Scrapes every ws-lb and ws-shard admin page every `interval` seconds and keeps the
+    runtime metrics (and a few gauges) per VM."""
+
+    NAMES = ["process_resident_memory_bytes", "process_cpu_seconds_total", "process_open_fds", "process_max_fds",
+             "process_threads", "process_start_time_seconds", "tokio_alive_tasks", "tokio_global_queue_depth",
+             "tokio_worker_busy_seconds_total", "ws_lb_active_connections", "ws_lb_shards_available",
+             "ws_shard_connections"]
+
+    def __init__(self, cluster, interval=5.0):
+        super().__init__(daemon=True, name="metrics-watcher")
+        self.cluster, self.interval = cluster, interval
+        self.samples = []          # (t, vm, {name: value})
+        self.stop_event = threading.Event()
+        self.lock = threading.Lock()
+
+    def scrape(self):
+        now = time.time()
+        for vm, url in self.cluster.admin_urls():
+            status, page = get_any(url, timeout=2)
+            if status != 200:
+                continue
+            values = {n: metric(page, n) for n in self.NAMES}
+            with self.lock:
+                self.samples.append((now, vm, values))
+
+    def run(self):
+        while not self.stop_event.is_set():
+            self.scrape()
+            self.stop_event.wait(self.interval)
+
+    def summary(self, since=0.0, until=None):
+        """Per tier: the highest RSS, descriptors, threads and tasks any VM had, and CPU
+        seconds used, between `since` and `until`."""
+        until = until or time.time()
+        with self.lock:
+            rows = [(t, vm, v) for t, vm, v in self.samples if since <= t <= until]
+        out = {}
+        for tier in ("lb", "shard"):
+            tr = [(t, vm, v) for t, vm, v in rows if vm.startswith(tier + "-")]
+            if not tr:
+                continue
+
+            def top(name):
+                vals = [v[name] for _, _, v in tr if v.get(name) is not None]
+                return max(vals) if vals else None
+            cpu = {}
+            for t, vm, v in tr:
+                if v.get("process_cpu_seconds_total") is not None:
+                    lo, hi = cpu.get(vm, (None, None))
+                    c = v["process_cpu_seconds_total"]
+                    cpu[vm] = (c if lo is None else min(lo, c), c if hi is None else max(hi, c))
+            out[tier] = {
+                "samples": len(tr),
+                "max_rss_mib": round((top("process_resident_memory_bytes") or 0) / 2**20, 1),
+                "max_open_fds": top("process_open_fds"), "max_fds_limit": top("process_max_fds"),
+                "max_threads": top("process_threads"), "max_tokio_alive_tasks": top("tokio_alive_tasks"),
+                "max_tokio_global_queue": top("tokio_global_queue_depth"),
+                "cpu_seconds": round(sum(hi - lo for lo, hi in cpu.values()), 2),
+            }
+        return out
+
+    def latest(self):
+        with self.lock:
+            out = {}
+            for t, vm, v in self.samples:
+                out[vm] = (t, v)
+        return out
+
+
+class Cluster:
+    def __init__(self, a, log=print):
+        self.a = a
+        self.log = log
+        self.bin = Path(a.bin_dir).resolve()
+        self.run_dir = Path(a.run_dir)
+        self.values = deploy_values.front_values()
+        shard_ips = [shard_ip(j) for j in range(a.shards)]
+        self.pv = deploy_values.process_values(shard_ips, f"{KAFKA_IP}:{KAFKA_PORT}")
+        self.sysctls = deploy_values.startup_sysctls()
+        self.net = topo.Network(a.delay_ms)
+        self.procs = {}
+        self.members = []           # LB VMs in the instance group, in order
+        self.lb_slots = [f"lb-{i}" for i in range(a.lbs + self.values.max_surge)]
+        self.front = None
+        self.autohealer = None
+        self.watcher = None
+        self.producer = None
+        self.lock_fd = None
+        self.sysctl_report = {}
+        self.kafka_storage = None
+        self.restarts = []          # (time, vm, reason)
+        self.started_at = None
+
+    # ---- lifecycle ---------------------------------------------------------------
+
+    def __enter__(self):
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def start(self):
+        t0 = time.time()
+        self.lock_fd = open(LOCK, "w")
+        try:
+            fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise SystemExit(f"another local cluster is running (lock {LOCK}); stop it first") from None
+        topo.preflight()
+        topo.cleanup()
+        if self.run_dir.exists():
+            subprocess.run(["rm", "-rf", str(self.run_dir)], check=True)
+        self.run_dir.mkdir(parents=True)
+        self.check_tools()
+        self.net.create()
+        for ip in HOST_CLIENT_IPS:
+            topo.sh("ip", "addr", "add", f"{ip}/16", "dev", topo.BRIDGE)
+        per_netns = {k: v for k, v in self.sysctls.items() if not k.startswith("fs.")}
+        vms = [topo.Vm("front", FRONT_IP), topo.Vm("kafka", KAFKA_IP),
+               topo.Vm("clients", "10.213.100.254", extra_ips=client_ips(self.a.client_ips))]
+        vms += [topo.Vm(name, lb_ip(i)) for i, name in enumerate(self.lb_slots)]
+        vms += [topo.Vm(f"shard-{j}", shard_ip(j)) for j in range(self.a.shards)]
+        for vm in vms:
+            applied, skipped = self.net.add_vm(vm, per_netns if vm.name.startswith(("lb-", "shard-")) else {})
+            self.sysctl_report = {"applied_in_each_vm": applied,
+                                  "not_per_namespace": {**skipped, **{k: v for k, v in self.sysctls.items() if k.startswith("fs.")}}}
+        if self.a.delay_ms > 0 and self.net.netem is False:
+            self.log(f"WARNING: tc netem is not available in this kernel ({self.net.netem_error}); "
+                     f"running with no added delay instead of {self.a.delay_ms} ms (recorded in every result)")
+        self.start_kafka()
+        for j in range(self.a.shards):
+            self.start_shard(j)
+        for j in range(self.a.shards):
+            self.wait_shard(j)
+        for name in self.lb_slots[:self.a.lbs]:
+            self.start_lb(name)
+            self.members.append(name)
+        for name in self.members:
+            self.wait_lb(name)
+        lbs = [(name, self.net.vms[name].ip) for name in self.lb_slots]
+        self.front = Front(self.values, self.net.vms["front"], lbs, self.run_dir, self.a.front_procs, self.a.front_maxconn)
+        self.front.start()
+        for name in self.lb_slots:
+            if name not in self.members:
+                self.front.set_state(name, "maint")
+        wait(lambda: self.front_up() == set(self.members), 60, "the front to see every LB VM up")
+        self.autohealer = Autohealer(self.values, self)
+        for name in self.members:
+            self.autohealer.started(name)
+        self.autohealer.start()
+        self.watcher = MetricsWatcher(self)
+        self.watcher.start()
+        self.started_at = time.time()
+        self.log(f"cluster up in {time.time() - t0:.0f} s: {len(self.members)} LB VMs, {self.a.shards} shard VMs "
+                 f"x {self.pv.shards_per_vm} shards, front {self.url()} ({self.a.front_procs} HAProxy processes), "
+                 f"delay {self.net.effective_delay_ms} ms, Kafka storage {self.kafka_storage}")
+
+    def stop(self):
+        for t in (self.autohealer, self.watcher):
+            if t is not None:
+                t.stop_event.set()
+        if self.producer is not None:
+            self.producer.stop()
+        if self.front is not None:
+            self.front.stop()
+        for p in self.procs.values():
+            p.kill()
+        topo.cleanup()
+        if self.lock_fd is not None:
+            self.lock_fd.close()
+            self.lock_fd = None
+
+    def check_tools(self):
+        missing = [str(self.bin / b) for b in ("ws-lb", "ws-shard", "loadtest") if not (self.bin / b).exists()]
+        if missing:
+            raise SystemExit(f"missing binaries: {', '.join(missing)} (build them first)")
+        if not Path(self.a.tansu).exists():
+            raise SystemExit(f"tansu not found at {self.a.tansu} (scripts/install-deps.sh installs it)")
+
+    # ---- VMs ---------------------------------------------------------------------
+
+    def env(self, extra=None):
+        """The process environment of a VM: what systemd's EnvironmentFile gives it."""
+        e = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+        e.update(extra or {})
+        return e
+
+    def start_kafka(self):
+        """tansu on the Kafka VM. Storage `sqlite` keeps the log across a restart (a Kafka VM
+        keeps its disk); it needs tansu built with the `libsql` feature, which `auto`
+        detects by trying it."""
+        order = {"auto": ["sqlite", "memory"], "sqlite": ["sqlite"], "memory": ["memory"]}[self.a.kafka_storage]
+        for storage in order:
+            url = f"sqlite://{self.run_dir}/kafka.db" if storage == "sqlite" else "memory://tansu/"
+            argv = [self.a.tansu, "broker", "--listener-url", f"tcp://0.0.0.0:{KAFKA_PORT}",
+                    "--advertised-listener-url", f"tcp://{KAFKA_IP}:{KAFKA_PORT}", "--storage-engine", url]
+            p = Proc("kafka", self.net.vms["kafka"].ns, argv, self.env(), self.run_dir / f"kafka-{storage}.log")
+            p.start()
+            try:
+                self.wait_kafka(alive=p)
+            except RuntimeError:
+                p.kill()
+                if storage == order[-1]:
+                    raise
+                continue
+            self.procs["kafka"] = p
+            self.kafka_storage = storage
+            break
+        self.ensure_topics()
+
+    def ensure_topics(self):
+        for topic in self.pv.kafka_topics:
+            # The scenarios publish on `trades` only; the other topics (book) get one
+            # partition, which spares the broker work on every consumer's fetch.
+            parts = self.a.partitions if topic == "trades" else 1
+            r = subprocess.run([self.a.tansu, "topic", "create", topic, "--partitions", str(parts),
+                                "--broker", f"tcp://{KAFKA_IP}:{KAFKA_PORT}"], capture_output=True, text=True, timeout=60)
+            if r.returncode != 0 and "exist" not in (r.stdout + r.stderr).lower():
+                raise RuntimeError(f"creating topic {topic}: {(r.stderr or r.stdout).strip()}")
+
+    def restart_kafka(self, down_s):
+        """The Kafka VM restarted: SIGTERM (the VM shuts down), `down_s` seconds without a
+        broker, then the broker boots again on the same storage."""
+        p = self.procs["kafka"]
+        p.signal(signal.SIGTERM)
+        if p.wait(30) is None:
+            p.kill()
+        time.sleep(down_s)
+        p.start()
+        self.wait_kafka(alive=p)
+        if self.kafka_storage == "memory":
+            self.ensure_topics()
+
+    def wait_kafka(self, timeout=30, alive=None):
+        import socket
+
+        def up():
+            if alive is not None and not alive.alive():
+                raise RuntimeError("tansu exited")
+            with socket.create_connection((KAFKA_IP, KAFKA_PORT), 1):
+                return True
+        deadline = time.time() + timeout
+        while True:
+            try:
+                if up():
+                    return
+            except OSError:
+                pass
+            if alive is not None and not alive.alive():
+                raise RuntimeError(f"tansu exited (see {alive.log_path})")
+            if time.time() > deadline:
+                raise RuntimeError("the Kafka VM did not listen")
+            time.sleep(0.2)
+
+    def start_shard(self, j):
+        name = f"shard-{j}"
+        argv = [str(self.bin / "ws-shard"), *self.pv.shard_args]
+        env = self.env({"ODIN_ARGS": " ".join(self.pv.shard_args)})
+        p = self.procs.get(name) or Proc(name, self.net.vms[name].ns, argv, env, self.run_dir / f"{name}.log")
+        self.procs[name] = p
+        p.start()
+
+    def shard_ports(self):
+        return [self.pv.shard_base_port + k for k in range(self.pv.shards_per_vm)]
+
+    def wait_shard(self, j, timeout=60):
+        ip = shard_ip(j)
+
+        def ready():
+            for port in self.shard_ports():
+                status, body = get_any(f"http://{ip}:{port}/health", 1)
+                if status != 200 or not json.loads(body)["source"]["connected"]:
+                    return False
+            return True
+        wait(ready, timeout, f"shard-{j} healthy and consuming")
+
+    def start_lb(self, name):
+        argv = [str(self.bin / "ws-lb"), *self.pv.lb_args]
+        env = self.env({"ODIN_ARGS": " ".join(self.pv.lb_args), **self.pv.lb_env})
+        p = Proc(name, self.net.vms[name].ns, argv, env, self.run_dir / f"{name}.log")
+        if name in self.procs:
+            p.starts = self.procs[name].starts
+        self.procs[name] = p
+        p.start()
+
+    def wait_lb(self, name, timeout=30):
+        ip = self.net.vms[name].ip
+        wait(lambda: get_any(f"http://{ip}:{self.pv.lb_port}/health", 1)[0] == 200, timeout, f"{name} /health 200")
+
+    def restart_lb(self, name, reason):
+        """Recreate an LB VM (autohealing): whatever runs is gone, the VM boots again."""
+        self.restarts.append((time.time(), name, reason))
+        self.procs[name].kill()
+        self.start_lb(name)
+
+    def lb_members(self):
+        return list(self.members)
+
+    def admin_urls(self):
+        out = []
+        for name, p in list(self.procs.items()):
+            if not p.alive():
+                continue
+            if name.startswith("lb-"):
+                out.append((name, f"http://{self.net.vms[name].ip}:{self.pv.lb_admin_port}/metrics"))
+            elif name.startswith("shard-"):
+                out.append((name, f"http://{self.net.vms[name].ip}:{self.pv.shard_admin_port}/metrics"))
+        return out
+
+    # ---- views -------------------------------------------------------------------
+
+    def url(self):
+        return f"wss://{FRONT_IP}/ws"
+
+    def front_up(self):
+        """LB VMs every front process sees UP."""
+        return {name for name, sts in self.front.status().items() if all(s.startswith("UP") for s in sts)}
+
+    def lb_health(self, name):
+        status, body = get_any(f"http://{self.net.vms[name].ip}:{self.pv.lb_port}/health", 2)
+        try:
+            return status, json.loads(body)
+        except (ValueError, TypeError):
+            return status, None
+
+    def lb_metrics(self, name):
+        status, page = get_any(f"http://{self.net.vms[name].ip}:{self.pv.lb_admin_port}/metrics", 3)
+        return page if status == 200 else ""
+
+    def shard_metrics(self, j):
+        status, page = get_any(f"http://{shard_ip(j)}:{self.pv.shard_admin_port}/metrics", 3)
+        return page if status == 200 else ""
+
+    def shard_connections(self):
+        total = 0
+        for j in range(self.a.shards):
+            for port in self.shard_ports():
+                status, body = get_any(f"http://{shard_ip(j)}:{port}/health", 1)
+                if status == 200 or status == 503:
+                    total += json.loads(body)["connections"]
+        return total
+
+    def lb_active(self):
+        return sum(metric(self.lb_metrics(n), "ws_lb_active_connections") or 0 for n in self.members)
+
+    def settle(self, timeout=90):
+        """Back to a clean state between scenarios: every VM up, every LB in the front, no
+        client left, every breaker admitting."""
+        if not self.procs["kafka"].alive():
+            self.procs["kafka"].start()
+            self.wait_kafka(alive=self.procs["kafka"])
+            if self.kafka_storage == "memory":
+                self.ensure_topics()
+        for j in range(self.a.shards):
+            if not self.procs[f"shard-{j}"].alive():
+                self.start_shard(j)
+        for j in range(self.a.shards):
+            self.wait_shard(j)
+        for name in self.members:
+            if not self.procs[name].alive():
+                self.restart_lb(name, "settle")
+                self.autohealer.started(name)
+        wait(lambda: self.front_up() == set(self.members), timeout, "every LB VM up in the front")
+        total = len(self.shard_ports()) * self.a.shards
+
+        def all_admit():
+            return all((self.lb_health(n)[1] or {}).get("shards_available") == total for n in self.members)
+        wait(all_admit, timeout, "every breaker admitting on every LB")
+        wait(lambda: self.lb_active() == 0 and self.shard_connections() == 0, timeout, "no client left")
+
+    def describe(self):
+        return {
+            "lbs": len(self.members), "shards": self.a.shards, "shards_per_vm": self.pv.shards_per_vm,
+            "front_processes": self.a.front_procs, "front_maxconn": self.a.front_maxconn,
+            "network": self.net.describe(), "kafka_storage": self.kafka_storage,
+            "kafka_partitions": self.a.partitions,
+            "lb_args": " ".join(self.pv.lb_args)[:160] + " ...", "lb_env": self.pv.lb_env,
+            "shard_args": " ".join(self.pv.shard_args),
+            "sysctls": self.sysctl_report,
+            "open_files_limit": {"units_ask": deploy_values.unit_limit_nofile(), "in_effect": machine()["nofile"]},
+            "front": {"backend_check": vars(self.values.backend_check), "autoheal_check": vars(self.values.autoheal_check),
+                      "autoheal_initial_delay_s": self.values.autoheal_initial_delay_s,
+                      "backend_timeout_s": self.values.backend_timeout_s, "max_surge": self.values.max_surge},
+        }
+
+
+# ---- the command line -----------------------------------------------------------------
+
+DEFAULTS = {"lbs": 10, "shards": 7, "delay_ms": 0.25, "front_procs": 2, "front_maxconn": 9500, "client_ips": 64,
+            "partitions": 10, "kafka_storage": "auto"}
+
+
+def parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=["up", "test", "bench", "down"])
+    p.add_argument("scenarios", nargs="*")
+    p.add_argument("--lbs", type=int, default=DEFAULTS["lbs"], help="ws-lb VMs (the LB instance group's size)")
+    p.add_argument("--shards", type=int, default=DEFAULTS["shards"], help="ws-shard VMs (7..10, as the deploy allows)")
+    p.add_argument("--delay-ms", type=float, default=DEFAULTS["delay_ms"], help="one-way latency between VMs (tc netem; 0 = none)")
+    p.add_argument("--front-procs", type=int, default=DEFAULTS["front_procs"], help="HAProxy processes on the front VM")
+    p.add_argument("--front-maxconn", type=int, default=DEFAULTS["front_maxconn"], help="clients per HAProxy process")
+    p.add_argument("--client-ips", type=int, default=DEFAULTS["client_ips"], help="source addresses of the clients VM")
+    p.add_argument("--partitions", type=int, default=DEFAULTS["partitions"], help="partitions per Kafka topic")
+    p.add_argument("--kafka-storage", choices=["auto", "sqlite", "memory"], default=DEFAULTS["kafka_storage"],
+                   help="tansu storage: sqlite survives a restart (needs tansu built with libsql); auto picks it when available")
+    p.add_argument("--bin-dir", default=str(REPO / "target" / "release"))
+    p.add_argument("--tansu", default=os.environ.get("TANSU") or (subprocess.run(["bash", "-c", "command -v tansu"],
+                   capture_output=True, text=True).stdout.strip() or str(Path.home() / ".cargo/bin/tansu")))
+    p.add_argument("--run-dir", default="/tmp/odin-cluster")
+    return p
+
+
+def non_default_flags(a):
+    out = {k: getattr(a, k) for k, v in DEFAULTS.items() if getattr(a, k) != v}
+    return out
+
+
+def install_signal_handlers():
+    def stop(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGHUP, stop)
+
+
+def main(argv=None):
+    a = parser().parse_args(argv)
+    install_signal_handlers()
+    if a.command == "down":
+        topo.cleanup()
+        print("removed every odinc namespace and link")
+        return 0
+    if a.command == "up":
+        try:
+            with Cluster(a) as c:
+                print(f"client URL: {c.url()}   (CA: {c.front.ca}; e.g. "
+                      f"python3 -m websockets --help, or loadtest --url {c.url()} --ca-file {c.front.ca})")
+                print("LB VMs: " + ", ".join(f"{n}={c.net.vms[n].ip}" for n in c.members) + "; Ctrl-C tears it down")
+                while True:
+                    time.sleep(3600)
+        except KeyboardInterrupt:
+            print("tearing down")
+        except topo.TopologyError as e:
+            print(f"cluster: {e}", file=sys.stderr)
+            return 2
+        return 0
+    import scenarios
+    return scenarios.run_suite(a, full=(a.command == "bench"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

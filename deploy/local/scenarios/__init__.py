@@ -1,0 +1,75 @@
+"""The scenarios run on the local production topology. Each module has
+`run(cluster, full) -> (figures, checks)` and can be run on its own
+(`python3 deploy/local/scenarios/kill_lb.py [--full] [cluster flags]`); `run_suite` runs
+them one after another on one cluster (`make cluster-test`, `make cluster-bench`)."""
+
+import importlib
+import sys
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+ORDER = ["ramp", "client-ip", "kill-shard", "partition", "kafka-restart", "rolling", "shard-outage", "kill-lb"]
+
+
+def module(name):
+    return importlib.import_module(name.replace("-", "_"))
+
+
+def run_one(c, name, full):
+    import common
+    started = time.time()
+    print(f"--- {name} ({'full' if full else 'short'})", flush=True)
+    try:
+        c.settle()
+        figures, checks = module(name).run(c, full)
+    except Exception as e:  # a scenario that cannot run is a failure, reported as such
+        figures, checks = {"error": repr(e), "traceback": traceback.format_exc()[-3000:]}, [("scenario ran", False)]
+    path, ok = common.save(name, c, full, figures, checks, started)
+    print(f"{'PASS' if ok else 'FAIL'} {name} ({time.time() - started:.0f} s)  {path.name}")
+    for label, v in checks:
+        print(f"    {'ok ' if v else 'BAD'} {label}")
+    if "error" in figures:
+        print("    " + figures["traceback"].replace("\n", "\n    "))
+    return ok
+
+
+def run_suite(a, full):
+    import cluster as cl
+    import topo
+    names = a.scenarios or ORDER
+    unknown = [n for n in names if n not in ORDER]
+    if unknown:
+        print(f"unknown scenario(s): {', '.join(unknown)}; known: {', '.join(ORDER)}", file=sys.stderr)
+        return 2
+    t0 = time.time()
+    results = {}
+    try:
+        with cl.Cluster(a) as c:
+            for name in names:
+                results[name] = run_one(c, name, full)
+    except topo.TopologyError as e:
+        print(f"cluster: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; torn down", file=sys.stderr)
+        return 130
+    failed = [n for n, ok in results.items() if not ok]
+    print(f"cluster {'bench' if full else 'test'}: {len(results) - len(failed)} passed, {len(failed)} failed"
+          f"{' (' + ', '.join(failed) + ')' if failed else ''} in {time.time() - t0:.0f} s")
+    return 1 if failed else 0
+
+
+def main_single(name):
+    """Entry point of a scenario module run as a script."""
+    import cluster as cl
+    args = sys.argv[1:]
+    full = "--full" in args
+    args = [x for x in args if x != "--full"]
+    a = cl.parser().parse_args(["bench" if full else "test", name, *args])
+    cl.install_signal_handlers()
+    sys.exit(run_suite(a, full))

@@ -1,0 +1,259 @@
+"""What the scenarios share: the load generator on the clients VM, a Kafka producer,
+WebSocket probes that record how they were closed, results in bench/results/."""
+
+import asyncio
+import json
+import ssl
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import cluster as cl
+
+CHANNELS = "trades.K{0..9}"
+TOPIC = "trades"
+
+
+def wait_for(cond, timeout, interval=0.25):
+    """The time `cond()` first held, or None if it did not within `timeout` seconds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if cond():
+                return time.time()
+        except Exception:  # not answering yet counts as "not yet"
+            pass
+        time.sleep(interval)
+    return None
+
+
+# ---- the load generator ----------------------------------------------------------------
+
+class Loadtest:
+    """`loadtest` on the clients VM against the front, over wss://, spread over the VM's
+    source addresses."""
+
+    def __init__(self, c, name, connections, rate, hold, channels=True, reconnect=False, extra=(), url=None,
+                 source_ips=None, ca=True):
+        self.c, self.name = c, name
+        self.out = Path(tempfile.mkdtemp(prefix=f"odinc-{name}-")) / "report.json"
+        ips = source_ips or f"{cl.client_ips(c.a.client_ips)[0]}-{cl.client_ips(c.a.client_ips)[-1]}"
+        self.args = [str(c.bin / "loadtest"), "--url", url or c.url(), "--connections", str(connections),
+                     "--rate", str(rate), "--hold", str(hold), "--source-ips", ips, "--json", str(self.out), "--quiet",
+                     *(["--ca-file", str(c.front.ca)] if ca else []),
+                     *(["--channels", CHANNELS] if channels else []), *(["--reconnect"] if reconnect else []), *extra]
+        self.log = open(c.run_dir / f"loadtest-{name}.log", "w")
+        self.p = subprocess.Popen(["ip", "netns", "exec", c.net.vms["clients"].ns, *self.args],
+                                  stdout=self.log, stderr=self.log, start_new_session=True)
+        self.t0 = time.time()
+
+    def finish(self, timeout=900):
+        try:
+            self.p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            self.p.wait()
+            raise RuntimeError(f"loadtest {self.name} did not finish within {timeout} s")
+        if not self.out.exists():
+            raise RuntimeError(f"loadtest {self.name} wrote no report (exit {self.p.returncode}; see {self.log.name})")
+        return json.loads(self.out.read_text())
+
+    def kill(self):
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait()
+
+
+def loopback_loadtest(bin_dir, url, connections, rate, hold, run_dir, name, channels=True):
+    out = Path(tempfile.mkdtemp(prefix=f"odinc-{name}-")) / "report.json"
+    args = [str(bin_dir / "loadtest"), "--url", url, "--connections", str(connections), "--rate", str(rate),
+            "--hold", str(hold), "--source-ips", "127.0.0.2-127.0.0.65", "--json", str(out), "--quiet",
+            *(["--channels", CHANNELS] if channels else [])]
+    with open(run_dir / f"loadtest-{name}.log", "w") as log:
+        subprocess.run(args, stdout=log, stderr=log, timeout=900)
+    return json.loads(out.read_text())
+
+
+def summary(rep):
+    """The figures of a loadtest report every scenario quotes."""
+    c = rep["counts"]
+    return {
+        "attempted": c["attempted"], "established": c["established"],
+        "success_pct": round(100 * c["established"] / max(c["attempted"], 1), 3),
+        "failures": rep["failures"], "disconnects": rep["disconnects"],
+        "reconnects": c["reconnects"], "reconnect_failures": rep.get("reconnect_failures", {}),
+        "recovered_false": c["recovered_false"], "gaps": c["gaps"], "gap_messages": c["gap_messages"],
+        "duplicates": c["duplicates"], "epoch_changes": c["epoch_changes"], "deliveries": c["deliveries"],
+        "active_end_of_hold": c["active_end_of_hold"],
+        "handshake_ms": {k: round(rep["handshake_us"][k] / 1000, 2) for k in ("p50", "p99", "p999", "max")},
+        "generator": {"behind": rep["schedule"]["generator_behind"], "achieved_rate": round(rep["schedule"]["achieved_rate"], 1),
+                      "lag_p99_ms": round(rep["schedule"]["lag_us"]["p99"] / 1000, 2)},
+    }
+
+
+def timeline_since(rep, t_unix):
+    """Timeline entries (one per second) from wall-clock time `t_unix` on."""
+    start = rep["started_unix_ms"] / 1000
+    return [p for p in rep["timeline"] if start + p["second"] >= t_unix]
+
+
+# ---- Kafka producer --------------------------------------------------------------------
+
+class Producer(threading.Thread):
+    """Records on topic `trades` at `rate`/s, key K<i> on partition i (each channel is one
+    partition, so its offsets are contiguous and a client can see gaps). Keeps retrying
+    through a broker outage; acks are counted."""
+
+    def __init__(self, partitions, rate):
+        super().__init__(daemon=True, name="producer")
+        from kafka import KafkaProducer
+        self.p = KafkaProducer(bootstrap_servers=f"{cl.KAFKA_IP}:{cl.KAFKA_PORT}", linger_ms=2, acks=1,
+                               retries=2**31 - 1, retry_backoff_ms=200, max_in_flight_requests_per_connection=1,
+                               request_timeout_ms=30000, delivery_timeout_ms=600000, reconnect_backoff_ms=100, reconnect_backoff_max_ms=1000,
+                               max_block_ms=120000)
+        self.partitions, self.rate = partitions, rate
+        self.stop_event = threading.Event()
+        self.sent = self.acked = self.errors = 0
+
+    def ok(self, _):
+        self.acked += 1
+
+    def err(self, _):
+        self.errors += 1
+
+    def run(self):
+        t0 = time.time()
+        while not self.stop_event.is_set():
+            delay = t0 + self.sent / self.rate - time.time()
+            if delay > 0:
+                self.stop_event.wait(delay)
+                continue
+            i = self.sent % self.partitions
+            try:
+                f = self.p.send(TOPIC, key=f"K{i}".encode(), partition=i,
+                                value=json.dumps({"n": self.sent, "ts_us": int(time.time() * 1e6)}).encode())
+                f.add_callback(self.ok)
+                f.add_errback(self.err)
+                self.sent += 1
+            except Exception:  # buffer full or metadata unavailable for max_block_ms
+                self.errors += 1
+        self.p.flush(timeout=120)
+
+    def stop(self):
+        self.stop_event.set()
+        self.join(timeout=150)
+        self.p.close(timeout=10)
+
+    def figures(self):
+        return {"rate": self.rate, "sent": self.sent, "acked": self.acked, "errors": self.errors}
+
+
+# ---- probes ----------------------------------------------------------------------------
+
+def close_info(ws):
+    """(code, reason) of the close frame the server sent, or (None, None)."""
+    rcvd = getattr(ws, "close_rcvd", None) or getattr(getattr(ws, "protocol", None), "close_rcvd", None)
+    return (rcvd.code, rcvd.reason) if rcvd else (None, None)
+
+
+def ssl_context(c):
+    ctx = ssl.create_default_context(cafile=str(c.front.ca))
+    return ctx
+
+
+class Probes:
+    """Subscribed WebSocket clients through the front, each recording when and how it was
+    closed: [(time, code, reason)] in `closed`."""
+
+    def __init__(self, c, n, channel="trades.K0", source_ip=None):
+        import websockets
+        self.ws_mod = websockets
+        self.url, self.ctx, self.channel, self.source = c.url(), ssl_context(c), channel, source_ip
+        self.closed, self.conns = [], []
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True, name="probes").start()
+        asyncio.run_coroutine_threadsafe(self.connect_all(n), self.loop).result(timeout=120)
+
+    async def one(self):
+        kw = {"ssl": self.ctx, "open_timeout": 10}
+        if self.source:
+            kw["local_addr"] = (self.source, 0)
+        ws = await self.ws_mod.connect(self.url, **kw)
+        await ws.send(json.dumps({"type": "subscribe", "channels": [self.channel]}))
+        await asyncio.wait_for(ws.recv(), 10)
+        self.conns.append(ws)
+
+        async def watch():
+            try:
+                async for _ in ws:
+                    pass
+            except self.ws_mod.exceptions.ConnectionClosed:
+                pass
+            self.closed.append((time.time(), *close_info(ws)))
+        asyncio.ensure_future(watch())
+
+    async def connect_all(self, n):
+        for _ in range(n):
+            await self.one()
+
+    def close(self):
+        async def close_all():
+            await asyncio.gather(*(ws.close() for ws in self.conns), return_exceptions=True)
+        try:
+            asyncio.run_coroutine_threadsafe(close_all(), self.loop).result(timeout=30)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+async def new_client(c, ctx, timeout=10):
+    """One new client through the front: what it got. {'http': status} when the upgrade
+    was refused, else {'http': 101, 'close': code, 'reason': text} (close None = a message
+    arrived and the connection stayed)."""
+    import websockets
+    t = time.time()
+    try:
+        async with websockets.connect(c.url(), ssl=ctx, open_timeout=timeout, close_timeout=2) as ws:
+            try:
+                # The close may arrive before the subscribe is even sent.
+                await ws.send(json.dumps({"type": "subscribe", "channels": ["trades.K0"]}))
+                await asyncio.wait_for(ws.recv(), timeout)
+                return {"t": t, "http": 101, "close": None}
+            except websockets.exceptions.ConnectionClosed:
+                code, reason = close_info(ws)
+                return {"t": t, "http": 101, "close": code, "reason": reason}
+    except websockets.exceptions.InvalidStatus as e:
+        return {"t": t, "http": e.response.status_code}
+    except (OSError, asyncio.TimeoutError, websockets.exceptions.WebSocketException) as e:
+        return {"t": t, "http": None, "error": type(e).__name__}
+
+
+def touch(c, n, source_ip=None):
+    """n short-lived clients through the front (subscribe, close): half-open breakers take
+    their trials from new clients."""
+    async def go():
+        ctx = ssl_context(c)
+        out = []
+        for _ in range(n):
+            out.append(await new_client(c, ctx, timeout=5))
+        return out
+    return asyncio.run(go())
+
+
+# ---- results ---------------------------------------------------------------------------
+
+def save(name, c, full, figures, checks, started, extra=None):
+    cl.RESULTS.mkdir(parents=True, exist_ok=True)
+    path = cl.RESULTS / f"cluster-{name}-{time.strftime('%Y%m%dT%H%M%S')}.json"
+    ok = all(v for _, v in checks)
+    doc = {
+        "scenario": name, "size": "full" if full else "short", "pass": ok,
+        "checks": [[label, bool(v)] for label, v in checks], "figures": figures,
+        "runtime_metrics": c.watcher.summary(since=started) if c.watcher else None,
+        "commit": cl.commit(), "machine": cl.machine(), "non_default_flags": cl.non_default_flags(c.a),
+        "topology": c.describe(), "started_unix": round(started, 3), "seconds": round(time.time() - started, 1),
+    }
+    doc.update(extra or {})
+    path.write_text(json.dumps(doc, indent=1, default=str))
+    return path, ok
