@@ -1,29 +1,24 @@
-//! Dialing: a TCP connect from a chosen source address, TLS for `wss://`, and a hand-written
-//! HTTP/1.1 upgrade.
+//! Dialing: a TCP connect from a chosen source address, TLS for `wss://`, and the WebSocket
+//! upgrade.
 //!
 //! The tool must be light enough for 100k connections across a few processes, so it skips
-//! general HTTP machinery: one `GET` with a random `Sec-WebSocket-Key`, a response head read
-//! into a small bounded buffer that is freed as soon as the 101 arrives, and the RFC 6455
-//! accept check. Bytes that follow the head (a server may send a frame right after the 101)
-//! are handed back so the frame decoder sees them.
+//! general HTTP machinery: the request and the response check are ws-protocol's client
+//! handshake (the one ws-lb uses to dial shards), and the response head is read into a small
+//! bounded buffer that is freed as soon as the 101 arrives. Bytes that follow the head (a
+//! server may send a frame right after the 101) are handed back so the frame decoder sees
+//! them.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 
-use base64::Engine as _;
 use rand::Rng as _;
-use sha1::{Digest as _, Sha1};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpSocket;
 use tokio::time::Instant;
+use ws_protocol::handshake::{self, HandshakeError, Response};
 
 use crate::outcome::Failure;
 use crate::stream::{Stream, Tls};
-
-/// The GUID a server appends to the key before hashing (RFC 6455 §1.3).
-const WS_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
-/// Largest response head accepted; real servers send a few hundred bytes.
-const MAX_HEAD: usize = 8192;
 
 /// Where and how to dial: resolved once per run.
 #[derive(Debug, Clone)]
@@ -43,14 +38,6 @@ pub struct Upgraded {
     pub stream: Stream,
     /// Bytes received after the response head: the start of the frame stream.
     pub leftover: Vec<u8>,
-}
-
-/// The `Sec-WebSocket-Accept` value a server must answer to `key`.
-pub fn accept_for(key: &str) -> String {
-    let mut h = Sha1::new();
-    h.update(key.as_bytes());
-    h.update(WS_GUID.as_bytes());
-    base64::engine::general_purpose::STANDARD.encode(h.finalize())
 }
 
 /// Opens a non-blocking TCP socket, bound to `source` (port chosen by the kernel) when given.
@@ -99,91 +86,44 @@ pub async fn dial(
 }
 
 async fn upgrade(mut stream: Stream, target: &Target) -> Result<Upgraded, Failure> {
-    let key_bytes: [u8; 16] = rand::rng().random();
-    let key = base64::engine::general_purpose::STANDARD.encode(key_bytes);
-    let request = format!(
-        "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nUser-Agent: odin-loadtest\r\n\r\n",
-        target.path, target.authority
+    let key = handshake::key_from_bytes(rand::rng().random());
+    let request = handshake::client_request(
+        &target.path,
+        &target.authority,
+        &key,
+        &[("User-Agent", "odin-loadtest")],
     );
     stream
-        .write_all(request.as_bytes())
+        .write_all(&request)
         .await
         .map_err(|e| Failure::from_io(&e))?;
     drop(request);
     let mut buf = Vec::with_capacity(512);
-    let head_end = loop {
+    let head_len = loop {
         stream.readable().await.map_err(|e| Failure::from_io(&e))?;
-        let searched = buf.len().saturating_sub(3);
         match stream.try_read_buf(&mut buf) {
             Ok(0) => return Err(Failure::Eof),
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(Failure::from_io(&e)),
         }
-        if let Some(pos) = find_head_end(&buf, searched) {
-            break pos;
-        }
-        if buf.len() >= MAX_HEAD {
-            return Err(Failure::BadHandshake);
-        }
-        if buf.capacity() == buf.len() {
-            buf.reserve(buf.len().min(MAX_HEAD - buf.len()));
+        match handshake::parse_response(&buf, &key) {
+            Ok(Response::Accepted { head_len }) => break head_len,
+            Ok(Response::Partial) => {}
+            Err(e) => return Err(failure(&e)),
         }
     };
-    let head = buf.get(..head_end).unwrap_or_default();
-    check_response(head, &accept_for(&key))?;
-    let leftover = buf
-        .get(head_end + 4..)
-        .map(<[u8]>::to_vec)
-        .unwrap_or_default();
+    let leftover = buf.get(head_len..).map(<[u8]>::to_vec).unwrap_or_default();
     Ok(Upgraded { stream, leftover })
 }
 
-/// Position of the `\r\n\r\n` that ends an HTTP head, searching from `from`.
-pub fn find_head_end(buf: &[u8], from: usize) -> Option<usize> {
-    buf.get(from..)?
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|p| p + from)
-}
-
-/// Checks a response head (without the final blank line) against the upgrade rules.
-pub fn check_response(head: &[u8], expected_accept: &str) -> Result<(), Failure> {
-    let text = std::str::from_utf8(head).map_err(|_| Failure::BadHandshake)?;
-    let mut lines = text.split("\r\n");
-    let status = lines
-        .next()
-        .and_then(|l| {
-            let mut parts = l.split(' ');
-            let version = parts.next()?;
-            version.starts_with("HTTP/1.").then_some(())?;
-            parts.next()?.parse::<u16>().ok()
-        })
-        .ok_or(Failure::BadHandshake)?;
-    if status != 101 {
-        return Err(Failure::Http(status));
-    }
-    let (mut upgrade, mut connection, mut accept) = (false, false, false);
-    for line in lines {
-        let Some((name, value)) = line.split_once(':') else {
-            continue;
-        };
-        let (name, value) = (name.trim(), value.trim());
-        if name.eq_ignore_ascii_case("upgrade") {
-            upgrade = value.eq_ignore_ascii_case("websocket");
-        } else if name.eq_ignore_ascii_case("connection") {
-            connection = value
-                .split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
-        } else if name.eq_ignore_ascii_case("sec-websocket-accept") {
-            accept = value == expected_accept;
+/// How a refused upgrade is counted.
+fn failure(e: &HandshakeError) -> Failure {
+    match e {
+        HandshakeError::Status(code) => Failure::Http(*code),
+        HandshakeError::TooLarge | HandshakeError::Malformed(_) | HandshakeError::BadAccept => {
+            Failure::BadHandshake
         }
-    }
-    if upgrade && connection && accept {
-        Ok(())
-    } else {
-        Err(Failure::BadHandshake)
     }
 }
 
@@ -192,43 +132,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn accept_matches_the_rfc_example() {
-        assert_eq!(
-            accept_for("dGhlIHNhbXBsZSBub25jZQ=="),
-            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
-        );
-    }
-
-    #[test]
-    fn checks_responses() {
-        let ok = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: WebSocket\r\n\
-                  Connection: keep-alive, Upgrade\r\nSec-WebSocket-Accept: abc=";
-        assert_eq!(check_response(ok.as_bytes(), "abc="), Ok(()));
-        assert_eq!(
-            check_response(ok.as_bytes(), "xyz="),
-            Err(Failure::BadHandshake)
-        );
-        let busy = "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0";
-        assert_eq!(
-            check_response(busy.as_bytes(), "abc="),
-            Err(Failure::Http(503))
-        );
-        assert_eq!(
-            check_response(b"garbage", "abc="),
-            Err(Failure::BadHandshake)
-        );
-        let no_upgrade = "HTTP/1.1 101 OK\r\nSec-WebSocket-Accept: abc=";
-        assert_eq!(
-            check_response(no_upgrade.as_bytes(), "abc="),
-            Err(Failure::BadHandshake)
-        );
-    }
-
-    #[test]
-    fn finds_the_end_of_a_head() {
-        let b = b"HTTP/1.1 101 x\r\nA: b\r\n\r\n\x81\x02hi";
-        assert_eq!(find_head_end(b, 0), Some(20));
-        assert_eq!(find_head_end(b, 30), None);
-        assert_eq!(find_head_end(b"\r\n\r", 0), None);
+    fn refusals_are_counted_by_status_or_as_bad_handshakes() {
+        let key = "dGhlIHNhbXBsZSBub25jZQ==";
+        let busy = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n";
+        let e = handshake::parse_response(busy, key).unwrap_err();
+        assert_eq!(failure(&e), Failure::Http(503));
+        let wrong = b"HTTP/1.1 101 OK\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: nope\r\n\r\n";
+        let e = handshake::parse_response(wrong, key).unwrap_err();
+        assert_eq!(failure(&e), Failure::BadHandshake);
+        let e = handshake::parse_response(b"garbage\r\n\r\n", key).unwrap_err();
+        assert_eq!(failure(&e), Failure::BadHandshake);
     }
 }

@@ -1,5 +1,5 @@
 //! The publisher: `POST {"channel","data":{"ts_us","n"}}` at a scheduled rate over a few
-//! keep-alive HTTP/1.1 connections, with a minimal hand-written client.
+//! keep-alive HTTP/1.1 connections (hyper's client, one connection per lane).
 //!
 //! Message `k` is due at `t0 + k / rate` (the same absolute schedule as the ramp) and goes
 //! out on lane `k % connections`; a lane whose previous request is slow falls behind and that
@@ -12,15 +12,17 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use hdrhistogram::Histogram;
+use http_body_util::{BodyExt as _, Full};
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::config::PublishConfig;
-use crate::handshake::find_head_end;
 use crate::progress::Progress;
 use crate::report::{Percentiles, ScheduleReport};
 use crate::schedule::{Schedule, Slot};
@@ -28,8 +30,6 @@ use crate::stats::{lock, new_histogram, unix_us};
 
 /// Per-request deadline; a bus that takes longer is counted as `timeout`.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// Largest response accepted (head plus body); the bus answers ~60 bytes.
-const MAX_RESPONSE: usize = 64 * 1024;
 
 /// What the publisher did.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -54,7 +54,10 @@ pub struct PublishReport {
 #[derive(Debug)]
 struct Shared {
     addr: SocketAddr,
-    head: String,
+    /// Request path and query.
+    path: String,
+    /// The Host header value.
+    authority: String,
     channels: Vec<String>,
     pad: String,
     t0: Instant,
@@ -84,10 +87,8 @@ pub async fn publish(cfg: &PublishConfig, progress: &Progress) -> anyhow::Result
     let t0 = Instant::now();
     let shared = Arc::new(Shared {
         addr,
-        head: format!(
-            "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n",
-            cfg.url.path, cfg.url.authority
-        ),
+        path: cfg.url.path.clone(),
+        authority: cfg.url.authority.clone(),
         channels: cfg.channels.clone(),
         pad: "x".repeat(cfg.pad_bytes),
         t0,
@@ -144,10 +145,7 @@ pub async fn publish(cfg: &PublishConfig, progress: &Progress) -> anyhow::Result
 }
 
 async fn lane(shared: Arc<Shared>, schedule: Schedule, slot: Slot, total: u64) {
-    let mut conn = HttpConn {
-        stream: None,
-        buf: Vec::new(),
-    };
+    let mut conn = HttpConn { sender: None };
     for k in slot.indices(total) {
         let due = schedule.at(k);
         tokio::time::sleep_until(due).await;
@@ -167,8 +165,7 @@ async fn lane(shared: Arc<Shared>, schedule: Schedule, slot: Slot, total: u64) {
             })
         }
         .to_string();
-        let result =
-            tokio::time::timeout(REQUEST_TIMEOUT, conn.post(&shared, body.as_bytes())).await;
+        let result = tokio::time::timeout(REQUEST_TIMEOUT, conn.post(&shared, body)).await;
         let latency = micros(start.elapsed());
         let mut a = lock(&shared.acc);
         a.attempted += 1;
@@ -186,7 +183,7 @@ async fn lane(shared: Arc<Shared>, schedule: Schedule, slot: Slot, total: u64) {
             }
             Ok(Err(cause)) => *a.errors.entry(cause.to_owned()).or_default() += 1,
             Err(_) => {
-                conn.stream = None;
+                conn.sender = None;
                 *a.errors.entry("timeout".to_owned()).or_default() += 1;
             }
         }
@@ -195,134 +192,52 @@ async fn lane(shared: Arc<Shared>, schedule: Schedule, slot: Slot, total: u64) {
 
 /// One keep-alive connection; reconnects after any error or `Connection: close`.
 struct HttpConn {
-    stream: Option<TcpStream>,
-    buf: Vec<u8>,
+    sender: Option<SendRequest<Full<Bytes>>>,
 }
 
 impl HttpConn {
-    async fn post(&mut self, shared: &Shared, body: &[u8]) -> Result<u16, &'static str> {
+    async fn post(&mut self, shared: &Shared, body: String) -> Result<u16, &'static str> {
         let result = self.exchange(shared, body).await;
-        if !matches!(result, Ok((_, true))) {
-            self.stream = None;
+        if result.is_err() {
+            self.sender = None;
         }
-        result.map(|(status, _)| status)
+        result
     }
 
-    /// Returns the status and whether the connection may be reused.
-    async fn exchange(
-        &mut self,
-        shared: &Shared,
-        body: &[u8],
-    ) -> Result<(u16, bool), &'static str> {
-        if self.stream.is_none() {
-            let s = TcpStream::connect(shared.addr)
-                .await
-                .map_err(|_| "connect")?;
-            s.set_nodelay(true).map_err(|_| "connect")?;
-            self.stream = Some(s);
-        }
-        let stream = self.stream.as_mut().ok_or("connect")?;
-        let mut req = Vec::with_capacity(shared.head.len() + 32 + body.len());
-        req.extend_from_slice(shared.head.as_bytes());
-        req.extend_from_slice(format!("Content-Length: {}\r\n\r\n", body.len()).as_bytes());
-        req.extend_from_slice(body);
-        stream.write_all(&req).await.map_err(|_| "io")?;
-        self.buf.clear();
-        let head_end = loop {
-            if stream.read_buf(&mut self.buf).await.map_err(|_| "io")? == 0 {
-                return Err("io");
-            }
-            if let Some(end) = find_head_end(&self.buf, 0) {
-                break end;
-            }
-            if self.buf.len() > MAX_RESPONSE {
-                return Err("bad_response");
+    async fn exchange(&mut self, shared: &Shared, body: String) -> Result<u16, &'static str> {
+        let sender = match &mut self.sender {
+            Some(s) if !s.is_closed() => s,
+            _ => {
+                let s = TcpStream::connect(shared.addr)
+                    .await
+                    .map_err(|_| "connect")?;
+                s.set_nodelay(true).map_err(|_| "connect")?;
+                let (sender, conn) = http1::handshake(TokioIo::new(s))
+                    .await
+                    .map_err(|_| "connect")?;
+                tokio::spawn(conn);
+                self.sender.insert(sender)
             }
         };
-        let head = std::str::from_utf8(self.buf.get(..head_end).unwrap_or_default())
-            .map_err(|_| "bad_response")?;
-        let parsed = parse_response_head(head).ok_or("bad_response")?;
-        let body_start = head_end + 4;
-        // Read the rest of the body so the next response starts on a clean stream.
-        loop {
-            let got = self.buf.get(body_start..).unwrap_or_default();
-            let complete = match parsed.content_length {
-                Some(n) => got.len() >= n,
-                None if parsed.chunked => got.ends_with(b"0\r\n\r\n"),
-                None => true,
-            };
-            if complete {
-                break;
-            }
-            if self.buf.len() > MAX_RESPONSE
-                || stream.read_buf(&mut self.buf).await.map_err(|_| "io")? == 0
-            {
-                return Err("bad_response");
-            }
-        }
-        Ok((
-            parsed.status,
-            parsed.keep_alive && (parsed.content_length.is_some() || parsed.chunked),
-        ))
+        sender.ready().await.map_err(|_| "io")?;
+        let req = hyper::Request::post(shared.path.as_str())
+            .header(hyper::header::HOST, shared.authority.as_str())
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|_| "bad_request")?;
+        let resp = sender.send_request(req).await.map_err(cause)?;
+        let status = resp.status().as_u16();
+        // Read the body so that the next response starts on a clean stream.
+        resp.into_body().collect().await.map_err(cause)?;
+        Ok(status)
     }
 }
 
-#[derive(Debug, PartialEq)]
-struct ResponseHead {
-    status: u16,
-    content_length: Option<usize>,
-    chunked: bool,
-    keep_alive: bool,
-}
-
-fn parse_response_head(head: &str) -> Option<ResponseHead> {
-    let mut lines = head.split("\r\n");
-    let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
-    let mut r = ResponseHead {
-        status,
-        content_length: None,
-        chunked: false,
-        keep_alive: true,
-    };
-    for line in lines {
-        let Some((name, value)) = line.split_once(':') else {
-            continue;
-        };
-        let (name, value) = (name.trim(), value.trim());
-        if name.eq_ignore_ascii_case("content-length") {
-            r.content_length = value.parse().ok();
-        } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            r.chunked = value.to_ascii_lowercase().contains("chunked");
-        } else if name.eq_ignore_ascii_case("connection") {
-            r.keep_alive = !value.eq_ignore_ascii_case("close");
-        }
-    }
-    Some(r)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_response_heads() {
-        let h = parse_response_head(
-            "HTTP/1.1 202 Accepted\r\ncontent-length: 42\r\nConnection: keep-alive",
-        );
-        assert_eq!(
-            h,
-            Some(ResponseHead {
-                status: 202,
-                content_length: Some(42),
-                chunked: false,
-                keep_alive: true
-            })
-        );
-        let h = parse_response_head(
-            "HTTP/1.1 503 Busy\r\nTransfer-Encoding: chunked\r\nConnection: close",
-        )
-        .unwrap();
-        assert!(h.chunked && !h.keep_alive && h.status == 503);
-        assert_eq!(parse_response_head("nonsense"), None);
+/// The `errors` key of a failed exchange.
+fn cause(e: hyper::Error) -> &'static str {
+    if e.is_parse() {
+        "bad_response"
+    } else {
+        "io"
     }
 }

@@ -1,12 +1,15 @@
-//! A deliberately small HTTP/1.1 client for tests: one request per connection, or several on
-//! one keep-alive connection ([`KeepAlive`]) for fast publishing.
+//! HTTP for tests, on hyper-util's client: one request per connection ([`call`], [`get`]),
+//! or many on one keep-alive connection ([`KeepAlive`]) for fast publishing.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
 
 /// A response: status and body.
 #[derive(Debug, Clone)]
@@ -15,58 +18,41 @@ pub struct Reply {
     pub body: String,
 }
 
-fn request(method: &str, path: &str, body: Option<&str>, keep_alive: bool) -> String {
-    let conn = if keep_alive { "keep-alive" } else { "close" };
-    match body {
-        Some(b) => format!(
-            "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: {conn}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
-            b.len()
-        ),
-        None => format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: {conn}\r\n\r\n"),
-    }
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// A client keeping at most `idle` connections open between requests.
+fn client(idle: usize) -> HttpClient {
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(idle)
+        .build_http()
 }
 
-async fn read_reply(stream: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<Reply> {
-    loop {
-        if let Some(head_end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-            let status: u16 = head
-                .split_whitespace()
-                .nth(1)
-                .context("no status")?
-                .parse()?;
-            let len = head
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length:")
-                        .map(|v| v.trim().to_owned())
-                })
-                .map(|v| v.parse::<usize>())
-                .transpose()?;
-            let Some(len) = len else {
-                bail!("response without content-length: {head}");
-            };
-            let total = head_end + 4 + len;
-            while buf.len() < total {
-                let mut chunk = [0u8; 8192];
-                let n = stream.read(&mut chunk).await?;
-                if n == 0 {
-                    bail!("eof in body");
-                }
-                buf.extend_from_slice(&chunk[..n]);
-            }
-            let body = String::from_utf8_lossy(&buf[head_end + 4..total]).to_string();
-            buf.drain(..total);
-            return Ok(Reply { status, body });
-        }
-        let mut chunk = [0u8; 8192];
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            bail!("eof before response head");
-        }
-        buf.extend_from_slice(&chunk[..n]);
+async fn send(
+    client: &HttpClient,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> anyhow::Result<Reply> {
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"));
+    if body.is_some() {
+        req = req.header(http::header::CONTENT_TYPE, "application/json");
     }
+    let req = req.body(Full::new(Bytes::from(body.unwrap_or_default().to_owned())))?;
+    let fut = async {
+        let resp = client.request(req).await?;
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await?.to_bytes();
+        anyhow::Ok(Reply {
+            status,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(10), fut)
+        .await
+        .context("http timeout")?
 }
 
 /// One request on a fresh connection.
@@ -76,16 +62,7 @@ pub async fn call(
     path: &str,
     body: Option<&str>,
 ) -> anyhow::Result<Reply> {
-    let fut = async {
-        let mut s = TcpStream::connect(addr).await?;
-        s.write_all(request(method, path, body, false).as_bytes())
-            .await?;
-        let mut buf = Vec::new();
-        read_reply(&mut s, &mut buf).await
-    };
-    tokio::time::timeout(Duration::from_secs(10), fut)
-        .await
-        .context("http timeout")?
+    send(&client(0), addr, method, path, body).await
 }
 
 /// `GET path`.
@@ -96,16 +73,16 @@ pub async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<Reply> {
 /// A keep-alive connection for many requests.
 #[derive(Debug)]
 pub struct KeepAlive {
-    stream: TcpStream,
-    buf: Vec<u8>,
+    client: HttpClient,
+    addr: SocketAddr,
 }
 
 impl KeepAlive {
-    /// Connects to `addr`.
+    /// A client for `addr` that keeps its connection between requests.
     pub async fn connect(addr: SocketAddr) -> anyhow::Result<Self> {
         Ok(Self {
-            stream: TcpStream::connect(addr).await?,
-            buf: Vec::new(),
+            client: client(1),
+            addr,
         })
     }
 
@@ -116,15 +93,7 @@ impl KeepAlive {
         path: &str,
         body: Option<&str>,
     ) -> anyhow::Result<Reply> {
-        self.stream
-            .write_all(request(method, path, body, true).as_bytes())
-            .await?;
-        tokio::time::timeout(
-            Duration::from_secs(10),
-            read_reply(&mut self.stream, &mut self.buf),
-        )
-        .await
-        .context("http timeout")?
+        send(&self.client, self.addr, method, path, body).await
     }
 
     /// `POST /publish` of `data` (a JSON value) on `channel`; returns the assigned seq.
