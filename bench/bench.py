@@ -3,7 +3,7 @@
 
 Subcommands (all start and stop their own servers on 127.0.0.x and bound their duration):
 
-  capacity   the plan's table: 12,000 connections through ws-lb at 50, 100, 1000 conn/s:
+  capacity   the capacity table (docs/benchmarks.md): 12,000 connections through ws-lb at 50, 100, 1000 conn/s:
              success, active, handshake p50/p99, generator lag, LB and shard peak RSS and
              RSS per held connection
   compare    the same ramp, same shards, through ws-lb, nginx, HAProxy and directly to one
@@ -22,50 +22,25 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = REPO / "target" / "release"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "pylib"))
+import odin  # noqa: E402
+from odin import free_port, port_free, wait_port  # noqa: E402
+
+REPO = odin.REPO
+BIN = odin.release_bin()
 RESULTS = REPO / "bench" / "results"
 LT = BIN / "loadtest"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_http(url: str, timeout=30.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except urllib.error.HTTPError:
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"{url} not ready")
-
-
-def wait_port(port: int, timeout=30.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"port {port} not ready")
+    odin.wait_http(url, timeout)
 
 
 def proc_rss_kb(pid: int) -> tuple:
@@ -98,29 +73,6 @@ def tree_pids(pid: int) -> list:
     return out
 
 
-class Procs:
-    def __init__(self):
-        self.items = []
-
-    def start(self, name, args, **kw):
-        log = open(f"/tmp/odin-bench-{name}.log", "w")
-        p = subprocess.Popen(args, stdout=log, stderr=log, **kw)
-        self.items.append((name, p))
-        return p
-
-    def stop(self):
-        for _, p in reversed(self.items):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for _, p in reversed(self.items):
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        self.items = []
-
-
 def start_shards(procs, shards=3, max_conn=6000, extra=()):
     base, admin = free_port(), free_port()
     while any(not port_free(base + i) for i in range(shards)):
@@ -131,15 +83,6 @@ def start_shards(procs, shards=3, max_conn=6000, extra=()):
     for i in range(shards):
         wait_http(f"http://127.0.0.1:{base + i}/health")
     return p, [base + i for i in range(shards)], admin
-
-
-def port_free(port):
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 def start_lb(procs, shard_ports, name="lb", port=None, admin=None, extra=()):
@@ -257,7 +200,7 @@ def cmd_capacity(a):
     for rate in a.rates:
         rows = []
         for run in range(a.runs if rate >= 1000 else 1):
-            procs = Procs()
+            procs = odin.Procs("bench")
             try:
                 shard, shard_ports, _ = start_shards(procs)
                 # One ws-lb relays at most ~10,000 clients (two descriptors each, 20,000 per
@@ -361,7 +304,7 @@ def cmd_compare(a):
     for target in a.targets:
         rows, maxes = [], []
         for run in range(a.runs):
-            procs = Procs()
+            procs = odin.Procs("bench")
             try:
                 max_conn = 20000 if target == "direct" else 6000
                 shard, shard_ports, _ = start_shards(procs, shards=1 if target == "direct" else 3, max_conn=max_conn)
@@ -417,7 +360,7 @@ def cmd_fanout(a):
             continue
         for path in ["ws-lb", "direct"]:
             for rate in cfg["rates"]:
-                procs = Procs()
+                procs = odin.Procs("bench")
                 try:
                     shard, shard_ports, admin = start_shards(procs, extra=["--outbound-queue", "4096"])
                     port = shard_ports[0]
@@ -451,7 +394,7 @@ def cmd_fanout(a):
 
 def cmd_hold(a):
     results = {"machine": machine(), "command": " ".join(sys.argv)}
-    procs = Procs()
+    procs = odin.Procs("bench")
     try:
         shard_ports, shard_pids = [], []
         for i in range(a.shard_procs):

@@ -74,7 +74,7 @@ def main():
     ap.add_argument("--history-len", type=int, default=1000, help="ws-shard --history-len")
     ap.add_argument("--prefill-rate", type=int, default=4000, help="warm-up publish rate per shard process (0 = no prefill)")
     a = ap.parse_args()
-    procs = bench.Procs()
+    procs = bench.odin.Procs("soak")
     result = {"machine": bench.machine(), "command": " ".join(sys.argv), "samples": []}
     try:
         shard_ports, shard_pids, admins = [], [], []

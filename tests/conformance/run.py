@@ -13,32 +13,15 @@ The servers are started here on free loopback ports and stopped at the end.
 import argparse
 import collections
 import json
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "pylib"))
+import odin  # noqa: E402
+
 ACCEPTABLE = {"OK", "NON-STRICT", "INFORMATIONAL"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ok(url: str, timeout: float = 30):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"{url} never became ready")
 
 
 def run_kosoku(url: str, cases: str, out: Path) -> dict:
@@ -69,28 +52,19 @@ def main():
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    shard, shard_admin, lb, lb_admin = free_port(), free_port(), free_port(), free_port()
-    procs = [
-        subprocess.Popen([f"{a.bin}/ws-shard", "--shards", "1", "--base-port", str(shard),
-                          "--admin-addr", f"127.0.0.1:{shard_admin}", "--echo", "--log-level", "warn"]),
-        subprocess.Popen([f"{a.bin}/ws-lb", "--listen", f"127.0.0.1:{lb}", "--admin-addr", f"127.0.0.1:{lb_admin}",
-                          "--backend-urls", f"ws://127.0.0.1:{shard}/echo", "--per-ip-rate", "0", "--log-level", "warn"]),
-    ]
-    try:
-        wait_ok(f"http://127.0.0.1:{shard}/health")
-        wait_ok(f"http://127.0.0.1:{lb}/health")
+    shard, shard_admin, lb, lb_admin = (odin.free_port() for _ in range(4))
+    with odin.Procs("conformance") as procs:
+        procs.start("shard", [f"{a.bin}/ws-shard", "--shards", "1", "--base-port", shard,
+                              "--admin-addr", f"127.0.0.1:{shard_admin}", "--echo", "--log-level", "warn"])
+        procs.start("lb", [f"{a.bin}/ws-lb", "--listen", f"127.0.0.1:{lb}", "--admin-addr", f"127.0.0.1:{lb_admin}",
+                           "--backend-urls", f"ws://127.0.0.1:{shard}/echo", "--per-ip-rate", "0",
+                           "--log-level", "warn"])
+        odin.wait_http(f"http://127.0.0.1:{shard}/health", ready=odin.ok)
+        odin.wait_http(f"http://127.0.0.1:{lb}/health", ready=odin.ok)
         runs = {
             "direct (ws-shard /echo)": run_kosoku(f"ws://127.0.0.1:{shard}/echo", a.cases, out / "direct"),
             "through ws-lb": run_kosoku(f"ws://127.0.0.1:{lb}/ws", a.cases, out / "via-lb"),
         }
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
     bad = []
     print(f"\n| configuration | cases | OK | NON-STRICT | INFORMATIONAL | FAILED/other | seconds |")
     print("|---|---|---|---|---|---|---|")

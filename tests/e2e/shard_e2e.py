@@ -12,21 +12,16 @@ Every wait is bounded; the script exits non-zero on the first failed check.
 
 import asyncio
 import json
-import os
 import signal
-import socket
-import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import websockets
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "pylib"))
+import odin  # noqa: E402
 
 
 def publish(admin: int, channel: str, data) -> dict:
@@ -37,17 +32,6 @@ def publish(admin: int, channel: str, data) -> dict:
     with urllib.request.urlopen(req, timeout=5) as r:
         assert r.status == 202, r.status
         return json.loads(r.read())
-
-
-def wait_ready(port: int, deadline: float) -> None:
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"shard on {port} never became ready")
 
 
 async def recv_json(ws, timeout=5.0):
@@ -135,35 +119,20 @@ async def sigterm_drain(proc, base: int, shards: int, clients: int, grace: float
 
 async def main() -> None:
     binary = sys.argv[1]
-    shards, base, admin = 2, free_port(), free_port()
-    while base + 1 == admin or not port_free(base + 1):
-        base = free_port()
+    shards, base, admin = 2, odin.free_port(), odin.free_port()
+    while base + 1 == admin or not odin.port_free(base + 1):
+        base = odin.free_port()
     grace = 15.0
-    proc = subprocess.Popen(
-        [binary, "--shards", str(shards), "--base-port", str(base),
-         "--admin-addr", f"127.0.0.1:{admin}", "--drain-window", "2s", "--grace", f"{grace:.0f}s",
-         "--log-level", "warn"],
-    )
-    try:
-        deadline = time.time() + 20
+    with odin.Procs("shard-e2e") as procs:
+        proc = procs.start("shard", [binary, "--shards", shards, "--base-port", base,
+                                     "--admin-addr", f"127.0.0.1:{admin}", "--drain-window", "2s",
+                                     "--grace", f"{grace:.0f}s", "--log-level", "warn"],
+                           stdout=None, stderr=None)
         for i in range(shards):
-            wait_ready(base + i, deadline)
+            odin.wait_http(f"http://127.0.0.1:{base + i}/health", timeout=20, ready=odin.ok)
         await ordered_delivery(base, admin)
         await recovery(base, admin)
         await sigterm_drain(proc, base, shards, 1000, grace)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 if __name__ == "__main__":

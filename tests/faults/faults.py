@@ -23,7 +23,6 @@ Usage: faults.py [scenario ...]   (default: all)
 
 import asyncio
 import json
-import os
 import shutil
 import signal
 import socket
@@ -32,80 +31,24 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import websockets
 from kafka import KafkaProducer
 
-REPO = Path(__file__).resolve().parents[2]
-BIN = REPO / "target" / "release"
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "pylib"))
+import odin  # noqa: E402
+from odin import free_port, get_json, metric, wait_for as wait  # noqa: E402
+
+REPO = odin.REPO
+BIN = odin.release_bin()
 LT = BIN / "loadtest"
 TANSU = shutil.which("tansu") or str(Path.home() / ".cargo/bin/tansu")
 RESULTS = REPO / "bench" / "results"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def get(url, timeout=2):
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return r.read().decode()
-
-
-def get_json(url):
-    try:
-        return json.loads(get(url))
-    except urllib.error.HTTPError as e:
-        return json.loads(e.read())
-
-
-def wait(cond, timeout, what):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if cond():
-                return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"timed out waiting for {what}")
-
-
-def metric(page, name, *labels):
-    total = 0.0
-    for line in page.splitlines():
-        if line.startswith(name) and line[len(name):len(name) + 1] in ("{", " ") and all(l in line for l in labels):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
-class Procs:
-    def __init__(self):
-        self.p = {}
-
-    def start(self, name, args):
-        log = open(f"/tmp/odin-faults-{name}.log", "w")
-        self.p[name] = subprocess.Popen(args, stdout=log, stderr=log)
-        return self.p[name]
-
-    def signal(self, name, sig):
-        p = self.p[name]
-        if p.poll() is None:
-            p.send_signal(sig)
-
-    def wait(self, name, timeout):
-        return self.p[name].wait(timeout=timeout)
-
-    def stop_all(self):
-        for p in self.p.values():
-            if p.poll() is None:
-                p.kill()
-        for p in self.p.values():
-            p.wait()
+    return odin.http_get(url, timeout)[1]
 
 
 def start_broker(procs, topic, partitions):
@@ -234,7 +177,7 @@ def start_kafka_tier(procs, lb_extra=()):
 
 
 def scenario_kill_shard():
-    procs = Procs()
+    procs = odin.Procs("faults", stop_signal=signal.SIGKILL)
     try:
         broker, topic, keys, ports, admins, lb, lb_admin = start_kafka_tier(
             procs, ["--circuit-breaker-failure-threshold", "5", "--circuit-breaker-timeout", "3s",
@@ -288,11 +231,11 @@ def scenario_kill_shard():
         ]
         return figures, checks
     finally:
-        procs.stop_all()
+        procs.stop()
 
 
 def scenario_kill_lb():
-    procs = Procs()
+    procs = odin.Procs("faults", stop_signal=signal.SIGKILL)
     try:
         shard, shard_admin = free_port(), free_port()
         procs.start("shard", [str(BIN / "ws-shard"), "--shards", "3", "--base-port", str(shard),
@@ -326,7 +269,7 @@ def scenario_kill_lb():
         ]
         return figures, checks
     finally:
-        procs.stop_all()
+        procs.stop()
 
 
 def scenario_kafka():
@@ -340,7 +283,7 @@ def scenario_kafka():
 
 
 def fanout_run(slow_clients: int):
-    procs = Procs()
+    procs = odin.Procs("faults", stop_signal=signal.SIGKILL)
     try:
         shard, shard_admin = free_port(), free_port()
         procs.start("shard", [str(BIN / "ws-shard"), "--shards", "3", "--base-port", str(shard), "--admin-addr",
@@ -388,7 +331,7 @@ def fanout_run(slow_clients: int):
             s.close()
         return rep, metric(page, "ws_shard_slow_consumer_disconnects_total"), released, stalled
     finally:
-        procs.stop_all()
+        procs.stop()
 
 
 SLOW_ROUNDS = 2
@@ -427,7 +370,7 @@ def scenario_slow():
 
 
 def scenario_rolling():
-    procs = Procs()
+    procs = odin.Procs("faults", stop_signal=signal.SIGKILL)
     try:
         broker, topic, keys, ports, admins, lb, lb_admin = start_kafka_tier(procs)
         producer = Producer(broker, topic, keys, 100)
@@ -453,7 +396,7 @@ def scenario_rolling():
         ]
         return figures, checks
     finally:
-        procs.stop_all()
+        procs.stop()
 
 
 SCENARIOS = {"kill-shard": scenario_kill_shard, "kill-lb": scenario_kill_lb, "kafka": scenario_kafka,

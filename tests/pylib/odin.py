@@ -1,0 +1,206 @@
+"""Helpers shared by the Python test and benchmark scripts (tests/e2e, tests/faults,
+tests/conformance, bench): free loopback ports, waiting for a server to come up, plain HTTP
+GETs, reading Prometheus text, and the processes a script starts.
+
+A script imports it with
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[N] / "tests" / "pylib"))
+    import odin
+
+(N: how many directories the script is below the repository root).
+"""
+
+import json
+import os
+from signal import SIGKILL, SIGTERM
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def release_bin() -> Path:
+    """Where the release binaries are: `$ODIN_BIN`, else target/release (set ODIN_BIN to run
+    a benchmark's scripts against another build, side by side)."""
+    return Path(os.environ.get("ODIN_BIN") or REPO / "target" / "release")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on right now (bound and released)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether `port` can be bound (nothing listens there any more)."""
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+def wait_port(port: int, timeout: float = 30.0, host: str = "127.0.0.1") -> None:
+    """Waits until something accepts connections on `port`."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection((host, port), 0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"port {port} not ready after {timeout:.0f} s")
+
+
+def http_get(url: str, timeout: float = 2.0) -> tuple:
+    """`GET url`: (status, body as text); an HTTP error status is a result, not an exception.
+    Raises OSError when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def get_json(url: str, timeout: float = 2.0):
+    """`GET url` parsed as JSON, whatever the status."""
+    return json.loads(http_get(url, timeout)[1])
+
+
+def wait_http(url: str, timeout: float = 30.0, ready=lambda status, body: True) -> tuple:
+    """Polls `url` until it answers with a response `ready(status, body)` accepts (any
+    response by default); returns that (status, body)."""
+    deadline = time.time() + timeout
+    last = "no answer"
+    while time.time() < deadline:
+        try:
+            status, body = http_get(url, timeout=1)
+            if ready(status, body):
+                return status, body
+            last = f"HTTP {status}"
+        except (OSError, ValueError) as e:
+            last = str(e)
+        time.sleep(0.05)
+    raise SystemExit(f"{url} not ready after {timeout:.0f} s ({last})")
+
+
+def wait_for(cond, timeout: float, what: str) -> None:
+    """Polls `cond()` every 0.1 s until it is true; an OSError (nothing answers yet) counts as
+    false. Raises RuntimeError after `timeout` seconds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if cond():
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+def ok(status, _body) -> bool:
+    """For `wait_http`: a 200."""
+    return status == 200
+
+
+def metric(page: str, name: str, *labels: str) -> float:
+    """The sum of `name`'s samples in a Prometheus text page whose label set contains every
+    string in `labels` (e.g. 'code="1012"')."""
+    total = 0.0
+    for line in page.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        rest = line[len(name):]
+        if not rest.startswith(("{", " ")):
+            continue
+        if all(lab in line for lab in labels):
+            try:
+                total += float(line.rsplit(" ", 1)[1])
+            except (IndexError, ValueError):
+                pass
+    return total
+
+
+def metric_names(page: str) -> set:
+    """Every metric family named in a Prometheus text page (histograms by their base name)."""
+    names = set()
+    for line in page.splitlines():
+        if line.startswith("# TYPE "):
+            names.add(line.split()[2])
+    return names
+
+
+class Procs:
+    """The processes a script started, each logging to /tmp/odin-<tag>-<name>.log; stopped
+    together by `stop()` or on leaving a `with` block: `stop_signal` (SIGTERM: a drain), then
+    SIGKILL for whatever is left after `grace` seconds."""
+
+    def __init__(self, tag: str, stop_signal=SIGTERM, grace: float = 20):
+        self.tag = tag
+        self.stop_signal = stop_signal
+        self.grace = grace
+        # By name (the latest of that name), and every process ever started, for `stop`.
+        self.procs = {}
+        self.started = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def log_path(self, name: str) -> str:
+        return f"/tmp/odin-{self.tag}-{name}.log"
+
+    def start(self, name: str, args, **kw) -> subprocess.Popen:
+        """Starts `args` as `name` (reusing a name points it at the new process)."""
+        log = open(self.log_path(name), "w")
+        kw.setdefault("stdout", log)
+        kw.setdefault("stderr", log)
+        p = subprocess.Popen([str(a) for a in args], **kw)
+        self.procs[name] = p
+        self.started.append(p)
+        return p
+
+    def __getitem__(self, name: str) -> subprocess.Popen:
+        return self.procs[name]
+
+    def signal(self, name: str, sig=SIGTERM) -> None:
+        p = self.procs.get(name)
+        if p is not None and p.poll() is None:
+            p.send_signal(sig)
+
+    def kill(self, name: str, sig=SIGKILL, timeout: float = 30) -> None:
+        """Sends `sig` and waits for the process to exit."""
+        p = self.procs.get(name)
+        if p is not None and p.poll() is None:
+            p.send_signal(sig)
+            p.wait(timeout=timeout)
+
+    def wait(self, name: str, timeout: float):
+        return self.procs[name].wait(timeout=timeout)
+
+    def exited(self) -> dict:
+        """Processes that have already exited, with their exit codes."""
+        return {n: p.returncode for n, p in self.procs.items() if p.poll() is not None}
+
+    def stop(self) -> None:
+        """Stops every process still running, newest first."""
+        running = [p for p in reversed(self.started) if p.poll() is None]
+        for p in running:
+            p.send_signal(self.stop_signal)
+        deadline = time.time() + self.grace
+        for p in running:
+            try:
+                p.wait(timeout=max(0.0, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.procs = {}
+        self.started = []
