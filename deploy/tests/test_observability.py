@@ -4,7 +4,7 @@
 
 - every alert has `for`, a severity label, summary/description annotations and
   runbook_url = docs/runbook.md#<alert name in lowercase>;
-- the plan's alerts exist with their exact expressions and thresholds;
+- the documented alerts exist with their exact expressions and thresholds;
 - the dashboard is well-formed (schemaVersion, unique ids, grid inside 24
   columns, panel types, Prometheus datasource, non-empty expressions), is
   what build_dashboard.py generates, and shows every exported metric;

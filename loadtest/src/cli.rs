@@ -1,7 +1,7 @@
 //! Command-line flags and their environment variables.
 //!
-//! The plan's names are kept exactly (`WS_URL`, `TARGET_CONNECTIONS`, `RAMP_RATE`,
-//! `HOLD_SECONDS`); every other flag reads `LOADTEST_<FLAG>` so that generic variables such
+//! Four variables keep the names the capacity test was first specified with (`WS_URL`,
+//! `TARGET_CONNECTIONS`, `RAMP_RATE`, `HOLD_SECONDS`); every other flag reads `LOADTEST_<FLAG>` so that generic variables such
 //! as `QUIET` or `CHANNELS` in a CI environment never change a run by accident. Flags override
 //! the environment, and a later occurrence of a flag overrides an earlier one (the worker
 //! re-exec relies on that to replace `--json` and the step's `--rate`).

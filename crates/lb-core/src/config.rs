@@ -9,7 +9,7 @@ fn bad(key: &'static str, problem: impl Into<String>) -> ConfigError {
     ConfigError::new(key, problem)
 }
 
-/// Circuit breaker settings (env names from the plan: `CIRCUIT_BREAKER_*`).
+/// Circuit breaker settings (ws-lb also reads them from `CIRCUIT_BREAKER_*`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BreakerConfig {
     /// Consecutive failures that open a closed breaker.

@@ -43,37 +43,66 @@ impl AttemptError {
         }
     }
 
-    /// Short label for metrics (bounded set).
-    pub fn kind(&self) -> &'static str {
+    /// What kind of failure this is (a metric label).
+    pub fn kind(&self) -> AttemptKind {
         match self {
-            Self::ConnectRefused(_) => "refused",
-            Self::ConnectTimeout(_) => "connect_timeout",
-            Self::HandshakeTimeout(_) => "handshake_timeout",
-            Self::HttpStatus(503) => "http_503",
-            Self::HttpStatus(_) => "http_other",
-            Self::ConnectionLost(_) => "connection_lost",
-            Self::Protocol(_) => "protocol",
-            Self::LocalResources(_) => "local_resources",
+            Self::ConnectRefused(_) => AttemptKind::Refused,
+            Self::ConnectTimeout(_) => AttemptKind::ConnectTimeout,
+            Self::HandshakeTimeout(_) => AttemptKind::HandshakeTimeout,
+            Self::HttpStatus(503) => AttemptKind::Http503,
+            Self::HttpStatus(_) => AttemptKind::HttpOther,
+            Self::ConnectionLost(_) => AttemptKind::ConnectionLost,
+            Self::Protocol(_) => AttemptKind::Protocol,
+            Self::LocalResources(_) => AttemptKind::LocalResources,
         }
     }
-
-    /// Every value [`Self::kind`] can return.
-    pub const KINDS: &'static [&'static str] = &[
-        "refused",
-        "connect_timeout",
-        "handshake_timeout",
-        "http_503",
-        "http_other",
-        "connection_lost",
-        "protocol",
-        "local_resources",
-    ];
 
     /// Every failure the shard caused counts against its breaker and score: a full shard
     /// that keeps answering 503 should be skipped for a while just like a dead one. Running
     /// out of descriptors here says nothing about the shard.
     pub fn counts_against_shard(&self) -> bool {
         !matches!(self, Self::LocalResources(_))
+    }
+}
+
+/// The kinds of [`AttemptError`], a bounded set of metric labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptKind {
+    Refused,
+    ConnectTimeout,
+    HandshakeTimeout,
+    Http503,
+    HttpOther,
+    ConnectionLost,
+    Protocol,
+    LocalResources,
+}
+
+impl AttemptKind {
+    /// Every kind, in label order (index with `as usize`).
+    pub const ALL: [AttemptKind; 8] = [
+        Self::Refused,
+        Self::ConnectTimeout,
+        Self::HandshakeTimeout,
+        Self::Http503,
+        Self::HttpOther,
+        Self::ConnectionLost,
+        Self::Protocol,
+        Self::LocalResources,
+    ];
+
+    /// The `kind` label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Refused => "refused",
+            Self::ConnectTimeout => "connect_timeout",
+            Self::HandshakeTimeout => "handshake_timeout",
+            Self::Http503 => "http_503",
+            Self::HttpOther => "http_other",
+            Self::ConnectionLost => "connection_lost",
+            Self::Protocol => "protocol",
+            Self::LocalResources => "local_resources",
+        }
     }
 }
 
@@ -111,6 +140,15 @@ impl FinalClose {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kinds_are_listed_in_index_order() {
+        for (i, k) in AttemptKind::ALL.iter().enumerate() {
+            assert_eq!(*k as usize, i);
+        }
+        assert_eq!(AttemptError::HttpStatus(503).kind().label(), "http_503");
+        assert_eq!(AttemptError::HttpStatus(502).kind(), AttemptKind::HttpOther);
+    }
 
     #[test]
     fn close_decision() {

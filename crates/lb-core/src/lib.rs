@@ -16,6 +16,6 @@ pub mod select;
 
 pub use breaker::{BreakerState, CircuitBreaker, Transition};
 pub use config::{BreakerConfig, ConfigError, PacingConfig, RetryConfig, ScoreConfig};
-pub use error::{AttemptError, FinalClose};
+pub use error::{AttemptError, AttemptKind, FinalClose};
 pub use pacing::{Pacer, PacingRejection};
 pub use pool::{PoolObserver, ShardPool, ShardSnapshot};

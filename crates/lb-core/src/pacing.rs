@@ -27,16 +27,6 @@ pub enum PacingRejection {
     WaitTooLong,
 }
 
-impl PacingRejection {
-    /// Label for metrics.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::QueueFull => "queue_full",
-            Self::WaitTooLong => "wait_too_long",
-        }
-    }
-}
-
 /// The admission pacer, shared by all connections of one LB process.
 #[derive(Debug)]
 pub struct Pacer {

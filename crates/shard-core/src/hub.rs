@@ -388,7 +388,6 @@ impl Hub {
     /// A hub serving `shards` shards. `default_epoch` is reported for channels that have
     /// not received a message yet.
     pub fn new(cfg: HubConfig, shards: u32, default_epoch: &str) -> Arc<Self> {
-        m::register_process_series();
         let deliveries = (0..shards.min(MAX_SHARDS_PER_PROCESS as u32))
             .map(|i| metrics::counter!(m::DELIVERIES, "shard_id" => i.to_string()))
             .collect();

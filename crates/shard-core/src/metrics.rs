@@ -2,6 +2,7 @@
 //! per-shard handles resolved once so hot paths only do atomic adds.
 
 use metrics::{Counter, Gauge};
+use ws_protocol::ErrorCode;
 
 /// Gauge: live WebSocket connections (slots taken), label `shard_id`.
 pub const CONNECTIONS: &str = "ws_shard_connections";
@@ -45,19 +46,6 @@ pub const REPLAYED: &str = "ws_shard_replayed_total";
 /// Counter: subscribe requests with `since`, label `recovered` (true/false).
 pub const RECOVERIES: &str = "ws_shard_recoveries_total";
 
-/// Registers the process-wide labelled counters at zero.
-pub fn register_process_series() {
-    for code in ws_protocol::ErrorCode::ALL {
-        metrics::counter!(ERROR_REPLIES, "code" => code.as_str()).increment(0);
-    }
-    for recovered in ["true", "false"] {
-        metrics::counter!(RECOVERIES, "recovered" => recovered).increment(0);
-    }
-    for cause in crate::hub::EvictionCause::ALL {
-        metrics::counter!(CHANNEL_EVICTIONS, "cause" => cause.label()).increment(0);
-    }
-}
-
 /// Every metric name this crate exports (for the docs and exported-metrics tests).
 pub const ALL: &[&str] = &[
     CONNECTIONS,
@@ -82,6 +70,31 @@ pub const ALL: &[&str] = &[
     RECOVERIES,
 ];
 
+/// Why a shard refused an upgrade (`ws_shard_connections_rejected_total`, label `reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpgradeRejection {
+    /// Every slot is taken (503).
+    Full,
+    /// The shard is draining (503).
+    Draining,
+    /// Not a valid WebSocket upgrade request (400).
+    BadRequest,
+}
+
+impl UpgradeRejection {
+    /// Every reason, in index order.
+    pub const ALL: [UpgradeRejection; 3] = [Self::Full, Self::Draining, Self::BadRequest];
+
+    /// The `reason` label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Full => "full",
+            Self::Draining => "draining",
+            Self::BadRequest => "bad_request",
+        }
+    }
+}
+
 /// Handles for one shard.
 #[derive(Debug, Clone)]
 pub struct ShardMetrics {
@@ -90,10 +103,16 @@ pub struct ShardMetrics {
     pub accepted: Counter,
     pub slow_consumers: Counter,
     pub deliveries: Counter,
+    /// `ws_shard_connections_rejected_total` by [`UpgradeRejection`] index.
+    rejections: Vec<Counter>,
     /// `ws_shard_closes_total` by code, for the codes this system sends.
     closes: Vec<(u16, Counter)>,
     /// `ws_shard_closes_total{code="other"}`: codes echoed from clients (bounded labels).
     close_other: Counter,
+    /// `ws_shard_error_replies_total` by code, in `ErrorCode::ALL` order (process-wide).
+    error_replies: Vec<Counter>,
+    /// `ws_shard_recoveries_total{recovered="true"}`, then `"false"` (process-wide).
+    recoveries: [Counter; 2],
 }
 
 impl ShardMetrics {
@@ -101,9 +120,10 @@ impl ShardMetrics {
     /// `rate()` and alerts see a series from the start.
     pub fn new(shard_id: u32) -> Self {
         let id = shard_id.to_string();
-        for reason in ["full", "draining", "bad_request"] {
-            metrics::counter!(REJECTED, "shard_id" => id.clone(), "reason" => reason).increment(0);
-        }
+        let zero = |c: Counter| {
+            c.increment(0);
+            c
+        };
         let closes = ws_protocol::close::SENT_CODES
             .iter()
             .map(|(code, _)| {
@@ -118,16 +138,27 @@ impl ShardMetrics {
             connections: metrics::gauge!(CONNECTIONS, "shard_id" => id.clone()),
             accepted: metrics::counter!(ACCEPTED, "shard_id" => id.clone()),
             slow_consumers: metrics::counter!(SLOW_CONSUMERS, "shard_id" => id.clone()),
-            deliveries: metrics::counter!(DELIVERIES, "shard_id" => id),
+            deliveries: metrics::counter!(DELIVERIES, "shard_id" => id.clone()),
+            rejections: UpgradeRejection::ALL
+                .iter()
+                .map(|r| zero(metrics::counter!(REJECTED, "shard_id" => id.clone(), "reason" => r.label())))
+                .collect(),
             closes,
-            close_other: metrics::counter!(CLOSES, "shard_id" => shard_id.to_string(), "code" => "other"),
+            close_other: metrics::counter!(CLOSES, "shard_id" => id, "code" => "other"),
+            error_replies: ErrorCode::ALL
+                .iter()
+                .map(|c| zero(metrics::counter!(ERROR_REPLIES, "code" => c.as_str())))
+                .collect(),
+            recoveries: ["true", "false"]
+                .map(|r| zero(metrics::counter!(RECOVERIES, "recovered" => r))),
         }
     }
 
     /// Counts a refused upgrade.
-    pub fn rejected(&self, reason: &'static str) {
-        metrics::counter!(REJECTED, "shard_id" => self.shard_id.to_string(), "reason" => reason)
-            .increment(1);
+    pub fn rejected(&self, reason: UpgradeRejection) {
+        if let Some(c) = self.rejections.get(reason as usize) {
+            c.increment(1);
+        }
     }
 
     /// Counts a close frame sent.
@@ -136,6 +167,31 @@ impl ShardMetrics {
             Some((_, counter)) => counter.increment(1),
             // A code echoed from a client (3000-4999 and the like): one bounded label.
             None => self.close_other.increment(1),
+        }
+    }
+
+    /// Counts an `error` reply.
+    pub fn error_reply(&self, code: ErrorCode) {
+        let i = ErrorCode::ALL.iter().position(|c| *c == code);
+        if let Some(c) = i.and_then(|i| self.error_replies.get(i)) {
+            c.increment(1);
+        }
+    }
+
+    /// Counts a subscription with `since`, by whether it recovered everything.
+    pub fn recovery(&self, recovered: bool) {
+        self.recoveries[usize::from(!recovered)].increment(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejections_are_listed_at_their_index() {
+        for (i, r) in UpgradeRejection::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
         }
     }
 }

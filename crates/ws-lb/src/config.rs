@@ -237,7 +237,8 @@ impl Settings {
     }
 }
 
-/// The plan's unprefixed environment names for the breaker.
+/// Unprefixed environment names for the breaker settings, which deployments set as they are
+/// (docs/runbook.md); an `LB_` variable of the same key wins.
 const PLAN_ENV: [&str; 4] = [
     "CIRCUIT_BREAKER_FAILURE_THRESHOLD",
     "CIRCUIT_BREAKER_TIMEOUT",
@@ -274,7 +275,7 @@ mod tests {
     }
 
     #[test]
-    fn plan_env_names_and_precedence() {
+    fn unprefixed_breaker_env_names_and_precedence() {
         figment::Jail::expect_with(|jail| {
             jail.set_env("CIRCUIT_BREAKER_FAILURE_THRESHOLD", "4");
             jail.set_env("CIRCUIT_BREAKER_TIMEOUT", "45s");

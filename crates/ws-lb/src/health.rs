@@ -23,7 +23,6 @@ use tokio::task::JoinSet;
 use tokio::time::{timeout, Instant};
 use ws_protocol::{ShardHealth, ShardStatus};
 
-use crate::metrics::HEALTH_POLL_FAILURES;
 use crate::Lb;
 
 /// Largest health body accepted from a shard.
@@ -95,13 +94,15 @@ pub(crate) async fn poll_loop(lb: Arc<Lb>) {
                 }
                 Poll::Unreachable => {
                     lb.pool.probe_unreachable(i, Instant::now());
-                    metrics::counter!(HEALTH_POLL_FAILURES, "shard_id" => i.to_string())
-                        .increment(1);
+                    if let Some(h) = lb.metrics.shards.get(i) {
+                        h.health_poll_failures.increment(1);
+                    }
                 }
                 Poll::NoAnswer => {
                     lb.pool.set_health_unreachable(i);
-                    metrics::counter!(HEALTH_POLL_FAILURES, "shard_id" => i.to_string())
-                        .increment(1);
+                    if let Some(h) = lb.metrics.shards.get(i) {
+                        h.health_poll_failures.increment(1);
+                    }
                 }
             }
         }

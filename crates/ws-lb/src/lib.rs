@@ -233,9 +233,11 @@ fn client_router(lb: Arc<Lb>) -> Result<Router, LbError> {
                     }
                 }
             });
-            ws.layer(GovernorLayer::new(config).error_handler(|e| {
-                metrics::rejected("per_ip");
-                metrics::client("rejected");
+            let rejected = lb.metrics.rejection_counter(metrics::Rejection::PerIp);
+            let refused = lb.metrics.outcome_counter(metrics::ClientOutcome::Rejected);
+            ws.layer(GovernorLayer::new(config).error_handler(move |e| {
+                rejected.increment(1);
+                refused.increment(1);
                 let r = e.into_response();
                 let (parts, body) = r.into_parts();
                 axum::response::Response::from_parts(parts, axum::body::Body::from(body))

@@ -1,8 +1,13 @@
-//! Metric names exported by ws-lb (the plan's names, documented in `docs/runbook.md`) and
+//! Metric names exported by ws-lb (documented in `docs/runbook.md`, used by the alerts and the
+//! dashboard in deploy/), the label values as enums (`label()`, `ALL`), and
 //! handles resolved once per shard so the per-connection path only does atomic adds.
 
-use lb_core::{BreakerState, PoolObserver, ShardSnapshot, Transition};
+use lb_core::{
+    AttemptKind, BreakerState, PacingRejection, PoolObserver, ShardSnapshot, Transition,
+};
 use metrics::{Counter, Gauge, Histogram};
+
+use crate::relay::RelayEnd;
 
 /// Counter: handshake attempts made to a shard, label `shard_id`.
 pub const HANDSHAKE_ATTEMPTS: &str = "ws_handshake_attempts_total";
@@ -73,6 +78,96 @@ pub const ALL: &[&str] = &[
     ATTEMPT_ERRORS,
 ];
 
+/// Why a client was refused before any shard was dialled (`ws_lb_admission_rejections_total`,
+/// label `reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// The admission queue was full (the client gets 1013).
+    QueueFull,
+    /// The admission wait would have exceeded its limit (1013).
+    WaitTooLong,
+    /// Over the per-IP rate (HTTP 429).
+    PerIp,
+    /// `Origin` not allowed (HTTP 403).
+    Origin,
+    /// The LB is draining (HTTP 503).
+    Draining,
+    /// `max_clients` reached (HTTP 503).
+    ClientLimit,
+}
+
+impl Rejection {
+    /// Every reason, in index order.
+    pub const ALL: [Rejection; 6] = [
+        Self::QueueFull,
+        Self::WaitTooLong,
+        Self::PerIp,
+        Self::Origin,
+        Self::Draining,
+        Self::ClientLimit,
+    ];
+
+    /// The `reason` label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::QueueFull => "queue_full",
+            Self::WaitTooLong => "wait_too_long",
+            Self::PerIp => "per_ip",
+            Self::Origin => "origin",
+            Self::Draining => "draining",
+            Self::ClientLimit => "client_limit",
+        }
+    }
+}
+
+impl From<PacingRejection> for Rejection {
+    fn from(r: PacingRejection) -> Self {
+        match r {
+            PacingRejection::QueueFull => Self::QueueFull,
+            PacingRejection::WaitTooLong => Self::WaitTooLong,
+        }
+    }
+}
+
+/// What became of a client connection (`ws_lb_client_connections_total`, label `result`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientOutcome {
+    /// Relayed to a shard.
+    Relayed,
+    /// Upgraded and closed with 1012: no shard could be reached.
+    Closed1012,
+    /// Upgraded and closed with 1013: overloaded.
+    Closed1013,
+    /// Refused before the upgrade (an HTTP error status).
+    Rejected,
+}
+
+impl ClientOutcome {
+    /// Every outcome, in index order.
+    pub const ALL: [ClientOutcome; 4] = [
+        Self::Relayed,
+        Self::Closed1012,
+        Self::Closed1013,
+        Self::Rejected,
+    ];
+
+    /// The `result` label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Relayed => "relayed",
+            Self::Closed1012 => "closed_1012",
+            Self::Closed1013 => "closed_1013",
+            Self::Rejected => "rejected",
+        }
+    }
+}
+
+/// The close codes the LB sends itself (`ws_lb_close_codes_total`, label `code`).
+const LB_CLOSE_CODES: [u16; 2] = [
+    ws_protocol::close::SERVICE_RESTART,
+    ws_protocol::close::TRY_AGAIN_LATER,
+];
+
 /// Handles for one shard.
 #[derive(Debug)]
 pub struct ShardHandles {
@@ -81,6 +176,10 @@ pub struct ShardHandles {
     pub failures: Counter,
     pub duration: Histogram,
     pub breaker_failures: Counter,
+    /// `ws_lb_health_poll_failures_total`.
+    pub health_poll_failures: Counter,
+    /// `ws_lb_attempt_errors_total` by [`AttemptKind`] (index `kind as usize`).
+    attempt_errors: Vec<Counter>,
     score: Gauge,
     utilization: Gauge,
     recent_failures: Gauge,
@@ -99,6 +198,11 @@ impl ShardHandles {
             failures: metrics::counter!(HANDSHAKE_FAILURES, "shard_id" => id.clone()),
             duration: metrics::histogram!(HANDSHAKE_DURATION, "shard_id" => id.clone()),
             breaker_failures: metrics::counter!(BREAKER_FAILURES, "shard_id" => id.clone()),
+            health_poll_failures: metrics::counter!(HEALTH_POLL_FAILURES, "shard_id" => id.clone()),
+            attempt_errors: AttemptKind::ALL
+                .iter()
+                .map(|k| metrics::counter!(ATTEMPT_ERRORS, "shard_id" => id.clone(), "kind" => k.label()))
+                .collect(),
             score: metrics::gauge!(HEALTH_SCORE, "shard_id" => id.clone()),
             utilization: metrics::gauge!(UTILIZATION, "shard_id" => id.clone()),
             recent_failures: metrics::gauge!(RECENT_FAILURES, "shard_id" => id),
@@ -106,6 +210,13 @@ impl ShardHandles {
         };
         h.set_state(BreakerState::Closed);
         h
+    }
+
+    /// Counts a failed handshake attempt of `kind`.
+    pub fn attempt_error(&self, kind: AttemptKind) {
+        if let Some(c) = self.attempt_errors.get(kind as usize) {
+            c.increment(1);
+        }
     }
 
     fn set_state(&self, current: BreakerState) {
@@ -121,36 +232,25 @@ pub struct LbMetrics {
     pub shards: Vec<ShardHandles>,
     /// `ws_handshake_retry_count` by attempt rank (index 0 = first attempt).
     pub attempt_rank: Vec<Counter>,
-    pub relayed: Counter,
     pub active: Gauge,
     pub queue_len: Gauge,
     pub admission_wait: Histogram,
     pub shards_available: Gauge,
+    /// By [`Rejection`], [`ClientOutcome`] and [`RelayEnd`] index, and by LB close code.
+    rejections: Vec<Counter>,
+    outcomes: Vec<Counter>,
+    relay_ends: Vec<Counter>,
+    lb_closes: Vec<(u16, Counter)>,
 }
 
 impl LbMetrics {
     /// Registers handles for `n` shards, and every labelled counter at zero so that
     /// `rate()` and alerts see a series from the start rather than an absent one.
     pub fn new(n: usize) -> Self {
-        for reason in [
-            "queue_full",
-            "wait_too_long",
-            "per_ip",
-            "origin",
-            "draining",
-            "client_limit",
-        ] {
-            metrics::counter!(ADMISSION_REJECTIONS, "reason" => reason).increment(0);
-        }
-        for code in ["1012", "1013"] {
-            metrics::counter!(CLOSE_CODES, "code" => code).increment(0);
-        }
-        for result in ["relayed", "closed_1012", "closed_1013", "rejected"] {
-            metrics::counter!(CLIENT_CONNECTIONS, "result" => result).increment(0);
-        }
-        for end in crate::relay::RelayEnd::KINDS {
-            metrics::counter!(RELAY_ENDS, "end" => end.label()).increment(0);
-        }
+        let zero = |c: Counter| {
+            c.increment(0);
+            c
+        };
         for attempt in 1..=n {
             metrics::counter!(RETRY_COUNT, "attempt" => attempt.to_string()).increment(0);
         }
@@ -162,22 +262,23 @@ impl LbMetrics {
         ];
         for shard in 0..n {
             let id = shard.to_string();
-            metrics::counter!(HEALTH_POLL_FAILURES, "shard_id" => id.clone()).increment(0);
-            for kind in lb_core::AttemptError::KINDS {
-                metrics::counter!(ATTEMPT_ERRORS, "shard_id" => id.clone(), "kind" => *kind)
-                    .increment(0);
-            }
             for (from, to) in transitions {
                 metrics::counter!(BREAKER_TRANSITIONS, "shard_id" => id.clone(), "from" => from.as_str(), "to" => to.as_str())
                     .increment(0);
             }
         }
+        let shards: Vec<ShardHandles> = (0..n).map(ShardHandles::new).collect();
+        for h in &shards {
+            h.health_poll_failures.increment(0);
+            for c in &h.attempt_errors {
+                c.increment(0);
+            }
+        }
         Self {
-            shards: (0..n).map(ShardHandles::new).collect(),
+            shards,
             attempt_rank: (1..=n)
                 .map(|a| metrics::counter!(RETRY_COUNT, "attempt" => a.to_string()))
                 .collect(),
-            relayed: metrics::counter!(CLIENT_CONNECTIONS, "result" => "relayed"),
             active: metrics::gauge!(ACTIVE),
             queue_len: metrics::gauge!(QUEUE_LEN),
             admission_wait: metrics::histogram!(ADMISSION_WAIT),
@@ -188,6 +289,73 @@ impl LbMetrics {
                 g.set(n as f64);
                 g
             },
+            // Every labelled counter is registered at zero so that `rate()` and alerts see a
+            // series from the start rather than an absent one.
+            rejections: Rejection::ALL
+                .iter()
+                .map(|r| zero(metrics::counter!(ADMISSION_REJECTIONS, "reason" => r.label())))
+                .collect(),
+            outcomes: ClientOutcome::ALL
+                .iter()
+                .map(|o| zero(metrics::counter!(CLIENT_CONNECTIONS, "result" => o.label())))
+                .collect(),
+            relay_ends: RelayEnd::ALL
+                .iter()
+                .map(|e| zero(metrics::counter!(RELAY_ENDS, "end" => e.label())))
+                .collect(),
+            lb_closes: LB_CLOSE_CODES
+                .iter()
+                .map(|c| {
+                    (
+                        *c,
+                        zero(metrics::counter!(CLOSE_CODES, "code" => c.to_string())),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    /// Counts a client refused before any shard was dialled.
+    pub fn rejected(&self, reason: Rejection) {
+        if let Some(c) = self.rejections.get(reason as usize) {
+            c.increment(1);
+        }
+    }
+
+    /// The counter of `reason`, for a caller without access to `LbMetrics`.
+    pub fn rejection_counter(&self, reason: Rejection) -> Counter {
+        self.rejections
+            .get(reason as usize)
+            .cloned()
+            .unwrap_or_else(Counter::noop)
+    }
+
+    /// Counts what became of a client connection.
+    pub fn client(&self, outcome: ClientOutcome) {
+        if let Some(c) = self.outcomes.get(outcome as usize) {
+            c.increment(1);
+        }
+    }
+
+    /// The counter of `outcome`, for a caller without access to `LbMetrics`.
+    pub fn outcome_counter(&self, outcome: ClientOutcome) -> Counter {
+        self.outcomes
+            .get(outcome as usize)
+            .cloned()
+            .unwrap_or_else(Counter::noop)
+    }
+
+    /// Counts an ended relay.
+    pub fn relay_end(&self, end: RelayEnd) {
+        if let Some(c) = self.relay_ends.get(end.index()) {
+            c.increment(1);
+        }
+    }
+
+    /// Counts a close frame the LB sent a client itself.
+    pub fn lb_close(&self, code: u16) {
+        if let Some((_, c)) = self.lb_closes.iter().find(|(c, _)| *c == code) {
+            c.increment(1);
         }
     }
 
@@ -202,26 +370,6 @@ impl LbMetrics {
             }
         }
     }
-}
-
-/// Counts a refused admission.
-pub fn rejected(reason: &'static str) {
-    metrics::counter!(ADMISSION_REJECTIONS, "reason" => reason).increment(1);
-}
-
-/// Counts a close frame sent by the LB.
-pub fn lb_close(code: u16) {
-    metrics::counter!(CLOSE_CODES, "code" => code.to_string()).increment(1);
-}
-
-/// Counts an ended relay by its `end` label.
-pub fn relay_end(end: &'static str) {
-    metrics::counter!(RELAY_ENDS, "end" => end).increment(1);
-}
-
-/// Counts a client connection outcome.
-pub fn client(result: &'static str) {
-    metrics::counter!(CLIENT_CONNECTIONS, "result" => result).increment(1);
 }
 
 /// Turns breaker transitions into metrics and log lines.
@@ -251,6 +399,28 @@ impl PoolObserver for TransitionRecorder {
             from = t.from.as_str(),
             to = t.to.as_str(),
             "circuit breaker transition"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_enums_list_every_value_once_at_its_index() {
+        for (i, r) in Rejection::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+        }
+        for (i, o) in ClientOutcome::ALL.iter().enumerate() {
+            assert_eq!(*o as usize, i);
+        }
+        let mut labels: Vec<_> = Rejection::ALL.iter().map(|r| r.label()).collect();
+        labels.dedup();
+        assert_eq!(labels.len(), Rejection::ALL.len());
+        assert_eq!(
+            Rejection::from(PacingRejection::WaitTooLong),
+            Rejection::WaitTooLong
         );
     }
 }

@@ -18,7 +18,7 @@ use tokio::net::TcpStream;
 use tokio::time::{sleep_until, timeout, Instant};
 use ws_protocol::frame::{self, FrameTracker};
 
-use crate::metrics as m;
+use crate::metrics::{ClientOutcome, Rejection};
 use crate::relay::{relay, RelayEnd};
 use crate::{ClientIp, Lb};
 
@@ -40,7 +40,7 @@ pub(crate) async fn handle(
     mut req: Request<Body>,
 ) -> Response {
     if let Err(r) = check_request(&req) {
-        m::client("rejected");
+        lb.metrics.client(ClientOutcome::Rejected);
         return *r;
     }
     let origin = req
@@ -48,18 +48,18 @@ pub(crate) async fn handle(
         .get(header::ORIGIN)
         .and_then(|v| v.to_str().ok());
     if !origin_allowed(&lb.cfg.allowed_origins, origin) {
-        m::rejected("origin");
-        m::client("rejected");
+        lb.metrics.rejected(Rejection::Origin);
+        lb.metrics.client(ClientOutcome::Rejected);
         return refuse(StatusCode::FORBIDDEN, "origin not allowed");
     }
     if lb.draining() {
-        m::rejected("draining");
-        m::client("rejected");
+        lb.metrics.rejected(Rejection::Draining);
+        lb.metrics.client(ClientOutcome::Rejected);
         return refuse(StatusCode::SERVICE_UNAVAILABLE, "load balancer draining");
     }
     let Some(permit) = lb.client_permit() else {
-        m::rejected("client_limit");
-        m::client("rejected");
+        lb.metrics.rejected(Rejection::ClientLimit);
+        lb.metrics.client(ClientOutcome::Rejected);
         return refuse(StatusCode::SERVICE_UNAVAILABLE, "client limit reached");
     };
     let client_ip = ClientIp {
@@ -71,14 +71,14 @@ pub(crate) async fn handle(
         Ok(pair) => pair,
         Err(e) => {
             tracing::debug!(error = %e, "bad upgrade request");
-            m::client("rejected");
+            lb.metrics.client(ClientOutcome::Rejected);
             return refuse(StatusCode::BAD_REQUEST, "bad upgrade request");
         }
     };
 
     let outcome = match lb.pacer.reserve(Instant::now()) {
         Err(rejection) => {
-            m::rejected(rejection.as_str());
+            lb.metrics.rejected(rejection.into());
             Err(OVERLOADED)
         }
         Ok(reservation) => {
@@ -104,7 +104,7 @@ pub(crate) async fn handle(
                         return;
                     }
                 };
-                task_lb.metrics.relayed.increment(1);
+                task_lb.metrics.client(ClientOutcome::Relayed);
                 task_lb.metrics.active.increment(1.0);
                 let end = relay(
                     client,
@@ -112,27 +112,27 @@ pub(crate) async fn handle(
                     shard,
                     shard_prefix,
                     &task_lb.relay_opts,
-                    &m::lb_close,
+                    &|code| task_lb.metrics.lb_close(code),
                 )
                 .await;
                 task_lb.metrics.active.decrement(1.0);
-                m::relay_end(end.label());
+                task_lb.metrics.relay_end(end);
                 if let RelayEnd::ShardLost { notified } = end {
                     tracing::debug!(shard_id = idx, notified, "shard lost mid-session");
                 }
             });
         }
         Err(close) => {
-            m::client(if close.code == OVERLOADED.code {
-                "closed_1013"
+            lb.metrics.client(if close.code == OVERLOADED.code {
+                ClientOutcome::Closed1013
             } else {
-                "closed_1012"
+                ClientOutcome::Closed1012
             });
             let close_timeout = lb.cfg.close_timeout;
             lb.relays.spawn(async move {
                 let _permit = permit;
                 if let Ok((client, _)) = into_raw(upgrade).await {
-                    m::lb_close(close.code);
+                    task_lb.metrics.lb_close(close.code);
                     close_client(client, close, close_timeout).await;
                 }
             });
@@ -174,7 +174,7 @@ async fn connect(lb: &Lb, client_ip: IpAddr) -> Result<(TcpStream, Bytes, usize)
                 return Ok((stream, prefix, idx));
             }
             Err(e) => {
-                metrics::counter!(m::ATTEMPT_ERRORS, "shard_id" => idx.to_string(), "kind" => e.kind()).increment(1);
+                h.attempt_error(e.kind());
                 lease.fail(&e);
                 if !e.counts_against_shard() {
                     // Out of descriptors or ports here: every other shard would fail the

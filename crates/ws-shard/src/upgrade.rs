@@ -8,6 +8,7 @@ use axum::extract::State;
 use axum::http::{Request, StatusCode};
 use axum::response::Response;
 use net_core::upgrade::{check_request, into_axum, into_raw, refuse};
+use shard_core::metrics::UpgradeRejection;
 use shard_core::session::{self, Mode};
 
 use crate::Shard;
@@ -19,22 +20,22 @@ pub(crate) async fn handle(
 ) -> Response {
     let m = &shard.ctx.metrics;
     if let Err(r) = check_request(&req) {
-        m.rejected("bad_request");
+        m.rejected(UpgradeRejection::BadRequest);
         return *r;
     }
     if shard.ctx.drain.is_cancelled() {
-        m.rejected("draining");
+        m.rejected(UpgradeRejection::Draining);
         return refuse(StatusCode::SERVICE_UNAVAILABLE, "shard draining");
     }
     let Some(slot) = shard.slots.try_acquire() else {
-        m.rejected("full");
+        m.rejected(UpgradeRejection::Full);
         return refuse(StatusCode::SERVICE_UNAVAILABLE, "shard full");
     };
     let (response, fut) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(pair) => pair,
         Err(e) => {
             tracing::debug!(error = %e, "bad upgrade request");
-            m.rejected("bad_request");
+            m.rejected(UpgradeRejection::BadRequest);
             return refuse(StatusCode::BAD_REQUEST, "bad upgrade request");
         }
     };

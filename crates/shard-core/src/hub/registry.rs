@@ -101,8 +101,12 @@ impl Ledger {
         Self {
             bytes: AtomicUsize::new(0),
             positions: AtomicUsize::new(0),
-            evictions: EvictionCause::ALL
-                .map(|c| metrics::counter!(m::CHANNEL_EVICTIONS, "cause" => c.label())),
+            // Registered at zero so that `rate()` sees every cause from the start.
+            evictions: EvictionCause::ALL.map(|c| {
+                let counter = metrics::counter!(m::CHANNEL_EVICTIONS, "cause" => c.label());
+                counter.increment(0);
+                counter
+            }),
             evicted: Default::default(),
         }
     }

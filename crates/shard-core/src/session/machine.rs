@@ -378,13 +378,16 @@ impl Conn {
                 self.out.push(frame::encode_frame(frame::OP_BINARY, b));
             }
             (Message::Text(t), Some(p)) => {
-                if p.on_request(t.as_bytes(), &mut self.out, cfg.max_subscriptions)
+                let metrics = &self.ctx.metrics;
+                if p.on_request(t.as_bytes(), &mut self.out, cfg.max_subscriptions, metrics)
                     .is_err()
                 {
                     self.slow_consumer(now);
                 }
             }
-            (Message::Binary(_), Some(_)) => super::pubsub::binary_not_supported(&mut self.out),
+            (Message::Binary(_), Some(_)) => {
+                super::pubsub::binary_not_supported(&mut self.out, &self.ctx.metrics);
+            }
             (Message::Close(_) | Message::Pong(_), _) => {}
         }
         Flow::Continue

@@ -9,7 +9,7 @@ use ws_protocol::{ChannelName, ClientMessage, ErrorCode, ServerMessage};
 
 use super::output::Output;
 use crate::hub::{Hub, Subscriber};
-use crate::metrics as m;
+use crate::metrics::ShardMetrics;
 use crate::queue::ConnQueue;
 
 /// The connection's outbound queue overflowed: it is a slow consumer.
@@ -56,7 +56,12 @@ impl PubSub {
         text: &[u8],
         out: &mut Output,
         max_subscriptions: usize,
+        metrics: &ShardMetrics,
     ) -> Result<(), Overflowed> {
+        let error = |out: &mut Output, code, message, channel| {
+            metrics.error_reply(code);
+            reply_error(out, code, message, channel);
+        };
         match ClientMessage::decode(text) {
             Err(e) => error(out, e.code, e.message, None),
             Ok(ClientMessage::Ping { id }) => reply(out, &ServerMessage::Pong { id }),
@@ -99,8 +104,7 @@ impl PubSub {
                     };
                     self.channels.push(channel);
                     if position.is_some() {
-                        let label = if r.recovered { "true" } else { "false" };
-                        metrics::counter!(m::RECOVERIES, "recovered" => label).increment(1);
+                        metrics.recovery(r.recovered);
                     }
                     reply(
                         out,
@@ -151,8 +155,9 @@ impl Drop for PubSub {
 }
 
 /// The answer to a binary frame: the protocol is JSON text.
-pub(crate) fn binary_not_supported(out: &mut Output) {
-    error(
+pub(crate) fn binary_not_supported(out: &mut Output, metrics: &ShardMetrics) {
+    metrics.error_reply(ErrorCode::BinaryNotSupported);
+    reply_error(
         out,
         ErrorCode::BinaryNotSupported,
         "send JSON text frames".into(),
@@ -167,8 +172,7 @@ fn reply(out: &mut Output, msg: &ServerMessage) {
     ));
 }
 
-fn error(out: &mut Output, code: ErrorCode, message: String, channel: Option<String>) {
-    metrics::counter!(m::ERROR_REPLIES, "code" => code.as_str()).increment(1);
+fn reply_error(out: &mut Output, code: ErrorCode, message: String, channel: Option<String>) {
     reply(
         out,
         &ServerMessage::Error {

@@ -49,14 +49,26 @@ pub enum RelayEnd {
 }
 
 impl RelayEnd {
-    /// One of each kind (for registering every `ws_lb_relay_ends_total` series at zero).
-    pub const KINDS: [RelayEnd; 5] = [
+    /// One of each kind, in index order (for registering every `ws_lb_relay_ends_total`
+    /// series at zero).
+    pub const ALL: [RelayEnd; 5] = [
         RelayEnd::Closed,
         RelayEnd::ClientGone,
         RelayEnd::ShardLost { notified: true },
         RelayEnd::Drained,
         RelayEnd::ClientStalled,
     ];
+
+    /// This end's position in [`Self::ALL`].
+    pub fn index(self) -> usize {
+        match self {
+            RelayEnd::Closed => 0,
+            RelayEnd::ClientGone => 1,
+            RelayEnd::ShardLost { .. } => 2,
+            RelayEnd::Drained => 3,
+            RelayEnd::ClientStalled => 4,
+        }
+    }
 
     /// This end's `end` label value.
     pub fn label(self) -> &'static str {

@@ -22,7 +22,7 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use metrics::Histogram;
+use metrics::{Counter, Histogram};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tokio::io::{AsyncRead, AsyncWriteExt};
@@ -189,30 +189,43 @@ struct Partition {
     live_from: i64,
 }
 
+/// What this side knows about every partition: by topic, then partition (so that a record's
+/// partition is found from its borrowed topic name, without allocating).
+type Partitions = HashMap<String, HashMap<i32, Partition>>;
+
 /// The Kafka source.
 #[derive(Debug)]
 pub struct KafkaSource {
     cfg: KafkaConfig,
     status: Arc<SourceStatus>,
+    /// `ws_kafka_records_total` by topic, registered once.
+    records: HashMap<String, Counter>,
 }
 
 impl KafkaSource {
     /// A source with `cfg` (validated).
     pub fn new(cfg: KafkaConfig) -> Result<Self, SourceError> {
+        let cfg = cfg.validate()?;
+        let records = cfg
+            .topics
+            .iter()
+            .map(|t| (t.clone(), metrics::counter!(RECORDS, "topic" => t.clone())))
+            .collect();
         Ok(Self {
-            cfg: cfg.validate()?,
+            cfg,
             status: SourceStatus::new("kafka", true),
+            records,
         })
     }
 
-    fn consumer_config(&self, state: &HashMap<(String, i32), Partition>) -> ConsumerConfig {
+    fn consumer_config(&self, state: &Partitions) -> ConsumerConfig {
         ConsumerConfig {
             brokers: self.cfg.brokers.clone(),
             topics: self.cfg.topics.clone(),
             start: self.cfg.start,
             resume: state
                 .iter()
-                .map(|((t, p), s)| (t.clone(), *p, s.next))
+                .flat_map(|(t, ps)| ps.iter().map(|(p, s)| (t.clone(), *p, s.next)))
                 .collect(),
             fetch_wait_max_ms: self.cfg.fetch_wait_max.as_millis() as u64,
             properties: self.cfg.overrides.clone(),
@@ -229,7 +242,7 @@ impl KafkaSource {
         &self,
         mut events: R,
         hub: &Hub,
-        state: &mut HashMap<(String, i32), Partition>,
+        state: &mut Partitions,
         fanout: &Histogram,
         stop: &CancellationToken,
     ) -> bool {
@@ -241,8 +254,14 @@ impl KafkaSource {
             match e {
                 Ok(Some(Event::Record(r))) => {
                     self.set_connected(true);
-                    metrics::counter!(RECORDS, "topic" => r.topic.clone()).increment(1);
-                    if let Some(p) = state.get_mut(&(r.topic.clone(), r.partition)) {
+                    match self.records.get(r.topic.as_str()) {
+                        Some(c) => c.increment(1),
+                        None => metrics::counter!(RECORDS, "topic" => r.topic.clone()).increment(1),
+                    }
+                    let p = state
+                        .get_mut(r.topic.as_str())
+                        .and_then(|ps| ps.get_mut(&r.partition));
+                    if let Some(p) = p {
                         handle(&self.cfg, hub, p, &r, fanout);
                     }
                 }
@@ -266,7 +285,7 @@ impl KafkaSource {
     }
 }
 
-fn apply_assignment(state: &mut HashMap<(String, i32), Partition>, list: &[Assigned]) {
+fn apply_assignment(state: &mut Partitions, list: &[Assigned]) {
     for a in list {
         let epoch = || {
             Arc::from(epoch_for(
@@ -275,7 +294,8 @@ fn apply_assignment(state: &mut HashMap<(String, i32), Partition>, list: &[Assig
                 a.first_record_ms.unwrap_or(0),
             ))
         };
-        match state.get_mut(&(a.topic.clone(), a.partition)) {
+        let partitions = state.entry(a.topic.clone()).or_default();
+        match partitions.get_mut(&a.partition) {
             Some(p) if !a.recreated => p.next = a.start,
             Some(p) => {
                 *p = Partition {
@@ -294,8 +314,8 @@ fn apply_assignment(state: &mut HashMap<(String, i32), Partition>, list: &[Assig
                 );
             }
             None => {
-                state.insert(
-                    (a.topic.clone(), a.partition),
+                partitions.insert(
+                    a.partition,
                     Partition {
                         epoch: epoch(),
                         generation_known: a.first_record_ms.is_some(),
@@ -378,8 +398,10 @@ impl MessageSource for KafkaSource {
 
     async fn run(self, hub: Arc<Hub>, shutdown: CancellationToken) -> Result<(), SourceError> {
         self.set_connected(false);
+        for c in self.records.values() {
+            c.increment(0);
+        }
         for topic in &self.cfg.topics {
-            metrics::counter!(RECORDS, "topic" => topic.clone()).increment(0);
             for reason in ["invalid_json", "no_key", "bad_channel"] {
                 metrics::counter!(INVALID, "topic" => topic.clone(), "reason" => reason)
                     .increment(0);
@@ -388,7 +410,7 @@ impl MessageSource for KafkaSource {
         for reason in ["recreated", "exited", "crashed"] {
             metrics::counter!(RESTARTS, "reason" => reason).increment(0);
         }
-        let mut state: HashMap<(String, i32), Partition> = HashMap::new();
+        let mut state = Partitions::new();
         let fanout: Histogram = metrics::histogram!(RECORD_TO_FANOUT);
         let mut backoff = Duration::from_millis(100);
         loop {
@@ -546,12 +568,12 @@ mod tests {
             recreated,
         };
         apply_assignment(&mut state, &[a(100, false, Some(0x10))]);
-        let p = &state[&("t".to_owned(), 0)];
+        let p = &state["t"][&0];
         assert_eq!((&*p.epoch, p.covers_from, p.next), ("t-0-10", 100, 100));
         apply_assignment(&mut state, &[a(150, false, Some(0x10))]);
-        assert_eq!(state[&("t".to_owned(), 0)].next, 150);
+        assert_eq!(state["t"][&0].next, 150);
         apply_assignment(&mut state, &[a(0, true, Some(0x99))]);
-        let p = &state[&("t".to_owned(), 0)];
+        let p = &state["t"][&0];
         assert_eq!((&*p.epoch, p.covers_from, p.next), ("t-0-99", 0, 0));
     }
 }

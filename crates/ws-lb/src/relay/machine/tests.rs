@@ -197,6 +197,14 @@ fn concat(parts: &[&[u8]]) -> Vec<u8> {
     parts.concat()
 }
 
+#[test]
+fn every_end_is_listed_at_its_index() {
+    for (i, end) in RelayEnd::ALL.iter().enumerate() {
+        assert_eq!(end.index(), i);
+    }
+    assert_eq!(RelayEnd::ShardLost { notified: false }.index(), 2);
+}
+
 #[tokio::test(start_paused = true)]
 async fn forwards_both_ways_and_holds_no_buffer_or_timer_when_idle() {
     let mut net = Net::with_prefixes(&client_text("early"), &shard_text("welcome"));
