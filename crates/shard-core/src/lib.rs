@@ -6,9 +6,11 @@
 //!   idle channels evicted, recovery answers kept honest after eviction.
 //! - [`queue`]: each connection's bounded outbound queue; overflowing it marks a slow
 //!   consumer instead of slowing the publisher.
-//! - [`source`]: message sources behind one trait (the embedded bus, a demo feed; Kafka).
-//! - [`session`]: the per-connection loop over a raw `TcpStream` — framing, the JSON
-//!   protocol, keepalive, rate limits, slow-consumer and drain closes.
+//! - [`source`]: message sources behind one trait (the embedded bus, a demo feed; Kafka is
+//!   the `kafka-source` crate, so librdkafka stays out of this one).
+//! - [`session`]: a connection's lifecycle as a state machine — framing, the JSON protocol,
+//!   keepalive, rate limits, slow-consumer and drain closes — and its driver over a raw
+//!   `TcpStream`.
 //!
 //! Nothing here binds a listener or parses HTTP; ws-shard does that and hands over the
 //! upgraded socket.

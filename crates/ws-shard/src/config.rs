@@ -11,11 +11,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{ArgMatches, FromArgMatches, Parser};
+use kafka_source::{Isolation, KafkaConfig, StartPosition};
 use net_core::cli::{human, CommandLine};
 use net_core::config::{EnvSources, Loaded};
 use net_core::{HttpLimits, ListenOptions, SocketOptions};
 use serde::{Deserialize, Serialize};
-use shard_core::source::kafka::{Isolation, KafkaConfig, StartPosition};
 use shard_core::{HubConfig, SessionConfig};
 use ws_shard::{ServerConfig, SourceConfig};
 
@@ -439,10 +439,7 @@ mod tests {
         let settings = serde_json::to_value(Settings::default()).unwrap();
         let gaps = net_core::cli::runbook_gaps(table, &settings);
         assert!(gaps.is_empty(), "docs/runbook.md: {gaps:#?}");
-        for name in shard_core::metrics::ALL
-            .iter()
-            .chain(shard_core::source::kafka::ALL)
-        {
+        for name in shard_core::metrics::ALL.iter().chain(kafka_source::ALL) {
             assert!(
                 runbook.contains(&format!("| `{name}` |")),
                 "metric {name} missing from docs/runbook.md"

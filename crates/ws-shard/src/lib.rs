@@ -36,7 +36,7 @@ pub enum SourceConfig {
     /// The embedded bus, optionally with the demo feed at `demo_rate` ticks/s per channel.
     Embedded { demo_rate: Option<u32> },
     /// One Kafka consumer feeding every shard of the process.
-    Kafka(shard_core::source::kafka::KafkaConfig),
+    Kafka(kafka_source::KafkaConfig),
 }
 
 /// Everything the server needs, validated.
@@ -176,7 +176,7 @@ pub async fn run(
             (status, Some(bus))
         }
         SourceConfig::Kafka(kcfg) => {
-            let source = shard_core::source::kafka::KafkaSource::new(kcfg)?;
+            let source = kafka_source::KafkaSource::new(kcfg)?;
             let status = source.status();
             let (h, stop) = (hub.clone(), shutdown.hard.clone());
             tasks.spawn(async move {

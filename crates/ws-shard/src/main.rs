@@ -12,13 +12,13 @@ use ws_shard::Listeners;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     // `ws-shard kafka-consumer` is the Kafka consumer child process the server starts for
-    // itself (see shard_core::source::kafka): not a user-facing command.
+    // itself (see kafka_source): not a user-facing command.
     if std::env::args().nth(1).as_deref() == Some("kafka-consumer") {
         net_core::telemetry::init_tracing(
             false,
             &std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
         );
-        std::process::exit(shard_core::source::kafka::consumer::child_main().await);
+        std::process::exit(kafka_source::consumer::child_main().await);
     }
     let loaded = config::load(&config::Cli::command().get_matches(), config::ENV_PREFIX)?;
     let settings = loaded.settings.clone();

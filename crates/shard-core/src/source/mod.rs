@@ -3,11 +3,11 @@
 //! A source turns its input into [`Publication`](crate::hub::Publication)s — positioned,
 //! with the frame encoded once — and hands them to the [`Hub`](crate::hub::Hub). The hub
 //! does not know which source it serves: the embedded bus numbers each channel itself, the
-//! Kafka source uses record offsets, and both go through `Hub::publish`.
+//! Kafka source (the `kafka-source` crate) uses record offsets, and both go through
+//! `Hub::publish`.
 
 pub mod bus;
 pub mod demo;
-pub mod kafka;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -4,10 +4,10 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use kafka_source::{KafkaConfig, StartPosition};
 use rdkafka::config::ClientConfig;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use shard_core::source::kafka::{KafkaConfig, StartPosition};
 use test_support::http::{get, metric, wait_until};
 use test_support::start_shards;
 use test_support::ws::{connect, next_msg, send, subscribe, Client};
@@ -21,7 +21,7 @@ fn kafka(brokers: &str, start: StartPosition) -> ws_shard::SourceConfig {
         channel_template: "{topic}.{key}".into(),
         fetch_wait_max: Duration::from_millis(10),
         overrides: vec![],
-        isolation: shard_core::source::kafka::Isolation::InProcess,
+        isolation: kafka_source::Isolation::InProcess,
     })
 }
 

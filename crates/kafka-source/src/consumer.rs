@@ -25,9 +25,10 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio_util::sync::CancellationToken;
 
-use super::wire::{self, Assigned, Event, Status};
-use super::StartPosition;
-use crate::source::SourceError;
+use shard_core::source::SourceError;
+
+use crate::wire::{self, Assigned, Event, Status};
+use crate::StartPosition;
 
 /// What the consumer needs; sent as one JSON line to the child process.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -2,7 +2,7 @@
 //! process (fan-out, not work-sharing), published into the hub.
 //!
 //! Two halves talk over a byte pipe ([`wire`]): the [`consumer`] (librdkafka) and this
-//! module, which turns records into positioned publications. The consumer normally runs as a
+//! crate's root, which turns records into positioned publications for the shard-core hub. The consumer normally runs as a
 //! child process so a librdkafka crash never takes the shard's clients down; this side
 //! restarts it with the exact next offset of every partition, so a restart loses and repeats
 //! nothing.
@@ -31,9 +31,9 @@ use ws_protocol::ChannelName;
 
 use self::consumer::ConsumerConfig;
 use self::wire::{Assigned, Event, Record};
-use super::{MessageSource, SourceError, SourceStatus};
-use crate::config::ConfigError;
-use crate::hub::{Hub, Publication};
+use config_core::ConfigError;
+use shard_core::hub::{Hub, Publication};
+use shard_core::source::{MessageSource, SourceError, SourceStatus};
 
 /// Counter: records consumed, label `topic`.
 pub const RECORDS: &str = "ws_kafka_records_total";
