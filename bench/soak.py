@@ -124,7 +124,7 @@ def main():
         while time.time() - t0 < hold_s - 30:
             conns = 0
             for p in shard_ports:
-                conns += bench.json.loads(bench.urllib.request.urlopen(f"http://127.0.0.1:{p}/health", timeout=3).read())["connections"]
+                conns += bench.odin.get_json(f"http://127.0.0.1:{p}/health", timeout=3)["connections"]
             s = {"t_s": round(time.time() - t0), "lb_rss_mib": lbs.rss() / 1024, "shard_rss_mib": shards.rss() / 1024,
                  "shard_connections": conns}
             result["samples"].append(s)
@@ -150,7 +150,7 @@ def main():
             drift[k] = 100 * (l - f) / f
         result["drift_pct"] = drift
         time.sleep(15)
-        left = sum(bench.json.loads(bench.urllib.request.urlopen(f"http://127.0.0.1:{p}/health", timeout=3).read())["connections"]
+        left = sum(bench.odin.get_json(f"http://127.0.0.1:{p}/health", timeout=3)["connections"]
                    for p in shard_ports)
         result["shard_connections_after_clients_left"] = left
         ok = all(abs(v) < 5 for v in drift.values()) and left == 0

@@ -30,7 +30,6 @@ Usage: kafka_e2e.py <tansu> <ws-shard> <ws-lb>. Every wait is bounded.
 
 import asyncio
 import json
-import os
 import signal
 import socket
 import struct
@@ -38,10 +37,14 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
+from pathlib import Path
 
 import websockets
 from kafka import KafkaProducer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "pylib"))
+import odin  # noqa: E402
+from odin import free_port, metric  # noqa: E402
 
 TOPIC = "trades"
 KEYS = [f"S{i:02d}" for i in range(50)]
@@ -51,28 +54,12 @@ QUIET_GAP = 0.25
 QUIET_BUDGET = 0.25
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def http_json(url: str):
-    with urllib.request.urlopen(url, timeout=2) as r:
-        return json.loads(r.read())
+    return odin.get_json(url)
 
 
 def metrics(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
-        return r.read().decode()
-
-
-def metric(page: str, name: str, label: str = "") -> float:
-    total = 0.0
-    for line in page.splitlines():
-        if line.startswith(name) and label in line and not line.startswith("#"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    return odin.http_get(f"http://127.0.0.1:{port}/metrics")[1]
 
 
 async def wait(cond, timeout: float, what: str):
@@ -304,26 +291,17 @@ async def quiet_topic(urls, port: int):
           f"directly on both shards and through ws-lb; worst ack-to-client {worst * 1000:.1f} ms")
 
 
-class Procs:
+class Procs(odin.Procs):
+    """The script's processes, killed at the end; reports those that had already exited."""
+
     def __init__(self):
-        self.procs = {}
-
-    def start(self, name, args):
-        log = open(f"/tmp/odin-kafka-e2e-{name}.log", "w")
-        self.procs[name] = subprocess.Popen(args, stdout=log, stderr=log)
-
-    def kill(self, name, sig=signal.SIGKILL):
-        p = self.procs.get(name)
-        if p and p.poll() is None:
-            p.send_signal(sig)
-            p.wait(timeout=30)
+        super().__init__("kafka-e2e", stop_signal=signal.SIGKILL)
 
     def stop_all(self):
-        for name, p in self.procs.items():
-            if p.poll() is not None and name != "tansu":
-                print(f"note: {name} had already exited with {p.returncode}")
-        for name in list(self.procs):
-            self.kill(name)
+        for name, code in self.exited().items():
+            if name != "tansu":
+                print(f"note: {name} had already exited with {code}")
+        self.stop()
 
 
 async def main():
