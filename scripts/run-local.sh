@@ -17,19 +17,46 @@ for ((i = 0; i < shards; i++)); do
 done
 urls=$(IFS=,; echo "${backends[*]}")
 
-"$bin/ws-shard" --shards "$shards" --base-port "$base" --demo-feed --drain-window 1s &
-shard_pid=$!
-"$bin/ws-lb" --listen "127.0.0.1:$lb_port" --backend-urls "$urls" --drain-window 1s &
-lb_pid=$!
-
+lb_pid=
 stop() {
     local status=${1:-0}
     trap - INT TERM
-    kill -TERM "$lb_pid" "$shard_pid" 2>/dev/null
-    wait "$lb_pid" "$shard_pid" 2>/dev/null
+    kill -TERM $lb_pid "$shard_pid" 2>/dev/null
+    wait $lb_pid "$shard_pid" 2>/dev/null
     exit "$status"
 }
+
+# Wait until every port accepts, as long as process $1 lives (bash's /dev/tcp: no curl needed).
+wait_ports() {
+    local pid=$1; shift
+    local deadline=$((SECONDS + 60)) port
+    for port in "$@"; do
+        until (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do
+            if ! kill -0 "$pid" 2>/dev/null; then
+                wait "$pid"; local status=$?
+                echo "run-local: a process exited (status $status) during start-up" >&2
+                stop "$((status == 0 ? 1 : status))"
+            fi
+            if ((SECONDS > deadline)); then
+                echo "run-local: port $port did not accept within 60 s" >&2
+                stop 1
+            fi
+            sleep 0.05
+        done
+    done
+}
+
+"$bin/ws-shard" --shards "$shards" --base-port "$base" --demo-feed --drain-window 1s &
+shard_pid=$!
 trap 'stop 0' INT TERM
+# ws-lb starts once every shard listens, and the banner appears once ws-lb listens: a
+# client that connects as soon as it reads "running" is served, not closed with 1012.
+shard_ports=()
+for ((i = 0; i < shards; i++)); do shard_ports+=("$((base + i))"); done
+wait_ports "$shard_pid" "${shard_ports[@]}"
+"$bin/ws-lb" --listen "127.0.0.1:$lb_port" --backend-urls "$urls" --drain-window 1s &
+lb_pid=$!
+wait_ports "$lb_pid" "$lb_port"
 
 cat <<MSG
 
