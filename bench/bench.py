@@ -6,6 +6,9 @@ Subcommands (all start and stop their own servers on 127.0.0.x and bound their d
   capacity   the capacity table (docs/benchmarks.md): 12,000 connections through ws-lb at 50, 100, 1000 conn/s:
              success, active, handshake p50/p99, generator lag, LB and shard peak RSS and
              RSS per held connection
+  builds     the capacity ramp on two builds of ws-shard + ws-lb (--a DIR, --b DIR), alternating
+             A/B with the same loadtest; first pair apart, medians and B/A ratios of the rest
+             (e.g. a base commit's target/release against this one: "not worse")
   compare    the same ramp, same shards, through ws-lb, nginx, HAProxy and directly to one
              shard; plus find-max per target; ratio table (conn/s at >= 99.9 %, p99, proxy
              CPU seconds and RSS per connection)
@@ -36,7 +39,9 @@ from odin import free_port, port_free, wait_port  # noqa: E402
 REPO = odin.REPO
 BIN = odin.release_bin()
 RESULTS = REPO / "bench" / "results"
-LT = BIN / "loadtest"
+# The load generator: $ODIN_LOADTEST, else the one next to the binaries measured. Set it when
+# comparing two builds of the servers ($ODIN_BIN) so that both are driven by the same client.
+LT = Path(os.environ.get("ODIN_LOADTEST") or BIN / "loadtest")
 
 
 def wait_http(url: str, timeout=30.0):
@@ -73,11 +78,11 @@ def tree_pids(pid: int) -> list:
     return out
 
 
-def start_shards(procs, shards=3, max_conn=6000, extra=()):
+def start_shards(procs, shards=3, max_conn=6000, extra=(), bin_dir=None):
     base, admin = free_port(), free_port()
     while any(not port_free(base + i) for i in range(shards)):
         base = free_port()
-    p = procs.start("shard", [str(BIN / "ws-shard"), "--shards", str(shards), "--base-port", str(base),
+    p = procs.start("shard", [str((bin_dir or BIN) / "ws-shard"), "--shards", str(shards), "--base-port", str(base),
                               "--admin-addr", f"127.0.0.1:{admin}", "--max-connections", str(max_conn),
                               "--log-level", "warn", "--drain-window", "1s", "--client-rate", "0", *extra])
     for i in range(shards):
@@ -85,11 +90,11 @@ def start_shards(procs, shards=3, max_conn=6000, extra=()):
     return p, [base + i for i in range(shards)], admin
 
 
-def start_lb(procs, shard_ports, name="lb", port=None, admin=None, extra=()):
+def start_lb(procs, shard_ports, name="lb", port=None, admin=None, extra=(), bin_dir=None):
     port = port or free_port()
     admin = admin or free_port()
     urls = ",".join(f"ws://127.0.0.1:{p}/ws" for p in shard_ports)
-    p = procs.start(name, [str(BIN / "ws-lb"), "--listen", f"127.0.0.1:{port}", "--admin-addr", f"127.0.0.1:{admin}",
+    p = procs.start(name, [str((bin_dir or BIN) / "ws-lb"), "--listen", f"127.0.0.1:{port}", "--admin-addr", f"127.0.0.1:{admin}",
                            "--backend-urls", urls, "--per-ip-rate", "0", "--admission-rate", "20000",
                            "--admission-burst", "2000", "--log-level", "warn", "--drain-window", "1s", *extra])
     wait_http(f"http://127.0.0.1:{port}/health")
@@ -149,10 +154,38 @@ def machine():
         "kernel": os.uname().release,
         "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "nofile": subprocess.run(["bash", "-c", "ulimit -n"], capture_output=True, text=True).stdout.strip(),
+        "loadavg_at_start": load(),
+        "activity_at_start": activity(),
     }
 
 
+def load():
+    """The 1, 5 and 15 minute load averages (the box is shared: numbers taken under load say so)."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def activity(top=8):
+    """The processes using most CPU right now (other agents' builds, tests): name and %CPU."""
+    out = subprocess.run(["ps", "-eo", "pcpu=,comm=", "--sort=-pcpu"], capture_output=True, text=True).stdout
+    rows = [line.split(None, 1) for line in out.splitlines()[:top] if line.strip()]
+    return [{"cpu_pct": float(c), "comm": n.strip()} for c, n in rows]
+
+
+def commit_of(path: Path) -> str:
+    """The commit checked out where `path` lives (with "+dirty" for uncommitted changes)."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True).stdout.strip()
+    head = git("rev-parse", "HEAD") or "unknown"
+    return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def save(name, data):
+    """Writes bench/results/<name>-<time>.json with the commit of the binaries measured (and
+    of this script, when they differ: $ODIN_BIN pointing at another build)."""
+    data.setdefault("binaries", {"dir": str(BIN), "commit": commit_of(BIN if BIN.exists() else REPO),
+                                 "loadtest": str(LT), "loadtest_commit": commit_of(LT.parent if LT.exists() else REPO)})
+    data.setdefault("loadavg_at_end", load())
+    data.setdefault("script_commit", commit_of(REPO))
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}-{time.strftime('%Y%m%dT%H%M%S')}.json"
     path.write_text(json.dumps(data, indent=1))
@@ -186,6 +219,7 @@ def held_run(target_url, lb_pid, shard_pid, connections, rate, hold, extra=()):
     row = summarize(rep)
     active = max(rep["counts"]["active_end_of_hold"], 1)
     row.update({
+        "loadavg": load(),
         "lb_rss_base_kib": base_lb, "lb_rss_held_kib": held_lb, "lb_peak_rss_kib": s_lb.hwm() if s_lb else None,
         "lb_kib_per_conn": (held_lb - base_lb) / active if s_lb else None,
         "shard_rss_base_kib": base_sh, "shard_rss_held_kib": held_sh, "shard_peak_rss_kib": s_sh.hwm(),
@@ -195,26 +229,33 @@ def held_run(target_url, lb_pid, shard_pid, connections, rate, hold, extra=()):
     return row, rep
 
 
+def capacity_run(connections, rate, hold, lb_procs, bin_dir=None):
+    """One capacity ramp on fresh servers (3 shards in one process, `lb_procs` ws-lb processes
+    sharing the port) built from `bin_dir` (default: the binaries measured)."""
+    procs = odin.Procs("bench")
+    try:
+        shard, shard_ports, _ = start_shards(procs, bin_dir=bin_dir)
+        # One ws-lb relays at most ~10,000 clients (two descriptors each, 20,000 per
+        # process here), so 12,000 need two processes sharing the port.
+        lb_port, lb_pids = free_port(), []
+        for i in range(lb_procs):
+            lb, _, _ = start_lb(procs, shard_ports, name=f"lb{i}", port=lb_port,
+                                extra=["--reuse-port"] if lb_procs > 1 else [], bin_dir=bin_dir)
+            lb_pids.append(lb.pid)
+        row, rep = held_run(f"ws://127.0.0.1:{lb_port}/ws", lb_pids, shard.pid, connections, rate, hold)
+        row["report"] = rep
+        return row
+    finally:
+        procs.stop()
+
+
 def cmd_capacity(a):
     results = {"machine": machine(), "command": " ".join(sys.argv), "runs": {}}
     for rate in a.rates:
         rows = []
         for run in range(a.runs if rate >= 1000 else 1):
-            procs = odin.Procs("bench")
-            try:
-                shard, shard_ports, _ = start_shards(procs)
-                # One ws-lb relays at most ~10,000 clients (two descriptors each, 20,000 per
-                # process here), so 12,000 need two processes sharing the port.
-                lb_port, lb_pids = free_port(), []
-                for i in range(a.lb_procs):
-                    lb, _, _ = start_lb(procs, shard_ports, name=f"lb{i}", port=lb_port,
-                                        extra=["--reuse-port"] if a.lb_procs > 1 else [])
-                    lb_pids.append(lb.pid)
-                row, rep = held_run(f"ws://127.0.0.1:{lb_port}/ws", lb_pids, shard.pid, a.connections, rate, a.hold)
-                row["report"] = rep
-                rows.append(row)
-            finally:
-                procs.stop()
+            row = capacity_run(a.connections, rate, a.hold, a.lb_procs)
+            rows.append(row)
             print(f"rate {rate}/s run {run + 1}: {row['success_pct']:.3f}% p99 {row['handshake_p99_ms']:.2f} ms "
                   f"lb {row['lb_kib_per_conn']:.2f} KiB/conn shard {row['shard_kib_per_conn']:.2f} KiB/conn", flush=True)
         results["runs"][str(rate)] = rows
@@ -227,6 +268,47 @@ def cmd_capacity(a):
               f"{m('lb_peak_rss_kib') / 1024:.1f} MiB | {m('lb_kib_per_conn'):.2f} | {m('shard_peak_rss_kib') / 1024:.1f} MiB | "
               f"{m('shard_kib_per_conn'):.2f} |")
     save("capacity", results)
+
+
+BUILD_KEYS = ["success_pct", "handshake_p50_ms", "handshake_p99_ms", "lag_p99_ms", "lb_kib_per_conn",
+              "shard_kib_per_conn", "lb_peak_rss_kib", "shard_peak_rss_kib", "lb_cpu_s"]
+
+
+def cmd_builds(a):
+    """The capacity ramp on two builds, alternating A, B, A, B, ... with the same load generator;
+    the first pair is reported apart (cold caches), medians and B/A ratios over the rest."""
+    builds = {"A": Path(a.a).resolve(), "B": Path(a.b).resolve()}
+    results = {"machine": machine(), "command": " ".join(sys.argv),
+               "builds": {k: {"dir": str(d), "commit": commit_of(d)} for k, d in builds.items()},
+               "connections": a.connections, "rate": a.rate, "hold": a.hold, "lb_procs": a.lb_procs,
+               "pairs": []}
+    for pair in range(a.pairs):
+        runs = {}
+        for k in (["A", "B"] if pair % 2 == 0 else ["B", "A"]):
+            row = capacity_run(a.connections, a.rate, a.hold, a.lb_procs, bin_dir=builds[k])
+            if not a.keep_reports:
+                row.pop("report", None)
+            runs[k] = row
+            print(f"pair {pair + 1} {k}: {row['success_pct']:.3f}% p99 {row['handshake_p99_ms']:.2f} ms "
+                  f"lb {row['lb_kib_per_conn']:.2f} KiB/conn shard {row['shard_kib_per_conn']:.2f} KiB/conn "
+                  f"lb cpu {row['lb_cpu_s']:.2f} s load {row['loadavg'][0]}", flush=True)
+        results["pairs"].append(runs)
+
+    def table(pairs, title):
+        print(f"\n{title}\n\n| metric | A median | B median | B / A |\n|---|---|---|---|")
+        out = {}
+        for key in BUILD_KEYS:
+            ma = median([p["A"][key] for p in pairs])
+            mb = median([p["B"][key] for p in pairs])
+            ratio = mb / ma if ma else None
+            out[key] = {"A": ma, "B": mb, "ratio": ratio}
+            print(f"| {key} | {ma:.3f} | {mb:.3f} | {'' if ratio is None else f'{ratio:.3f}'} |")
+        return out
+
+    results["first_pair"] = table(results["pairs"][:1], "First pair (cold):")
+    if len(results["pairs"]) > 1:
+        results["warm"] = table(results["pairs"][1:], f"Warm pairs 2-{len(results['pairs'])} (medians):")
+    save("builds", results)
 
 
 NGINX_CONF = """
@@ -441,6 +523,15 @@ def main():
     c.add_argument("--hold", type=int, default=10)
     c.add_argument("--runs", type=int, default=3, help="runs of the 1000/s ramp (50 and 100/s: one run each)")
     c.add_argument("--lb-procs", type=int, default=2, help="ws-lb processes sharing the port (SO_REUSEPORT)")
+    c = sub.add_parser("builds", help="the capacity ramp on two builds (--a DIR --b DIR), alternating")
+    c.add_argument("--a", required=True, help="directory with build A's ws-shard and ws-lb (e.g. the base)")
+    c.add_argument("--b", default=str(BIN), help="directory with build B's binaries (default: $ODIN_BIN or target/release)")
+    c.add_argument("--connections", type=int, default=4000)
+    c.add_argument("--rate", type=int, default=1000)
+    c.add_argument("--hold", type=int, default=5)
+    c.add_argument("--pairs", type=int, default=5, help="A/B pairs; the first is reported apart")
+    c.add_argument("--lb-procs", type=int, default=1)
+    c.add_argument("--keep-reports", action="store_true", help="keep each run's raw loadtest report")
     c = sub.add_parser("compare")
     c.add_argument("--targets", nargs="+", default=["ws-lb", "nginx", "haproxy", "direct"])
     # 9,000: every proxy holds them in one process (two descriptors per relayed client,
@@ -465,7 +556,7 @@ def main():
     for tool in (["nginx", "haproxy"] if a.cmd == "compare" else []):
         if not shutil.which(tool):
             raise SystemExit(f"{tool} is missing: make bench-compare installs it (apt-get install -y {tool})")
-    {"capacity": cmd_capacity, "compare": cmd_compare, "fanout": cmd_fanout, "hold": cmd_hold}[a.cmd](a)
+    {"capacity": cmd_capacity, "builds": cmd_builds, "compare": cmd_compare, "fanout": cmd_fanout, "hold": cmd_hold}[a.cmd](a)
 
 
 if __name__ == "__main__":
