@@ -165,7 +165,9 @@ def load():
 
 
 def activity(top=8):
-    """The processes using most CPU right now (other agents' builds, tests): name and %CPU."""
+    """Who else is on the box (other agents' builds and tests): the processes with the highest
+    `ps` %CPU (CPU time over each process's lifetime, so a long-lived idle process ranks low
+    and a fresh busy one high), name and %CPU."""
     out = subprocess.run(["ps", "-eo", "pcpu=,comm=", "--sort=-pcpu"], capture_output=True, text=True).stdout
     rows = [line.split(None, 1) for line in out.splitlines()[:top] if line.strip()]
     return [{"cpu_pct": float(c), "comm": n.strip()} for c, n in rows]

@@ -208,7 +208,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn defaults_are_valid_and_match_the_plan() {
+    fn defaults_are_valid_and_match_the_runbook() {
         let d = BreakerConfig::default();
         assert_eq!(
             BreakerConfig::try_new(

@@ -83,7 +83,7 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
-    fn formula_matches_the_plan() {
+    fn formula_matches_the_documented_weights() {
         assert!((health_score(0.0, 0.0) - 1.0).abs() < 1e-12);
         assert!((health_score(1.0, 1.0)).abs() < 1e-12);
         assert!((health_score(0.5, 0.25) - (0.6 * 0.5 + 0.4 * 0.75)).abs() < 1e-12);

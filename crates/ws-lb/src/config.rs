@@ -239,7 +239,7 @@ impl Settings {
 
 /// Unprefixed environment names for the breaker settings, which deployments set as they are
 /// (docs/runbook.md); an `LB_` variable of the same key wins.
-const PLAN_ENV: [&str; 4] = [
+const UNPREFIXED_ENV: [&str; 4] = [
     "CIRCUIT_BREAKER_FAILURE_THRESHOLD",
     "CIRCUIT_BREAKER_TIMEOUT",
     "CIRCUIT_BREAKER_HALF_OPEN_MAX_CALLS",
@@ -254,7 +254,7 @@ pub fn load(matches: &ArgMatches, prefix: &str) -> anyhow::Result<Loaded<Setting
     let flags = CommandLine::new(&cli.settings, matches)?;
     let env = EnvSources {
         prefix,
-        raw: &PLAN_ENV,
+        raw: &UNPREFIXED_ENV,
     };
     let loaded = net_core::config::load(Settings::default(), cli.config.as_deref(), env, &flags)?;
     if loaded.settings.backend_urls.is_empty() {
