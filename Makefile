@@ -5,7 +5,7 @@ SHARDS ?= 3
 BASE_PORT ?= 3002
 LB_PORT ?= 3001
 
-.PHONY: capacity bench-compare bench-fanout bench-hold bench-micro faults soak bench-tools
+.PHONY: capacity bench-compare bench-fanout bench-hold bench-kafka bench-micro faults soak bench-tools
 .PHONY: cluster cluster-test cluster-bench cluster-tools
 .PHONY: help run build build-debug test deps fmt fmt-check lint test-rust test-e2e test-clients test-deploy conformance conformance-short test-make-run
 TANSU ?= $(shell command -v tansu || echo $(HOME)/.cargo/bin/tansu)
@@ -115,6 +115,13 @@ bench-fanout: build-bench
 
 bench-hold: build-bench
 	python3 bench/bench.py hold
+
+# Produce-to-client latency through the Kafka source vs a plain consumer (a: 1 rec/s,
+# b: 1,000/s, c: 10,000/s; 1,000 subscribers through ws-lb), then one shard's ingest rate
+# with 5,000 subscribers. Needs tansu (make deps installs it).
+bench-kafka: build-bench deps
+	python3 bench/kafka_bench.py latency --tansu $(TANSU)
+	python3 bench/kafka_bench.py ingest --tansu $(TANSU)
 
 bench-micro:
 	$(CARGO) bench --locked -p ws-protocol -p shard-core -p lb-core

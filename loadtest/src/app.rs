@@ -18,6 +18,31 @@ use crate::workers::WorkerPlan;
 /// Runs the command line `cli`; `raw_args` (including the program name) are what worker
 /// processes are started with.
 pub async fn execute(cli: Cli, raw_args: Vec<OsString>) -> anyhow::Result<()> {
+    if let Some(Command::KafkaProduce(args)) = &cli.command {
+        let a = args.clone();
+        let report = tokio::task::spawn_blocking(move || crate::kafka::produce(&a)).await??;
+        println!(
+            "kafka-produce: {} records at {}/s, {} failed, {:.3} s behind schedule",
+            report.records, report.rate, report.failed, report.behind_s
+        );
+        if let Some(path) = &args.json {
+            write_json(path, &report)?;
+        }
+        return Ok(());
+    }
+    if let Some(Command::KafkaConsume(args)) = &cli.command {
+        let a = args.clone();
+        let report = tokio::task::spawn_blocking(move || crate::kafka::consume(&a)).await??;
+        let l = &report.latency_us;
+        println!(
+            "kafka-consume: {} records; latency p50 {} us, p99 {} us, max {} us",
+            report.records, l.p50, l.p99, l.max
+        );
+        if let Some(path) = &args.json {
+            write_json(path, &report)?;
+        }
+        return Ok(());
+    }
     if let Some(Command::Publish(args)) = &cli.command {
         let cfg = PublishConfig::from_args(args)?;
         let progress = Progress::new(args.quiet, false);

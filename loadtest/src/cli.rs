@@ -25,6 +25,10 @@ pub struct Cli {
 pub enum Command {
     /// Publish timestamped messages to the embedded bus at a scheduled rate.
     Publish(PublishArgs),
+    /// Produce timestamped records to Kafka at a scheduled rate.
+    KafkaProduce(KafkaProduceArgs),
+    /// Consume a Kafka topic from its end and measure produce-to-consumer latency.
+    KafkaConsume(KafkaConsumeArgs),
 }
 
 /// Flags of a connection run (the default command).
@@ -151,4 +155,47 @@ pub struct PublishArgs {
     /// No progress line.
     #[arg(long, env = "LOADTEST_QUIET")]
     pub quiet: bool,
+}
+
+/// Flags of `loadtest kafka-produce`.
+#[derive(Debug, Clone, Args)]
+pub struct KafkaProduceArgs {
+    /// Bootstrap brokers, host:port[,host:port].
+    #[arg(long, env = "LOADTEST_KAFKA_BROKERS")]
+    pub brokers: String,
+    /// Topic to produce to.
+    #[arg(long, env = "LOADTEST_KAFKA_TOPIC")]
+    pub topic: String,
+    /// Records per second.
+    #[arg(long, env = "LOADTEST_KAFKA_RATE", default_value_t = 1000.0)]
+    pub rate: f64,
+    /// How long to produce (seconds, or 500ms / 2m).
+    #[arg(long, env = "LOADTEST_KAFKA_DURATION", default_value = "10")]
+    pub duration: String,
+    /// Distinct keys (k0 .. k<keys-1>), round-robin.
+    #[arg(long, env = "LOADTEST_KAFKA_KEYS", default_value_t = 1000)]
+    pub keys: u64,
+    /// Write the JSON report here.
+    #[arg(long, env = "LOADTEST_JSON")]
+    pub json: Option<PathBuf>,
+}
+
+/// Flags of `loadtest kafka-consume`.
+#[derive(Debug, Clone, Args)]
+pub struct KafkaConsumeArgs {
+    /// Bootstrap brokers, host:port[,host:port].
+    #[arg(long, env = "LOADTEST_KAFKA_BROKERS")]
+    pub brokers: String,
+    /// Topic to consume (every partition, from its end).
+    #[arg(long, env = "LOADTEST_KAFKA_TOPIC")]
+    pub topic: String,
+    /// How long to consume (seconds, or 500ms / 2m).
+    #[arg(long, env = "LOADTEST_KAFKA_DURATION", default_value = "10")]
+    pub duration: String,
+    /// librdkafka fetch.wait.max.ms (ws-shard's kafka_fetch_wait_max default is 10ms).
+    #[arg(long, env = "LOADTEST_KAFKA_FETCH_WAIT_MAX", default_value = "10ms")]
+    pub fetch_wait_max: String,
+    /// Write the JSON report here.
+    #[arg(long, env = "LOADTEST_JSON")]
+    pub json: Option<PathBuf>,
 }

@@ -16,6 +16,7 @@ pub mod conn;
 pub mod findmax;
 pub mod frames;
 pub mod handshake;
+pub mod kafka;
 pub mod outcome;
 pub mod progress;
 pub mod publish;
