@@ -126,6 +126,20 @@ bench-kafka: build-bench deps
 bench-micro:
 	$(CARGO) bench --locked -p ws-protocol -p shard-core -p lb-core
 
+.PHONY: bench-budget bench-cardinality bench-hold-budget
+# Hub publish throughput, history budget enforced vs the hub before it (built from git).
+bench-budget:
+	python3 bench/publish_budget.py
+
+# 1,000,000 distinct keys through a release ws-shard: RSS vs history budget (Kafka if tansu).
+bench-cardinality: build deps
+	python3 bench/cardinality.py
+
+# Memory per held connection, this ws-shard vs BASE_BIN/ws-shard, alternating (docs/benchmarks.md).
+bench-hold-budget: build-bench
+	@test -x "$(BASE_BIN)/ws-shard" || { echo "BASE_BIN=<dir with the base commit's release ws-shard>"; exit 2; }
+	python3 bench/hold_budget.py --base-bin $(BASE_BIN) $(HOLD_FLAGS)
+
 faults: build-bench deps
 	python3 tests/faults/faults.py
 
