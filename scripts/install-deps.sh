@@ -17,6 +17,8 @@ python3 -c 'import websockets' 2>/dev/null || py_missing+=("websockets>=12")
 python3 -c 'import kafka, sys; sys.exit(not kafka.__version__.startswith("2."))' 2>/dev/null ||
     py_missing+=("kafka-python>=2.0,<3")
 python3 -c 'import kosoku' 2>/dev/null || py_missing+=("kosoku")
+# PyJWT makes the tokens of the auth e2e test (an implementation independent of ours).
+python3 -c 'import jwt, cryptography' 2>/dev/null || py_missing+=("PyJWT[crypto]>=2.8,<3")
 if ((${#py_missing[@]})); then
     log "pip install ${py_missing[*]}"
     python3 -m pip install --quiet --disable-pip-version-check "${py_missing[@]}"

@@ -177,7 +177,9 @@ fn on_text(bytes: &[u8], sess: &mut Session, stats: &Stats) {
             sess.error_reply = true;
             stats.c.server_errors.fetch_add(1, Relaxed);
         }
-        ServerMessage::Pong { .. } | ServerMessage::Unsubscribed { .. } => {}
+        ServerMessage::Pong { .. }
+        | ServerMessage::Unsubscribed { .. }
+        | ServerMessage::Refreshed { .. } => {}
     }
 }
 

@@ -46,6 +46,10 @@ pub const REPLAYED: &str = "ws_shard_replayed_total";
 /// Counter: subscribe requests with `since`, label `recovered` (true/false).
 pub const RECOVERIES: &str = "ws_shard_recoveries_total";
 
+/// Counter: tokens refused by the shard's own verification (upgrade header or query,
+/// `auth` and `refresh` messages), label `reason` (`auth::AuthFailure::label`).
+pub const AUTH_FAILURES: &str = "ws_shard_auth_failures_total";
+
 /// Every metric name this crate exports (for the docs and exported-metrics tests).
 pub const ALL: &[&str] = &[
     CONNECTIONS,
@@ -68,6 +72,7 @@ pub const ALL: &[&str] = &[
     ERROR_REPLIES,
     REPLAYED,
     RECOVERIES,
+    AUTH_FAILURES,
 ];
 
 /// Why a shard refused an upgrade (`ws_shard_connections_rejected_total`, label `reason`).
@@ -113,6 +118,8 @@ pub struct ShardMetrics {
     error_replies: Vec<Counter>,
     /// `ws_shard_recoveries_total{recovered="true"}`, then `"false"` (process-wide).
     recoveries: [Counter; 2],
+    /// `ws_shard_auth_failures_total` by `AuthFailure::index` (process-wide).
+    auth_failures: Vec<Counter>,
 }
 
 impl ShardMetrics {
@@ -149,6 +156,10 @@ impl ShardMetrics {
                 .iter()
                 .map(|c| zero(metrics::counter!(ERROR_REPLIES, "code" => c.as_str())))
                 .collect(),
+            auth_failures: auth::AuthFailure::ALL
+                .iter()
+                .map(|f| zero(metrics::counter!(AUTH_FAILURES, "reason" => f.label())))
+                .collect(),
             recoveries: ["true", "false"]
                 .map(|r| zero(metrics::counter!(RECOVERIES, "recovered" => r))),
         }
@@ -174,6 +185,13 @@ impl ShardMetrics {
     pub fn error_reply(&self, code: ErrorCode) {
         let i = ErrorCode::ALL.iter().position(|c| *c == code);
         if let Some(c) = i.and_then(|i| self.error_replies.get(i)) {
+            c.increment(1);
+        }
+    }
+
+    /// Counts a token refused by this shard.
+    pub fn auth_failure(&self, failure: auth::AuthFailure) {
+        if let Some(c) = self.auth_failures.get(failure.index()) {
             c.increment(1);
         }
     }

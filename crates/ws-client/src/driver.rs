@@ -631,7 +631,8 @@ impl Driver {
                     conn.next_ping = Some(now + self.cfg.ping_interval);
                 }
             }
-            Inbound::Known(ServerMessage::Error { .. }) | Inbound::Other => {}
+            Inbound::Known(ServerMessage::Error { .. } | ServerMessage::Refreshed { .. })
+            | Inbound::Other => {}
             Inbound::Refreshed => {
                 conn.refresh_pending = false;
                 conn.refresh_at = self.refresh_deadline();
@@ -846,8 +847,9 @@ fn decode(text: &str) -> Inbound {
             message,
             channel,
         }),
+        Ok(ServerMessage::Refreshed { .. }) => Inbound::Refreshed,
         Ok(m) => Inbound::Known(m),
-        // Types and error codes newer than ws-protocol (the planned `refreshed`, `forbidden`).
+        // Types and error codes newer than this ws-protocol (servers can be newer).
         Err(_) => {
             let Ok(v) = serde_json::from_str::<serde_json::Value>(text) else {
                 return Inbound::Other;

@@ -71,11 +71,13 @@ impl Backend {
     }
 
     /// Connects and completes the WebSocket handshake within `budget`. Returns the socket
-    /// and any bytes the shard sent right after its 101.
+    /// and any bytes the shard sent right after its 101. `token` (already verified, and
+    /// header-safe) goes to the shard as `Authorization: Bearer`.
     pub async fn dial(
         &self,
         budget: Duration,
         client_ip: IpAddr,
+        token: Option<&str>,
     ) -> Result<(TcpStream, Bytes), AttemptError> {
         let deadline = Instant::now() + budget;
         let stream = match timeout_at(deadline, TcpStream::connect(self.addr)).await {
@@ -87,7 +89,7 @@ impl Backend {
             Ok(Ok(s)) => s,
         };
         let _ = stream.set_nodelay(true);
-        match timeout_at(deadline, self.handshake(stream, client_ip)).await {
+        match timeout_at(deadline, self.handshake(stream, client_ip, token)).await {
             Err(_) => Err(AttemptError::HandshakeTimeout(budget)),
             Ok(r) => r,
         }
@@ -97,15 +99,16 @@ impl Backend {
         &self,
         mut stream: TcpStream,
         client_ip: IpAddr,
+        token: Option<&str>,
     ) -> Result<(TcpStream, Bytes), AttemptError> {
         let key = handshake::key_from_bytes(rand::random());
         let ip = client_ip.to_string();
-        let request = handshake::client_request(
-            &self.path,
-            &self.host_header,
-            &key,
-            &[("X-Forwarded-For", &ip)],
-        );
+        let bearer = token.map(|t| format!("Bearer {t}"));
+        let mut headers = vec![("X-Forwarded-For", ip.as_str())];
+        if let Some(b) = &bearer {
+            headers.push(("Authorization", b.as_str()));
+        }
+        let request = handshake::client_request(&self.path, &self.host_header, &key, &headers);
         stream
             .write_all(&request)
             .await

@@ -162,6 +162,41 @@ pub struct Settings {
     #[arg(long, value_parser = humantime::parse_duration, default_value = human(lib().grace))]
     #[serde(with = "humantime_serde")]
     pub grace: Duration,
+    /// HS256 secrets file, one secret (>= 32 bytes) per line; empty = none. With this or
+    /// auth_jwks_file set, authentication is on.
+    #[arg(long, default_value = "")]
+    pub auth_hs256_secret_file: String,
+    /// JWKS file with RS256 / ES256 public keys; empty = none. Re-read when it changes.
+    #[arg(long, default_value = "")]
+    pub auth_jwks_file: String,
+    /// Required token audience (aud); empty = tokens must carry no aud.
+    #[arg(long, default_value = "")]
+    pub auth_audience: String,
+    /// Required token issuer (iss); empty = not checked.
+    #[arg(long, default_value = "")]
+    pub auth_issuer: String,
+    /// Clock skew tolerated on exp and nbf.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = human(lib().auth.leeway))]
+    #[serde(with = "humantime_serde")]
+    pub auth_leeway: Duration,
+    /// Longest token accepted in bytes (longer: 4001 without parsing).
+    #[arg(long, default_value_t = lib().auth.max_token_len)]
+    pub auth_max_token_len: usize,
+    /// How often the key files are checked for changes.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = human(lib().auth.reload_interval))]
+    #[serde(with = "humantime_serde")]
+    pub auth_reload_interval: Duration,
+    /// Channel patterns anyone may subscribe to without a token, comma-separated
+    /// (e.g. trades.*,book.*); auto = every channel when auth is off, none when on.
+    #[arg(long, default_value = "auto")]
+    pub public_channels: String,
+    /// With auth on and no ?token=, the first message must arrive within this time.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = human(lib().auth_timeout))]
+    #[serde(with = "humantime_serde")]
+    pub auth_timeout: Duration,
+    /// Connections per token subject (sub) in this process; beyond it close 4003 (0 = no limit).
+    #[arg(long, default_value_t = lib().max_connections_per_sub)]
+    pub max_connections_per_sub: usize,
     /// Log JSON lines instead of text.
     #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub log_json: bool,
@@ -224,6 +259,18 @@ impl Settings {
             stall_timeout: self.stall_timeout,
             drain_window: self.drain_window,
             grace: self.grace,
+            auth: auth::AuthConfig::from_settings(
+                &self.auth_hs256_secret_file,
+                &self.auth_jwks_file,
+                &self.auth_audience,
+                &self.auth_issuer,
+                self.auth_leeway,
+                self.auth_max_token_len,
+                &self.public_channels,
+                self.auth_reload_interval,
+            ),
+            auth_timeout: self.auth_timeout,
+            max_connections_per_sub: self.max_connections_per_sub,
         }
         .validate()
     }

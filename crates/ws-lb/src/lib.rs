@@ -8,6 +8,7 @@
 //! from lb-core; this crate does the I/O.
 
 mod backend;
+mod edge_auth;
 mod health;
 pub mod metrics;
 mod proxy;
@@ -72,6 +73,14 @@ pub struct LbConfig {
     pub stall_timeout: Duration,
     pub drain_window: Duration,
     pub grace: Duration,
+    /// Token verification; off when no key file is configured.
+    pub auth: auth::AuthConfig,
+    /// With authentication on and no `?token=`, how long the client has to send its first
+    /// message (`auth`, or anything when public channels exist).
+    pub auth_timeout: Duration,
+    /// Connections per token subject in this process; beyond it the client is closed with
+    /// 4003. 0 = no limit.
+    pub max_connections_per_sub: usize,
 }
 
 impl Default for LbConfig {
@@ -98,6 +107,9 @@ impl Default for LbConfig {
             stall_timeout: Duration::from_secs(30),
             drain_window: Duration::from_secs(10),
             grace: Duration::from_secs(30),
+            auth: auth::AuthConfig::default(),
+            auth_timeout: Duration::from_secs(5),
+            max_connections_per_sub: 0,
         }
     }
 }
@@ -133,6 +145,8 @@ pub enum LbError {
     Pool(#[from] lb_core::pool::PoolSizeError),
     #[error("invalid per-IP limit: rate and burst must both be positive")]
     PerIp,
+    #[error("authentication: {0}")]
+    Auth(#[from] auth::StartError),
 }
 
 /// Shared state of one LB process.
@@ -149,6 +163,9 @@ pub(crate) struct Lb {
     /// Clients between admission and the end of their relay: `max_clients` permits
     /// (`Semaphore::MAX_PERMITS` when there is no cap).
     pub(crate) clients: Arc<tokio::sync::Semaphore>,
+    pub(crate) verifier: Arc<auth::Verifier>,
+    /// Connections per token subject (`max_connections_per_sub`).
+    pub(crate) subjects: Arc<edge_auth::SubjectCounts>,
 }
 
 impl Lb {
@@ -250,6 +267,26 @@ fn client_router(lb: Arc<Lb>) -> Result<Router, LbError> {
         .with_state(lb))
 }
 
+/// Re-reads the key files every `reload_interval` while they change; a bad file keeps the
+/// last good keys (and says so in the log).
+pub(crate) async fn reload_keys(
+    verifier: Arc<auth::Verifier>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(verifier.config().reload_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => match verifier.reload_if_changed() {
+                Ok(true) => tracing::info!("key files changed: new keys in use"),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "key files unreadable or invalid: keeping the last good keys"),
+            },
+        }
+    }
+}
+
 /// Runs the LB until a drain completes or a hard stop. Returns the number of client
 /// connections still open at exit.
 pub async fn run(
@@ -271,7 +308,10 @@ pub async fn run(
         0 => tokio::sync::Semaphore::MAX_PERMITS,
         n => n.min(tokio::sync::Semaphore::MAX_PERMITS),
     };
+    let verifier = Arc::new(auth::Verifier::new(cfg.auth.clone())?);
     let lb = Arc::new(Lb {
+        verifier: verifier.clone(),
+        subjects: Arc::default(),
         metrics: metrics::LbMetrics::new(backends.len()),
         pacer: Pacer::new(cfg.pacing),
         relay_opts: relay::RelayOptions::new(
@@ -289,6 +329,9 @@ pub async fn run(
     });
     let tasks = TaskTracker::new();
     tasks.spawn(health::poll_loop(lb.clone()));
+    if verifier.enabled() {
+        tasks.spawn(reload_keys(verifier, shutdown.hard.clone()));
+    }
     let router = client_router(lb.clone())?;
     let admin = net_core::telemetry::metrics_router(prometheus);
     let client_opts = lb.cfg.socket;

@@ -53,6 +53,10 @@ pub const HEALTH_POLL_FAILURES: &str = "ws_lb_health_poll_failures_total";
 /// Counter: failed shard handshakes by kind, labels `shard_id`, `kind`.
 pub const ATTEMPT_ERRORS: &str = "ws_lb_attempt_errors_total";
 
+/// Counter: tokens refused at the edge (the client got 4001), label `reason`
+/// (`auth::AuthFailure::label`).
+pub const AUTH_FAILURES: &str = "ws_lb_auth_failures_total";
+
 /// Every metric name this crate exports (for docs and the exported-metrics test).
 pub const ALL: &[&str] = &[
     HANDSHAKE_ATTEMPTS,
@@ -76,6 +80,7 @@ pub const ALL: &[&str] = &[
     HEALTH_POLL_FAILURES,
     SHARDS_AVAILABLE,
     ATTEMPT_ERRORS,
+    AUTH_FAILURES,
 ];
 
 /// Why a client was refused before any shard was dialled (`ws_lb_admission_rejections_total`,
@@ -94,17 +99,20 @@ pub enum Rejection {
     Draining,
     /// `max_clients` reached (HTTP 503).
     ClientLimit,
+    /// `max_connections_per_sub` reached for the token's subject (upgraded, closed 4003).
+    SubjectLimit,
 }
 
 impl Rejection {
     /// Every reason, in index order.
-    pub const ALL: [Rejection; 6] = [
+    pub const ALL: [Rejection; 7] = [
         Self::QueueFull,
         Self::WaitTooLong,
         Self::PerIp,
         Self::Origin,
         Self::Draining,
         Self::ClientLimit,
+        Self::SubjectLimit,
     ];
 
     /// The `reason` label value.
@@ -116,6 +124,7 @@ impl Rejection {
             Self::Origin => "origin",
             Self::Draining => "draining",
             Self::ClientLimit => "client_limit",
+            Self::SubjectLimit => "subject_limit",
         }
     }
 }
@@ -140,15 +149,21 @@ pub enum ClientOutcome {
     Closed1013,
     /// Refused before the upgrade (an HTTP error status).
     Rejected,
+    /// Upgraded and closed with 4001: token missing or refused.
+    Closed4001,
+    /// Upgraded and closed with 4003: too many connections for the token's subject.
+    Closed4003,
 }
 
 impl ClientOutcome {
     /// Every outcome, in index order.
-    pub const ALL: [ClientOutcome; 4] = [
+    pub const ALL: [ClientOutcome; 6] = [
         Self::Relayed,
         Self::Closed1012,
         Self::Closed1013,
         Self::Rejected,
+        Self::Closed4001,
+        Self::Closed4003,
     ];
 
     /// The `result` label value.
@@ -158,14 +173,18 @@ impl ClientOutcome {
             Self::Closed1012 => "closed_1012",
             Self::Closed1013 => "closed_1013",
             Self::Rejected => "rejected",
+            Self::Closed4001 => "closed_4001",
+            Self::Closed4003 => "closed_4003",
         }
     }
 }
 
 /// The close codes the LB sends itself (`ws_lb_close_codes_total`, label `code`).
-const LB_CLOSE_CODES: [u16; 2] = [
+const LB_CLOSE_CODES: [u16; 4] = [
     ws_protocol::close::SERVICE_RESTART,
     ws_protocol::close::TRY_AGAIN_LATER,
+    ws_protocol::close::UNAUTHORIZED,
+    ws_protocol::close::TOO_MANY_CONNECTIONS,
 ];
 
 /// Handles for one shard.
@@ -241,6 +260,8 @@ pub struct LbMetrics {
     outcomes: Vec<Counter>,
     relay_ends: Vec<Counter>,
     lb_closes: Vec<(u16, Counter)>,
+    /// By `auth::AuthFailure::index`.
+    auth_failures: Vec<Counter>,
 }
 
 impl LbMetrics {
@@ -303,6 +324,10 @@ impl LbMetrics {
                 .iter()
                 .map(|e| zero(metrics::counter!(RELAY_ENDS, "end" => e.label())))
                 .collect(),
+            auth_failures: auth::AuthFailure::ALL
+                .iter()
+                .map(|f| zero(metrics::counter!(AUTH_FAILURES, "reason" => f.label())))
+                .collect(),
             lb_closes: LB_CLOSE_CODES
                 .iter()
                 .map(|c| {
@@ -312,6 +337,13 @@ impl LbMetrics {
                     )
                 })
                 .collect(),
+        }
+    }
+
+    /// Counts a token refused at the edge.
+    pub fn auth_failure(&self, failure: auth::AuthFailure) {
+        if let Some(c) = self.auth_failures.get(failure.index()) {
+            c.increment(1);
         }
     }
 

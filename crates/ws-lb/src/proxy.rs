@@ -16,11 +16,12 @@ use net_core::upgrade::{check_request, into_axum, into_raw, refuse};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{sleep_until, timeout, Instant};
+use ws_protocol::close;
 use ws_protocol::frame::{self, FrameTracker};
 
 use crate::metrics::{ClientOutcome, Rejection};
 use crate::relay::{relay, RelayEnd};
-use crate::{ClientIp, Lb};
+use crate::{edge_auth, ClientIp, Lb};
 
 /// Whether `origin` may open a WebSocket (empty list: any). A request without `Origin`
 /// is not from a browser page and cannot be a cross-site hijack, so it is allowed.
@@ -67,6 +68,13 @@ pub(crate) async fn handle(
     }
     .of(&req)
     .unwrap_or(peer.ip());
+    // Read before the upgrade takes the request apart. Never logged: query strings with
+    // tokens must not reach any log (the request line is not logged anywhere in ws-lb).
+    let query_token = lb
+        .verifier
+        .enabled()
+        .then(|| edge_auth::query_token(req.uri().query()).map(str::to_owned))
+        .flatten();
     let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(pair) => pair,
         Err(e) => {
@@ -76,7 +84,125 @@ pub(crate) async fn handle(
         }
     };
 
-    let outcome = match lb.pacer.reserve(Instant::now()) {
+    if lb.verifier.enabled() && query_token.is_none() {
+        // The token (if any) comes as the first message, after the upgrade.
+        let task_lb = lb.clone();
+        lb.relays.spawn(async move {
+            let _permit = permit;
+            first_message_then_relay(task_lb, upgrade, client_ip).await;
+        });
+        return into_axum(response);
+    }
+
+    // Auth off, or a token in the query: decided before anything else happens.
+    let admitted = match edge_auth::verify(&lb.verifier, query_token.as_deref()) {
+        Err(failure) => Err(refuse_auth(&lb, failure)),
+        Ok(identity) => subject_place(&lb, identity.as_ref()),
+    };
+    let guard = match admitted {
+        Ok(guard) => guard,
+        Err(close) => {
+            let task_lb = lb.clone();
+            lb.relays.spawn(async move {
+                let _permit = permit;
+                if let Ok((client, _)) = into_raw(upgrade).await {
+                    close_client(client, close, task_lb.cfg.close_timeout).await;
+                }
+            });
+            return into_axum(response);
+        }
+    };
+
+    let outcome = admit_and_connect(&lb, client_ip, query_token.as_deref()).await;
+    let task_lb = lb.clone();
+    lb.relays.spawn(async move {
+        let _permit = permit;
+        let _guard = guard;
+        let Ok((client, client_prefix)) = into_raw(upgrade).await else {
+            tracing::debug!("client left before its upgrade completed");
+            return;
+        };
+        finish(&task_lb, client, client_prefix, outcome).await;
+    });
+    into_axum(response)
+}
+
+/// Without `?token=` and with authentication on: the first message decides (`auth` with a
+/// token, or — when public channels exist — anything else for an anonymous connection).
+async fn first_message_then_relay(
+    lb: Arc<Lb>,
+    upgrade: fastwebsockets::upgrade::UpgradeFut,
+    client_ip: IpAddr,
+) {
+    let Ok((mut client, prefix)) = into_raw(upgrade).await else {
+        return;
+    };
+    let max = lb.verifier.config().max_token_len;
+    let first = edge_auth::read_first_message(&mut client, prefix, max, lb.cfg.auth_timeout).await;
+    let (token, client_prefix) = match first {
+        edge_auth::FirstMessage::Gone => return,
+        edge_auth::FirstMessage::TooLong => {
+            let close = refuse_auth(&lb, auth::AuthFailure::TooLong);
+            return close_client(client, close, lb.cfg.close_timeout).await;
+        }
+        edge_auth::FirstMessage::Auth { token, rest } => (Some(token), rest),
+        edge_auth::FirstMessage::Other { read } if lb.verifier.allows_anonymous() => (None, read),
+        edge_auth::FirstMessage::Other { .. } => {
+            let close = refuse_auth(&lb, auth::AuthFailure::NoAuthMessage);
+            return close_client(client, close, lb.cfg.close_timeout).await;
+        }
+    };
+    let admitted = match token.as_deref().map(|t| lb.verifier.verify(t)) {
+        Some(Err(failure)) => Err(refuse_auth(&lb, failure)),
+        Some(Ok(identity)) => subject_place(&lb, Some(&identity)),
+        None => Ok(None),
+    };
+    let _guard = match admitted {
+        Ok(guard) => guard,
+        Err(close) => return close_client(client, close, lb.cfg.close_timeout).await,
+    };
+    let outcome = admit_and_connect(&lb, client_ip, token.as_deref()).await;
+    finish(&lb, client, client_prefix, outcome).await;
+}
+
+/// Counts a refused token; the close the client gets (4001, with the reason).
+fn refuse_auth(lb: &Lb, failure: auth::AuthFailure) -> FinalClose {
+    lb.metrics.auth_failure(failure);
+    lb.metrics.client(ClientOutcome::Closed4001);
+    lb.metrics.lb_close(close::UNAUTHORIZED);
+    FinalClose {
+        code: close::UNAUTHORIZED,
+        reason: failure.reason(),
+    }
+}
+
+/// A place under `max_connections_per_sub` for an authenticated client, or the 4003 close.
+fn subject_place(
+    lb: &Lb,
+    identity: Option<&auth::Identity>,
+) -> Result<Option<edge_auth::SubjectGuard>, FinalClose> {
+    let Some(id) = identity else { return Ok(None) };
+    match lb.subjects.acquire(&id.sub, lb.cfg.max_connections_per_sub) {
+        Some(guard) => Ok(guard),
+        None => {
+            lb.metrics.rejected(Rejection::SubjectLimit);
+            lb.metrics.client(ClientOutcome::Closed4003);
+            lb.metrics.lb_close(close::TOO_MANY_CONNECTIONS);
+            Err(FinalClose {
+                code: close::TOO_MANY_CONNECTIONS,
+                reason: "too many connections for this subject",
+            })
+        }
+    }
+}
+
+/// Admission pacing, then a shard.
+async fn admit_and_connect(
+    lb: &Lb,
+    client_ip: IpAddr,
+    token: Option<&str>,
+) -> Result<(TcpStream, Bytes, usize), FinalClose> {
+    match lb.pacer.reserve(Instant::now()) {
         Err(rejection) => {
             lb.metrics.rejected(rejection.into());
             Err(OVERLOADED)
@@ -88,39 +214,36 @@ pub(crate) async fn handle(
             lb.metrics
                 .admission_wait
                 .record(waited.elapsed().as_secs_f64());
-            connect(&lb, client_ip).await
+            connect(lb, client_ip, token).await
         }
-    };
+    }
+}
 
-    let task_lb = lb.clone();
+/// Relays the client to its shard, or closes it with the reason no shard took it.
+async fn finish(
+    lb: &Lb,
+    client: TcpStream,
+    client_prefix: Bytes,
+    outcome: Result<(TcpStream, Bytes, usize), FinalClose>,
+) {
     match outcome {
         Ok((shard, shard_prefix, idx)) => {
-            lb.relays.spawn(async move {
-                let _permit = permit;
-                let (client, client_prefix) = match into_raw(upgrade).await {
-                    Ok(pair) => pair,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "client left before its upgrade completed");
-                        return;
-                    }
-                };
-                task_lb.metrics.client(ClientOutcome::Relayed);
-                task_lb.metrics.active.increment(1.0);
-                let end = relay(
-                    client,
-                    client_prefix,
-                    shard,
-                    shard_prefix,
-                    &task_lb.relay_opts,
-                    &|code| task_lb.metrics.lb_close(code),
-                )
-                .await;
-                task_lb.metrics.active.decrement(1.0);
-                task_lb.metrics.relay_end(end);
-                if let RelayEnd::ShardLost { notified } = end {
-                    tracing::debug!(shard_id = idx, notified, "shard lost mid-session");
-                }
-            });
+            lb.metrics.client(ClientOutcome::Relayed);
+            lb.metrics.active.increment(1.0);
+            let end = relay(
+                client,
+                client_prefix,
+                shard,
+                shard_prefix,
+                &lb.relay_opts,
+                &|code| lb.metrics.lb_close(code),
+            )
+            .await;
+            lb.metrics.active.decrement(1.0);
+            lb.metrics.relay_end(end);
+            if let RelayEnd::ShardLost { notified } = end {
+                tracing::debug!(shard_id = idx, notified, "shard lost mid-session");
+            }
         }
         Err(close) => {
             lb.metrics.client(if close.code == OVERLOADED.code {
@@ -128,21 +251,20 @@ pub(crate) async fn handle(
             } else {
                 ClientOutcome::Closed1012
             });
-            let close_timeout = lb.cfg.close_timeout;
-            lb.relays.spawn(async move {
-                let _permit = permit;
-                if let Ok((client, _)) = into_raw(upgrade).await {
-                    task_lb.metrics.lb_close(close.code);
-                    close_client(client, close, close_timeout).await;
-                }
-            });
+            lb.metrics.lb_close(close.code);
+            close_client(client, close, lb.cfg.close_timeout).await;
         }
     }
-    into_axum(response)
 }
 
 /// Tries shards until one completes its handshake or the policy gives up.
-async fn connect(lb: &Lb, client_ip: IpAddr) -> Result<(TcpStream, Bytes, usize), FinalClose> {
+async fn connect(
+    lb: &Lb,
+    client_ip: IpAddr,
+    token: Option<&str>,
+) -> Result<(TcpStream, Bytes, usize), FinalClose> {
+    // Only a verified token is ever forwarded; this keeps the header clean regardless.
+    let token = token.filter(|t| edge_auth::header_safe(t));
     let mut attempts = Attempts::start(lb.cfg.retry, Instant::now());
     loop {
         let now = Instant::now();
@@ -166,7 +288,7 @@ async fn connect(lb: &Lb, client_ip: IpAddr) -> Result<(TcpStream, Bytes, usize)
             rank.increment(1);
         }
         let started = Instant::now();
-        match backend.dial(budget, client_ip).await {
+        match backend.dial(budget, client_ip, token).await {
             Ok((stream, prefix)) => {
                 h.success.increment(1);
                 h.duration.record(started.elapsed().as_secs_f64());

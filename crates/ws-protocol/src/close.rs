@@ -24,6 +24,13 @@ pub const SERVICE_RESTART: u16 = 1012;
 pub const TRY_AGAIN_LATER: u16 = 1013;
 /// 4000: slow consumer — the client did not read fast enough and its outbound queue overflowed.
 pub const SLOW_CONSUMER: u16 = 4000;
+/// 4001: unauthorized — the token was missing where one is required, malformed, badly
+/// signed, not yet valid or for another audience/issuer. Get a new token before retrying.
+pub const UNAUTHORIZED: u16 = 4001;
+/// 4002: token expired — `exp` passed without a valid `refresh`. Reconnect with a fresh token.
+pub const TOKEN_EXPIRED: u16 = 4002;
+/// 4003: too many connections for this token's subject on this load balancer.
+pub const TOO_MANY_CONNECTIONS: u16 = 4003;
 
 /// Every code this system sends, with its documented meaning (used by docs tests).
 pub const SENT_CODES: &[(u16, &str)] = &[
@@ -37,6 +44,12 @@ pub const SENT_CODES: &[(u16, &str)] = &[
     (SERVICE_RESTART, "service restart"),
     (TRY_AGAIN_LATER, "try again later"),
     (SLOW_CONSUMER, "slow consumer"),
+    (UNAUTHORIZED, "unauthorized"),
+    (TOKEN_EXPIRED, "token expired"),
+    (
+        TOO_MANY_CONNECTIONS,
+        "too many connections for this subject",
+    ),
 ];
 
 /// Whether a peer may put `code` in a close frame (RFC 6455 §7.4 and the IANA registry).

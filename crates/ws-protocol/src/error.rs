@@ -28,6 +28,12 @@ pub enum ErrorCode {
     /// The shard holds as many channels that carry nothing as it allows
     /// (`max_empty_channels`); the subscription would create one more.
     TooManyChannels,
+    /// The channel is neither public nor among the token's entitlements (or the connection
+    /// has no token). Only that channel is refused; the connection stays open.
+    Forbidden,
+    /// A `refresh` (or a late `auth`) carried a token that failed verification, or one for
+    /// another subject. The connection keeps its current token until that one expires.
+    InvalidToken,
 }
 
 impl ErrorCode {
@@ -43,11 +49,13 @@ impl ErrorCode {
             Self::NotSubscribed => "not_subscribed",
             Self::BinaryNotSupported => "binary_not_supported",
             Self::TooManyChannels => "too_many_channels",
+            Self::Forbidden => "forbidden",
+            Self::InvalidToken => "invalid_token",
         }
     }
 
     /// Every code, for documentation tests.
-    pub const ALL: [ErrorCode; 9] = [
+    pub const ALL: [ErrorCode; 11] = [
         Self::InvalidJson,
         Self::InvalidMessage,
         Self::UnknownType,
@@ -57,6 +65,8 @@ impl ErrorCode {
         Self::NotSubscribed,
         Self::BinaryNotSupported,
         Self::TooManyChannels,
+        Self::Forbidden,
+        Self::InvalidToken,
     ];
 }
 

@@ -1,7 +1,8 @@
 //! The JSON messages exchanged over a client WebSocket.
 //!
-//! Client → server: `subscribe` (optionally with `since` positions), `unsubscribe`, `ping`.
-//! Server → client: `subscribed`, `message`, `unsubscribed`, `pong`, `error`.
+//! Client → server: `subscribe` (optionally with `since` positions), `unsubscribe`, `ping`,
+//! `auth` (the token as the first message) and `refresh` (a new token before `exp`).
+//! Server → client: `subscribed`, `message`, `unsubscribed`, `pong`, `refreshed`, `error`.
 //! Decoding is total: any byte string yields either a message or a [`DecodeError`] whose
 //! [`ErrorCode`] says what was wrong, never a panic.
 
@@ -37,6 +38,11 @@ pub enum ClientMessage {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         id: Option<u64>,
     },
+    /// The connection's token, as the first message (for clients that cannot put it in the
+    /// URL).
+    Auth { token: String },
+    /// A new token for the same subject, sent before the current one expires.
+    Refresh { token: String },
 }
 
 /// Why a client frame could not be decoded, with the code to reply with.
@@ -75,6 +81,11 @@ struct UnsubscribeBody {
 }
 
 #[derive(Deserialize)]
+struct TokenBody {
+    token: String,
+}
+
+#[derive(Deserialize)]
 struct PingBody {
     #[serde(default)]
     id: Option<u64>,
@@ -110,6 +121,14 @@ impl ClientMessage {
             Some("ping") => {
                 let b: PingBody = serde_json::from_slice(bytes).map_err(shape)?;
                 Ok(Self::Ping { id: b.id })
+            }
+            Some("auth") => {
+                let b: TokenBody = serde_json::from_slice(bytes).map_err(shape)?;
+                Ok(Self::Auth { token: b.token })
+            }
+            Some("refresh") => {
+                let b: TokenBody = serde_json::from_slice(bytes).map_err(shape)?;
+                Ok(Self::Refresh { token: b.token })
             }
             Some(other) => Err(DecodeError::new(
                 ErrorCode::UnknownType,
@@ -167,6 +186,11 @@ pub enum ServerMessage {
     Pong {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         id: Option<u64>,
+    },
+    /// A `refresh` was accepted: the connection now expires at `exp` (seconds since the
+    /// Unix epoch) and the new token's entitlements apply to later subscribes.
+    Refreshed {
+        exp: u64,
     },
     /// The request was refused; the connection stays open.
     Error {
@@ -265,6 +289,11 @@ mod tests {
             ErrorCode::InvalidMessage
         );
         assert_eq!(code(br#"{"type":7}"#), ErrorCode::InvalidMessage);
+        assert_eq!(code(br#"{"type":"auth"}"#), ErrorCode::InvalidMessage);
+        assert_eq!(
+            code(br#"{"type":"refresh","token":7}"#),
+            ErrorCode::InvalidMessage
+        );
     }
 
     #[test]
@@ -297,6 +326,19 @@ mod tests {
             ServerMessage::Pong { id: Some(7) }.to_json(),
             r#"{"type":"pong","id":7}"#
         );
+        assert_eq!(
+            ServerMessage::Refreshed { exp: 1700000000 }.to_json(),
+            r#"{"type":"refreshed","exp":1700000000}"#
+        );
+        let forbidden = ServerMessage::Error {
+            code: ErrorCode::Forbidden,
+            message: "not entitled".into(),
+            channel: Some("orders.u1".into()),
+        };
+        assert_eq!(
+            forbidden.to_json(),
+            r#"{"type":"error","code":"forbidden","message":"not entitled","channel":"orders.u1"}"#
+        );
     }
 
     proptest! {
@@ -324,6 +366,8 @@ mod tests {
                 ClientMessage::Subscribe { channels: channels.clone(), since },
                 ClientMessage::Unsubscribe { channels },
                 ClientMessage::Ping { id },
+                ClientMessage::Auth { token: "a.b.c".into() },
+                ClientMessage::Refresh { token: "d.e.f".into() },
             ] {
                 prop_assert_eq!(ClientMessage::decode(m.to_json().as_bytes()).unwrap(), m);
             }

@@ -165,6 +165,34 @@ pub struct Settings {
     #[arg(long, value_delimiter = ',')]
     #[serde(deserialize_with = "net_core::config::list")]
     pub kafka_properties: Vec<String>,
+    /// HS256 secrets file, one secret (>= 32 bytes) per line; empty = none. With this or
+    /// auth_jwks_file set, authentication is on. Use the same files as ws-lb.
+    #[arg(long, default_value = "")]
+    pub auth_hs256_secret_file: String,
+    /// JWKS file with RS256 / ES256 public keys; empty = none. Re-read when it changes.
+    #[arg(long, default_value = "")]
+    pub auth_jwks_file: String,
+    /// Required token audience (aud); empty = tokens must carry no aud.
+    #[arg(long, default_value = "")]
+    pub auth_audience: String,
+    /// Required token issuer (iss); empty = not checked.
+    #[arg(long, default_value = "")]
+    pub auth_issuer: String,
+    /// Clock skew tolerated on exp and nbf.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = human(lib().auth.leeway))]
+    #[serde(with = "humantime_serde")]
+    pub auth_leeway: Duration,
+    /// Longest token accepted in bytes (longer: 4001 without parsing).
+    #[arg(long, default_value_t = lib().auth.max_token_len)]
+    pub auth_max_token_len: usize,
+    /// How often the key files are checked for changes.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = human(lib().auth.reload_interval))]
+    #[serde(with = "humantime_serde")]
+    pub auth_reload_interval: Duration,
+    /// Channel patterns anyone may subscribe to without a token, comma-separated
+    /// (e.g. trades.*,book.*); auto = every channel when auth is off, none when on.
+    #[arg(long, default_value = "auto")]
+    pub public_channels: String,
     /// Log JSON lines instead of text.
     #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub log_json: bool,
@@ -200,6 +228,16 @@ impl Settings {
             .transpose()?;
         Ok(ServerConfig {
             max_connections: self.max_connections,
+            auth: auth::AuthConfig::from_settings(
+                &self.auth_hs256_secret_file,
+                &self.auth_jwks_file,
+                &self.auth_audience,
+                &self.auth_issuer,
+                self.auth_leeway,
+                self.auth_max_token_len,
+                &self.public_channels,
+                self.auth_reload_interval,
+            ),
             session,
             echo,
             hub: HubConfig {

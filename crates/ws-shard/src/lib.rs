@@ -53,6 +53,8 @@ pub struct ServerConfig {
     pub source: SourceConfig,
     /// Longest a drain may take before the process stops anyway.
     pub grace: Duration,
+    /// Token verification; off when no key file is configured.
+    pub auth: auth::AuthConfig,
 }
 
 impl Default for ServerConfig {
@@ -67,6 +69,7 @@ impl Default for ServerConfig {
             socket: SocketOptions::default(),
             source: SourceConfig::Embedded { demo_rate: None },
             grace: Duration::from_secs(30),
+            auth: auth::AuthConfig::default(),
         }
     }
 }
@@ -87,6 +90,8 @@ pub enum ServerError {
     TooManyShards { got: usize },
     #[error(transparent)]
     Source(#[from] shard_core::source::SourceError),
+    #[error("authentication: {0}")]
+    Auth(#[from] auth::StartError),
 }
 
 /// One shard's shared state.
@@ -150,10 +155,14 @@ pub async fn run(
     if n > shard_core::hub::MAX_SHARDS_PER_PROCESS {
         return Err(ServerError::TooManyShards { got: n });
     }
+    let verifier = Arc::new(auth::Verifier::new(cfg.auth.clone())?);
     let epoch = fresh_epoch();
     let hub = Hub::new(cfg.hub, n as u32, &epoch);
     let tasks = TaskTracker::new();
     tasks.spawn(maintain(hub.clone(), shutdown.hard.clone()));
+    if verifier.enabled() {
+        tasks.spawn(reload_keys(verifier.clone(), shutdown.hard.clone()));
+    }
 
     let (status, bus) = match cfg.source {
         SourceConfig::Embedded { demo_rate } => {
@@ -203,6 +212,7 @@ pub async fn run(
             echo: cfg.echo.unwrap_or(cfg.session),
             metrics,
             drain: shutdown.drain.clone(),
+            auth: verifier.clone(),
         });
         let shard = Arc::new(Shard {
             slots,
@@ -253,6 +263,23 @@ pub async fn run(
     tasks.close();
     let _ = tokio::time::timeout(Duration::from_secs(1), tasks.wait()).await;
     Ok(left)
+}
+
+/// Re-reads the key files every `reload_interval` while they change; a bad file keeps the
+/// last good keys (and says so in the log).
+async fn reload_keys(verifier: Arc<auth::Verifier>, stop: tokio_util::sync::CancellationToken) {
+    let mut tick = tokio::time::interval(verifier.config().reload_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => match verifier.reload_if_changed() {
+                Ok(true) => tracing::info!("key files changed: new keys in use"),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "key files unreadable or invalid: keeping the last good keys"),
+            },
+        }
+    }
 }
 
 /// Runs the hub's maintenance (hub clock, idle channels, budget, registry gauges) until the

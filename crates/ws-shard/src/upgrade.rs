@@ -9,9 +9,27 @@ use axum::http::{Request, StatusCode};
 use axum::response::Response;
 use net_core::upgrade::{check_request, into_axum, into_raw, refuse};
 use shard_core::metrics::UpgradeRejection;
-use shard_core::session::{self, Mode};
+use shard_core::session::{self, Admission, Mode};
 
 use crate::Shard;
+
+/// The upgrade request's token: `Authorization: Bearer <token>`, else `?token=<token>`.
+fn bearer_token(req: &Request<Body>) -> Option<&str> {
+    let header = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty());
+    header.or_else(|| {
+        req.uri()
+            .query()?
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("token="))
+            .filter(|t| !t.is_empty())
+    })
+}
 
 pub(crate) async fn handle(
     State(shard): State<Arc<Shard>>,
@@ -31,6 +49,13 @@ pub(crate) async fn handle(
         m.rejected(UpgradeRejection::Full);
         return refuse(StatusCode::SERVICE_UNAVAILABLE, "shard full");
     };
+    // The token ws-lb forwards (`Authorization: Bearer`), or a direct client's `?token=`;
+    // verified here again, with the same keys. Never logged.
+    let admission = if mode == Mode::PubSub {
+        Admission::of(&shard.ctx.auth, bearer_token(&req))
+    } else {
+        Admission::Anonymous
+    };
     let (response, fut) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(pair) => pair,
         Err(e) => {
@@ -44,7 +69,7 @@ pub(crate) async fn handle(
     shard.sessions.spawn(async move {
         // The slot moves into this task: whatever happens below, it is released.
         match into_raw(fut).await {
-            Ok((stream, prefix)) => session::run(stream, prefix, ctx, mode, slot).await,
+            Ok((stream, prefix)) => session::run(stream, prefix, ctx, mode, admission, slot).await,
             Err(e) => tracing::debug!(error = %e, "upgrade not completed"),
         }
     });

@@ -27,9 +27,10 @@ use tokio::time::Instant;
 use ws_protocol::close;
 use ws_protocol::frame::{self, Decoder, Flow, Limits, Message, Role};
 
+use super::auth::{Admission, SessionAuth};
 use super::keepalive::{Due, Keepalive, TokenBucket};
 use super::output::{Output, WRITE_BATCH};
-use super::pubsub::{Overflowed, PubSub};
+use super::pubsub::{Overflowed, PubSub, Stop};
 use super::{Mode, ShardContext};
 use crate::config::SessionConfig;
 use crate::queue::ConnQueue;
@@ -83,14 +84,28 @@ struct Conn {
     rate: TokenBucket,
     /// Pub/sub mode only.
     pubsub: Option<PubSub>,
+    auth: SessionAuth,
 }
 
 impl Session {
+    /// A session without a token (public channels only, until an `auth` message).
     pub fn new(ctx: Arc<ShardContext>, mode: Mode, now: Instant) -> Self {
+        Self::with_admission(ctx, mode, Admission::Anonymous, now)
+    }
+
+    /// A session whose upgrade carried a token (or one that failed: then the session
+    /// starts by closing with 4001).
+    pub fn with_admission(
+        ctx: Arc<ShardContext>,
+        mode: Mode,
+        admission: Admission,
+        now: Instant,
+    ) -> Self {
         let cfg = *ctx.config(mode);
+        let auth = SessionAuth::new(ctx.auth.clone(), &admission, now);
         let pubsub = (mode == Mode::PubSub)
             .then(|| PubSub::new(ctx.hub.clone(), ctx.shard_id, cfg.outbound_queue));
-        Self {
+        let mut s = Self {
             decoder: Decoder::new(Role::Server, Limits::new(cfg.max_message_size)),
             conn: Conn {
                 mode,
@@ -100,9 +115,15 @@ impl Session {
                 keepalive: Keepalive::new(now),
                 rate: TokenBucket::new(cfg.rate_burst, now),
                 pubsub,
+                auth,
                 ctx,
             },
+        };
+        if let Admission::Refused(failure) = admission {
+            s.conn.ctx.metrics.auth_failure(failure);
+            s.conn.fail(close::UNAUTHORIZED, failure.reason(), now);
         }
+        s
     }
 
     /// The connection's queue of deliveries, for the driver to wait on (pub/sub only).
@@ -135,9 +156,11 @@ impl Session {
         let c = &self.conn;
         let cfg = c.cfg();
         let keepalive = c.keepalive.deadline(cfg.ping_interval, cfg.idle_timeout);
+        let expiry = c.auth.expires_at().unwrap_or(keepalive);
         match c.phase {
-            Phase::Open | Phase::Done => keepalive,
-            Phase::Draining { at } => keepalive.min(at),
+            Phase::Open => keepalive.min(expiry),
+            Phase::Done => keepalive,
+            Phase::Draining { at } => keepalive.min(at).min(expiry),
             Phase::Closing { deadline, .. } => deadline,
         }
     }
@@ -244,6 +267,10 @@ impl Session {
             }
             Phase::Done => return,
             Phase::Open | Phase::Draining { .. } => {}
+        }
+        if c.auth.expires_at().is_some_and(|at| now >= at) {
+            c.start_close(close::TOKEN_EXPIRED, "token expired", now);
+            return;
         }
         let cfg = *c.cfg();
         match c
@@ -379,10 +406,22 @@ impl Conn {
             }
             (Message::Text(t), Some(p)) => {
                 let metrics = &self.ctx.metrics;
-                if p.on_request(t.as_bytes(), &mut self.out, cfg.max_subscriptions, metrics)
-                    .is_err()
-                {
-                    self.slow_consumer(now);
+                let r = p.on_request(
+                    t.as_bytes(),
+                    &mut self.out,
+                    cfg.max_subscriptions,
+                    metrics,
+                    &mut self.auth,
+                    now,
+                );
+                match r {
+                    Ok(()) => {}
+                    Err(Stop::Overflowed) => self.slow_consumer(now),
+                    Err(Stop::Unauthorized(failure)) => {
+                        metrics.auth_failure(failure);
+                        self.fail(close::UNAUTHORIZED, failure.reason(), now);
+                        return Flow::Stop;
+                    }
                 }
             }
             (Message::Binary(_), Some(_)) => {

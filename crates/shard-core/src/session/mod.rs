@@ -11,6 +11,7 @@
 //! halfway. Reads go into a per-thread buffer (`net_io`), so an idle connection holds no
 //! read buffer at all.
 
+mod auth;
 mod keepalive;
 mod machine;
 mod output;
@@ -25,6 +26,7 @@ use tokio::net::TcpStream;
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
+pub use self::auth::Admission;
 pub use machine::{Interest, Session};
 
 use crate::config::SessionConfig;
@@ -51,6 +53,8 @@ pub struct ShardContext {
     pub metrics: ShardMetrics,
     /// Cancelled when the shard starts draining.
     pub drain: CancellationToken,
+    /// Token verification (off when no key is configured: every channel is public).
+    pub auth: Arc<::auth::Verifier>,
 }
 
 impl ShardContext {
@@ -74,16 +78,18 @@ impl ShardContext {
 }
 
 /// Runs the session until the connection is closed. `prefix` holds bytes the HTTP layer
-/// read past the upgrade request. The slot is released when this returns.
+/// read past the upgrade request; `admission` is what the upgrade's token (if any) said.
+/// The slot is released when this returns.
 pub async fn run(
     stream: TcpStream,
     prefix: Bytes,
     ctx: Arc<ShardContext>,
     mode: Mode,
+    admission: Admission,
     slot: SlotGuard,
 ) {
     let _slot = slot;
-    let mut session = Session::new(ctx.clone(), mode, Instant::now());
+    let mut session = Session::with_admission(ctx.clone(), mode, admission, Instant::now());
     if !prefix.is_empty() {
         session.on_bytes(&mut prefix.to_vec(), Instant::now());
     }
@@ -137,9 +143,17 @@ mod tests {
             echo: SessionConfig::default(),
             metrics: ShardMetrics::new(0),
             drain: CancellationToken::new(),
+            auth: Arc::new(::auth::Verifier::new(::auth::AuthConfig::default()).unwrap()),
         });
         let slot = Slots::new(1, None).try_acquire().unwrap();
-        let f = run(stream, Bytes::new(), ctx, Mode::PubSub, slot);
+        let f = run(
+            stream,
+            Bytes::new(),
+            ctx,
+            Mode::PubSub,
+            Admission::Anonymous,
+            slot,
+        );
         let size = std::mem::size_of_val(&f);
         eprintln!("session future: {size} bytes");
         assert!(size <= 1200, "session future is {size} bytes");

@@ -4,9 +4,11 @@
 
 use std::sync::Arc;
 
+use tokio::time::Instant;
 use ws_protocol::frame;
 use ws_protocol::{ChannelName, ClientMessage, ErrorCode, ServerMessage};
 
+use super::auth::{SessionAuth, TokenOutcome};
 use super::output::Output;
 use crate::hub::{Hub, Subscriber};
 use crate::metrics::ShardMetrics;
@@ -15,6 +17,21 @@ use crate::queue::ConnQueue;
 /// The connection's outbound queue overflowed: it is a slow consumer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Overflowed;
+
+/// Why a request ends the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stop {
+    /// The outbound queue overflowed (4000).
+    Overflowed,
+    /// An `auth` message on an anonymous connection carried a bad token (4001).
+    Unauthorized(auth::AuthFailure),
+}
+
+impl From<Overflowed> for Stop {
+    fn from(_: Overflowed) -> Self {
+        Self::Overflowed
+    }
+}
 
 #[derive(Debug)]
 pub(crate) struct PubSub {
@@ -57,7 +74,9 @@ impl PubSub {
         out: &mut Output,
         max_subscriptions: usize,
         metrics: &ShardMetrics,
-    ) -> Result<(), Overflowed> {
+        auth: &mut SessionAuth,
+        now: Instant,
+    ) -> Result<(), Stop> {
         let error = |out: &mut Output, code, message, channel| {
             metrics.error_reply(code);
             reply_error(out, code, message, channel);
@@ -65,6 +84,25 @@ impl PubSub {
         match ClientMessage::decode(text) {
             Err(e) => error(out, e.code, e.message, None),
             Ok(ClientMessage::Ping { id }) => reply(out, &ServerMessage::Pong { id }),
+            Ok(ClientMessage::Refresh { .. }) if auth.is_enabled() && auth.is_anonymous() => {
+                let msg = "no token to refresh: send auth first".into();
+                error(out, ErrorCode::InvalidToken, msg, None);
+            }
+            Ok(ClientMessage::Auth { token } | ClientMessage::Refresh { token }) => {
+                match auth.on_token(&token, now) {
+                    // Authentication off: a token changes nothing and nothing expires.
+                    TokenOutcome::Ignored | TokenOutcome::Authenticated => {}
+                    TokenOutcome::Refreshed { exp } => {
+                        self.revoke(out, auth, metrics)?;
+                        reply(out, &ServerMessage::Refreshed { exp });
+                    }
+                    TokenOutcome::Unauthorized(f) => return Err(Stop::Unauthorized(f)),
+                    TokenOutcome::RefreshRefused(f) => {
+                        metrics.auth_failure(f);
+                        error(out, ErrorCode::InvalidToken, f.reason().into(), None);
+                    }
+                }
+            }
             Ok(ClientMessage::Subscribe { channels, since }) => {
                 for name in channels {
                     let channel = match ChannelName::new(&name) {
@@ -74,6 +112,11 @@ impl PubSub {
                             continue;
                         }
                     };
+                    if !auth.may_subscribe(channel.as_str()) {
+                        let msg = "not entitled to this channel".into();
+                        error(out, ErrorCode::Forbidden, msg, Some(name));
+                        continue;
+                    }
                     if self.channels.contains(&channel) {
                         error(
                             out,
@@ -138,6 +181,36 @@ impl PubSub {
                     reply(out, &ServerMessage::Unsubscribed { channel: name });
                 }
             }
+        }
+        Ok(())
+    }
+}
+
+impl PubSub {
+    /// After a refresh: ends the subscriptions the new token no longer allows (each with a
+    /// `forbidden` error naming the channel), so narrowed entitlements take effect at once.
+    fn revoke(
+        &mut self,
+        out: &mut Output,
+        auth: &SessionAuth,
+        metrics: &ShardMetrics,
+    ) -> Result<(), Overflowed> {
+        let mut i = 0;
+        while let Some(channel) = self.channels.get(i) {
+            if auth.may_subscribe(channel.as_str()) {
+                i += 1;
+                continue;
+            }
+            let channel = self.channels.swap_remove(i);
+            self.hub.unsubscribe(&channel, self.id);
+            self.deliver(out)?;
+            metrics.error_reply(ErrorCode::Forbidden);
+            reply_error(
+                out,
+                ErrorCode::Forbidden,
+                "no longer entitled after refresh".into(),
+                Some(channel.as_str().to_owned()),
+            );
         }
         Ok(())
     }

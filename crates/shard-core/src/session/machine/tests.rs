@@ -151,6 +151,7 @@ impl Net {
             echo: cfg,
             metrics: ShardMetrics::new(0),
             drain: CancellationToken::new(),
+            auth: Arc::new(::auth::Verifier::new(::auth::AuthConfig::default()).unwrap()),
         });
         Self {
             session: Session::new(ctx, mode, Instant::now()),
