@@ -202,6 +202,20 @@ async def scenarios(p, keys, files, n_clients, lb_log):
             await asyncio.sleep(0.5)
         print("ok: refreshed connection stays open past the first token's exp")
 
+    # A refresh with narrower entitlements ends the subscriptions it no longer allows.
+    async with websockets.connect(f"{lb}?token={keys.rs('k1', 'u7', ['orders.u7.*', 'fills.u7'])}") as ws:
+        for ch in ["orders.u7.a", "fills.u7"]:
+            check((await subscribe(ws, ch))["type"] == "subscribed", f"refresh narrowing: subscribed {ch}")
+        await ws.send(json.dumps({"type": "refresh", "token": keys.rs("k1", "u7", ["fills.u7"], ttl=60)}))
+        r = await recv_json(ws)
+        check(r["type"] == "error" and r["code"] == "forbidden" and r["channel"] == "orders.u7.a",
+              "refresh narrowing: the channel no longer allowed ends with forbidden")
+        check((await recv_json(ws))["type"] == "refreshed", "refresh narrowing: then refreshed")
+        r = await subscribe(ws, "orders.u7.b")
+        check(r["type"] == "error" and r["code"] == "forbidden", "refresh narrowing: new subscribes use the new token")
+        await ws.send(json.dumps({"type": "unsubscribe", "channels": ["fills.u7"]}))
+        check((await recv_json(ws))["type"] == "unsubscribed", "refresh narrowing: the still-allowed channel stays")
+
     # Key rotation with clients connected.
     clients = []
     sem = asyncio.Semaphore(100)
