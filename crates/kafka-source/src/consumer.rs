@@ -171,7 +171,61 @@ fn probe_first_records(
                 .or_insert(ts);
         }
     }
+    // The probe stays alive for later checks: no prefetching into a queue nobody reads.
+    let _ = consumer.unassign();
     found
+}
+
+/// What identifies each partition's log: the timestamp of its first record (the record at
+/// the low-water mark), from the probe at start or, for a log that was empty then, from
+/// consuming that record.
+struct LogIdentity {
+    low: HashMap<(String, i32), i64>,
+    first_ms: HashMap<(String, i32), i64>,
+}
+
+impl LogIdentity {
+    fn saw<M: Message>(&mut self, m: &M) {
+        if self.first_ms.len() == self.low.len() {
+            return;
+        }
+        let key = (m.topic().to_owned(), m.partition());
+        if self.low.get(&key) == Some(&m.offset()) {
+            let ts = m.timestamp().to_millis().unwrap_or(0);
+            self.first_ms.entry(key).or_insert(ts);
+        }
+    }
+}
+
+/// Blocking: of `suspects`, the partitions whose log is no longer the one we read: its first
+/// record differs from the one we knew, or it is gone. A high-water mark below our position
+/// alone does not show that: brokers answer ListOffsets from a stale view while records are
+/// appended, and tansu answers with the base offset of the last record batch plus one, so
+/// after a batch of several records its mark stays below what we have read until something
+/// more is appended (on a quiet topic, indefinitely).
+fn replaced_logs(
+    consumer: &BaseConsumer<Ctx>,
+    topics: &[String],
+    suspects: &[(String, i32)],
+    known: &LogIdentity,
+) -> Vec<(String, i32)> {
+    let Ok(parts) = discover(consumer, topics) else {
+        return Vec::new(); // no answer: nothing is decided on this tick
+    };
+    let asked: Vec<_> = parts
+        .into_iter()
+        .filter(|(t, p, _, _)| suspects.iter().any(|(st, sp)| st == t && sp == p))
+        .collect();
+    let now = probe_first_records(consumer, &asked);
+    suspects
+        .iter()
+        .filter(|k| match known.first_ms.get(*k) {
+            // We never saw this log's first record: nothing to compare, keep the log.
+            None => false,
+            Some(ts) => now.get(*k) != Some(ts),
+        })
+        .cloned()
+        .collect()
 }
 
 /// Blocking: the high-water mark of every partition we read, `None` where the broker did not
@@ -232,7 +286,6 @@ pub async fn run<W: AsyncWrite + Unpin>(
             .await
             .map_err(|e| SourceError::Fatal(e.to_string()))?
     };
-    drop(probe);
 
     let resume: HashMap<(String, i32), i64> = cfg
         .resume
@@ -274,6 +327,16 @@ pub async fn run<W: AsyncWrite + Unpin>(
             recreated,
         });
     }
+    let mut log = LogIdentity {
+        low: assigned
+            .iter()
+            .map(|a| ((a.topic.clone(), a.partition), a.low))
+            .collect(),
+        first_ms: assigned
+            .iter()
+            .filter_map(|a| Some(((a.topic.clone(), a.partition), a.first_record_ms?)))
+            .collect(),
+    };
     let mut next: HashMap<(String, i32), i64> = assigned
         .iter()
         .map(|a| ((a.topic.clone(), a.partition), a.start))
@@ -301,9 +364,8 @@ pub async fn run<W: AsyncWrite + Unpin>(
         .map_err(|e| SourceError::Fatal(format!("assign: {e}")))?;
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // A partition counts as recreated only when two checks in a row find its log shorter
-    // than our position: some brokers answer ListOffsets from a slightly stale view while
-    // records are being appended.
+    // A partition counts as recreated only when two checks in a row find its high-water mark
+    // below our position and its first record is then not the one we knew (`replaced_logs`).
     let mut suspects: Vec<(String, i32)> = Vec::new();
     loop {
         let frame = tokio::select! {
@@ -326,15 +388,24 @@ pub async fn run<W: AsyncWrite + Unpin>(
                     .filter(|(_, next, h)| h.is_some_and(|h| h >= 0 && h < *next))
                     .map(|(k, _, _)| k)
                     .collect();
-                if now.iter().any(|p| suspects.contains(p)) {
-                    tracing::warn!(partitions = ?now, "kafka partition log shorter than our position twice in a row: recreated");
-                    return Ok(ConsumerEnd::Recreated);
+                let twice: Vec<(String, i32)> = now.iter().filter(|p| suspects.contains(p)).cloned().collect();
+                if !twice.is_empty() {
+                    let (p, topics, ask) = (probe.clone(), cfg.topics.clone(), twice.clone());
+                    let known = LogIdentity { low: HashMap::new(), first_ms: log.first_ms.clone() };
+                    let replaced = tokio::task::spawn_blocking(move || replaced_logs(&p, &topics, &ask, &known))
+                        .await
+                        .unwrap_or_default();
+                    if !replaced.is_empty() {
+                        tracing::warn!(partitions = ?replaced, "kafka partition log shorter than our position twice in a row and its first record changed: recreated");
+                        return Ok(ConsumerEnd::Recreated);
+                    }
+                    tracing::debug!(partitions = ?twice, "kafka high-water mark below our position, same log: not recreated");
                 }
-                suspects = now;
+                suspects = now.into_iter().filter(|p| !twice.contains(p)).collect();
                 continue;
             }
             m = consumer.recv() => match m {
-                Ok(m) => record_frame(&m, &mut next),
+                Ok(m) => record_frame(&m, &mut next, &mut log),
                 Err(e) => {
                     tracing::warn!(error = %e, "kafka consume error");
                     tokio::select! {
@@ -353,7 +424,7 @@ pub async fn run<W: AsyncWrite + Unpin>(
         for _ in 1..MAX_BATCH {
             let ready = tokio::select! {
                 biased;
-                m = consumer.recv() => m.ok().map(|m| record_frame(&m, &mut next)),
+                m = consumer.recv() => m.ok().map(|m| record_frame(&m, &mut next, &mut log)),
                 _ = std::future::ready(()) => None,
             };
             let Some(frame) = ready else { break };
@@ -371,7 +442,12 @@ pub async fn run<W: AsyncWrite + Unpin>(
 const MAX_BATCH: usize = 256;
 
 /// The event for a record, noting the partition's next offset.
-fn record_frame<M: Message>(m: &M, next: &mut HashMap<(String, i32), i64>) -> Vec<u8> {
+fn record_frame<M: Message>(
+    m: &M,
+    next: &mut HashMap<(String, i32), i64>,
+    log: &mut LogIdentity,
+) -> Vec<u8> {
+    log.saw(m);
     next.insert((m.topic().to_owned(), m.partition()), m.offset() + 1);
     wire::encode_record(
         m.topic(),
