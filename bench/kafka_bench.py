@@ -5,8 +5,8 @@
            WebSocket subscribers (the loadtest tool) through ws-lb, one per channel
            (`md.k0` .. `md.k999`), and in the same run a plain Kafka consumer
            (`loadtest kafka-consume`: librdkafka, every partition, fetch wait as the shard's)
-           as the broker's own reference. The producer (`loadtest kafka-produce`, librdkafka,
-           no linger) stamps each record with `ts_us`; the WebSocket clients and the reference
+           as the broker's own reference. The producer (`loadtest kafka-produce`, librdkafka
+           with its default linger of 5 ms) stamps each record with `ts_us` before the linger; the WebSocket clients and the reference
            consumer each measure receive time minus `ts_us` (same machine, same clock).
            Phases: (a) idle, 1 record/s for 60 s; (b) 1,000 records/s for 30 s; (c) 10,000
            records/s for 20 s; subscribers stay 10-90 s after the last record, and a phase

@@ -175,6 +175,10 @@ pub struct KafkaProduceArgs {
     /// Distinct keys (k0 .. k<keys-1>), round-robin.
     #[arg(long, env = "LOADTEST_KAFKA_KEYS", default_value_t = 1000)]
     pub keys: u64,
+    /// librdkafka linger.ms: how long a record may wait to be batched (0: sent at once, one
+    /// produce request per record; librdkafka's own default is 5).
+    #[arg(long, env = "LOADTEST_KAFKA_LINGER_MS", default_value_t = 5)]
+    pub linger_ms: u64,
     /// Write the JSON report here.
     #[arg(long, env = "LOADTEST_JSON")]
     pub json: Option<PathBuf>,

@@ -68,9 +68,11 @@ pub fn produce(args: &KafkaProduceArgs) -> anyhow::Result<ProduceReport> {
     let producer: ThreadedProducer<Counting> = ClientConfig::new()
         .set("bootstrap.servers", &args.brokers)
         .set("client.id", "odin-ws-loadtest-producer")
-        // Latency is what is measured: no linger (librdkafka's default is 5 ms); records
-        // still batch on their own when they arrive faster than requests complete.
-        .set("linger.ms", "0")
+        // linger.ms: 0 sends each record at once, but then every record is its own produce
+        // request (requests are pipelined, nothing batches) and a small broker saturates
+        // near 1,000/s; librdkafka's default of 5 ms batches. The stamp is taken before the
+        // linger, so it counts in the gateway's and the reference consumer's latency alike.
+        .set("linger.ms", args.linger_ms.to_string())
         .set("acks", "1")
         .set("socket.nagle.disable", "true")
         .set("queue.buffering.max.messages", "1000000")
