@@ -533,8 +533,19 @@ class Cluster:
         wait(all_admit, timeout, "every breaker admitting on every LB")
         wait(lambda: self.lb_active() == 0 and self.shard_connections() == 0, timeout, "no client left")
 
+    def listen_backlogs(self):
+        """`ss -ltn` in one LB VM and one shard VM: the listen backlog in effect (Send-Q)."""
+        out = {}
+        for vm in (self.members[0] if self.members else None, "shard-0"):
+            if vm is None:
+                continue
+            r = topo.sh("ss", "-ltnH", ns=self.net.vms[vm].ns, check=False).stdout
+            out[vm] = {line.split()[3]: int(line.split()[2]) for line in r.splitlines() if len(line.split()) >= 4}
+        return out
+
     def describe(self):
         return {
+            "listen_backlog_in_effect": self.listen_backlogs(),
             "lbs": len(self.members), "shards": self.a.shards, "shards_per_vm": self.pv.shards_per_vm,
             "front_processes": self.a.front_procs, "front_maxconn": self.a.front_maxconn,
             "network": self.net.describe(), "kafka_storage": self.kafka_storage,

@@ -160,6 +160,10 @@ else
   check "systemd-analyze verify units (+ required settings)" verify_units
 fi
 
+# ---- the topology on one machine (deploy/local) ------------------------------------
+
+check "deploy/local reads the artefacts' values and generates a valid front (test_local.py)" "$PYTHON" "$TESTS/test_local.py"
+
 # ---- observability ---------------------------------------------------------------
 
 check "promtool check rules" promtool check rules deploy/prometheus/alerts.yml

@@ -1,4 +1,4 @@
-"""The Kafka VM restarted under subscribed clients (full: 6,000; short: 1,500) and a
+"""The Kafka VM restarted under subscribed clients (full: 6,000; short: 1,000 at 250/s) and a
 producer (50 records/s): the broker gets SIGTERM, stays down 10 s (short: 5 s), and boots
 again on its storage (sqlite: the log survives, as on a VM's disk).
 
@@ -25,7 +25,7 @@ def run(c, full):
     down = 10 if full else 5
     producer = common.Producer(c.a.partitions, 50)
     producer.start()
-    lt = common.Loadtest(c, "kafka-restart", conns, rate, conns / rate + down + 45, reconnect=True)
+    lt = common.Loadtest(c, "kafka-restart", conns, rate, conns / rate + down + 30, reconnect=True)
     try:
         cl.wait(lambda: c.lb_active() >= conns, 60, "the clients connected")
         time.sleep(3)

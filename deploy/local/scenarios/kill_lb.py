@@ -35,7 +35,7 @@ def run(c, full):
     hc, ah = c.values.backend_check, c.values.autoheal_check
     # Held until after the autohealer acted: 6 checks 10 s apart after the kill, the
     # restart, the front's 2 successes 5 s apart.
-    hold = ah.interval_s * (ah.unhealthy + 2) + hc.interval_s * (hc.healthy + 2) + 20
+    hold = ah.interval_s * (ah.unhealthy + 1) + hc.interval_s * (hc.healthy + 1) + 5
     lt = common.Loadtest(c, "kill-lb", conns, rate, round(hold), reconnect=True)
     second = None
     try:

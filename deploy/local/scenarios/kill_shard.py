@@ -1,5 +1,5 @@
 """A shard VM's ws-shard SIGKILLed under load: a 1,000/s ramp of subscribed clients (full:
-12,000; short: 2,000) with `--reconnect`, the Kafka producer running, and 150 probes
+12,000; short: 1,000 at 250/s) with `--reconnect`, the Kafka producer running, and 150 probes
 subscribed through the front before the ramp. The VM is started again 10 s later (what its
 instance group's autohealing does, with a longer delay).
 

@@ -1,5 +1,5 @@
 """The plan's Tests 1-3 through the front over wss://: 12,000 subscribed clients at 100/s and
-at 1,000/s (short: 1,500 at 1,000/s and 500 at 100/s). Each cluster run is paired with a
+at 1,000/s (short: 1,000 at 250/s and 300 at 100/s). Each cluster run is paired with a
 loopback run of the same ramp (ws-lb and ws-shard on 127.0.0.1, plain ws://, the deploy's
 settings), alternating; the first run after the cluster started is reported apart.
 

@@ -1,5 +1,5 @@
 """The whole shard tier stopped (every shard VM's ws-shard SIGKILLed) for 60 s (short: 20 s)
-while clients are connected (full: 6,000, short: 1,500, subscribed, `--reconnect`) and new
+while clients are connected (full: 6,000, short: 1,000 at 250/s, subscribed, `--reconnect`) and new
 clients keep arriving through the front (a probe every 200 ms), then started again.
 
 Checks: every new client during the outage opened a WebSocket through the front and was
@@ -53,7 +53,7 @@ def run(c, full):
     producer.start()
     started = time.time()
     front_before = c.front.totals()
-    lt = common.Loadtest(c, "shard-outage", conns, rate, conns / rate + outage + 60, reconnect=True)
+    lt = common.Loadtest(c, "shard-outage", conns, rate, conns / rate + outage + 40, reconnect=True)
     samples = []          # (t, lbs UP in every front process, [(lb, status, body status, available)])
     try:
         cl.wait(lambda: c.lb_active() >= conns, 60, "the clients connected")
