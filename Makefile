@@ -75,7 +75,7 @@ conformance: build
 conformance-short: build-debug
 	python3 tests/conformance/run.py --bin target/debug --cases short --out target/conformance-short
 
-test: deps fmt-check lint test-rust test-e2e test-clients test-deploy conformance-short test-make-run
+test: deps fmt-check lint test-rust test-e2e test-clients test-deploy conformance-short test-make-run cluster-test
 	@echo "make test: all checks passed"
 
 # ---- The production topology on this machine (deploy/local, docs/topology.md) ----

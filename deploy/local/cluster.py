@@ -267,10 +267,21 @@ class Cluster:
     def start(self):
         t0 = time.time()
         self.lock_fd = open(LOCK, "w")
-        try:
-            fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise SystemExit(f"another local cluster is running (lock {LOCK}); stop it first") from None
+        # One cluster per machine (the namespaces and addresses are fixed). Two `make test`
+        # runs at once (e.g. CI beside a developer's run) take turns instead of failing.
+        deadline, said = time.time() + self.a.lock_wait, False
+        while True:
+            try:
+                fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if time.time() >= deadline:
+                    raise SystemExit(f"another local cluster is running (lock {LOCK}) and did not stop within "
+                                     f"{self.a.lock_wait:.0f} s; stop it first") from None
+                if not said:
+                    self.log(f"another local cluster is running (lock {LOCK}); waiting up to {self.a.lock_wait:.0f} s")
+                    said = True
+                time.sleep(1)
         topo.preflight()
         topo.cleanup()
         if self.run_dir.exists():
@@ -583,6 +594,8 @@ def parser():
     p.add_argument("--tansu", default=os.environ.get("TANSU") or (subprocess.run(["bash", "-c", "command -v tansu"],
                    capture_output=True, text=True).stdout.strip() or str(Path.home() / ".cargo/bin/tansu")))
     p.add_argument("--run-dir", default="/tmp/odin-cluster")
+    p.add_argument("--lock-wait", type=float, default=1800,
+                   help="seconds to wait for another local cluster on this machine to finish (0 = fail at once)")
     return p
 
 
