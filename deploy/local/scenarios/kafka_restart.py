@@ -27,7 +27,7 @@ def run(c, full):
     producer.start()
     lt = common.Loadtest(c, "kafka-restart", conns, rate, conns / rate + down + 30, reconnect=True)
     try:
-        cl.wait(lambda: c.lb_active() >= conns, 60, "the clients connected")
+        common.ramp_done(c, conns)
         time.sleep(3)
         sent_before = producer.acked
         restarted_at = time.time()

@@ -56,7 +56,7 @@ def run(c, full):
     lt = common.Loadtest(c, "shard-outage", conns, rate, conns / rate + outage + 40, reconnect=True)
     samples = []          # (t, lbs UP in every front process, [(lb, status, body status, available)])
     try:
-        cl.wait(lambda: c.lb_active() >= conns, 60, "the clients connected")
+        connected = common.ramp_done(c, conns)
         probes = NewClients(c)
         probes.start()
         time.sleep(2)
@@ -76,7 +76,7 @@ def run(c, full):
         for j in range(c.a.shards):
             c.wait_shard(j)
         returned_at = time.time()
-        back_at = common.wait_for(lambda: c.lb_active() >= conns, 90, interval=0.5)
+        back_at = common.wait_for(lambda: c.lb_active() >= connected, 90, interval=0.5)
         rep = lt.finish()
     finally:
         lt.kill()
@@ -96,7 +96,7 @@ def run(c, full):
     statuses = sorted({bs for _, _, hs in samples[1:] for _, _, bs, _ in hs}, key=str)
     recycled = [(round(t - started, 1), n) for t, n in c.autohealer.recreated(since=started)]
     figures = {
-        "clients": conns, "outage_s": outage, "new_clients_during_outage": len(during), "outcomes": outcomes,
+        "clients": conns, "connected_before_the_outage": connected, "outage_s": outage, "new_clients_during_outage": len(during), "outcomes": outcomes,
         "close_reasons": reasons, "front_http_5xx": http_5xx, "lbs_that_left_the_front": left_front,
         "lbs_not_200": not_live, "lb_health_statuses_during_outage": statuses,
         "ws_lb_shards_available_during_outage": gauges, "recreated": recycled,
