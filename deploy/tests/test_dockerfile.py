@@ -11,17 +11,9 @@ import re
 import sys
 from pathlib import Path
 
+from checks import check, report
+
 DOCKERFILE = Path(__file__).resolve().parent.parent / "docker" / "Dockerfile"
-FAILURES = []
-PASSES = 0
-
-
-def check(name, cond, detail=""):
-    global PASSES
-    if cond:
-        PASSES += 1
-    else:
-        FAILURES.append(f"{name}{': ' + str(detail) if detail != '' else ''}")
 
 
 def instructions(text):
@@ -65,10 +57,7 @@ def main():
     expose = " ".join(a for i, a in runtime if i == "EXPOSE").split()
     check("EXPOSE 3001 3002-3011 9101 9102", expose == ["3001", "3002-3011", "9101", "9102"], expose)
     check("no ADD of remote URLs", not any(i == "ADD" for i, _ in ins))
-    for f in FAILURES:
-        print(f"FAIL {f}")
-    print(f"test_dockerfile: {PASSES} passed, {len(FAILURES)} failed")
-    return 1 if FAILURES else 0
+    return report("test_dockerfile")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from checks import check, eq, guarded, report
+
 DEPLOY = Path(__file__).resolve().parent.parent
 GCP = DEPLOY / "gcp"
 PROJECT = "odin-ws-placeholder"
@@ -41,21 +43,6 @@ STEPS = ["00-iam.sh", "10-firewall.sh", "20-shard-tier.sh", "30-lb-tier.sh", "40
 AUTH_ERROR = re.compile(r"^ERROR: \((gcloud(?:\.[a-z0-9-]+)+)\) You do not currently have an active account selected\.$")
 PARSE_ERRORS = ("unrecognized arguments", "Invalid choice", "invalid choice", "must be specified",
                 "argument --", "Usage:", "Invalid value", "valid keys are", "is not a valid")
-
-FAILURES = []
-PASSES = 0
-
-
-def check(name, cond, detail=""):
-    global PASSES
-    if cond:
-        PASSES += 1
-    else:
-        FAILURES.append(f"{name}{': ' + str(detail) if detail != '' else ''}")
-
-
-def eq(name, got, want):
-    check(name, got == want, f"got {got!r}, want {want!r}")
 
 
 def clean_env(extra):
@@ -378,21 +365,10 @@ def test_kafka_args():
 def main():
     cmds = []
     for t in (test_dry_run, test_refusals, test_kafka_args):
-        try:
-            r = t()
-            if r:
-                cmds = r
-        except Exception as e:
-            FAILURES.append(f"{t.__name__} raised {type(e).__name__}: {e}")
+        cmds = guarded(t) or cmds
     if "--no-exec" not in sys.argv:
-        try:
-            test_real_gcloud(cmds)
-        except Exception as e:
-            FAILURES.append(f"test_real_gcloud raised {type(e).__name__}: {e}")
-    for f in FAILURES:
-        print(f"FAIL {f}")
-    print(f"test_gcloud: {PASSES} passed, {len(FAILURES)} failed")
-    return 1 if FAILURES else 0
+        guarded(lambda: test_real_gcloud(cmds), "test_real_gcloud")
+    return report("test_gcloud")
 
 
 if __name__ == "__main__":

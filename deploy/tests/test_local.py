@@ -19,21 +19,7 @@ sys.path.insert(0, str(DEPLOY / "local"))
 import deploy_values  # noqa: E402
 import front  # noqa: E402
 import topo  # noqa: E402
-
-FAILURES = []
-PASSES = 0
-
-
-def check(name, cond, detail=""):
-    global PASSES
-    if cond:
-        PASSES += 1
-    else:
-        FAILURES.append(f"{name}{': ' + str(detail) if detail != '' else ''}")
-
-
-def eq(name, got, want):
-    check(name, got == want, f"got {got!r}, want {want!r}")
+from checks import check, eq, run  # noqa: E402
 
 
 def test_values():
@@ -79,15 +65,7 @@ def test_haproxy_config():
 
 
 def main():
-    for t in (test_values, test_haproxy_config):
-        try:
-            t()
-        except Exception as e:
-            FAILURES.append(f"{t.__name__} raised {type(e).__name__}: {e}")
-    for f in FAILURES:
-        print(f"FAIL {f}")
-    print(f"test_local: {PASSES} passed, {len(FAILURES)} failed")
-    return 1 if FAILURES else 0
+    return run("test_local", (test_values, test_haproxy_config))
 
 
 if __name__ == "__main__":

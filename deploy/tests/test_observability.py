@@ -20,6 +20,8 @@ from pathlib import Path
 
 import yaml
 
+from checks import check, eq, run
+
 DEPLOY = Path(__file__).resolve().parent.parent
 TESTS = DEPLOY / "tests"
 EXPECTED = {
@@ -33,21 +35,6 @@ EXPECTED = {
     "KafkaDisconnected": "ws_kafka_connected == 0",
     "HistoryBudgetNearlyFull": "max by (instance) (ws_shard_history_bytes / ws_shard_history_budget_bytes) > 0.9",
 }
-
-FAILURES = []
-PASSES = 0
-
-
-def check(name, cond, detail=""):
-    global PASSES
-    if cond:
-        PASSES += 1
-    else:
-        FAILURES.append(f"{name}{': ' + str(detail) if detail != '' else ''}")
-
-
-def eq(name, got, want):
-    check(name, got == want, f"got {got!r}, want {want!r}")
 
 
 def exported():
@@ -129,15 +116,7 @@ def test_metrics_used():
 
 
 def main():
-    for t in (test_alerts, test_dashboard, test_metrics_used):
-        try:
-            t()
-        except Exception as e:
-            FAILURES.append(f"{t.__name__} raised {type(e).__name__}: {e}")
-    for f in FAILURES:
-        print(f"FAIL {f}")
-    print(f"test_observability: {PASSES} passed, {len(FAILURES)} failed")
-    return 1 if FAILURES else 0
+    return run("test_observability", (test_alerts, test_dashboard, test_metrics_used))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from checks import check, eq, run
+
 DEPLOY = Path(__file__).resolve().parent.parent
 STARTUP = DEPLOY / "startup"
 SYSTEMD = DEPLOY / "systemd"
@@ -68,21 +70,6 @@ elif name == "systemctl" and args[:2] == ["is-active", "--quiet"]:
 elif name == "gcloud" and args[:2] == ["storage", "cp"]:
     shutil.copy(os.path.join(os.environ["STUB_FILES"], args[2].rsplit("/", 1)[-1]), args[3])
 '''
-
-FAILURES = []
-PASSES = 0
-
-
-def check(name, cond, detail=""):
-    global PASSES
-    if cond:
-        PASSES += 1
-    else:
-        FAILURES.append(f"{name}{': ' + str(detail) if detail != '' else ''}")
-
-
-def eq(name, got, want):
-    check(name, got == want, f"got {got!r}, want {want!r}")
 
 
 class Sandbox:
@@ -360,15 +347,7 @@ def main():
              lambda: test_debian_shard("https://releases.test/odin-ws-release.tar.gz"),
              lambda: test_debian_shard("gs://odin-releases/odin-ws-release.tar.gz"),
              test_failures, test_publisher, test_shutdown]
-    for t in tests:
-        try:
-            t()
-        except Exception as e:
-            FAILURES.append(f"{getattr(t, '__name__', 'test')} raised {type(e).__name__}: {e}")
-    for f in FAILURES:
-        print(f"FAIL {f}")
-    print(f"test_startup: {PASSES} passed, {len(FAILURES)} failed")
-    return 1 if FAILURES else 0
+    return run("test_startup", tests)
 
 
 if __name__ == "__main__":

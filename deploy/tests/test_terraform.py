@@ -19,24 +19,11 @@ from pathlib import Path
 import hcl2
 from hcl2 import SerializationOptions
 
+from checks import check, eq, run
+
 DEPLOY = Path(__file__).resolve().parent.parent
 TF_DIR = DEPLOY / "terraform"
 OPTS = SerializationOptions(strip_string_quotes=True, explicit_blocks=False, with_comments=False)
-
-FAILURES = []
-PASSES = 0
-
-
-def check(name, cond, detail=""):
-    global PASSES
-    if cond:
-        PASSES += 1
-    else:
-        FAILURES.append(f"{name}{': ' + detail if detail else ''}")
-
-
-def eq(name, got, want):
-    check(name, got == want, f"got {got!r}, want {want!r}")
 
 
 # ---------------------------------------------------------------------------
@@ -365,16 +352,9 @@ def test_outputs_and_example():
 
 
 def main():
-    for t in (test_variables, test_ports_and_locals, test_health_checks, test_lb_tier, test_global_lb,
-              test_firewall, test_shard_tier, test_metadata_matches_startup_scripts, test_outputs_and_example):
-        try:
-            t()
-        except Exception as e:  # a crash is a failure of that group
-            FAILURES.append(f"{t.__name__} raised {type(e).__name__}: {e}")
-    for f in FAILURES:
-        print(f"FAIL {f}")
-    print(f"test_terraform: {PASSES} passed, {len(FAILURES)} failed")
-    return 1 if FAILURES else 0
+    return run("test_terraform", (test_variables, test_ports_and_locals, test_health_checks, test_lb_tier,
+                                  test_global_lb, test_firewall, test_shard_tier,
+                                  test_metadata_matches_startup_scripts, test_outputs_and_example))
 
 
 if __name__ == "__main__":
