@@ -612,7 +612,7 @@ def install_signal_handlers():
 
 
 def main(argv=None):
-    a = parser().parse_args(argv)
+    a = parser().parse_intermixed_args(argv)
     install_signal_handlers()
     if a.command == "down":
         topo.cleanup()
