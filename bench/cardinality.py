@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import json
 import multiprocessing
-import os
 import shutil
 import signal
 import subprocess
@@ -37,12 +36,12 @@ from pathlib import Path
 
 import websockets
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "pylib"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench  # noqa: E402  (machine(), commit_of(), proc_rss_kb(), save())
 import odin  # noqa: E402
 from odin import free_port, metric  # noqa: E402
 
 REPO = odin.REPO
-RESULTS = REPO / "bench" / "results"
 HOT = [f"HOT-{i}" for i in range(8)]
 SUBS_PER_HOT = 3
 EARLY = (0, 1, 2, 3, 4, 5, 10_000, 100_000)
@@ -50,11 +49,7 @@ TOPIC = "users"
 
 
 def rss_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
+    return bench.proc_rss_kb(pid)[0]
 
 
 def record(i):
@@ -202,7 +197,7 @@ async def run(a):
             await asyncio.wait_for(ready.wait(), 10)
         await asyncio.sleep(1)
         idle_rss = rss_kib(shard.pid)
-        load0 = os.getloadavg()
+        machine = bench.machine()
         sampler = Sampler(shard.pid)
         sampler.start()
         t0 = time.time()
@@ -267,14 +262,10 @@ async def run(a):
         allowed = a.budget + a.budget // 4 + (16 << 20)
         checks["RSS growth within budget + overhead"] = grown <= allowed
         res = {
-            "machine": {"cpus": os.cpu_count(), "kernel": os.uname().release,
-                        "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-                        "loadavg_at_start": load0, "loadavg_at_end": os.getloadavg()},
+            "machine": {**machine, "loadavg_at_end": bench.load()},
             "binary": str(shard_bin),
             "command": " ".join(sys.argv),
-            "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip(),
-            "dirty_tree": bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                                              capture_output=True, text=True).stdout.strip()),
+            "commit": bench.commit_of(REPO),
             "flags": {"keys": a.keys, "budget": a.budget, "source": a.source, "shard_flags": flags},
             "hot_messages_per_channel": hot, "produce_s": round(produced_s, 1), "settled_s": round(settled_s, 1),
             "idle_rss_mib": idle_rss / 1024, "peak_rss_mib": peak / 1024, "growth_mib": grown / 2**20,
@@ -286,11 +277,8 @@ async def run(a):
             "recoveries": rec, "early_keys_recovered": early, "checks": checks,
             "rss_timeline_kib": sampler.samples,
         }
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        path = RESULTS / f"cardinality-{time.strftime('%Y%m%dT%H%M%S')}.json"
-        path.write_text(json.dumps(res, indent=1))
         print(json.dumps({k: v for k, v in res.items() if k != "rss_timeline_kib"}, indent=1))
-        print(f"raw results: {path.relative_to(REPO)}")
+        bench.save("cardinality", res)
         return all(checks.values())
     finally:
         procs.stop()

@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench  # noqa: E402  (machine(), save(), proc_cpu_s())
+import bench  # noqa: E402  (machine(), commit_of(), save(), proc_cpu_s())
 from odin import Procs, free_port, port_free, wait_port, wait_http, http_get, wait_for  # noqa: E402
 import odin  # noqa: E402
 
@@ -49,12 +49,6 @@ REPO = bench.REPO
 BIN = bench.BIN
 TOPIC = "md"
 KEYS = 1000
-
-
-def commit():
-    out = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
-                         capture_output=True, text=True)
-    return out.stdout.strip()
 
 
 def percentiles(values):
@@ -164,7 +158,7 @@ PHASES = [("a_idle", 1, 60, 10), ("b_1k", 1000, 30, 60), ("c_10k", 10000, 20, 90
 
 def cmd_latency(a):
     procs = Procs("kafka-bench")
-    result = {"commit": commit(), "machine": bench.machine(), "command": " ".join(sys.argv),
+    result = {"commit": bench.commit_of(REPO), "machine": bench.machine(), "command": " ".join(sys.argv),
               "load_avg_at_start": os.getloadavg(),
               "subscribers": 1000, "channels": KEYS, "partitions": 3, "rounds": []}
     try:
@@ -267,7 +261,7 @@ def ingest_pass(procs, broker, shard_admin, child, shard_pid, backlog, subscribe
 
 def cmd_ingest(a):
     procs = Procs("kafka-bench")
-    result = {"commit": commit(), "machine": bench.machine(), "command": " ".join(sys.argv),
+    result = {"commit": bench.commit_of(REPO), "machine": bench.machine(), "command": " ".join(sys.argv),
               "load_avg_at_start": os.getloadavg(), "passes": {}}
     lts = []
     try:

@@ -30,6 +30,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench  # noqa: E402  (machine())
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 BENCH = "crates/shard-core/benches/publish.rs"
@@ -43,15 +46,6 @@ def sh(args, **kw):
 
 def git(*args, cwd=REPO):
     return sh(["git", *args], cwd=cwd, capture_output=True).stdout.strip()
-
-
-def machine():
-    return {
-        "cpus": os.cpu_count(),
-        "kernel": os.uname().release,
-        "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-        "loadavg": os.getloadavg(),
-    }
 
 
 def build(tree: Path, features: list, target_dir: Path, keep_as: str) -> Path:
@@ -106,7 +100,7 @@ def main():
                     help="run the binaries the last build left in target/bench-publish (no build)")
     a = ap.parse_args()
 
-    at_start = machine()
+    at_start = bench.machine()
     commit = git("rev-parse", "HEAD")
     dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     # One target dir for both builds (the repository's): dependencies are compiled once.
