@@ -17,7 +17,7 @@ use parking_lot::Mutex;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::time::timeout;
-use ws_protocol::frame::{apply_mask, OP_TEXT};
+use ws_protocol::frame::{apply_mask, parse_header, Header, MAX_HEADER_LEN, OP_TEXT};
 use ws_protocol::ClientMessage;
 
 /// The `token` parameter of a request's query string, if any. Tokens are base64url and dots,
@@ -53,57 +53,6 @@ pub(crate) enum FirstMessage {
 /// Bytes of an oversized first message looked at for `"auth"`.
 const PEEK: usize = 64;
 
-/// One frame header, as far as we need it.
-enum Head {
-    Partial,
-    Frame {
-        fin: bool,
-        opcode: u8,
-        mask: Option<[u8; 4]>,
-        header_len: usize,
-        len: u64,
-    },
-}
-
-fn parse_head(buf: &[u8]) -> Head {
-    let (Some(&b0), Some(&b1)) = (buf.first(), buf.get(1)) else {
-        return Head::Partial;
-    };
-    let masked = b1 & 0x80 != 0;
-    let (len, mut pos) = match b1 & 0x7F {
-        126 => match buf.get(2..4) {
-            Some(b) => (u64::from(u16::from_be_bytes([b[0], b[1]])), 4),
-            None => return Head::Partial,
-        },
-        127 => match buf.get(2..10).and_then(|b| <[u8; 8]>::try_from(b).ok()) {
-            Some(b) => (u64::from_be_bytes(b), 10),
-            None => return Head::Partial,
-        },
-        n => (u64::from(n), 2),
-    };
-    let mask = if masked {
-        match buf
-            .get(pos..pos + 4)
-            .and_then(|b| <[u8; 4]>::try_from(b).ok())
-        {
-            Some(m) => {
-                pos += 4;
-                Some(m)
-            }
-            None => return Head::Partial,
-        }
-    } else {
-        None
-    };
-    Head::Frame {
-        fin: b0 & 0x80 != 0,
-        opcode: b0 & 0x0F,
-        mask,
-        header_len: pos,
-        len,
-    }
-}
-
 /// Looks at `buf` (bytes from the client, starting at a frame boundary): `None` while the
 /// first frame is incomplete, else what it is. Only a single unfragmented, masked text frame
 /// of at most `max_len` bytes can be an auth message.
@@ -113,44 +62,40 @@ fn classify(buf: &[u8], max_len: usize) -> Option<FirstMessage> {
             read: Bytes::copy_from_slice(buf),
         })
     };
-    match parse_head(buf) {
-        Head::Partial => None,
-        Head::Frame {
-            fin,
-            opcode,
-            mask,
-            header_len,
-            len,
-        } => {
-            let Some(mask) = mask else { return other() };
-            if !fin || opcode != OP_TEXT {
-                return other();
-            }
-            if len > max_len as u64 {
-                // Too long to read whole; look at its start to tell an oversized `auth` (a
-                // 100 KB token) from a large ordinary first message.
-                let want = header_len + (len.min(PEEK as u64) as usize);
-                let mut start = buf.get(header_len..want)?.to_vec();
-                apply_mask(&mut start, mask, 0);
-                let is_auth = start.windows(6).any(|w| w == b"\"auth\"");
-                return if is_auth {
-                    Some(FirstMessage::TooLong)
-                } else {
-                    other()
-                };
-            }
-            let end = header_len + len as usize;
-            let payload = buf.get(header_len..end)?;
-            let mut text = payload.to_vec();
-            apply_mask(&mut text, mask, 0);
-            match ClientMessage::decode(&text) {
-                Ok(ClientMessage::Auth { token }) => Some(FirstMessage::Auth {
-                    token,
-                    rest: Bytes::copy_from_slice(buf.get(end..).unwrap_or_default()),
-                }),
-                _ => other(),
-            }
-        }
+    let Header {
+        fin,
+        opcode,
+        mask,
+        header_len,
+        payload_len: len,
+    } = parse_header(buf)?;
+    let Some(mask) = mask else { return other() };
+    if !fin || opcode != OP_TEXT {
+        return other();
+    }
+    if len > max_len as u64 {
+        // Too long to read whole; look at its start to tell an oversized `auth` (a
+        // 100 KB token) from a large ordinary first message.
+        let want = header_len + (len.min(PEEK as u64) as usize);
+        let mut start = buf.get(header_len..want)?.to_vec();
+        apply_mask(&mut start, mask, 0);
+        let is_auth = start.windows(6).any(|w| w == b"\"auth\"");
+        return if is_auth {
+            Some(FirstMessage::TooLong)
+        } else {
+            other()
+        };
+    }
+    let end = header_len + len as usize;
+    let payload = buf.get(header_len..end)?;
+    let mut text = payload.to_vec();
+    apply_mask(&mut text, mask, 0);
+    match ClientMessage::decode(&text) {
+        Ok(ClientMessage::Auth { token }) => Some(FirstMessage::Auth {
+            token,
+            rest: Bytes::copy_from_slice(buf.get(end..).unwrap_or_default()),
+        }),
+        _ => other(),
     }
 }
 
@@ -170,7 +115,7 @@ pub(crate) async fn read_first_message(
             if let Some(m) = classify(&buf, max_len) {
                 return m;
             }
-            if buf.len() > max_len + 14 {
+            if buf.len() > max_len + MAX_HEADER_LEN {
                 // Cannot be a frame we accept, yet incomplete: give it to the caller as is.
                 return FirstMessage::Other {
                     read: buf.split().freeze(),

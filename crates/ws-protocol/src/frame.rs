@@ -469,6 +469,47 @@ fn mask_rotated(mask: [u8; 4], offset: usize) -> [u8; 4] {
     m
 }
 
+/// A frame header, as [`parse_header`] reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub fin: bool,
+    pub opcode: u8,
+    pub mask: Option<[u8; 4]>,
+    /// Bytes the header takes (2 to [`MAX_HEADER_LEN`]); the payload starts here.
+    pub header_len: usize,
+    /// Payload length as sent (not checked against any limit).
+    pub payload_len: u64,
+}
+
+/// Reads the frame header at the start of `buf`, without validating it; `None` while `buf`
+/// does not hold all of it yet. For a one-off look at a frame (the LB's first-message check);
+/// the [`Decoder`] and the [`FrameTracker`] follow a stream byte by byte instead.
+pub fn parse_header(buf: &[u8]) -> Option<Header> {
+    let (&b0, &b1) = (buf.first()?, buf.get(1)?);
+    let (payload_len, mut pos) = match b1 & 0x7F {
+        126 => (
+            u64::from(u16::from_be_bytes(buf.get(2..4)?.try_into().ok()?)),
+            4,
+        ),
+        127 => (u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?), 10),
+        n => (u64::from(n), 2),
+    };
+    let mask = if b1 & 0x80 != 0 {
+        let m: [u8; 4] = buf.get(pos..pos + 4)?.try_into().ok()?;
+        pos += 4;
+        Some(m)
+    } else {
+        None
+    };
+    Some(Header {
+        fin: b0 & 0x80 != 0,
+        opcode: b0 & 0x0F,
+        mask,
+        header_len: pos,
+        payload_len,
+    })
+}
+
 /// Writes a frame header (FIN set) for a payload of `len` bytes.
 pub fn put_header(out: &mut BytesMut, opcode: u8, len: usize, mask: Option<[u8; 4]>) {
     put_header_fin(out, true, opcode, len, mask);
@@ -970,6 +1011,27 @@ mod tests {
             prop_assert_eq!(r, Ok(Flow::Continue));
             let expected: Vec<Owned> = msgs.into_iter().map(Owned::Binary).collect();
             prop_assert_eq!(out, expected);
+        }
+
+        #[test]
+        fn parse_header_agrees_with_encoder(
+            len in prop_oneof![0usize..130, 65_530usize..65_540, 70_000usize..70_010],
+            fin: bool,
+            masked: bool,
+            opcode in 0u8..16,
+        ) {
+            let mut out = BytesMut::new();
+            let mask = masked.then_some(MASK);
+            put_header_fin(&mut out, fin, opcode, len, mask);
+            for cut in 0..out.len() {
+                prop_assert_eq!(parse_header(&out[..cut]), None);
+            }
+            out.put_slice(b"payload");
+            let h = parse_header(&out).unwrap();
+            prop_assert_eq!(
+                (h.fin, h.opcode, h.mask, h.header_len, h.payload_len),
+                (fin, opcode, mask, out.len() - 7, len as u64)
+            );
         }
 
         #[test]
