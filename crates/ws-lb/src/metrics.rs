@@ -37,13 +37,13 @@ pub const ACTIVE: &str = "ws_lb_active_connections";
 pub const QUEUE_LEN: &str = "ws_lb_admission_queue_length";
 /// Histogram: time spent in the admission queue.
 pub const ADMISSION_WAIT: &str = "ws_lb_admission_wait_seconds";
-/// Counter: clients refused admission, label `reason` (queue_full, wait_too_long, per_ip, origin, draining).
+/// Counter: clients refused admission, label `reason` ([`Rejection::label`]).
 pub const ADMISSION_REJECTIONS: &str = "ws_lb_admission_rejections_total";
 /// Counter: close frames the LB itself sent to clients, label `code`.
 pub const CLOSE_CODES: &str = "ws_lb_close_codes_total";
-/// Counter: client connections by outcome, label `result` (relayed, closed_1012, closed_1013, rejected).
+/// Counter: client connections by outcome, label `result` ([`ClientOutcome::label`]).
 pub const CLIENT_CONNECTIONS: &str = "ws_lb_client_connections_total";
-/// Counter: ended relays by how they ended, label `end` (closed, client_gone, shard_lost, drained, client_stalled).
+/// Counter: ended relays by how they ended, label `end` ([`RelayEnd::label`]).
 pub const RELAY_ENDS: &str = "ws_lb_relay_ends_total";
 /// Gauge: shards that would take a new client now (not draining, breaker admitting); 0 means
 /// every new client gets 1012. Updated every `health_interval`.
@@ -272,9 +272,6 @@ impl LbMetrics {
             c.increment(0);
             c
         };
-        for attempt in 1..=n {
-            metrics::counter!(RETRY_COUNT, "attempt" => attempt.to_string()).increment(0);
-        }
         let transitions = [
             (BreakerState::Closed, BreakerState::Open),
             (BreakerState::Open, BreakerState::HalfOpen),
@@ -298,7 +295,7 @@ impl LbMetrics {
         Self {
             shards,
             attempt_rank: (1..=n)
-                .map(|a| metrics::counter!(RETRY_COUNT, "attempt" => a.to_string()))
+                .map(|a| zero(metrics::counter!(RETRY_COUNT, "attempt" => a.to_string())))
                 .collect(),
             active: metrics::gauge!(ACTIVE),
             queue_len: metrics::gauge!(QUEUE_LEN),
@@ -447,9 +444,27 @@ mod tests {
         for (i, o) in ClientOutcome::ALL.iter().enumerate() {
             assert_eq!(*o as usize, i);
         }
-        let mut labels: Vec<_> = Rejection::ALL.iter().map(|r| r.label()).collect();
-        labels.dedup();
-        assert_eq!(labels.len(), Rejection::ALL.len());
+        for (i, e) in RelayEnd::ALL.iter().enumerate() {
+            assert_eq!(e.index(), i);
+        }
+        // Distinct labels (dedup only drops adjacent repeats: sort first).
+        fn distinct(mut labels: Vec<&str>) -> usize {
+            labels.sort_unstable();
+            labels.dedup();
+            labels.len()
+        }
+        assert_eq!(
+            distinct(Rejection::ALL.iter().map(|r| r.label()).collect()),
+            Rejection::ALL.len()
+        );
+        assert_eq!(
+            distinct(ClientOutcome::ALL.iter().map(|o| o.label()).collect()),
+            ClientOutcome::ALL.len()
+        );
+        assert_eq!(
+            distinct(RelayEnd::ALL.iter().map(|e| e.label()).collect()),
+            RelayEnd::ALL.len()
+        );
         assert_eq!(
             Rejection::from(PacingRejection::WaitTooLong),
             Rejection::WaitTooLong
