@@ -33,9 +33,11 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 import deploy_values  # noqa: E402
 import topo  # noqa: E402
+import bench  # noqa: E402  (machine() and commit_of(): what every result records)
 from front import Autohealer, Front  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -96,21 +98,6 @@ def metric(page, name, *labels):
             total += float(line.rsplit(" ", 1)[1])
             found = True
     return total if found else None
-
-
-def commit():
-    r = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True).stdout.strip()
-    return r.stdout.strip() + ("-dirty" if dirty else "")
-
-
-def machine():
-    load = os.getloadavg()
-    return {"cpus": os.cpu_count(), "kernel": os.uname().release,
-            "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-            "nofile": subprocess.run(["bash", "-c", "ulimit -n"], capture_output=True, text=True).stdout.strip(),
-            "loadavg_at_start": [round(x, 2) for x in load]}
 
 
 class Proc:
@@ -564,7 +551,7 @@ class Cluster:
             "lb_args": " ".join(self.pv.lb_args)[:160] + " ...", "lb_env": self.pv.lb_env,
             "shard_args": " ".join(self.pv.shard_args),
             "sysctls": self.sysctl_report,
-            "open_files_limit": {"units_ask": deploy_values.unit_limit_nofile(), "in_effect": machine()["nofile"]},
+            "open_files_limit": {"units_ask": deploy_values.unit_limit_nofile(), "in_effect": bench.machine()["nofile"]},
             "front": {"backend_check": vars(self.values.backend_check), "autoheal_check": vars(self.values.autoheal_check),
                       "autoheal_initial_delay_s": self.values.autoheal_initial_delay_s,
                       "backend_timeout_s": self.values.backend_timeout_s, "max_surge": self.values.max_surge},

@@ -275,7 +275,7 @@ def save(name, c, full, figures, checks, started, extra=None):
         "scenario": name, "size": "full" if full else "short", "pass": ok,
         "checks": [[label, bool(v)] for label, v in checks], "figures": figures,
         "runtime_metrics": c.watcher.summary(since=started) if c.watcher else None,
-        "commit": cl.commit(), "machine": cl.machine(), "non_default_flags": cl.non_default_flags(c.a),
+        "commit": cl.bench.commit_of(cl.REPO), "machine": cl.bench.machine(), "non_default_flags": cl.non_default_flags(c.a),
         "topology": c.describe(), "started_unix": round(started, 3), "seconds": round(time.time() - started, 1),
     }
     doc.update(extra or {})
