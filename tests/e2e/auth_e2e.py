@@ -92,8 +92,9 @@ async def subscribe(ws, channel):
 
 
 async def closed_with(url, first=None, timeout=10.0):
-    """Connects, optionally sends `first`, and returns the close code the server sends."""
-    async with websockets.connect(url, max_size=None, open_timeout=timeout) as ws:
+    """Connects, optionally sends `first`, and returns the close code the server sends
+    ("no close" when none comes within `timeout` seconds)."""
+    async with websockets.connect(url, max_size=None, open_timeout=30) as ws:
         try:
             if first is not None:
                 await ws.send(first)
@@ -232,8 +233,13 @@ async def scenarios(p, keys, files, n_clients, lb_log):
     Path(files["jwks"]).write_text(keys.jwks("k1", "k2"))
 
     async def accepted_now(token):
-        code = await closed_with(f"{lb}?token={token}", json.dumps({"type": "ping"}), timeout=2)
-        return code == "no close"
+        """A pong through ws-lb: the token was accepted (a refused one is closed with 4001)."""
+        try:
+            async with websockets.connect(f"{lb}?token={token}", open_timeout=30) as ws:
+                await ws.send(json.dumps({"type": "ping"}))
+                return (await recv_json(ws, 30))["type"] == "pong"
+        except websockets.ConnectionClosed:
+            return False
 
     async def poll(cond, what, timeout=20):
         deadline = time.time() + timeout
