@@ -176,29 +176,34 @@ fn probe_first_records(
     found
 }
 
-/// What identifies each partition's log: the timestamp of its first record (the record at
-/// the low-water mark), from the probe at start or, for a log that was empty then, from
-/// consuming that record.
-struct LogIdentity {
-    low: HashMap<(String, i32), i64>,
-    first_ms: HashMap<(String, i32), i64>,
+/// What the consumer tracks of one partition it reads.
+struct Reading {
+    /// Next offset to read.
+    next: i64,
+    /// The log start offset when assigned.
+    low: i64,
+    /// What identifies the partition's log: the timestamp of its first record (the record
+    /// at `low`), from the probe at start or, for a log that was empty then, from consuming
+    /// that record.
+    first_ms: Option<i64>,
 }
 
-impl LogIdentity {
+impl Reading {
     fn saw<M: Message>(&mut self, m: &M) {
-        if self.first_ms.len() == self.low.len() {
-            return;
+        if self.first_ms.is_none() && m.offset() == self.low {
+            self.first_ms = Some(m.timestamp().to_millis().unwrap_or(0));
         }
-        let key = (m.topic().to_owned(), m.partition());
-        if self.low.get(&key) == Some(&m.offset()) {
-            let ts = m.timestamp().to_millis().unwrap_or(0);
-            self.first_ms.entry(key).or_insert(ts);
-        }
+        self.next = m.offset() + 1;
     }
 }
 
-/// Blocking: of `suspects`, the partitions whose log is no longer the one we read: its first
-/// record differs from the one we knew, or it is gone. A high-water mark below our position
+/// Every partition read: by topic, then partition, so that a record's entry is found from its
+/// borrowed topic name without allocating (as the crate root's `Partitions` does).
+type Partitions = HashMap<String, HashMap<i32, Reading>>;
+
+/// Blocking: of `suspects` (each with the first-record timestamp we know), the partitions
+/// whose log is no longer the one we read: its first record differs from the one we knew,
+/// or it is gone. A high-water mark below our position
 /// alone does not show that: brokers answer ListOffsets from a stale view while records are
 /// appended, and tansu answers with the base offset of the last record batch plus one, so
 /// after a batch of several records its mark stays below what we have read until something
@@ -206,25 +211,20 @@ impl LogIdentity {
 fn replaced_logs(
     consumer: &BaseConsumer<Ctx>,
     topics: &[String],
-    suspects: &[(String, i32)],
-    known: &LogIdentity,
+    suspects: &[((String, i32), i64)],
 ) -> Vec<(String, i32)> {
     let Ok(parts) = discover(consumer, topics) else {
         return Vec::new(); // no answer: nothing is decided on this tick
     };
     let asked: Vec<_> = parts
         .into_iter()
-        .filter(|(t, p, _, _)| suspects.iter().any(|(st, sp)| st == t && sp == p))
+        .filter(|(t, p, _, _)| suspects.iter().any(|((st, sp), _)| st == t && sp == p))
         .collect();
     let now = probe_first_records(consumer, &asked);
     suspects
         .iter()
-        .filter(|k| match known.first_ms.get(*k) {
-            // We never saw this log's first record: nothing to compare, keep the log.
-            None => false,
-            Some(ts) => now.get(*k) != Some(ts),
-        })
-        .cloned()
+        .filter(|(k, ts)| now.get(k) != Some(ts))
+        .map(|(k, _)| k.clone())
         .collect()
 }
 
@@ -327,20 +327,17 @@ pub async fn run<W: AsyncWrite + Unpin>(
             recreated,
         });
     }
-    let mut log = LogIdentity {
-        low: assigned
-            .iter()
-            .map(|a| ((a.topic.clone(), a.partition), a.low))
-            .collect(),
-        first_ms: assigned
-            .iter()
-            .filter_map(|a| Some(((a.topic.clone(), a.partition), a.first_record_ms?)))
-            .collect(),
-    };
-    let mut next: HashMap<(String, i32), i64> = assigned
-        .iter()
-        .map(|a| ((a.topic.clone(), a.partition), a.start))
-        .collect();
+    let mut read = Partitions::new();
+    for a in &assigned {
+        read.entry(a.topic.clone()).or_default().insert(
+            a.partition,
+            Reading {
+                next: a.start,
+                low: a.low,
+                first_ms: a.first_record_ms,
+            },
+        );
+    }
     if out
         .send(&wire::encode(&Event::Partitions(assigned)))
         .await
@@ -374,7 +371,10 @@ pub async fn run<W: AsyncWrite + Unpin>(
                 // Every tick: high-water marks give the lag and tell whether the brokers
                 // answer. Not every broker answers a fetch beyond the end of a recreated
                 // partition with OFFSET_OUT_OF_RANGE, so they also reveal recreation.
-                let positions: Vec<_> = next.iter().map(|((t, p), o)| (t.clone(), *p, *o)).collect();
+                let positions: Vec<_> = read
+                    .iter()
+                    .flat_map(|(t, ps)| ps.iter().map(|(p, r)| (t.clone(), *p, r.next)))
+                    .collect();
                 let c = consumer.clone();
                 let Ok(marks) = tokio::task::spawn_blocking(move || survey(&c, &positions)).await else { continue };
                 let broker_down = consumer.context().latest.lock().take().is_some_and(|s| !s.connected);
@@ -389,10 +389,14 @@ pub async fn run<W: AsyncWrite + Unpin>(
                     .map(|(k, _, _)| k)
                     .collect();
                 let twice: Vec<(String, i32)> = now.iter().filter(|p| suspects.contains(p)).cloned().collect();
-                if !twice.is_empty() {
-                    let (p, topics, ask) = (probe.clone(), cfg.topics.clone(), twice.clone());
-                    let known = LogIdentity { low: HashMap::new(), first_ms: log.first_ms.clone() };
-                    let replaced = tokio::task::spawn_blocking(move || replaced_logs(&p, &topics, &ask, &known))
+                // Only a log whose first record we know can be compared; the others are kept.
+                let ask: Vec<((String, i32), i64)> = twice
+                    .iter()
+                    .filter_map(|k| Some((k.clone(), read.get(&k.0)?.get(&k.1)?.first_ms?)))
+                    .collect();
+                if !ask.is_empty() {
+                    let (p, topics) = (probe.clone(), cfg.topics.clone());
+                    let replaced = tokio::task::spawn_blocking(move || replaced_logs(&p, &topics, &ask))
                         .await
                         .unwrap_or_default();
                     if !replaced.is_empty() {
@@ -405,7 +409,7 @@ pub async fn run<W: AsyncWrite + Unpin>(
                 continue;
             }
             m = consumer.recv() => match m {
-                Ok(m) => record_frame(&m, &mut next, &mut log),
+                Ok(m) => record_frame(&m, &mut read),
                 Err(e) => {
                     tracing::warn!(error = %e, "kafka consume error");
                     tokio::select! {
@@ -424,7 +428,7 @@ pub async fn run<W: AsyncWrite + Unpin>(
         for _ in 1..MAX_BATCH {
             let ready = tokio::select! {
                 biased;
-                m = consumer.recv() => m.ok().map(|m| record_frame(&m, &mut next, &mut log)),
+                m = consumer.recv() => m.ok().map(|m| record_frame(&m, &mut read)),
                 _ = std::future::ready(()) => None,
             };
             let Some(frame) = ready else { break };
@@ -441,14 +445,14 @@ pub async fn run<W: AsyncWrite + Unpin>(
 /// Most records taken from librdkafka's queue before the buffered events are flushed.
 const MAX_BATCH: usize = 256;
 
-/// The event for a record, noting the partition's next offset.
-fn record_frame<M: Message>(
-    m: &M,
-    next: &mut HashMap<(String, i32), i64>,
-    log: &mut LogIdentity,
-) -> Vec<u8> {
-    log.saw(m);
-    next.insert((m.topic().to_owned(), m.partition()), m.offset() + 1);
+/// The event for a record, noting the partition's next offset (and its first record).
+fn record_frame<M: Message>(m: &M, read: &mut Partitions) -> Vec<u8> {
+    if let Some(r) = read
+        .get_mut(m.topic())
+        .and_then(|ps| ps.get_mut(&m.partition()))
+    {
+        r.saw(m);
+    }
     wire::encode_record(
         m.topic(),
         m.partition(),
