@@ -37,10 +37,21 @@ pub struct ConsumerConfig {
     pub topics: Vec<String>,
     /// For partitions not in `resume`.
     pub start: StartPosition,
-    /// Next offset to read, per (topic, partition), from a previous consumer.
-    pub resume: Vec<(String, i32, i64)>,
+    /// Where a previous consumer was, per partition.
+    pub resume: Vec<Resume>,
     pub fetch_wait_max_ms: u64,
     pub properties: Vec<(String, String)>,
+}
+
+/// A partition a previous consumer read.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Resume {
+    pub topic: String,
+    pub partition: i32,
+    /// Next offset to read.
+    pub next: i64,
+    /// Timestamp of the first record of the log it read, if known.
+    pub first_record_ms: Option<i64>,
 }
 
 /// Why a consumer run ended.
@@ -287,17 +298,25 @@ pub async fn run<W: AsyncWrite + Unpin>(
             .map_err(|e| SourceError::Fatal(e.to_string()))?
     };
 
-    let resume: HashMap<(String, i32), i64> = cfg
+    let resume: HashMap<(&str, i32), &Resume> = cfg
         .resume
         .iter()
-        .map(|(t, p, o)| ((t.clone(), *p), *o))
+        .map(|r| ((r.topic.as_str(), r.partition), r))
         .collect();
     let mut assigned = Vec::new();
     let mut tpl = TopicPartitionList::new();
     for (topic, partition, low, high) in &parts {
-        let (start, recreated) = match resume.get(&(topic.clone(), *partition)) {
-            Some(next) if *high < *next => (*low, true),
-            Some(next) => (*next, false),
+        let first_record_ms = firsts.get(&(topic.clone(), *partition)).copied();
+        let (start, recreated) = match resume.get(&(topic.as_str(), *partition)) {
+            // A high-water mark below our position can be stale (see `replaced_logs`): the
+            // log is replaced only if its first record is not the one we knew.
+            Some(r)
+                if *high < r.next
+                    && (r.first_record_ms.is_none() || first_record_ms != r.first_record_ms) =>
+            {
+                (*low, true)
+            }
+            Some(r) => (r.next, false),
             None => match cfg.start {
                 StartPosition::Latest => (*high, false),
                 StartPosition::Back(n) => (
@@ -323,7 +342,7 @@ pub async fn run<W: AsyncWrite + Unpin>(
             low: *low,
             high: *high,
             start,
-            first_record_ms: firsts.get(&(topic.clone(), *partition)).copied(),
+            first_record_ms,
             recreated,
         });
     }
@@ -345,8 +364,8 @@ pub async fn run<W: AsyncWrite + Unpin>(
     {
         return Ok(ConsumerEnd::OutputClosed);
     }
-    // Metadata and watermarks just came back: the brokers are reachable. Statistics keep
-    // the state current from here on.
+    // Metadata and watermarks just came back: the brokers are reachable. The status tick
+    // (high-water marks and client errors) keeps the state current from here on.
     let up = Event::Status(Status {
         connected: true,
         lag: Vec::new(),

@@ -178,8 +178,9 @@ pub fn epoch_for(topic: &str, partition: i32, first_record_ms: i64) -> String {
 #[derive(Debug)]
 struct Partition {
     epoch: Arc<str>,
-    /// Known once the first record of the log has been seen (probe or consumption).
-    generation_known: bool,
+    /// Timestamp of the first record of the log (the generation in `epoch`), once seen
+    /// (probe or consumption).
+    first_record_ms: Option<i64>,
     covers_from: u64,
     /// Next offset to read (resume position for a restarted consumer).
     next: i64,
@@ -225,7 +226,14 @@ impl KafkaSource {
             start: self.cfg.start,
             resume: state
                 .iter()
-                .flat_map(|(t, ps)| ps.iter().map(|(p, s)| (t.clone(), *p, s.next)))
+                .flat_map(|(t, ps)| {
+                    ps.iter().map(|(p, s)| consumer::Resume {
+                        topic: t.clone(),
+                        partition: *p,
+                        next: s.next,
+                        first_record_ms: s.first_record_ms,
+                    })
+                })
                 .collect(),
             fetch_wait_max_ms: self.cfg.fetch_wait_max.as_millis() as u64,
             properties: self.cfg.overrides.clone(),
@@ -300,7 +308,7 @@ fn apply_assignment(state: &mut Partitions, list: &[Assigned]) {
             Some(p) => {
                 *p = Partition {
                     epoch: epoch(),
-                    generation_known: a.first_record_ms.is_some(),
+                    first_record_ms: a.first_record_ms,
                     covers_from: a.start.max(0) as u64,
                     next: a.start,
                     last: None,
@@ -318,7 +326,7 @@ fn apply_assignment(state: &mut Partitions, list: &[Assigned]) {
                     a.partition,
                     Partition {
                         epoch: epoch(),
-                        generation_known: a.first_record_ms.is_some(),
+                        first_record_ms: a.first_record_ms,
                         covers_from: a.start.max(0) as u64,
                         next: a.start,
                         last: None,
@@ -339,8 +347,9 @@ fn handle(cfg: &KafkaConfig, hub: &Hub, p: &mut Partition, r: &Record, fanout: &
     let (topic, offset) = (r.topic.as_str(), r.offset);
     // Offsets going backwards means the partition was recreated: a new generation.
     let regressed = p.last.is_some_and(|last| offset <= last);
-    if regressed || !p.generation_known {
-        let epoch = epoch_for(topic, r.partition, r.timestamp_ms.unwrap_or(0));
+    if regressed || p.first_record_ms.is_none() {
+        let first_ms = r.timestamp_ms.unwrap_or(0);
+        let epoch = epoch_for(topic, r.partition, first_ms);
         if regressed {
             tracing::warn!(
                 topic,
@@ -353,7 +362,7 @@ fn handle(cfg: &KafkaConfig, hub: &Hub, p: &mut Partition, r: &Record, fanout: &
             p.live_from = offset;
         }
         p.epoch = Arc::from(epoch);
-        p.generation_known = true;
+        p.first_record_ms = Some(first_ms);
     }
     p.last = Some(offset);
     p.next = offset + 1;
