@@ -96,6 +96,17 @@ async fn burst_of_2000_against_50_per_second_drops_nobody_silently() {
         refused as f64
     );
     assert!(metric(&page, "ws_lb_admission_wait_seconds_count", &[]) >= connected as f64);
+    // The floor above would also hold if the LB refused every client without a free slot
+    // instead of queueing it (the rate alone admits that many over the span), so check that
+    // clients did wait: once arrivals outrun the pace the queue holds RATE * MAX_WAIT clients,
+    // whose waits spread over 0..MAX_WAIT (a sum of RATE * MAX_WAIT^2 / 2 as it drains alone);
+    // ask for a quarter of that. Refusing instead of queueing makes the sum about 0.
+    let waited = metric(&page, "ws_lb_admission_wait_seconds_sum", &[]);
+    let least = RATE * MAX_WAIT * MAX_WAIT / 8.0;
+    assert!(
+        waited >= least,
+        "queued clients waited {waited:.2} s in all, expected >= {least:.2} s"
+    );
     shards.kill();
 }
 
