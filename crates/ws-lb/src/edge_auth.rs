@@ -134,14 +134,15 @@ pub(crate) async fn read_first_message(
 /// Connections per token subject in this process (`max_connections_per_sub`).
 #[derive(Debug, Default)]
 pub(crate) struct SubjectCounts {
-    counts: Mutex<HashMap<String, usize>>,
+    /// Keyed by `Arc<str>` so that every guard of a subject shares the key's allocation.
+    counts: Mutex<HashMap<Arc<str>, usize>>,
 }
 
 /// One connection of a subject; dropping it frees the place.
 #[derive(Debug)]
 pub(crate) struct SubjectGuard {
     counts: Arc<SubjectCounts>,
-    sub: String,
+    sub: Arc<str>,
 }
 
 impl SubjectCounts {
@@ -152,14 +153,16 @@ impl SubjectCounts {
             return Some(None);
         }
         let mut counts = self.counts.lock();
-        let n = counts.entry(sub.to_owned()).or_insert(0);
-        if *n >= max {
-            return None;
-        }
-        *n += 1;
+        // A subject already present costs no allocation: its key is shared.
+        let key: Arc<str> = match counts.get_key_value(sub) {
+            Some((_, &n)) if n >= max => return None,
+            Some((k, _)) => k.clone(),
+            None => sub.into(),
+        };
+        *counts.entry(key.clone()).or_insert(0) += 1;
         Some(Some(SubjectGuard {
             counts: self.clone(),
-            sub: sub.to_owned(),
+            sub: key,
         }))
     }
 
@@ -172,10 +175,10 @@ impl SubjectCounts {
 impl Drop for SubjectGuard {
     fn drop(&mut self) {
         let mut counts = self.counts.counts.lock();
-        if let Some(n) = counts.get_mut(&self.sub) {
+        if let Some(n) = counts.get_mut(&*self.sub) {
             *n -= 1;
             if *n == 0 {
-                counts.remove(&self.sub);
+                counts.remove(&*self.sub);
             }
         }
     }
@@ -267,6 +270,8 @@ mod tests {
         let counts = Arc::new(SubjectCounts::default());
         let a = counts.acquire("u1", 2).unwrap();
         let b = counts.acquire("u1", 2).unwrap();
+        let (ga, gb) = (a.as_ref().unwrap(), b.as_ref().unwrap());
+        assert!(Arc::ptr_eq(&ga.sub, &gb.sub), "one key per subject");
         assert!(counts.acquire("u1", 2).is_none());
         let other = counts.acquire("u2", 2).unwrap();
         drop(a);
