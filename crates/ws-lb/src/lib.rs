@@ -300,9 +300,7 @@ pub async fn run(
         .iter()
         .map(|u| Backend::parse(u))
         .collect::<Result<Vec<_>, _>>()?;
-    let observer = Arc::new(metrics::TransitionRecorder {
-        names: cfg.backends.clone(),
-    });
+    let observer = Arc::new(metrics::TransitionRecorder::new(cfg.backends.clone()));
     let pool = ShardPool::new(backends.len(), cfg.breaker, cfg.score, observer)?;
     let clients = match cfg.max_clients {
         0 => tokio::sync::Semaphore::MAX_PERMITS,

@@ -272,19 +272,6 @@ impl LbMetrics {
             c.increment(0);
             c
         };
-        let transitions = [
-            (BreakerState::Closed, BreakerState::Open),
-            (BreakerState::Open, BreakerState::HalfOpen),
-            (BreakerState::HalfOpen, BreakerState::Closed),
-            (BreakerState::HalfOpen, BreakerState::Open),
-        ];
-        for shard in 0..n {
-            let id = shard.to_string();
-            for (from, to) in transitions {
-                metrics::counter!(BREAKER_TRANSITIONS, "shard_id" => id.clone(), "from" => from.as_str(), "to" => to.as_str())
-                    .increment(0);
-            }
-        }
         let shards: Vec<ShardHandles> = (0..n).map(ShardHandles::new).collect();
         for h in &shards {
             h.health_poll_failures.increment(0);
@@ -401,25 +388,76 @@ impl LbMetrics {
     }
 }
 
-/// Turns breaker transitions into metrics and log lines.
+/// The breaker transitions that can happen, in the order of
+/// [`TransitionRecorder`]'s handles.
+const TRANSITIONS: [(BreakerState, BreakerState); 4] = [
+    (BreakerState::Closed, BreakerState::Open),
+    (BreakerState::Open, BreakerState::HalfOpen),
+    (BreakerState::HalfOpen, BreakerState::Closed),
+    (BreakerState::HalfOpen, BreakerState::Open),
+];
+
+/// Turns breaker transitions into metrics and log lines. Transitions happen on a client's
+/// handshake path, so their series are resolved once here (and registered at zero).
 #[derive(Debug)]
 pub struct TransitionRecorder {
-    pub names: Vec<String>,
+    names: Vec<String>,
+    /// Per shard: `ws_circuit_breaker_transitions_total` by [`TRANSITIONS`] index.
+    transitions: Vec<[Counter; 4]>,
+    /// Per shard: `ws_circuit_breaker_state` by `BreakerState::ALL` index.
+    states: Vec<[Gauge; 3]>,
+}
+
+impl TransitionRecorder {
+    /// Handles for the shards named (in order) by `names`.
+    pub fn new(names: Vec<String>) -> Self {
+        let ids = (0..names.len()).map(|i| i.to_string());
+        let transitions = ids
+            .clone()
+            .map(|id| {
+                TRANSITIONS.map(|(from, to)| {
+                    let c = metrics::counter!(BREAKER_TRANSITIONS, "shard_id" => id.clone(), "from" => from.as_str(), "to" => to.as_str());
+                    c.increment(0);
+                    c
+                })
+            })
+            .collect();
+        let states = ids
+            .map(|id| {
+                BreakerState::ALL.map(|s| {
+                    metrics::gauge!(BREAKER_STATE, "shard_id" => id.clone(), "state" => s.as_str())
+                })
+            })
+            .collect();
+        Self {
+            names,
+            transitions,
+            states,
+        }
+    }
 }
 
 impl PoolObserver for TransitionRecorder {
     fn transition(&self, shard: usize, t: Transition) {
-        metrics::counter!(
-            BREAKER_TRANSITIONS,
-            "shard_id" => shard.to_string(),
-            "from" => t.from.as_str(),
-            "to" => t.to.as_str()
-        )
-        .increment(1);
-        for s in BreakerState::ALL {
-            let v = if s == t.to { 1.0 } else { 0.0 };
-            metrics::gauge!(BREAKER_STATE, "shard_id" => shard.to_string(), "state" => s.as_str())
-                .set(v);
+        let counter = TRANSITIONS
+            .iter()
+            .position(|&(from, to)| (from, to) == (t.from, t.to))
+            .and_then(|i| self.transitions.get(shard)?.get(i));
+        match counter {
+            Some(c) => c.increment(1),
+            // Not a transition the breaker makes today; still counted.
+            None => metrics::counter!(
+                BREAKER_TRANSITIONS,
+                "shard_id" => shard.to_string(),
+                "from" => t.from.as_str(),
+                "to" => t.to.as_str()
+            )
+            .increment(1),
+        }
+        if let Some(gauges) = self.states.get(shard) {
+            for (s, g) in BreakerState::ALL.iter().zip(gauges) {
+                g.set(if *s == t.to { 1.0 } else { 0.0 });
+            }
         }
         let url = self.names.get(shard).map_or("?", String::as_str);
         tracing::info!(
