@@ -301,9 +301,9 @@ impl Verifier {
         if token.len() > self.cfg.max_token_len {
             return Err(AuthFailure::TooLong);
         }
-        let alg = header_alg(token)?;
+        let (alg, kid) = header(token)?;
         let keys = self.keys.read().clone();
-        let candidates = keys.candidates(alg, header_kid(token).as_deref());
+        let candidates = keys.candidates(alg, kid.as_deref());
         if candidates.is_empty() {
             return Err(AuthFailure::Algorithm);
         }
@@ -361,11 +361,12 @@ fn identity(c: Claims) -> Result<Identity, AuthFailure> {
     })
 }
 
-/// The header's `alg`, with `none` (in any case) told apart from garbage.
-fn header_alg(token: &str) -> Result<Algorithm, AuthFailure> {
+/// The header's `alg`, with `none` (in any case) told apart from garbage, and its `kid`.
+fn header(token: &str) -> Result<(Algorithm, Option<String>), AuthFailure> {
     #[derive(Deserialize)]
     struct RawHeader {
         alg: String,
+        kid: Option<String>,
     }
     let header_b64 = token.split('.').next().unwrap_or("");
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
@@ -378,16 +379,13 @@ fn header_alg(token: &str) -> Result<Algorithm, AuthFailure> {
     if token.split('.').count() != 3 {
         return Err(AuthFailure::Malformed);
     }
-    match raw.alg.as_str() {
-        "HS256" => Ok(Algorithm::HS256),
-        "RS256" => Ok(Algorithm::RS256),
-        "ES256" => Ok(Algorithm::ES256),
-        _ => Err(AuthFailure::Algorithm),
-    }
-}
-
-fn header_kid(token: &str) -> Option<String> {
-    jsonwebtoken::decode_header(token).ok()?.kid
+    let alg = match raw.alg.as_str() {
+        "HS256" => Algorithm::HS256,
+        "RS256" => Algorithm::RS256,
+        "ES256" => Algorithm::ES256,
+        _ => return Err(AuthFailure::Algorithm),
+    };
+    Ok((alg, raw.kid))
 }
 
 fn classify(kind: &ErrorKind) -> AuthFailure {
