@@ -234,7 +234,14 @@ fn replaced_logs(
     let now = probe_first_records(consumer, &asked);
     suspects
         .iter()
-        .filter(|(k, ts)| now.get(k) != Some(ts))
+        .filter(|(k, ts)| match now.get(k) {
+            Some(first) => first != ts,
+            // No first record: an empty log or a partition gone is not the log we read; a
+            // non-empty log the probe got no record from in time decides nothing.
+            None => !asked
+                .iter()
+                .any(|(t, p, low, high)| *t == k.0 && *p == k.1 && high > low),
+        })
         .map(|(k, _)| k.clone())
         .collect()
 }
