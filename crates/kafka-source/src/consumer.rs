@@ -263,6 +263,59 @@ fn survey(
         .collect()
 }
 
+/// What one tick found.
+struct TickReport {
+    /// Per partition read: our next offset and its high-water mark, if the broker answered.
+    marks: Vec<((String, i32), i64, Option<i64>)>,
+    /// Partitions whose mark is below our position.
+    now: Vec<(String, i32)>,
+    /// Of those, the ones that were below at the previous tick too.
+    twice: Vec<(String, i32)>,
+    /// Of those, the ones whose log is not the one we read.
+    replaced: Vec<(String, i32)>,
+}
+
+/// Blocking: one tick's round trips. High-water marks give the lag and tell whether the
+/// brokers answer; not every broker answers a fetch beyond the end of a recreated partition
+/// with OFFSET_OUT_OF_RANGE, so they also reveal recreation, which a partition below our
+/// position twice in a row is then checked for (only where we know the log's first record:
+/// `known`; the others are kept).
+fn tick_check(
+    consumer: &StreamConsumer<Ctx>,
+    probe: &BaseConsumer<Ctx>,
+    topics: &[String],
+    positions: &[(String, i32, i64)],
+    suspects: &[(String, i32)],
+    known: &HashMap<(String, i32), i64>,
+) -> TickReport {
+    let marks = survey(consumer, positions);
+    let now: Vec<(String, i32)> = marks
+        .iter()
+        .filter(|(_, next, h)| h.is_some_and(|h| h >= 0 && h < *next))
+        .map(|(k, _, _)| k.clone())
+        .collect();
+    let twice: Vec<(String, i32)> = now
+        .iter()
+        .filter(|p| suspects.contains(p))
+        .cloned()
+        .collect();
+    let ask: Vec<((String, i32), i64)> = twice
+        .iter()
+        .filter_map(|k| Some((k.clone(), *known.get(k)?)))
+        .collect();
+    let replaced = if ask.is_empty() {
+        Vec::new()
+    } else {
+        replaced_logs(probe, topics, &ask)
+    };
+    TickReport {
+        marks,
+        now,
+        twice,
+        replaced,
+    }
+}
+
 /// Runs one consumer until it is stopped, its output closes, or a partition turns out to be
 /// recreated (the caller then starts a fresh one with the resume positions it tracked).
 pub async fn run<W: AsyncWrite + Unpin>(
@@ -390,45 +443,41 @@ pub async fn run<W: AsyncWrite + Unpin>(
     // A partition counts as recreated only when two checks in a row find its high-water mark
     // below our position and its first record is then not the one we knew (`replaced_logs`).
     let mut suspects: Vec<(String, i32)> = Vec::new();
+    // A tick's broker round trips run on the blocking pool while records keep flowing: this
+    // loop only starts them and takes their report.
+    let mut checking: Option<tokio::task::JoinHandle<TickReport>> = None;
     loop {
         let frame = tokio::select! {
             _ = stop.cancelled() => return Ok(ConsumerEnd::Shutdown),
-            _ = tick.tick() => {
-                // Every tick: high-water marks give the lag and tell whether the brokers
-                // answer. Not every broker answers a fetch beyond the end of a recreated
-                // partition with OFFSET_OUT_OF_RANGE, so they also reveal recreation.
+            _ = tick.tick(), if checking.is_none() => {
                 let positions: Vec<_> = read
                     .iter()
                     .flat_map(|(t, ps)| ps.iter().map(|(p, r)| (t.clone(), *p, r.next)))
                     .collect();
-                let c = consumer.clone();
-                let Ok(marks) = tokio::task::spawn_blocking(move || survey(&c, &positions)).await else { continue };
+                let known: HashMap<(String, i32), i64> = read
+                    .iter()
+                    .flat_map(|(t, ps)| ps.iter().filter_map(|(p, r)| Some(((t.clone(), *p), r.first_ms?))))
+                    .collect();
+                let (c, p, topics, was) = (consumer.clone(), probe.clone(), cfg.topics.clone(), suspects.clone());
+                checking = Some(tokio::task::spawn_blocking(move || {
+                    tick_check(&c, &p, &topics, &positions, &was, &known)
+                }));
+                continue;
+            }
+            report = async { checking.as_mut()?.await.ok() }, if checking.is_some() => {
+                checking = None;
+                let Some(TickReport { marks, now, twice, replaced }) = report else { continue };
                 let broker_down = consumer.context().latest.lock().take().is_some_and(|s| !s.connected);
                 let connected = !broker_down && marks.iter().all(|(_, _, h)| h.is_some());
                 let lag = marks.iter().filter_map(|((t, p), next, h)| Some((t.clone(), *p, (h.as_ref()? - next).max(0)))).collect();
                 if out.send(&wire::encode(&Event::Status(Status { connected, lag }))).await.is_err() {
                     return Ok(ConsumerEnd::OutputClosed);
                 }
-                let now: Vec<(String, i32)> = marks
-                    .into_iter()
-                    .filter(|(_, next, h)| h.is_some_and(|h| h >= 0 && h < *next))
-                    .map(|(k, _, _)| k)
-                    .collect();
-                let twice: Vec<(String, i32)> = now.iter().filter(|p| suspects.contains(p)).cloned().collect();
-                // Only a log whose first record we know can be compared; the others are kept.
-                let ask: Vec<((String, i32), i64)> = twice
-                    .iter()
-                    .filter_map(|k| Some((k.clone(), read.get(&k.0)?.get(&k.1)?.first_ms?)))
-                    .collect();
-                if !ask.is_empty() {
-                    let (p, topics) = (probe.clone(), cfg.topics.clone());
-                    let replaced = tokio::task::spawn_blocking(move || replaced_logs(&p, &topics, &ask))
-                        .await
-                        .unwrap_or_default();
-                    if !replaced.is_empty() {
-                        tracing::warn!(partitions = ?replaced, "kafka partition log shorter than our position twice in a row and its first record changed: recreated");
-                        return Ok(ConsumerEnd::Recreated);
-                    }
+                if !replaced.is_empty() {
+                    tracing::warn!(partitions = ?replaced, "kafka partition log shorter than our position twice in a row and its first record changed: recreated");
+                    return Ok(ConsumerEnd::Recreated);
+                }
+                if !twice.is_empty() {
                     tracing::debug!(partitions = ?twice, "kafka high-water mark below our position, same log: not recreated");
                 }
                 suspects = now.into_iter().filter(|p| !twice.contains(p)).collect();
