@@ -201,8 +201,13 @@ class Sub:
         return {c: {"epoch": v[-1][0], "seq": v[-1][1]} for c, v in self.got.items() if v}
 
     async def wait_for(self, channel: str, count: int, timeout: float):
+        """Until `count` messages of `channel` arrived; a timeout is a failure of its own, not a
+        later "gap" or "shards disagree" on a list that was still filling."""
         deadline = time.time() + timeout
-        while len(self.got[channel]) < count and time.time() < deadline:
+        while len(self.got[channel]) < count:
+            if time.time() >= deadline:
+                raise AssertionError(f"{channel}: {len(self.got[channel])} of {count} messages "
+                                     f"after {timeout:.0f} s (closes: {self.closes})")
             await asyncio.sleep(0.05)
 
 
