@@ -116,6 +116,9 @@ pub struct KafkaConfig {
     pub channel_template: String,
     /// librdkafka `fetch.wait.max.ms`.
     pub fetch_wait_max: Duration,
+    /// Longest the shard reports `starting` while the `back:<n>` warm-up re-reads history;
+    /// after it, the shard takes clients even if the warm-up is not over (logged).
+    pub warmup_timeout: Duration,
     /// Extra librdkafka properties, applied last.
     pub overrides: Vec<(String, String)>,
     pub isolation: Isolation,
@@ -132,6 +135,7 @@ impl Default for KafkaConfig {
             start: StartPosition::Latest,
             channel_template: "{topic}.{key}".into(),
             fetch_wait_max: Duration::from_millis(10),
+            warmup_timeout: Duration::from_secs(30),
             overrides: Vec::new(),
             isolation: Isolation::InProcess,
         }
@@ -212,9 +216,12 @@ impl KafkaSource {
             .iter()
             .map(|t| (t.clone(), metrics::counter!(RECORDS, "topic" => t.clone())))
             .collect();
+        let status = SourceStatus::new("kafka", true);
+        // Not ready until the warm-up has read what it re-reads (set before any `/health`).
+        status.set_ready(!matches!(cfg.start, StartPosition::Back(n) if n > 0));
         Ok(Self {
             cfg,
-            status: SourceStatus::new("kafka", true),
+            status,
             records,
         })
     }
@@ -240,6 +247,16 @@ impl KafkaSource {
         }
     }
 
+    /// Ends the start-up warm-up once every assigned partition has been read up to the
+    /// high-water mark it had at start.
+    fn check_warmup(&self, state: &Partitions) {
+        let mut parts = state.values().flat_map(|ps| ps.values()).peekable();
+        if parts.peek().is_some() && parts.all(|p| p.next >= p.live_from) {
+            self.status.set_ready(true);
+            tracing::info!("kafka history warm-up complete: taking clients");
+        }
+    }
+
     fn set_connected(&self, up: bool) {
         self.status.set_connected(up);
         metrics::gauge!(CONNECTED).set(if up { 1.0 } else { 0.0 });
@@ -262,6 +279,7 @@ impl KafkaSource {
             match e {
                 Ok(Some(Event::Record(r))) => {
                     self.set_connected(true);
+                    let check_warmup = !self.status.ready();
                     match self.records.get(r.topic.as_str()) {
                         Some(c) => c.increment(1),
                         None => metrics::counter!(RECORDS, "topic" => r.topic.clone()).increment(1),
@@ -272,8 +290,16 @@ impl KafkaSource {
                     if let Some(p) = p {
                         handle(&self.cfg, hub, p, &r, fanout);
                     }
+                    if check_warmup {
+                        self.check_warmup(state);
+                    }
                 }
-                Ok(Some(Event::Partitions(list))) => apply_assignment(state, &list),
+                Ok(Some(Event::Partitions(list))) => {
+                    apply_assignment(state, &list);
+                    if !self.status.ready() {
+                        self.check_warmup(state);
+                    }
+                }
                 Ok(Some(Event::Status(s))) => {
                     self.set_connected(s.connected);
                     let mut total = 0u64;
@@ -407,6 +433,25 @@ impl MessageSource for KafkaSource {
 
     async fn run(self, hub: Arc<Hub>, shutdown: CancellationToken) -> Result<(), SourceError> {
         self.set_connected(false);
+        if !self.status.ready() {
+            let (status, limit, stop) = (
+                self.status.clone(),
+                self.cfg.warmup_timeout,
+                shutdown.clone(),
+            );
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = tokio::time::sleep(limit) => if !status.ready() {
+                        status.set_ready(true);
+                        tracing::warn!(
+                            timeout = ?limit,
+                            "kafka history warm-up not complete after kafka_warmup_timeout; taking clients anyway (those resuming with since may get recovered:false)"
+                        );
+                    },
+                }
+            });
+        }
         for c in self.records.values() {
             c.increment(0);
         }
@@ -540,6 +585,7 @@ mod tests {
             start: StartPosition::Latest,
             channel_template: "{topic}.{key}".into(),
             fetch_wait_max: Duration::from_millis(10),
+            warmup_timeout: Duration::from_secs(30),
             overrides: vec![],
             isolation: Isolation::InProcess,
         };

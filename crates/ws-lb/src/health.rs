@@ -90,7 +90,8 @@ pub(crate) async fn poll_loop(lb: Arc<Lb>) {
             match result {
                 Poll::Health(h) => {
                     lb.pool
-                        .set_health(i, h.utilization(), h.status == ShardStatus::Draining)
+                        // `draining` and `starting` alike: no new client for now.
+                        .set_health(i, h.utilization(), h.status != ShardStatus::Ok)
                 }
                 Poll::Unreachable => {
                     lb.pool.probe_unreachable(i, Instant::now());

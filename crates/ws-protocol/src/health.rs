@@ -13,6 +13,10 @@ pub enum ShardStatus {
     Ok,
     /// Shutting down: refuses new connections and is closing existing ones with 1012.
     Draining,
+    /// Just started: its message source is still re-reading the recent history that
+    /// reconnecting clients ask for with `since`. Accepts connections, but load balancers
+    /// place no new client on it until it turns `ok` (HTTP 503 until then).
+    Starting,
 }
 
 /// State of the process's message source (embedded bus or Kafka consumer).

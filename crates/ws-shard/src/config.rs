@@ -161,6 +161,11 @@ pub struct Settings {
     #[arg(long, value_parser = humantime::parse_duration, default_value = human(kafka().fetch_wait_max))]
     #[serde(with = "humantime_serde")]
     pub kafka_fetch_wait_max: Duration,
+    /// Longest the shard reports `starting` (no new clients from ws-lb) while the
+    /// `back:<n>` warm-up re-reads history.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = human(kafka().warmup_timeout))]
+    #[serde(with = "humantime_serde")]
+    pub kafka_warmup_timeout: Duration,
     /// Extra librdkafka properties, comma-separated key=value (applied last).
     #[arg(long, value_delimiter = ',')]
     #[serde(deserialize_with = "net_core::config::list")]
@@ -277,6 +282,7 @@ impl Settings {
             start: self.kafka_start,
             channel_template: self.kafka_channel_template.clone(),
             fetch_wait_max: self.kafka_fetch_wait_max,
+            warmup_timeout: self.kafka_warmup_timeout,
             isolation: Isolation::Process {
                 exe: std::env::current_exe().context("locating the ws-shard binary")?,
             },

@@ -110,6 +110,8 @@ impl Shard {
             shard_id: self.ctx.shard_id,
             status: if self.ctx.drain.is_cancelled() {
                 ShardStatus::Draining
+            } else if !self.source.ready() {
+                ShardStatus::Starting
             } else {
                 ShardStatus::Ok
             },

@@ -34,6 +34,8 @@ pub enum SourceError {
 pub struct SourceStatus {
     kind: &'static str,
     connected: AtomicBool,
+    /// Whether the source has read what it set out to read at start (history warm-up).
+    ready: AtomicBool,
     lag: AtomicU64,
     has_lag: bool,
 }
@@ -44,6 +46,7 @@ impl SourceStatus {
         Arc::new(Self {
             kind,
             connected: AtomicBool::new(!has_lag),
+            ready: AtomicBool::new(true),
             lag: AtomicU64::new(0),
             has_lag,
         })
@@ -52,6 +55,20 @@ impl SourceStatus {
     /// Records whether the source currently receives messages.
     pub fn set_connected(&self, connected: bool) {
         self.connected.store(connected, Ordering::Relaxed);
+    }
+
+    /// Records whether the start-up warm-up is over. A source that re-reads recent input at
+    /// start to fill the history (Kafka with `back:<n>`) sets `false` first, then `true`
+    /// once it has read up to where the input ended at start: until then a client resuming
+    /// with `since` could be told `recovered: false` for what is about to be re-read, so the
+    /// shard reports itself `starting` and load balancers place no client on it.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    /// Whether the start-up warm-up is over (always, for a source without one).
+    pub fn ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
     }
 
     /// Records the total lag behind the input.

@@ -20,6 +20,7 @@ fn kafka(brokers: &str, start: StartPosition) -> ws_shard::SourceConfig {
         start,
         channel_template: "{topic}.{key}".into(),
         fetch_wait_max: Duration::from_millis(10),
+        warmup_timeout: Duration::from_secs(30),
         overrides: vec![],
         isolation: kafka_source::Isolation::InProcess,
     })
@@ -275,4 +276,115 @@ async fn two_processes_agree_and_history_warms_from_kafka() {
     );
     a.kill();
     b.kill();
+}
+
+/// What `/health` says about shard 0: (HTTP status, `status` field).
+async fn shard_status(srv: &test_support::TestShards) -> (u16, String) {
+    let r = get(srv.shards[0], "/health").await.unwrap();
+    let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    (
+        r.status,
+        v["status"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
+/// A shard that warms its history from Kafka reports `starting` (503) until the warm-up has
+/// read up to where the partitions ended at start, so a load balancer places nobody on it
+/// before a client resuming with `since` can recover: the first `ok` already recovers
+/// everything. (Before, `/health` said `ok` at once and such a client got
+/// `recovered: false` for what was still being re-read.)
+#[tokio::test]
+async fn a_warming_shard_reports_starting_until_its_history_is_read() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("trades", 2, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let p = producer(&brokers);
+    let mut sent = Vec::new();
+    for n in 0..200 {
+        sent.push(produce(&p, &format!("K{}", n % 20), &n.to_string()).await);
+    }
+    let srv = start_shards(1, |c| c.source = kafka(&brokers, StartPosition::Back(1000))).await;
+    // Poll as a load balancer does; take the first `ok`.
+    let mut seen = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, status) = shard_status(&srv).await;
+        assert!(status == "ok" || status == "starting", "{status}");
+        assert_eq!(code, if status == "ok" { 200 } else { 503 }, "{status}");
+        seen.push(status.clone());
+        if status == "ok" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never ok: {seen:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Every channel's history is complete: a resume from before its first record recovers.
+    let mut ws = connect(&srv.ws_url(0)).await.unwrap();
+    for k in 0..20 {
+        let channel = format!("trades.K{k}");
+        let mine: Vec<_> = sent
+            .iter()
+            .enumerate()
+            .filter(|(n, _)| n % 20 == k)
+            .map(|(_, s)| *s)
+            .collect();
+        let ServerMessage::Subscribed { epoch, .. } =
+            subscribe(&mut connect(&srv.ws_url(0)).await.unwrap(), &[&channel])
+                .await
+                .unwrap()
+                .remove(0)
+        else {
+            panic!()
+        };
+        send(&mut ws, &format!(r#"{{"type":"subscribe","channels":["{channel}"],"since":{{"{channel}":{{"epoch":"{epoch}","seq":{}}}}}}}"#, mine[0].1)).await.unwrap();
+        match next_msg(&mut ws).await.unwrap() {
+            ServerMessage::Subscribed {
+                recovered: true,
+                seq,
+                ..
+            } => assert_eq!(
+                seq,
+                mine.last().unwrap().1 as u64,
+                "{channel}: seen {seen:?}"
+            ),
+            other => panic!("{channel}: {other:?} (health polls saw {seen:?})"),
+        }
+        let got = messages(&mut ws, mine.len() - 1).await;
+        assert_eq!(
+            got.iter().map(|m| m.1).collect::<Vec<_>>(),
+            mine[1..].iter().map(|s| s.1 as u64).collect::<Vec<_>>(),
+            "{channel}"
+        );
+    }
+    srv.kill();
+}
+
+/// A warm-up that cannot finish (no broker) holds the shard in `starting` only for
+/// `kafka_warmup_timeout`; then it takes clients.
+#[tokio::test]
+async fn a_warmup_that_cannot_finish_ends_at_its_timeout() {
+    let dead = test_support::free_port();
+    let started = std::time::Instant::now();
+    let srv = start_shards(1, |c| {
+        let mut k = kafka(&dead.to_string(), StartPosition::Back(1000));
+        if let ws_shard::SourceConfig::Kafka(cfg) = &mut k {
+            cfg.warmup_timeout = Duration::from_millis(1500);
+        }
+        c.source = k;
+    })
+    .await;
+    let (code, status) = shard_status(&srv).await;
+    // Polled at once: well inside the timeout unless this machine stalled for a second.
+    if started.elapsed() < Duration::from_millis(1000) {
+        assert_eq!((code, status.as_str()), (503, "starting"));
+    }
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            shard_status(&srv).await == (200, "ok".to_owned())
+        })
+        .await
+    );
+    // The timer starts after `started`: the first `ok` cannot come sooner.
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+    srv.kill();
 }
