@@ -14,6 +14,12 @@ import cluster as cl
 
 CHANNELS = "trades.K{0..9}"
 TOPIC = "trades"
+# The load generator's handshake deadline; None = loadtest's default (5 s), used at full
+# size, which measures capacity. The short versions (`make cluster-test`, part of `make
+# test`) check behaviour and must pass on a loaded machine: `run_one` sets 30 s for them, so
+# a handshake that a busy box (a TLS front, 17 VMs and a build on 2 cores) slows down is not
+# counted as refused. Recorded in every result (`loadtest_handshake_timeout`).
+HANDSHAKE_TIMEOUT = None
 
 
 def wait_for(cond, timeout, interval=0.25):
@@ -62,7 +68,8 @@ class Loadtest:
         self.args = [str(c.bin / "loadtest"), "--url", url or c.url(), "--connections", str(connections),
                      "--rate", str(rate), "--hold", str(hold), "--source-ips", ips, "--json", str(self.out), "--quiet",
                      *(["--ca-file", str(c.front.ca)] if ca else []),
-                     *(["--channels", CHANNELS] if channels else []), *(["--reconnect"] if reconnect else []), *extra]
+                     *(["--channels", CHANNELS] if channels else []), *(["--reconnect"] if reconnect else []),
+                     *(["--handshake-timeout", HANDSHAKE_TIMEOUT] if HANDSHAKE_TIMEOUT else []), *extra]
         self.log = open(c.run_dir / f"loadtest-{name}.log", "w")
         self.p = subprocess.Popen(["ip", "netns", "exec", c.net.vms["clients"].ns, *self.args],
                                   stdout=self.log, stderr=self.log, start_new_session=True)
@@ -89,7 +96,8 @@ def loopback_loadtest(bin_dir, url, connections, rate, hold, run_dir, name, chan
     out = Path(tempfile.mkdtemp(prefix=f"odinc-{name}-")) / "report.json"
     args = [str(bin_dir / "loadtest"), "--url", url, "--connections", str(connections), "--rate", str(rate),
             "--hold", str(hold), "--source-ips", "127.0.0.2-127.0.0.65", "--json", str(out), "--quiet",
-            *(["--channels", CHANNELS] if channels else [])]
+            *(["--channels", CHANNELS] if channels else []),
+            *(["--handshake-timeout", HANDSHAKE_TIMEOUT] if HANDSHAKE_TIMEOUT else [])]
     with open(run_dir / f"loadtest-{name}.log", "w") as log:
         subprocess.run(args, stdout=log, stderr=log, timeout=900)
     return json.loads(out.read_text())
@@ -277,6 +285,7 @@ def save(name, c, full, figures, checks, started, extra=None):
         "runtime_metrics": c.watcher.summary(since=started) if c.watcher else None,
         "commit": cl.bench.commit_of(cl.REPO), "machine": cl.bench.machine(), "non_default_flags": cl.non_default_flags(c.a),
         "topology": c.describe(), "started_unix": round(started, 3), "seconds": round(time.time() - started, 1),
+        "loadtest_handshake_timeout": HANDSHAKE_TIMEOUT or "5s (loadtest default)",
     }
     doc.update(extra or {})
     path.write_text(json.dumps(doc, indent=1, default=str))
