@@ -87,6 +87,18 @@ ROWS = [
         ts("Shard /health poll failures", [q(f"sum by (shard_id) (rate(ws_lb_health_poll_failures_total{{{LB}}}[{RI}]))", "shard {{shard_id}}")],
            unit="ops"),
     ]),
+    ("Shard membership (ws-lb)", [
+        ts("Shard members by state", [q(f"max by (state) (ws_lb_members{{{LB}}})", "{{state}}")],
+           description="pending (waiting for a healthy /health), warming (slow start), active, removed (no new clients; relays run until the shard drains them). Max over ws-lb VMs."),
+        ts("Membership updates and source errors", [
+            q(f"sum(increase(ws_lb_membership_updates_total{{{LB}}}[{RI}]))", "updates applied"),
+            q(f"sum by (reason) (increase(ws_lb_membership_source_errors_total{{{LB}}}[{RI}]))", "source error: {{reason}}"),
+        ], description="A failing source keeps the last good set (MembershipSourceStale after 2 minutes)."),
+        ts("Membership source age", [q(f"max by (instance) (time() - (ws_lb_membership_last_update_timestamp_seconds{{{LB}}} > 0))", "{{instance}}")],
+           unit="s", description="Seconds since each ws-lb last read its backend_file / backend_dns successfully (absent with a static backend_urls)."),
+        ts("Relays per shard (ws-lb view)", [q(f"sum by (shard_id) (ws_lb_shard_relays{{{LB}}})", "shard {{shard_id}}")],
+           description="Handshakes in progress and relays per shard slot, summed over ws-lb VMs; selection uses each LB's live count between health polls."),
+    ]),
     ("Circuit breakers and shard scores (as seen by ws-lb)", [
         ts("Breaker states", [q(f"sum by (state) (ws_circuit_breaker_state{{{LB}}})", "{{state}}")],
            description="Number of (ws-lb, shard) breakers in each state.", stack=True),

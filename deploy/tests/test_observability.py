@@ -33,6 +33,8 @@ EXPECTED = {
     "KafkaConsumerLagHigh": "max by (instance, topic) (ws_kafka_consumer_lag) > 10000",
     "AdmissionRejections": "sum by (instance, reason) (rate(ws_lb_admission_rejections_total[5m])) > 1",
     "KafkaDisconnected": "ws_kafka_connected == 0",
+    "MembershipSourceStale": "(time() - ws_lb_membership_last_update_timestamp_seconds > 120) and ws_lb_membership_last_update_timestamp_seconds > 0",
+    "ShardTierSaturated": "sum(ws_shard_connections) / sum(ws_shard_max_connections) > 0.85",
     "HistoryBudgetNearlyFull": "max by (instance) (ws_shard_history_bytes / ws_shard_history_budget_bytes) > 0.9",
 }
 

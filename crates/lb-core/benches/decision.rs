@@ -18,14 +18,15 @@ fn benches(c: &mut Criterion) {
         .unwrap();
     let _guard = rt.enter();
     let pool = ShardPool::new(
-        10,
+        (0..10).map(|i| (format!("ws://s{i}:1/ws"), ())).collect(),
         BreakerConfig::default(),
         ScoreConfig::default(),
+        std::time::Duration::ZERO,
         Arc::new(NoObserver),
     )
     .unwrap();
     for i in 0..10 {
-        pool.set_health(i, i as f64 / 10.0, false);
+        pool.set_health(i, i as f64 / 10.0, 1000, false, tokio::time::Instant::now());
     }
     let mut rng = SmallRng::seed_from_u64(1);
     c.bench_function("select + succeed (10 shards)", |b| {
@@ -33,7 +34,7 @@ fn benches(c: &mut Criterion) {
             let lease = pool
                 .select(Tried::default(), tokio::time::Instant::now(), &mut rng)
                 .unwrap();
-            lease.succeed();
+            drop(lease.succeed());
         })
     });
 }

@@ -8,6 +8,7 @@
 pub mod breaker;
 pub mod config;
 pub mod error;
+pub mod membership;
 pub mod pacing;
 pub mod pool;
 pub mod retry;
@@ -17,5 +18,6 @@ pub mod select;
 pub use breaker::{BreakerState, CircuitBreaker, Transition};
 pub use config::{BreakerConfig, ConfigError, PacingConfig, RetryConfig, ScoreConfig};
 pub use error::{AttemptError, AttemptKind, FinalClose};
+pub use membership::{MemberState, Update};
 pub use pacing::{Pacer, PacingRejection};
-pub use pool::{PoolObserver, ShardPool, ShardSnapshot};
+pub use pool::{PoolObserver, RelayCount, ShardPool, ShardSnapshot};

@@ -1,12 +1,24 @@
-//! The set of shards one LB dials, with each shard's breaker, failure window and last health
-//! report, safe to share between all connection tasks.
+//! The set of shards one LB dials, with each shard's breaker, failure window, last health
+//! report, membership state and live relay count, safe to share between all connection
+//! tasks.
 //!
-//! Every method takes a short `parking_lot` lock per shard and never holds it across an
+//! Shards live in a fixed table of [`MAX_SHARDS`] slots, one per shard URL (the key), each
+//! carrying a caller-chosen target `T` (ws-lb: how to dial the shard). Membership updates
+//! ([`ShardPool::update`]) mark slots listed or removed and never move a shard to another
+//! slot, so indexes stay valid in `Tried` sets, leases and metrics across updates (see
+//! [`crate::membership`]).
+//!
+//! Every method takes a short `parking_lot` lock per slot and never holds it across an
 //! `.await`. A granted call is a [`Lease`]: it must be resolved with [`Lease::succeed`] or
 //! [`Lease::fail`]; dropping it unresolved (the client vanished mid-handshake) releases a
-//! half-open trial slot without counting an outcome.
+//! half-open trial slot without counting an outcome. From selection on, the call counts in
+//! the shard's live relay count; a successful handshake hands that count to a
+//! [`RelayCount`], which the relay holds until it ends.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use parking_lot::Mutex;
 use rand::Rng;
@@ -16,6 +28,7 @@ use tokio::time::Instant;
 use crate::breaker::{BreakerState, CircuitBreaker, Ticket, Transition};
 use crate::config::{BreakerConfig, ScoreConfig};
 use crate::error::AttemptError;
+use crate::membership::{slow_start_weight, MemberState, Update, REJOIN_WINDOW};
 use crate::retry::{Tried, MAX_SHARDS};
 use crate::score::{health_score, FailureWindow};
 use crate::select::{pick, Admission, Candidate};
@@ -34,21 +47,98 @@ impl PoolObserver for NoObserver {
 }
 
 #[derive(Debug)]
-struct ShardState {
+struct ShardState<T> {
+    key: String,
+    target: T,
     breaker: CircuitBreaker,
     window: FailureWindow,
     utilization: f64,
+    /// Slot capacity from the last `/health` (0: unknown).
+    capacity: u64,
+    /// This LB's live relay count when `utilization` was measured.
+    polled_relays: usize,
     draining: bool,
     health_ok: bool,
+    /// In the current member list.
+    listed: bool,
+    /// When it left the list (while not listed).
+    removed_at: Option<Instant>,
+    /// Seen healthy since it was (re)listed; `Some(None)`: without slow start.
+    admitted: Option<Option<Instant>>,
+}
+
+impl<T> ShardState<T> {
+    fn new(key: String, target: T, cfg: &Settings, admitted: Option<Option<Instant>>) -> Self {
+        Self {
+            key,
+            target,
+            breaker: CircuitBreaker::new(cfg.breaker),
+            window: FailureWindow::new(cfg.score),
+            utilization: 0.0,
+            capacity: 0,
+            polled_relays: 0,
+            draining: false,
+            health_ok: true,
+            listed: true,
+            removed_at: None,
+            admitted,
+        }
+    }
+
+    fn member(&self, now: Instant, slow_start: Duration) -> MemberState {
+        match (self.listed, self.admitted) {
+            (false, _) => MemberState::Removed,
+            (true, None) => MemberState::Pending,
+            (true, Some(from)) if slow_start_weight(from, now, slow_start) < 1.0 => {
+                MemberState::Warming
+            }
+            (true, Some(_)) => MemberState::Active,
+        }
+    }
+
+    /// Utilization from the last poll, moved by the relays this LB opened or saw end since:
+    /// between two polls every LB sees its own new clients at once, so P2C does not keep
+    /// choosing the shard whose stale score looked best.
+    fn live_utilization(&self, relays: usize) -> f64 {
+        if self.capacity == 0 {
+            return self.utilization;
+        }
+        let delta = relays as f64 - self.polled_relays as f64;
+        (self.utilization + delta / self.capacity as f64).clamp(0.0, 1.0)
+    }
+}
+
+#[derive(Debug)]
+struct Slot<T> {
+    state: Mutex<Option<ShardState<T>>>,
+    /// Handshakes in progress plus relays running, from this LB.
+    relays: Arc<AtomicUsize>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Settings {
+    breaker: BreakerConfig,
+    score: ScoreConfig,
+    slow_start: Duration,
 }
 
 /// A point-in-time view of one shard, for `/health` and metrics.
 #[derive(Debug, Clone, Serialize)]
 pub struct ShardSnapshot {
     pub shard_id: usize,
+    /// The shard's key (ws-lb: its URL).
+    pub url: String,
+    pub member: MemberState,
+    /// Selection weight (below 1 during slow start, 0 when it takes no clients).
+    pub weight: f64,
     pub breaker: BreakerState,
     pub score: f64,
+    /// Utilization as selection sees it now (last poll plus this LB's relays since).
     pub utilization: f64,
+    /// Slot capacity from the last `/health` (0: not polled yet).
+    pub capacity: u64,
+    /// This LB's handshakes in progress and relays to the shard.
+    pub relays: usize,
     pub recent_failures: usize,
     pub failure_rate: f64,
     pub draining: bool,
@@ -60,78 +150,315 @@ pub struct ShardSnapshot {
 
 /// All shards of one LB.
 #[derive(Debug)]
-pub struct ShardPool {
-    shards: Vec<Mutex<ShardState>>,
+pub struct ShardPool<T> {
+    slots: Box<[Slot<T>]>,
+    /// Slots `0..used` have been assigned a key at some point.
+    used: AtomicUsize,
+    /// Key to slot, for every assigned slot; held only by updates.
+    directory: Mutex<HashMap<String, usize>>,
+    settings: Settings,
     observer: Arc<dyn PoolObserver>,
 }
 
-/// Too many shards for one pool.
+/// Too many (or no) shards for one pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("a pool holds 1 to {MAX_SHARDS} shards, got {0}")]
 pub struct PoolSizeError(pub usize);
 
 /// A granted call on one shard.
 #[derive(Debug)]
-pub struct Lease<'a> {
-    pool: &'a ShardPool,
+pub struct Lease<'a, T> {
+    pool: &'a ShardPool<T>,
     index: usize,
+    target: T,
     ticket: Option<Ticket>,
+    /// Whether this lease still holds one unit of the shard's relay count.
+    counted: bool,
 }
 
-impl ShardPool {
-    /// A pool of `n` shards, all closed, with unknown utilization (treated as 0).
+/// One unit of a shard's live relay count, held for as long as a relay runs.
+#[derive(Debug)]
+#[must_use = "the relay count drops when this does"]
+pub struct RelayCount(Arc<AtomicUsize>);
+
+impl Drop for RelayCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl<T: Clone> ShardPool<T> {
+    /// A pool of `members` (key, target), all admitted at full weight (a process starts
+    /// with its shards as they are: slow start is for shards that join a running pool).
     pub fn new(
-        n: usize,
+        members: Vec<(String, T)>,
         breaker: BreakerConfig,
         score: ScoreConfig,
+        slow_start: Duration,
         observer: Arc<dyn PoolObserver>,
     ) -> Result<Self, PoolSizeError> {
-        if n == 0 || n > MAX_SHARDS {
-            return Err(PoolSizeError(n));
+        if members.is_empty() || members.len() > MAX_SHARDS {
+            return Err(PoolSizeError(members.len()));
         }
-        let shards = (0..n)
-            .map(|_| {
-                Mutex::new(ShardState {
-                    breaker: CircuitBreaker::new(breaker),
-                    window: FailureWindow::new(score),
-                    utilization: 0.0,
-                    draining: false,
-                    health_ok: true,
-                })
+        let slots = (0..MAX_SHARDS)
+            .map(|_| Slot {
+                state: Mutex::new(None),
+                relays: Arc::new(AtomicUsize::new(0)),
             })
             .collect();
-        Ok(Self { shards, observer })
+        let pool = Self {
+            slots,
+            used: AtomicUsize::new(0),
+            directory: Mutex::new(HashMap::new()),
+            settings: Settings {
+                breaker,
+                score,
+                slow_start,
+            },
+            observer,
+        };
+        pool.apply(members, Instant::now(), Some(None))?;
+        Ok(pool)
     }
 
-    /// Number of shards.
+    /// Makes `members` the listed set: new keys join pending (admitted after a healthy
+    /// poll, then slow start), keys no longer listed are removed (no new clients; their
+    /// relays continue), keys listed again rejoin (see [`crate::membership`]). Shards that
+    /// stay keep all their state. An empty list or one too long changes nothing.
+    pub fn update(&self, members: Vec<(String, T)>, now: Instant) -> Result<Update, PoolSizeError> {
+        if members.is_empty() || members.len() > MAX_SHARDS {
+            return Err(PoolSizeError(members.len()));
+        }
+        self.apply(members, now, None)
+    }
+
+    fn apply(
+        &self,
+        members: Vec<(String, T)>,
+        now: Instant,
+        admit_new: Option<Option<Instant>>,
+    ) -> Result<Update, PoolSizeError> {
+        let mut directory = self.directory.lock();
+        let mut wanted: Vec<(String, T)> = Vec::with_capacity(members.len());
+        for (key, target) in members {
+            if !wanted.iter().any(|(k, _)| *k == key) {
+                wanted.push((key, target));
+            }
+        }
+        // Enough free slots for the new keys? Checked before anything changes. A slot
+        // can be reused only when it is not listed after this update and nothing relays
+        // to it (an unlisted slot's count only goes down).
+        let fresh = wanted
+            .iter()
+            .filter(|(k, _)| !directory.contains_key(k))
+            .count();
+        let used = self.used.load(Ordering::Acquire);
+        let reusable: Vec<usize> = {
+            let mut r: Vec<(Option<Instant>, usize)> = (0..used)
+                .filter_map(|i| {
+                    let slot = self.slots.get(i)?;
+                    let s = slot.state.lock();
+                    let s = s.as_ref()?;
+                    let stays = wanted.iter().any(|(k, _)| *k == s.key);
+                    (!stays && slot.relays.load(Ordering::Relaxed) == 0)
+                        .then_some((s.removed_at, i))
+                })
+                .collect();
+            // Longest removed first; still-listed ones (about to be removed) last.
+            r.sort_by_key(|&(at, i)| (at.is_none(), at, i));
+            r.into_iter().map(|(_, i)| i).collect()
+        };
+        if fresh > MAX_SHARDS - used + reusable.len() {
+            return Err(PoolSizeError(used + fresh - reusable.len()));
+        }
+        let mut update = Update::default();
+        for i in 0..used {
+            let Some(slot) = self.slots.get(i) else {
+                continue;
+            };
+            let mut s = slot.state.lock();
+            if let Some(s) = s.as_mut() {
+                if s.listed && !wanted.iter().any(|(k, _)| *k == s.key) {
+                    s.listed = false;
+                    s.removed_at = Some(now);
+                    update.removed.push(i);
+                }
+            }
+        }
+        let mut reusable = reusable.into_iter();
+        let mut next_fresh = used;
+        for (key, target) in wanted {
+            if let Some(&i) = directory.get(&key) {
+                let Some(slot) = self.slots.get(i) else {
+                    continue;
+                };
+                let mut s = slot.state.lock();
+                let Some(s) = s.as_mut() else { continue };
+                s.target = target;
+                if !s.listed {
+                    s.listed = true;
+                    let away = s.removed_at.map(|at| now.saturating_duration_since(at));
+                    if away.is_none_or(|d| d > REJOIN_WINDOW) {
+                        s.admitted = admit_new;
+                    }
+                    s.removed_at = None;
+                    update.rejoined.push(i);
+                }
+                continue;
+            }
+            let i = if next_fresh < MAX_SHARDS {
+                next_fresh += 1;
+                next_fresh - 1
+            } else {
+                match reusable.next() {
+                    Some(i) => i,
+                    None => break,
+                }
+            };
+            let Some(slot) = self.slots.get(i) else {
+                continue;
+            };
+            let mut s = slot.state.lock();
+            if let Some(old) = s.as_ref() {
+                directory.remove(&old.key);
+            }
+            directory.insert(key.clone(), i);
+            *s = Some(ShardState::new(key, target, &self.settings, admit_new));
+            update.added.push(i);
+        }
+        self.used.store(next_fresh, Ordering::Release);
+        Ok(update)
+    }
+
+    /// The listed shards (pending, warming, active) and their targets: what to poll.
+    pub fn listed(&self) -> Vec<(usize, T)> {
+        self.assigned()
+            .filter_map(|(i, slot)| {
+                let s = slot.state.lock();
+                let s = s.as_ref()?;
+                s.listed.then(|| (i, s.target.clone()))
+            })
+            .collect()
+    }
+
+    /// Chooses a shard not yet in `tried` and takes a call permit on it.
+    pub fn select<R: Rng + ?Sized>(
+        &self,
+        tried: Tried,
+        now: Instant,
+        rng: &mut R,
+    ) -> Option<Lease<'_, T>> {
+        let mut excluded = tried;
+        loop {
+            let candidates: Vec<Candidate> = self
+                .assigned()
+                .filter(|(i, _)| !excluded.contains(*i))
+                .filter_map(|(index, slot)| {
+                    let mut s = slot.state.lock();
+                    let s = s.as_mut()?;
+                    if s.draining || !s.listed {
+                        return None;
+                    }
+                    let ramp_from = s.admitted?;
+                    let admission = match (s.breaker.state(), s.breaker.would_admit(now)) {
+                        (_, false) => Admission::Refused,
+                        (BreakerState::Closed, true) => Admission::Closed,
+                        (_, true) => Admission::Trial,
+                    };
+                    let rate = s.window.failure_rate(now);
+                    let relays = slot.relays.load(Ordering::Relaxed);
+                    let score = health_score(s.live_utilization(relays), rate);
+                    Some(Candidate {
+                        index,
+                        admission,
+                        score,
+                        weight: slow_start_weight(ramp_from, now, self.settings.slow_start),
+                        last_failure: s.breaker.last_failure(),
+                    })
+                })
+                .collect();
+            let index = pick(&candidates, rng)?;
+            let slot = self.slots.get(index)?;
+            let acquired = {
+                let mut s = slot.state.lock();
+                s.as_mut()
+                    .map(|s| (s.breaker.acquire(now), s.target.clone()))
+            };
+            match acquired {
+                Some((Ok((ticket, transition)), target)) => {
+                    if let Some(t) = transition {
+                        self.observer.transition(index, t);
+                    }
+                    slot.relays.fetch_add(1, Ordering::Relaxed);
+                    return Some(Lease {
+                        pool: self,
+                        index,
+                        target,
+                        ticket: Some(ticket),
+                        counted: true,
+                    });
+                }
+                // Another task took the last trial slot between snapshot and acquire.
+                _ => excluded.insert(index),
+            }
+        }
+    }
+}
+
+impl<T> ShardPool<T> {
+    fn assigned(&self) -> impl Iterator<Item = (usize, &Slot<T>)> {
+        let used = self.used.load(Ordering::Acquire);
+        self.slots.iter().take(used).enumerate()
+    }
+
+    /// Number of listed shards.
     pub fn len(&self) -> usize {
-        self.shards.len()
+        self.assigned()
+            .filter(|(_, slot)| slot.state.lock().as_ref().is_some_and(|s| s.listed))
+            .count()
     }
 
-    /// Always false: a pool has at least one shard.
+    /// Always false: a pool lists at least one shard.
     pub fn is_empty(&self) -> bool {
-        self.shards.is_empty()
+        self.len() == 0
     }
 
-    /// Stores the result of a `/health` poll.
-    pub fn set_health(&self, index: usize, utilization: f64, draining: bool) {
-        if let Some(s) = self.shards.get(index) {
-            let mut s = s.lock();
+    /// Stores the result of a `/health` poll: utilization, slot capacity (0 if unknown)
+    /// and whether the shard drains. A pending shard that answers without draining is
+    /// admitted here, and starts its slow start.
+    pub fn set_health(
+        &self,
+        index: usize,
+        utilization: f64,
+        capacity: u64,
+        draining: bool,
+        now: Instant,
+    ) {
+        if let Some(slot) = self.slots.get(index) {
+            let mut s = slot.state.lock();
+            let Some(s) = s.as_mut() else { return };
             s.utilization = if utilization.is_nan() {
                 1.0
             } else {
                 utilization.clamp(0.0, 1.0)
             };
+            s.capacity = capacity;
+            s.polled_relays = slot.relays.load(Ordering::Relaxed);
             s.draining = draining;
             s.health_ok = true;
+            if s.listed && s.admitted.is_none() && !draining {
+                s.admitted = Some((!self.settings.slow_start.is_zero()).then_some(now));
+            }
         }
     }
 
     /// Records that a `/health` poll failed. The breaker is left to handshake outcomes; the
     /// shard stays selectable so that a broken health endpoint alone never empties the pool.
     pub fn set_health_unreachable(&self, index: usize) {
-        if let Some(s) = self.shards.get(index) {
-            s.lock().health_ok = false;
+        if let Some(slot) = self.slots.get(index) {
+            if let Some(s) = slot.state.lock().as_mut() {
+                s.health_ok = false;
+            }
         }
     }
 
@@ -146,8 +473,9 @@ impl ShardPool {
     /// endpoint alone must never empty the pool), and open or half-open breakers are left
     /// to the handshakes (trials), as before.
     pub fn probe_unreachable(&self, index: usize, now: Instant) {
-        let transition = self.shards.get(index).and_then(|s| {
-            let mut s = s.lock();
+        let transition = self.slots.get(index).and_then(|slot| {
+            let mut s = slot.state.lock();
+            let s = s.as_mut()?;
             s.health_ok = false;
             if s.breaker.state() != BreakerState::Closed {
                 return None;
@@ -160,99 +488,60 @@ impl ShardPool {
         }
     }
 
-    /// Chooses a shard not yet in `tried` and takes a call permit on it.
-    pub fn select<R: Rng + ?Sized>(
-        &self,
-        tried: Tried,
-        now: Instant,
-        rng: &mut R,
-    ) -> Option<Lease<'_>> {
-        let mut excluded = tried;
-        loop {
-            let candidates: Vec<Candidate> = self
-                .shards
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| !excluded.contains(*i))
-                .filter_map(|(index, s)| {
-                    let mut s = s.lock();
-                    if s.draining {
-                        return None;
-                    }
-                    let admission = match (s.breaker.state(), s.breaker.would_admit(now)) {
-                        (_, false) => Admission::Refused,
-                        (BreakerState::Closed, true) => Admission::Closed,
-                        (_, true) => Admission::Trial,
-                    };
-                    let rate = s.window.failure_rate(now);
-                    let score = health_score(s.utilization, rate);
-                    Some(Candidate {
-                        index,
-                        admission,
-                        score,
-                        last_failure: s.breaker.last_failure(),
-                    })
-                })
-                .collect();
-            let index = pick(&candidates, rng)?;
-            let acquired = self
-                .shards
-                .get(index)
-                .map(|s| s.lock().breaker.acquire(now));
-            match acquired {
-                Some(Ok((ticket, transition))) => {
-                    if let Some(t) = transition {
-                        self.observer.transition(index, t);
-                    }
-                    return Some(Lease {
-                        pool: self,
-                        index,
-                        ticket: Some(ticket),
-                    });
-                }
-                // Another task took the last trial slot between snapshot and acquire.
-                _ => excluded.insert(index),
-            }
-        }
-    }
-
     /// Whether any shard would take a new client now (for the LB's own `/health`).
     pub fn any_admits(&self, now: Instant) -> bool {
-        self.shards.iter().any(|s| {
-            let s = s.lock();
-            !s.draining && s.breaker.would_admit(now)
+        self.assigned().any(|(_, slot)| {
+            let s = slot.state.lock();
+            s.as_ref().is_some_and(|s| {
+                s.listed && s.admitted.is_some() && !s.draining && s.breaker.would_admit(now)
+            })
         })
     }
 
-    /// A snapshot of every shard.
+    /// A snapshot of every shard that has a slot (removed ones included).
     pub fn snapshot(&self, now: Instant) -> Vec<ShardSnapshot> {
-        self.shards
-            .iter()
-            .enumerate()
-            .map(|(shard_id, s)| {
-                let mut s = s.lock();
+        let slow_start = self.settings.slow_start;
+        self.assigned()
+            .filter_map(|(shard_id, slot)| {
+                let mut s = slot.state.lock();
+                let s = s.as_mut()?;
+                let relays = slot.relays.load(Ordering::Relaxed);
                 let failure_rate = s.window.failure_rate(now);
-                ShardSnapshot {
+                let utilization = s.live_utilization(relays);
+                let member = s.member(now, slow_start);
+                let weight = match s.admitted {
+                    Some(from) if member.takes_clients() => {
+                        slow_start_weight(from, now, slow_start)
+                    }
+                    _ => 0.0,
+                };
+                Some(ShardSnapshot {
                     shard_id,
+                    url: s.key.clone(),
+                    member,
+                    weight,
                     breaker: s.breaker.state(),
-                    score: health_score(s.utilization, failure_rate),
-                    utilization: s.utilization,
+                    score: health_score(utilization, failure_rate),
+                    utilization,
+                    capacity: s.capacity,
+                    relays,
                     recent_failures: s.window.failures(now),
                     failure_rate,
                     draining: s.draining,
                     health_ok: s.health_ok,
-                    admits: !s.draining && s.breaker.would_admit(now),
-                }
+                    admits: member.takes_clients() && !s.draining && s.breaker.would_admit(now),
+                })
             })
             .collect()
     }
 
     fn resolve(&self, index: usize, ticket: Ticket, outcome: Option<&AttemptError>, now: Instant) {
-        let Some(shard) = self.shards.get(index) else {
+        let Some(slot) = self.slots.get(index) else {
             return;
         };
         let transition = {
-            let mut s = shard.lock();
+            let mut s = slot.state.lock();
+            let Some(s) = s.as_mut() else { return };
             match outcome {
                 None => {
                     s.window.record(now, false);
@@ -274,10 +563,15 @@ impl ShardPool {
     }
 }
 
-impl Lease<'_> {
+impl<T> Lease<'_, T> {
     /// The chosen shard.
     pub fn index(&self) -> usize {
         self.index
+    }
+
+    /// The chosen shard's target.
+    pub fn target(&self) -> &T {
+        &self.target
     }
 
     /// Whether this call is a half-open trial.
@@ -285,11 +579,19 @@ impl Lease<'_> {
         matches!(self.ticket, Some(Ticket::Trial { .. }))
     }
 
-    /// The handshake with the shard succeeded.
-    pub fn succeed(mut self) {
+    /// The handshake with the shard succeeded; the returned count is the relay's.
+    pub fn succeed(mut self) -> RelayCount {
         if let Some(t) = self.ticket.take() {
             self.pool.resolve(self.index, t, None, Instant::now());
         }
+        self.counted = false;
+        let relays = self
+            .pool
+            .slots
+            .get(self.index)
+            .map(|s| s.relays.clone())
+            .unwrap_or_else(|| Arc::new(AtomicUsize::new(1)));
+        RelayCount(relays)
     }
 
     /// The handshake with the shard failed with `error`.
@@ -301,12 +603,18 @@ impl Lease<'_> {
     }
 }
 
-impl Drop for Lease<'_> {
+impl<T> Drop for Lease<'_, T> {
     fn drop(&mut self) {
+        let Some(slot) = self.pool.slots.get(self.index) else {
+            return;
+        };
         if let Some(t) = self.ticket.take() {
-            if let Some(s) = self.pool.shards.get(self.index) {
-                s.lock().breaker.on_cancel(t);
+            if let Some(s) = slot.state.lock().as_mut() {
+                s.breaker.on_cancel(t);
             }
+        }
+        if self.counted {
+            slot.relays.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
@@ -326,17 +634,40 @@ mod tests {
         }
     }
 
-    fn pool(n: usize, obs: Arc<dyn PoolObserver>) -> ShardPool {
+    fn keys(n: std::ops::Range<usize>) -> Vec<(String, ())> {
+        n.map(|i| (format!("ws://s{i}:1/ws"), ())).collect()
+    }
+
+    fn pool_with(n: usize, slow_start: Duration, obs: Arc<dyn PoolObserver>) -> ShardPool<()> {
         let b = BreakerConfig::try_new(3, Duration::from_secs(30), 2, 2).unwrap();
-        ShardPool::new(n, b, ScoreConfig::default(), obs).unwrap()
+        ShardPool::new(keys(0..n), b, ScoreConfig::default(), slow_start, obs).unwrap()
+    }
+
+    fn pool(n: usize, obs: Arc<dyn PoolObserver>) -> ShardPool<()> {
+        pool_with(n, Duration::ZERO, obs)
+    }
+
+    fn health(p: &ShardPool<()>, i: usize, utilization: f64, draining: bool) {
+        p.set_health(i, utilization, 100, draining, Instant::now());
+    }
+
+    /// Picks `n` clients, each released at once; counts per slot.
+    fn spread(p: &ShardPool<()>, n: usize, rng: &mut StdRng) -> Vec<usize> {
+        let mut counts = vec![0; MAX_SHARDS];
+        for _ in 0..n {
+            let lease = p.select(Tried::default(), Instant::now(), rng).unwrap();
+            counts[lease.index()] += 1;
+            drop(lease.succeed());
+        }
+        counts
     }
 
     #[tokio::test(start_paused = true)]
     async fn steers_new_clients_to_lightly_loaded_shards() {
         let p = pool(3, Arc::new(NoObserver));
-        p.set_health(0, 0.9, false);
-        p.set_health(1, 0.1, false);
-        p.set_health(2, 0.1, false);
+        health(&p, 0, 0.9, false);
+        health(&p, 1, 0.1, false);
+        health(&p, 2, 0.1, false);
         let mut rng = StdRng::seed_from_u64(42);
         let mut counts = [0usize; 3];
         for _ in 0..3_000 {
@@ -344,7 +675,7 @@ mod tests {
                 .select(Tried::default(), Instant::now(), &mut rng)
                 .unwrap();
             counts[lease.index()] += 1;
-            lease.succeed();
+            drop(lease.succeed());
         }
         assert_eq!(counts[0], 0, "{counts:?}");
     }
@@ -376,7 +707,7 @@ mod tests {
                 .select(Tried::default(), Instant::now(), &mut rng)
                 .unwrap();
             assert_eq!(lease.index(), 1, "traffic avoids the open shard");
-            lease.succeed();
+            drop(lease.succeed());
         }
         assert!(
             p.select(tried, Instant::now(), &mut rng).is_none(),
@@ -396,7 +727,7 @@ mod tests {
         );
         assert!(trials.iter().all(Lease::is_trial));
         for l in trials {
-            l.succeed();
+            drop(l.succeed());
         }
         let kinds: Vec<_> = rec.0.lock().iter().map(|(_, t)| (t.from, t.to)).collect();
         assert_eq!(
@@ -450,7 +781,7 @@ mod tests {
                 break l;
             }
         };
-        lease.succeed();
+        drop(lease.succeed());
         p.probe_unreachable(0, Instant::now());
         p.probe_unreachable(0, Instant::now());
         assert_eq!(p.snapshot(Instant::now())[0].breaker, BreakerState::Closed);
@@ -479,7 +810,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn draining_shards_are_skipped_and_health_reflects_it() {
         let p = pool(2, Arc::new(NoObserver));
-        p.set_health(0, 0.0, true);
+        health(&p, 0, 0.0, true);
         let mut rng = StdRng::seed_from_u64(9);
         for _ in 0..50 {
             assert_eq!(
@@ -489,7 +820,7 @@ mod tests {
                 1
             );
         }
-        p.set_health(1, 0.5, true);
+        health(&p, 1, 0.5, true);
         assert!(!p.any_admits(Instant::now()));
         assert!(p
             .select(Tried::default(), Instant::now(), &mut rng)
@@ -498,19 +829,228 @@ mod tests {
 
     #[test]
     fn size_bounds() {
-        assert!(ShardPool::new(
-            0,
-            BreakerConfig::default(),
-            ScoreConfig::default(),
-            Arc::new(NoObserver)
-        )
-        .is_err());
-        assert!(ShardPool::new(
-            129,
-            BreakerConfig::default(),
-            ScoreConfig::default(),
-            Arc::new(NoObserver)
-        )
-        .is_err());
+        let make = |n| {
+            ShardPool::new(
+                keys(0..n),
+                BreakerConfig::default(),
+                ScoreConfig::default(),
+                Duration::ZERO,
+                Arc::new(NoObserver),
+            )
+        };
+        assert_eq!(make(0).unwrap_err(), PoolSizeError(0));
+        assert_eq!(make(129).unwrap_err(), PoolSizeError(129));
+        assert_eq!(make(128).unwrap().len(), 128);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_shard_waits_for_health_then_ramps_over_the_slow_start() {
+        let p = pool_with(9, Duration::from_secs(30), Arc::new(NoObserver));
+        let mut rng = StdRng::seed_from_u64(11);
+        for i in 0..9 {
+            health(&p, i, 0.5, false);
+        }
+        let u = p.update(keys(0..10), Instant::now()).unwrap();
+        assert_eq!(u.added, vec![9]);
+        assert!(u.removed.is_empty() && u.rejoined.is_empty());
+        assert_eq!(p.snapshot(Instant::now())[9].member, MemberState::Pending);
+        assert_eq!(spread(&p, 2_000, &mut rng)[9], 0, "pending: no client");
+        // A draining answer does not admit it either.
+        health(&p, 9, 0.0, true);
+        assert_eq!(p.snapshot(Instant::now())[9].member, MemberState::Pending);
+        // Healthy and empty: admitted at the floor weight. Without slow start it would win
+        // every pair it is in (2/10 of all clients); at 10 % it gets about 2 %.
+        health(&p, 9, 0.0, false);
+        assert_eq!(p.snapshot(Instant::now())[9].member, MemberState::Warming);
+        let share = |c: &[usize]| c[9] as f64 / c.iter().sum::<usize>() as f64;
+        let first = share(&spread(&p, 10_000, &mut rng));
+        assert!((0.01..0.035).contains(&first), "{first}");
+        tokio::time::advance(Duration::from_secs(15)).await;
+        let half = share(&spread(&p, 10_000, &mut rng));
+        assert!((0.08..0.13).contains(&half), "{half}");
+        tokio::time::advance(Duration::from_secs(15)).await;
+        assert_eq!(p.snapshot(Instant::now())[9].member, MemberState::Active);
+        let full = share(&spread(&p, 10_000, &mut rng));
+        assert!((0.17..0.23).contains(&full), "{full}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn removal_stops_new_clients_keeps_relays_and_state_and_a_quick_rejoin_restores_it() {
+        let rec = Arc::new(Record::default());
+        let p = pool_with(3, Duration::from_secs(30), rec.clone());
+        let mut rng = StdRng::seed_from_u64(2);
+        // Shard 1 holds a relay and has a history: two failures, then its breaker opens.
+        let relay = loop {
+            let l = p
+                .select(Tried::default(), Instant::now(), &mut rng)
+                .unwrap();
+            if l.index() == 1 {
+                break l.succeed();
+            }
+        };
+        let mut only_1 = Tried::default();
+        only_1.insert(0);
+        only_1.insert(2);
+        for _ in 0..3 {
+            p.select(only_1, Instant::now(), &mut rng)
+                .unwrap()
+                .fail(&AttemptError::ConnectRefused("x".into()));
+        }
+        assert_eq!(p.snapshot(Instant::now())[1].breaker, BreakerState::Open);
+        let u = p
+            .update([keys(0..1), keys(2..3)].concat(), Instant::now())
+            .unwrap();
+        assert_eq!(u.removed, vec![1]);
+        let snap = p.snapshot(Instant::now());
+        assert_eq!(snap[1].member, MemberState::Removed);
+        assert_eq!(snap[1].relays, 1, "its relay is untouched");
+        assert!(!snap[1].admits);
+        assert_eq!(p.len(), 2);
+        assert_eq!(
+            p.listed().iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+            [0, 2]
+        );
+        // Past its open timeout a listed shard would get the trial; a removed one never.
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert_eq!(spread(&p, 500, &mut rng)[1], 0);
+        // Updates that keep shards 0 and 2 leave their state alone.
+        health(&p, 0, 0.7, false);
+        let before = p.snapshot(Instant::now());
+        let u = p
+            .update([keys(2..3), keys(0..1)].concat(), Instant::now())
+            .unwrap();
+        assert!(!u.changed());
+        let after = p.snapshot(Instant::now());
+        assert_eq!(before[0].utilization, after[0].utilization);
+        // Back within the rejoin window: same slot, breaker still open (now due a
+        // trial), active at once, its relay counted.
+        let u = p.update(keys(0..3), Instant::now()).unwrap();
+        assert_eq!(u.rejoined, vec![1]);
+        let snap = p.snapshot(Instant::now());
+        assert_eq!(snap[1].member, MemberState::Active);
+        assert_eq!(snap[1].breaker, BreakerState::Open);
+        assert_eq!(snap[1].relays, 1);
+        let trial = p
+            .select(Tried::default(), Instant::now(), &mut rng)
+            .unwrap();
+        assert!(trial.is_trial() && trial.index() == 1);
+        drop(trial);
+        drop(relay);
+        assert_eq!(p.snapshot(Instant::now())[1].relays, 0);
+        // Gone for longer than the rejoin window: it must pass a health poll again.
+        p.update(keys(0..1), Instant::now()).unwrap();
+        tokio::time::advance(REJOIN_WINDOW + Duration::from_secs(1)).await;
+        p.update(keys(0..3), Instant::now()).unwrap();
+        let snap = p.snapshot(Instant::now());
+        assert_eq!(snap[1].member, MemberState::Pending);
+        assert_eq!(snap[2].member, MemberState::Pending);
+        assert_eq!(snap[1].breaker, BreakerState::HalfOpen, "history kept");
+        let kinds: Vec<_> = rec.0.lock().iter().map(|(i, t)| (*i, t.to)).collect();
+        assert_eq!(kinds.first(), Some(&(1, BreakerState::Open)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn flapping_does_not_move_slots_or_reset_a_ramp() {
+        let p = pool_with(2, Duration::from_secs(30), Arc::new(NoObserver));
+        p.update(keys(0..3), Instant::now()).unwrap();
+        health(&p, 2, 0.0, false);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let w = p.snapshot(Instant::now())[2].weight;
+        for _ in 0..20 {
+            p.update(keys(0..2), Instant::now()).unwrap();
+            let u = p.update(keys(0..3), Instant::now()).unwrap();
+            assert_eq!(u.rejoined, vec![2]);
+            assert!(u.added.is_empty());
+        }
+        let snap = p.snapshot(Instant::now());
+        assert_eq!(snap.len(), 3, "no new slot per flap");
+        assert_eq!(snap[2].member, MemberState::Warming);
+        assert!((snap[2].weight - w).abs() < 1e-9);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bad_lists_change_nothing_and_full_tables_reuse_idle_removed_slots() {
+        let p = pool(2, Arc::new(NoObserver));
+        assert_eq!(p.update(Vec::new(), Instant::now()), Err(PoolSizeError(0)));
+        assert_eq!(p.len(), 2);
+        // Fill the table: 128 keys, then move to 128 others. Only idle removed slots are
+        // reused; one holding a relay is kept.
+        p.update(keys(0..128), Instant::now()).unwrap();
+        let mut rng = StdRng::seed_from_u64(1);
+        let held = p
+            .select(Tried::default(), Instant::now(), &mut rng)
+            .unwrap();
+        let held_slot = held.index();
+        let relay = held.succeed();
+        assert_eq!(
+            p.update(keys(128..256), Instant::now()),
+            Err(PoolSizeError(129))
+        );
+        assert_eq!(p.len(), 128, "a refused update changes nothing");
+        let u = p.update(keys(128..255), Instant::now()).unwrap();
+        assert_eq!(u.added.len(), 127);
+        assert!(!u.added.contains(&held_slot));
+        let snap = p.snapshot(Instant::now());
+        assert_eq!(snap[held_slot].member, MemberState::Removed);
+        assert_eq!(snap[held_slot].relays, 1);
+        drop(relay);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn live_relay_counts_spread_clients_between_polls() {
+        // Polled a second ago: shard 0 at 10 %, the others at 20 %, 100 slots each. On
+        // stale scores shard 0 wins every pair it is in, two thirds of the clients until
+        // the next poll; with this LB's own relays counted it only gets the 10 it was short.
+        let p = pool(3, Arc::new(NoObserver));
+        health(&p, 0, 0.1, false);
+        health(&p, 1, 0.2, false);
+        health(&p, 2, 0.2, false);
+        let mut rng = StdRng::seed_from_u64(4);
+        let mut counts = [0usize; 3];
+        let mut relays = Vec::new();
+        for _ in 0..150 {
+            let lease = p
+                .select(Tried::default(), Instant::now(), &mut rng)
+                .unwrap();
+            counts[lease.index()] += 1;
+            relays.push(lease.succeed());
+        }
+        for (i, c) in counts.iter().enumerate() {
+            let want = if i == 0 { 56.7 } else { 46.7 };
+            assert!((*c as f64 - want).abs() <= 6.0, "{counts:?}");
+        }
+        let snap = p.snapshot(Instant::now());
+        assert_eq!(snap.iter().map(|s| s.relays).sum::<usize>(), 150);
+        // The next poll sees them in the shard's own count: nothing is counted twice.
+        for s in &snap {
+            health(&p, s.shard_id, s.utilization, false);
+        }
+        let again = p.snapshot(Instant::now());
+        for (a, b) in snap.iter().zip(&again) {
+            assert!((a.utilization - b.utilization).abs() < 1e-9);
+        }
+        drop(relays);
+        let done = p.snapshot(Instant::now());
+        assert!(done.iter().all(|s| s.relays == 0));
+        assert!(
+            done[0].utilization < snap[0].utilization,
+            "ended relays count too"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failed_and_dropped_leases_give_their_count_back() {
+        let p = pool(1, Arc::new(NoObserver));
+        let mut rng = StdRng::seed_from_u64(1);
+        let a = p
+            .select(Tried::default(), Instant::now(), &mut rng)
+            .unwrap();
+        let b = p
+            .select(Tried::default(), Instant::now(), &mut rng)
+            .unwrap();
+        assert_eq!(p.snapshot(Instant::now())[0].relays, 2, "in-flight counts");
+        a.fail(&AttemptError::HttpStatus(503));
+        drop(b);
+        assert_eq!(p.snapshot(Instant::now())[0].relays, 0);
     }
 }

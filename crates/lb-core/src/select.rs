@@ -12,6 +12,11 @@
 //! random and take the better. Unlike "always the best", this keeps ten independent LB
 //! instances from stampeding the same shard between two health polls, while still steering
 //! most traffic away from loaded or failing shards.
+//!
+//! The two samples are drawn in proportion to each shard's weight: 1 for a full member, less
+//! for a shard in slow start ([`crate::membership::slow_start_weight`]), so a newly added
+//! (empty, best-scored) shard wins only the pairs it is sampled into, which start rare and
+//! grow over the slow-start window.
 
 use rand::Rng;
 use tokio::time::Instant;
@@ -33,6 +38,8 @@ pub struct Candidate {
     pub index: usize,
     pub admission: Admission,
     pub score: f64,
+    /// Sampling weight in (0, 1]: 1 for a full member, less during slow start.
+    pub weight: f64,
     pub last_failure: Option<Instant>,
 }
 
@@ -54,12 +61,9 @@ pub fn pick<R: Rng + ?Sized>(candidates: &[Candidate], rng: &mut R) -> Option<us
     match closed.len() {
         0 => {}
         1 => return closed.first().map(|c| c.index),
-        n => {
-            let a = rng.random_range(0..n);
-            let mut b = rng.random_range(0..n - 1);
-            if b >= a {
-                b += 1;
-            }
+        _ => {
+            let a = weighted(&closed, None, rng)?;
+            let b = weighted(&closed, Some(a), rng)?;
             let (ca, cb) = (closed.get(a)?, closed.get(b)?);
             return Some(if cb.score > ca.score {
                 cb.index
@@ -69,6 +73,41 @@ pub fn pick<R: Rng + ?Sized>(candidates: &[Candidate], rng: &mut R) -> Option<us
         }
     }
     None
+}
+
+/// A position in `cands` drawn in proportion to the candidates' weights, never `skip`.
+fn weighted<R: Rng + ?Sized>(
+    cands: &[&Candidate],
+    skip: Option<usize>,
+    rng: &mut R,
+) -> Option<usize> {
+    let w = |c: &Candidate| {
+        if c.weight.is_finite() {
+            c.weight.clamp(f64::MIN_POSITIVE, 1.0)
+        } else {
+            1.0
+        }
+    };
+    let total: f64 = cands
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| Some(*i) != skip)
+        .map(|(_, c)| w(c))
+        .sum();
+    let mut r = rng.random::<f64>() * total;
+    let mut last = None;
+    for (i, c) in cands.iter().enumerate() {
+        if Some(i) == skip {
+            continue;
+        }
+        last = Some(i);
+        r -= w(c);
+        if r < 0.0 {
+            return Some(i);
+        }
+    }
+    // Rounding left a sliver: the last eligible candidate.
+    last
 }
 
 #[cfg(test)]
@@ -82,6 +121,7 @@ mod tests {
             index,
             admission,
             score,
+            weight: 1.0,
             last_failure: None,
         }
     }
@@ -127,18 +167,21 @@ mod tests {
                 index: 0,
                 admission: Admission::Trial,
                 score: 0.9,
+                weight: 1.0,
                 last_failure: Some(t0 + std::time::Duration::from_secs(5)),
             },
             Candidate {
                 index: 1,
                 admission: Admission::Trial,
                 score: 0.1,
+                weight: 1.0,
                 last_failure: Some(t0),
             },
             Candidate {
                 index: 2,
                 admission: Admission::Refused,
                 score: 1.0,
+                weight: 1.0,
                 last_failure: None,
             },
         ];
@@ -155,5 +198,31 @@ mod tests {
         assert_eq!(pick(&cands, &mut rng), Some(0));
         let cands = [c(0, Admission::Refused, 0.1), c(1, Admission::Closed, 1.0)];
         assert_eq!(pick(&cands, &mut rng), Some(1));
+    }
+
+    #[test]
+    fn a_light_shard_wins_only_the_pairs_its_weight_lets_it_into() {
+        let mut rng = StdRng::seed_from_u64(5);
+        // Ten equal full members and one empty newcomer at the slow-start floor: sampled
+        // about a tenth as often, it wins about 2 × 0.1 / 10.1 of the picks, not 2/11.
+        let mut cands: Vec<_> = (0..10).map(|i| c(i, Admission::Closed, 0.5)).collect();
+        cands.push(Candidate {
+            weight: 0.1,
+            ..c(10, Admission::Closed, 1.0)
+        });
+        let n = 100_000;
+        let newcomer = (0..n)
+            .filter(|_| pick(&cands, &mut rng) == Some(10))
+            .count() as f64
+            / n as f64;
+        assert!((0.015..0.025).contains(&newcomer), "{newcomer}");
+        if let Some(last) = cands.last_mut() {
+            last.weight = 1.0;
+        }
+        let full = (0..n)
+            .filter(|_| pick(&cands, &mut rng) == Some(10))
+            .count() as f64
+            / n as f64;
+        assert!((0.17..0.195).contains(&full), "{full}");
     }
 }

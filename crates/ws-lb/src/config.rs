@@ -44,10 +44,29 @@ pub struct Settings {
     /// Admin listener (GET /metrics); 0.0.0.0:9101 where Prometheus scrapes.
     #[arg(long, default_value_t = SocketAddr::from(([127, 0, 0, 1], 9101)))]
     pub admin_addr: SocketAddr,
-    /// Shard URLs, comma-separated: ws://host:port/ws,... (required; resolved once at start).
+    /// Shard URLs, comma-separated: ws://host:port/ws,... (a fixed set, resolved once at
+    /// start). Exactly one of backend_urls, backend_file and backend_dns is required.
     #[arg(long, value_delimiter = ',')]
     #[serde(deserialize_with = "net_core::config::list")]
     pub backend_urls: Vec<String>,
+    /// File with one shard URL per line (# comments); re-read when it changes and on
+    /// SIGHUP; empty = not used.
+    #[arg(long, default_value = "")]
+    pub backend_file: String,
+    /// ws://name:port/path whose name resolves to one address per shard, re-resolved every
+    /// membership_interval; empty = not used.
+    #[arg(long, default_value = "")]
+    pub backend_dns: String,
+    /// How often backend_file is checked for changes or backend_dns resolved (also the DNS
+    /// lookup's time limit).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = human(lib().membership_interval))]
+    #[serde(with = "humantime_serde")]
+    pub membership_interval: Duration,
+    /// A shard that joins takes this long to reach its full share of new connections
+    /// (weight ramps from 10 %); 0s = at once.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = human(lib().slow_start))]
+    #[serde(with = "humantime_serde")]
+    pub slow_start: Duration,
     /// Consecutive failed handshakes that open a shard's breaker (also env
     /// CIRCUIT_BREAKER_FAILURE_THRESHOLD).
     #[arg(long, default_value_t = lib().breaker.failure_threshold)]
@@ -216,6 +235,9 @@ impl Settings {
     pub fn lb_config(&self) -> Result<LbConfig, ConfigError> {
         LbConfig {
             backends: self.backend_urls.clone(),
+            membership: self.membership_source(),
+            membership_interval: self.membership_interval,
+            slow_start: self.slow_start,
             breaker: lb_core::BreakerConfig::try_new(
                 self.circuit_breaker_failure_threshold,
                 self.circuit_breaker_timeout,
@@ -275,6 +297,18 @@ impl Settings {
         .validate()
     }
 
+    /// The membership source these settings name (static when neither a file nor a DNS
+    /// name is set).
+    pub fn membership_source(&self) -> ws_lb::MembershipSource {
+        if !self.backend_file.is_empty() {
+            ws_lb::MembershipSource::File(PathBuf::from(&self.backend_file))
+        } else if !self.backend_dns.is_empty() {
+            ws_lb::MembershipSource::Dns(self.backend_dns.clone())
+        } else {
+            ws_lb::MembershipSource::Static
+        }
+    }
+
     /// How the client listener is bound.
     pub fn listen_options(&self) -> ListenOptions {
         ListenOptions {
@@ -304,8 +338,19 @@ pub fn load(matches: &ArgMatches, prefix: &str) -> anyhow::Result<Loaded<Setting
         raw: &UNPREFIXED_ENV,
     };
     let loaded = net_core::config::load(Settings::default(), cli.config.as_deref(), env, &flags)?;
-    if loaded.settings.backend_urls.is_empty() {
-        bail!("no backends: set --backend-urls (or LB_BACKEND_URLS) to ws://host:port/ws,...");
+    let s = &loaded.settings;
+    let sources = [
+        !s.backend_urls.is_empty(),
+        !s.backend_file.is_empty(),
+        !s.backend_dns.is_empty(),
+    ];
+    match sources.iter().filter(|set| **set).count() {
+        0 => bail!(
+            "no backends: set --backend-urls (or LB_BACKEND_URLS) to ws://host:port/ws,..., \
+             --backend-file to a file of such URLs, or --backend-dns to ws://name:port/ws"
+        ),
+        1 => {}
+        _ => bail!("backend_urls, backend_file and backend_dns are exclusive: set one"),
     }
     Ok(loaded)
 }
@@ -413,6 +458,41 @@ mod tests {
             ..Settings::default()
         };
         assert_eq!(zero.lb_config().unwrap_err().key, "stall_timeout");
+    }
+
+    #[test]
+    fn exactly_one_membership_source() {
+        figment::Jail::expect_with(|_| {
+            let s = load(&cli(&["--backend-file", "/etc/odin/shards"]), "LB_")
+                .map_err(|e| e.to_string())?
+                .settings;
+            assert_eq!(
+                s.membership_source(),
+                ws_lb::MembershipSource::File("/etc/odin/shards".into())
+            );
+            let s = load(
+                &cli(&["--backend-dns", "ws://shards.odin.internal:3002/ws"]),
+                "LB_",
+            )
+            .map_err(|e| e.to_string())?
+            .settings;
+            assert!(matches!(
+                s.membership_source(),
+                ws_lb::MembershipSource::Dns(_)
+            ));
+            let err = load(
+                &cli(&["--backend-file", "f", "--backend-urls", "ws://x:1/ws"]),
+                "LB_",
+            )
+            .unwrap_err();
+            assert!(err.to_string().contains("exclusive"), "{err}");
+            Ok(())
+        });
+        let zero = Settings {
+            membership_interval: Duration::ZERO,
+            ..Settings::default()
+        };
+        assert_eq!(zero.lb_config().unwrap_err().key, "membership_interval");
     }
 
     #[test]

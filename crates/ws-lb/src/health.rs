@@ -79,29 +79,36 @@ pub(crate) async fn poll_loop(lb: Arc<Lb>) {
         tokio::select! {
             _ = lb.shutdown.hard.cancelled() => return,
             _ = tick.tick() => {}
+            // Shards just added: admit them as soon as they answer, not a tick later.
+            _ = lb.poll_now.notified() => {}
         }
         let mut polls = JoinSet::new();
-        for (i, b) in lb.backends.iter().enumerate() {
+        // Listed shards only: a removed one takes no new client, whatever its health.
+        for (i, b) in lb.pool.listed() {
             let (client, uri, limit) = (client.clone(), b.health_uri(), lb.cfg.health_timeout);
             polls.spawn(async move { (i, poll_one(client, uri, limit).await) });
         }
         while let Some(done) = polls.join_next().await {
             let Ok((i, result)) = done else { continue };
             match result {
-                Poll::Health(h) => {
-                    lb.pool
-                        // `draining` and `starting` alike: no new client for now.
-                        .set_health(i, h.utilization(), h.status != ShardStatus::Ok)
-                }
+                // `draining` and `starting` alike: no new client for now (and a pending
+                // shard is admitted only on `ok`).
+                Poll::Health(h) => lb.pool.set_health(
+                    i,
+                    h.utilization(),
+                    h.max_connections,
+                    h.status != ShardStatus::Ok,
+                    Instant::now(),
+                ),
                 Poll::Unreachable => {
                     lb.pool.probe_unreachable(i, Instant::now());
-                    if let Some(h) = lb.metrics.shards.get(i) {
+                    if let Some(h) = lb.metrics.shard(i) {
                         h.health_poll_failures.increment(1);
                     }
                 }
                 Poll::NoAnswer => {
                     lb.pool.set_health_unreachable(i);
-                    if let Some(h) = lb.metrics.shards.get(i) {
+                    if let Some(h) = lb.metrics.shard(i) {
                         h.health_poll_failures.increment(1);
                     }
                 }
@@ -117,27 +124,22 @@ pub(crate) async fn poll_loop(lb: Arc<Lb>) {
 }
 
 #[derive(Serialize)]
-struct ShardView {
-    url: String,
-    #[serde(flatten)]
-    snapshot: lb_core::ShardSnapshot,
-}
-
-#[derive(Serialize)]
 struct LbHealth {
     /// `ok`, `no_shard_available` (live, but every new client gets 1012 until a shard
     /// admits again) or `draining`.
     status: &'static str,
     /// Shards that would take a new client now.
     shards_available: usize,
+    /// Listed shards (pending, warming, active).
     shards_total: usize,
     admission_queue: usize,
-    shards: Vec<ShardView>,
+    /// Every shard with a slot, removed ones included (`member`).
+    shards: Vec<lb_core::ShardSnapshot>,
 }
 
 /// `GET /health`: 200 unless the LB is draining (503). The body says whether any shard can
-/// take a new client (`status`, `shards_available`) and shows each shard's breaker state,
-/// score and utilization.
+/// take a new client (`status`, `shards_available`) and shows each shard's URL, membership
+/// state, weight, breaker state, score, utilization and relay count.
 pub(crate) async fn lb_health(State(lb): State<Arc<Lb>>) -> Response {
     let snapshot = lb.pool.snapshot(Instant::now());
     let available = snapshot.iter().filter(|s| s.admits).count();
@@ -149,16 +151,12 @@ pub(crate) async fn lb_health(State(lb): State<Arc<Lb>>) -> Response {
     let body = LbHealth {
         status,
         shards_available: available,
-        shards_total: snapshot.len(),
+        shards_total: snapshot
+            .iter()
+            .filter(|s| s.member != lb_core::MemberState::Removed)
+            .count(),
         admission_queue: lb.pacer.queue_len(),
-        shards: snapshot
-            .into_iter()
-            .zip(&lb.backends)
-            .map(|(snapshot, b)| ShardView {
-                url: b.url.clone(),
-                snapshot,
-            })
-            .collect(),
+        shards: snapshot,
     };
     let code = if lb.draining() {
         StatusCode::SERVICE_UNAVAILABLE

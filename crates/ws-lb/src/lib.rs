@@ -10,6 +10,7 @@
 mod backend;
 mod edge_auth;
 mod health;
+mod membership;
 pub mod metrics;
 mod proxy;
 mod relay;
@@ -33,6 +34,7 @@ use tower_governor::key_extractor::KeyExtractor;
 use tower_governor::{GovernorError, GovernorLayer};
 
 pub use backend::{Backend, BadBackend};
+pub use membership::MembershipSource;
 pub use relay::RelayEnd;
 
 /// Per-client-IP limit on new connections, answered with HTTP 429 before any upgrade.
@@ -45,8 +47,17 @@ pub struct PerIpLimit {
 /// Everything the LB needs, validated.
 #[derive(Debug, Clone)]
 pub struct LbConfig {
-    /// Shard URLs, `ws://host:port/path`.
+    /// Shard URLs, `ws://host:port/path`: the whole membership when `membership` is
+    /// static.
     pub backends: Vec<String>,
+    /// Where the shard list comes from, and how it is kept current.
+    pub membership: MembershipSource,
+    /// How often a file source's modification time is checked, or a DNS name resolved
+    /// (also the DNS lookup's time limit).
+    pub membership_interval: Duration,
+    /// How long a shard that joins a running pool takes to reach its full share of new
+    /// connections (its selection weight ramps from 10 % to 100 %); zero: at once.
+    pub slow_start: Duration,
     pub breaker: BreakerConfig,
     pub score: ScoreConfig,
     pub retry: RetryConfig,
@@ -88,6 +99,9 @@ impl Default for LbConfig {
     fn default() -> Self {
         Self {
             backends: Vec::new(),
+            membership: MembershipSource::Static,
+            membership_interval: Duration::from_secs(2),
+            slow_start: Duration::from_secs(30),
             breaker: BreakerConfig::default(),
             score: ScoreConfig::default(),
             retry: RetryConfig::default(),
@@ -117,6 +131,9 @@ impl Default for LbConfig {
 impl LbConfig {
     /// Checks what the parts' own constructors do not.
     pub fn validate(self) -> Result<Self, ConfigError> {
+        if self.membership_interval.is_zero() {
+            return Err(ConfigError::new("membership_interval", "must be positive"));
+        }
         if self.stall_timeout.is_zero() {
             return Err(ConfigError::new(
                 "stall_timeout",
@@ -147,14 +164,18 @@ pub enum LbError {
     PerIp,
     #[error("authentication: {0}")]
     Auth(#[from] auth::StartError),
+    #[error("membership source: {0}")]
+    Membership(#[from] membership::Failure),
 }
 
 /// Shared state of one LB process.
 #[derive(Debug)]
 pub(crate) struct Lb {
     pub(crate) cfg: LbConfig,
-    pub(crate) backends: Vec<Backend>,
-    pub(crate) pool: ShardPool,
+    /// The shards, each with how to dial it.
+    pub(crate) pool: ShardPool<Arc<Backend>>,
+    /// Wakes the health poller at once (a membership update added shards to admit).
+    pub(crate) poll_now: tokio::sync::Notify,
     pub(crate) pacer: Pacer,
     pub(crate) metrics: metrics::LbMetrics,
     pub(crate) relays: TaskTracker,
@@ -295,13 +316,19 @@ pub async fn run(
     prometheus: PrometheusHandle,
     shutdown: Shutdown,
 ) -> Result<usize, LbError> {
-    let backends = cfg
-        .backends
-        .iter()
-        .map(|u| Backend::parse(u))
-        .collect::<Result<Vec<_>, _>>()?;
-    let observer = Arc::new(metrics::TransitionRecorder::new(cfg.backends.clone()));
-    let pool = ShardPool::new(backends.len(), cfg.breaker, cfg.score, observer)?;
+    let members: membership::Members = match &cfg.membership {
+        MembershipSource::Static => cfg
+            .backends
+            .iter()
+            .map(|u| Ok((u.clone(), Arc::new(Backend::parse(u)?))))
+            .collect::<Result<_, BadBackend>>()?,
+        source => membership::read(source, cfg.membership_interval).await?,
+    };
+    let urls: Vec<String> = members.iter().map(|(u, _)| u.clone()).collect();
+    let shard_metrics = Arc::new(metrics::ShardTable::new());
+    let observer = Arc::new(metrics::TransitionRecorder::new(shard_metrics.clone()));
+    let pool = ShardPool::new(members, cfg.breaker, cfg.score, cfg.slow_start, observer)?;
+    tracing::info!(shards = urls.len(), source = ?cfg.membership, "shard membership");
     let clients = match cfg.max_clients {
         0 => tokio::sync::Semaphore::MAX_PERMITS,
         n => n.min(tokio::sync::Semaphore::MAX_PERMITS),
@@ -310,7 +337,7 @@ pub async fn run(
     let lb = Arc::new(Lb {
         verifier: verifier.clone(),
         subjects: Arc::default(),
-        metrics: metrics::LbMetrics::new(backends.len()),
+        metrics: metrics::LbMetrics::new(shard_metrics, &urls),
         pacer: Pacer::new(cfg.pacing),
         relay_opts: relay::RelayOptions::new(
             cfg.close_timeout,
@@ -319,14 +346,20 @@ pub async fn run(
             shutdown.drain.clone(),
         ),
         relays: TaskTracker::new(),
-        backends,
         pool,
+        poll_now: tokio::sync::Notify::new(),
         cfg,
         shutdown: shutdown.clone(),
         clients: Arc::new(tokio::sync::Semaphore::new(clients)),
     });
     let tasks = TaskTracker::new();
     tasks.spawn(health::poll_loop(lb.clone()));
+    lb.metrics
+        .update(&lb.pool.snapshot(tokio::time::Instant::now()));
+    if lb.cfg.membership != MembershipSource::Static {
+        lb.metrics.membership_read_ok();
+    }
+    tasks.spawn(membership::watch(lb.clone()));
     if verifier.enabled() {
         tasks.spawn(reload_keys(verifier, shutdown.hard.clone()));
     }

@@ -2,8 +2,12 @@
 //! dashboard in deploy/), the label values as enums (`label()`, `ALL`), and
 //! handles resolved once per shard so the per-connection path only does atomic adds.
 
+use std::sync::OnceLock;
+
+use lb_core::retry::MAX_SHARDS;
 use lb_core::{
-    AttemptKind, BreakerState, PacingRejection, PoolObserver, ShardSnapshot, Transition,
+    AttemptKind, BreakerState, MemberState, PacingRejection, PoolObserver, ShardSnapshot,
+    Transition,
 };
 use metrics::{Counter, Gauge, Histogram};
 
@@ -53,6 +57,18 @@ pub const HEALTH_POLL_FAILURES: &str = "ws_lb_health_poll_failures_total";
 /// Counter: failed shard handshakes by kind, labels `shard_id`, `kind`.
 pub const ATTEMPT_ERRORS: &str = "ws_lb_attempt_errors_total";
 
+/// Gauge: shards by membership state, label `state` (`lb_core::MemberState::label`).
+pub const MEMBERS: &str = "ws_lb_members";
+/// Counter: membership updates that changed the set of listed shards.
+pub const MEMBERSHIP_UPDATES: &str = "ws_lb_membership_updates_total";
+/// Gauge: Unix time of the last successful read of the membership source (0: static list).
+pub const MEMBERSHIP_LAST_UPDATE: &str = "ws_lb_membership_last_update_timestamp_seconds";
+/// Counter: failed reads of the membership source (the last good set was kept), label
+/// `reason` ([`SourceError::label`]).
+pub const MEMBERSHIP_SOURCE_ERRORS: &str = "ws_lb_membership_source_errors_total";
+/// Gauge: this LB's handshakes in progress and relays per shard, label `shard_id`.
+pub const SHARD_RELAYS: &str = "ws_lb_shard_relays";
+
 /// Counter: tokens refused at the edge (the client got 4001), label `reason`
 /// (`auth::AuthFailure::label`).
 pub const AUTH_FAILURES: &str = "ws_lb_auth_failures_total";
@@ -81,7 +97,54 @@ pub const ALL: &[&str] = &[
     SHARDS_AVAILABLE,
     ATTEMPT_ERRORS,
     AUTH_FAILURES,
+    MEMBERS,
+    MEMBERSHIP_UPDATES,
+    MEMBERSHIP_LAST_UPDATE,
+    MEMBERSHIP_SOURCE_ERRORS,
+    SHARD_RELAYS,
 ];
+
+/// Why the membership source could not be used (`ws_lb_membership_source_errors_total`,
+/// label `reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceError {
+    /// The file could not be read.
+    Unreadable,
+    /// A line or URL that is not a shard.
+    Invalid,
+    /// No shard at all (never applied).
+    Empty,
+    /// More shards than the pool's slots.
+    TooMany,
+    /// The DNS lookup did not answer in time.
+    DnsTimeout,
+    /// The DNS lookup failed (no such name, server failure).
+    DnsError,
+}
+
+impl SourceError {
+    /// Every reason, in index order.
+    pub const ALL: [SourceError; 6] = [
+        Self::Unreadable,
+        Self::Invalid,
+        Self::Empty,
+        Self::TooMany,
+        Self::DnsTimeout,
+        Self::DnsError,
+    ];
+
+    /// The `reason` label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Unreadable => "unreadable",
+            Self::Invalid => "invalid",
+            Self::Empty => "empty",
+            Self::TooMany => "too_many",
+            Self::DnsTimeout => "dns_timeout",
+            Self::DnsError => "dns_error",
+        }
+    }
+}
 
 /// Why a client was refused before any shard was dialled (`ws_lb_admission_rejections_total`,
 /// label `reason`).
@@ -202,12 +265,22 @@ pub struct ShardHandles {
     score: Gauge,
     utilization: Gauge,
     recent_failures: Gauge,
+    relays: Gauge,
     state: [Gauge; 3],
+    /// `ws_circuit_breaker_transitions_total` by [`TRANSITIONS`] index.
+    transitions: [Counter; 4],
+    /// The URL now in this slot, for log lines.
+    url: parking_lot::Mutex<String>,
 }
 
 impl ShardHandles {
     fn new(shard: usize) -> Self {
         let id = shard.to_string();
+        let transitions = TRANSITIONS.map(|(from, to)| {
+            let c = metrics::counter!(BREAKER_TRANSITIONS, "shard_id" => id.clone(), "from" => from.as_str(), "to" => to.as_str());
+            c.increment(0);
+            c
+        });
         let state = BreakerState::ALL.map(
             |s| metrics::gauge!(BREAKER_STATE, "shard_id" => id.clone(), "state" => s.as_str()),
         );
@@ -224,10 +297,17 @@ impl ShardHandles {
                 .collect(),
             score: metrics::gauge!(HEALTH_SCORE, "shard_id" => id.clone()),
             utilization: metrics::gauge!(UTILIZATION, "shard_id" => id.clone()),
-            recent_failures: metrics::gauge!(RECENT_FAILURES, "shard_id" => id),
+            recent_failures: metrics::gauge!(RECENT_FAILURES, "shard_id" => id.clone()),
+            relays: metrics::gauge!(SHARD_RELAYS, "shard_id" => id),
             state,
+            transitions,
+            url: parking_lot::Mutex::new(String::new()),
         };
         h.set_state(BreakerState::Closed);
+        h.health_poll_failures.increment(0);
+        for c in &h.attempt_errors {
+            c.increment(0);
+        }
         h
     }
 
@@ -245,12 +325,56 @@ impl ShardHandles {
     }
 }
 
+/// Per-slot handles, registered when a shard first takes the slot (at start for the
+/// initial shards, on a membership update for later ones), then only read.
+#[derive(Debug)]
+pub struct ShardTable {
+    slots: Box<[OnceLock<ShardHandles>]>,
+}
+
+impl ShardTable {
+    /// An empty table with a place for every pool slot.
+    pub fn new() -> Self {
+        Self {
+            slots: (0..MAX_SHARDS).map(|_| OnceLock::new()).collect(),
+        }
+    }
+
+    /// The handles of slot `shard` (registered now if they were not yet).
+    pub fn get(&self, shard: usize) -> Option<&ShardHandles> {
+        self.slots
+            .get(shard)
+            .map(|s| s.get_or_init(|| ShardHandles::new(shard)))
+    }
+
+    /// Registers slot `shard` for the shard at `url`.
+    pub fn register(&self, shard: usize, url: &str) {
+        if let Some(h) = self.get(shard) {
+            let mut name = h.url.lock();
+            name.clear();
+            name.push_str(url);
+        }
+    }
+}
+
+impl Default for ShardTable {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// All of the LB's metric handles.
 #[derive(Debug)]
 pub struct LbMetrics {
-    pub shards: Vec<ShardHandles>,
+    shards: std::sync::Arc<ShardTable>,
     /// `ws_handshake_retry_count` by attempt rank (index 0 = first attempt).
-    pub attempt_rank: Vec<Counter>,
+    attempt_rank: Box<[OnceLock<Counter>]>,
+    /// `ws_lb_members` by `MemberState` index.
+    members: [Gauge; 4],
+    membership_updates: Counter,
+    membership_last_update: Gauge,
+    /// By [`SourceError`] index.
+    source_errors: Vec<Counter>,
     pub active: Gauge,
     pub queue_len: Gauge,
     pub admission_wait: Histogram,
@@ -265,24 +389,27 @@ pub struct LbMetrics {
 }
 
 impl LbMetrics {
-    /// Registers handles for `n` shards, and every labelled counter at zero so that
-    /// `rate()` and alerts see a series from the start rather than an absent one.
-    pub fn new(n: usize) -> Self {
+    /// Registers handles for the `urls` the LB starts with (slots `0..n`), and every
+    /// labelled counter at zero so that `rate()` and alerts see a series from the start
+    /// rather than an absent one.
+    pub fn new(shards: std::sync::Arc<ShardTable>, urls: &[String]) -> Self {
         let zero = |c: Counter| {
             c.increment(0);
             c
         };
-        let shards: Vec<ShardHandles> = (0..n).map(ShardHandles::new).collect();
-        for h in &shards {
-            h.health_poll_failures.increment(0);
-            for c in &h.attempt_errors {
-                c.increment(0);
-            }
+        let n = urls.len();
+        for (i, url) in urls.iter().enumerate() {
+            shards.register(i, url);
         }
-        Self {
+        let m = Self {
             shards,
-            attempt_rank: (1..=n)
-                .map(|a| zero(metrics::counter!(RETRY_COUNT, "attempt" => a.to_string())))
+            attempt_rank: (0..MAX_SHARDS).map(|_| OnceLock::new()).collect(),
+            members: MemberState::ALL.map(|s| metrics::gauge!(MEMBERS, "state" => s.label())),
+            membership_updates: zero(metrics::counter!(MEMBERSHIP_UPDATES)),
+            membership_last_update: metrics::gauge!(MEMBERSHIP_LAST_UPDATE),
+            source_errors: SourceError::ALL
+                .iter()
+                .map(|r| zero(metrics::counter!(MEMBERSHIP_SOURCE_ERRORS, "reason" => r.label())))
                 .collect(),
             active: metrics::gauge!(ACTIVE),
             queue_len: metrics::gauge!(QUEUE_LEN),
@@ -321,6 +448,50 @@ impl LbMetrics {
                     )
                 })
                 .collect(),
+        };
+        for a in 0..n {
+            m.attempt_rank(a);
+        }
+        m
+    }
+
+    /// The handles of shard (slot) `i`.
+    pub fn shard(&self, i: usize) -> Option<&ShardHandles> {
+        self.shards.get(i)
+    }
+
+    /// Registers slot `i` for the shard at `url` (a membership update gave it the slot).
+    pub fn register_shard(&self, i: usize, url: &str) {
+        self.shards.register(i, url);
+    }
+
+    /// `ws_handshake_retry_count` of the attempt of rank `attempt` (0 = first).
+    pub fn attempt_rank(&self, attempt: usize) -> Option<&Counter> {
+        let slot = self.attempt_rank.get(attempt)?;
+        Some(slot.get_or_init(|| {
+            let c = metrics::counter!(RETRY_COUNT, "attempt" => (attempt + 1).to_string());
+            c.increment(0);
+            c
+        }))
+    }
+
+    /// Counts a membership update that changed the listed shards.
+    pub fn membership_update(&self) {
+        self.membership_updates.increment(1);
+    }
+
+    /// Records a successful read of the membership source, now.
+    pub fn membership_read_ok(&self) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.membership_last_update.set(now);
+    }
+
+    /// Counts a failed read of the membership source.
+    pub fn source_error(&self, reason: SourceError) {
+        if let Some(c) = self.source_errors.get(reason as usize) {
+            c.increment(1);
         }
     }
 
@@ -375,15 +546,23 @@ impl LbMetrics {
         }
     }
 
-    /// Copies a pool snapshot into the per-shard gauges.
+    /// Copies a pool snapshot into the per-shard gauges and the member counts.
     pub fn update(&self, snapshot: &[ShardSnapshot]) {
+        let mut members = [0usize; 4];
         for s in snapshot {
+            if let Some(m) = members.get_mut(s.member as usize) {
+                *m += 1;
+            }
             if let Some(h) = self.shards.get(s.shard_id) {
                 h.score.set(s.score);
                 h.utilization.set(s.utilization);
                 h.recent_failures.set(s.recent_failures as f64);
+                h.relays.set(s.relays as f64);
                 h.set_state(s.breaker);
             }
+        }
+        for (g, n) in self.members.iter().zip(members) {
+            g.set(n as f64);
         }
     }
 }
@@ -398,51 +577,29 @@ const TRANSITIONS: [(BreakerState, BreakerState); 4] = [
 ];
 
 /// Turns breaker transitions into metrics and log lines. Transitions happen on a client's
-/// handshake path, so their series are resolved once here (and registered at zero).
+/// handshake path, so their series are resolved when the shard takes its slot (and
+/// registered at zero).
 #[derive(Debug)]
 pub struct TransitionRecorder {
-    names: Vec<String>,
-    /// Per shard: `ws_circuit_breaker_transitions_total` by [`TRANSITIONS`] index.
-    transitions: Vec<[Counter; 4]>,
-    /// Per shard: `ws_circuit_breaker_state` by `BreakerState::ALL` index.
-    states: Vec<[Gauge; 3]>,
+    shards: std::sync::Arc<ShardTable>,
 }
 
 impl TransitionRecorder {
-    /// Handles for the shards named (in order) by `names`.
-    pub fn new(names: Vec<String>) -> Self {
-        let ids = (0..names.len()).map(|i| i.to_string());
-        let transitions = ids
-            .clone()
-            .map(|id| {
-                TRANSITIONS.map(|(from, to)| {
-                    let c = metrics::counter!(BREAKER_TRANSITIONS, "shard_id" => id.clone(), "from" => from.as_str(), "to" => to.as_str());
-                    c.increment(0);
-                    c
-                })
-            })
-            .collect();
-        let states = ids
-            .map(|id| {
-                BreakerState::ALL.map(|s| {
-                    metrics::gauge!(BREAKER_STATE, "shard_id" => id.clone(), "state" => s.as_str())
-                })
-            })
-            .collect();
-        Self {
-            names,
-            transitions,
-            states,
-        }
+    /// Records into the handles of `shards`.
+    pub fn new(shards: std::sync::Arc<ShardTable>) -> Self {
+        Self { shards }
     }
 }
 
 impl PoolObserver for TransitionRecorder {
     fn transition(&self, shard: usize, t: Transition) {
+        let Some(h) = self.shards.get(shard) else {
+            return;
+        };
         let counter = TRANSITIONS
             .iter()
             .position(|&(from, to)| (from, to) == (t.from, t.to))
-            .and_then(|i| self.transitions.get(shard)?.get(i));
+            .and_then(|i| h.transitions.get(i));
         match counter {
             Some(c) => c.increment(1),
             // Not a transition the breaker makes today; still counted.
@@ -454,12 +611,8 @@ impl PoolObserver for TransitionRecorder {
             )
             .increment(1),
         }
-        if let Some(gauges) = self.states.get(shard) {
-            for (s, g) in BreakerState::ALL.iter().zip(gauges) {
-                g.set(if *s == t.to { 1.0 } else { 0.0 });
-            }
-        }
-        let url = self.names.get(shard).map_or("?", String::as_str);
+        h.set_state(t.to);
+        let url = h.url.lock().clone();
         tracing::info!(
             shard_id = shard,
             backend = url,
@@ -502,6 +655,13 @@ mod tests {
         assert_eq!(
             distinct(RelayEnd::ALL.iter().map(|e| e.label()).collect()),
             RelayEnd::ALL.len()
+        );
+        for (i, r) in SourceError::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+        }
+        assert_eq!(
+            distinct(SourceError::ALL.iter().map(|r| r.label()).collect()),
+            SourceError::ALL.len()
         );
         assert_eq!(
             Rejection::from(PacingRejection::WaitTooLong),

@@ -201,7 +201,7 @@ async fn admit_and_connect(
     lb: &Lb,
     client_ip: IpAddr,
     token: Option<&str>,
-) -> Result<(TcpStream, Bytes, usize), FinalClose> {
+) -> Result<Connected, FinalClose> {
     match lb.pacer.reserve(Instant::now()) {
         Err(rejection) => {
             lb.metrics.rejected(rejection.into());
@@ -224,10 +224,10 @@ async fn finish(
     lb: &Lb,
     client: TcpStream,
     client_prefix: Bytes,
-    outcome: Result<(TcpStream, Bytes, usize), FinalClose>,
+    outcome: Result<Connected, FinalClose>,
 ) {
     match outcome {
-        Ok((shard, shard_prefix, idx)) => {
+        Ok((shard, shard_prefix, idx, _count)) => {
             lb.metrics.client(ClientOutcome::Relayed);
             lb.metrics.active.increment(1.0);
             let end = relay(
@@ -257,12 +257,13 @@ async fn finish(
     }
 }
 
+/// A shard that completed its handshake: the socket, what the shard sent after its 101,
+/// the shard's index and its relay count (held until the relay ends, so selection sees
+/// this client on that shard until the next health poll counts it).
+type Connected = (TcpStream, Bytes, usize, lb_core::RelayCount);
+
 /// Tries shards until one completes its handshake or the policy gives up.
-async fn connect(
-    lb: &Lb,
-    client_ip: IpAddr,
-    token: Option<&str>,
-) -> Result<(TcpStream, Bytes, usize), FinalClose> {
+async fn connect(lb: &Lb, client_ip: IpAddr, token: Option<&str>) -> Result<Connected, FinalClose> {
     // Only a verified token is ever forwarded; this keeps the header clean regardless.
     let token = token.filter(|t| edge_auth::header_safe(t));
     let mut attempts = Attempts::start(lb.cfg.retry, Instant::now());
@@ -276,24 +277,20 @@ async fn connect(
         let Some(budget) = attempts.begin(idx, now) else {
             return Err(attempts.final_close(now));
         };
-        let (Some(h), Some(backend)) = (lb.metrics.shards.get(idx), lb.backends.get(idx)) else {
+        let Some(h) = lb.metrics.shard(idx) else {
             return Err(attempts.final_close(now));
         };
         h.attempts.increment(1);
-        if let Some(rank) = lb
-            .metrics
-            .attempt_rank
-            .get(attempts.count().saturating_sub(1))
-        {
+        if let Some(rank) = lb.metrics.attempt_rank(attempts.count().saturating_sub(1)) {
             rank.increment(1);
         }
         let started = Instant::now();
-        match backend.dial(budget, client_ip, token).await {
+        match lease.target().dial(budget, client_ip, token).await {
             Ok((stream, prefix)) => {
                 h.success.increment(1);
                 h.duration.record(started.elapsed().as_secs_f64());
-                lease.succeed();
-                return Ok((stream, prefix, idx));
+                let count = lease.succeed();
+                return Ok((stream, prefix, idx, count));
             }
             Err(e) => {
                 h.attempt_error(e.kind());

@@ -20,13 +20,28 @@ async fn refusing_and_full_shards_are_retried_transparently() {
         },
     )
     .await;
+    // Fill the shard behind the LB's back once its first poll (room for 10, none taken)
+    // is in: from then on the LB's picture of it is stale.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while lb.health().await["shards"][1]["capacity"] != 10 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "first poll never came"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let mut clients = Vec::new();
+    for _ in 0..10 {
+        let mut ws = connect(&full.ws_url(0)).await.unwrap();
+        subscribe(&mut ws, &["x"]).await.unwrap();
+        clients.push(ws);
+    }
     for _ in 0..60 {
         let mut ws = connect(&lb.ws_url()).await.unwrap();
         subscribe(&mut ws, &["x"]).await.unwrap();
         clients.push(ws);
     }
-    assert_eq!(good.connections(0).await + full.connections(0).await, 60);
+    assert_eq!(good.connections(0).await + full.connections(0).await, 70);
     let page = lb.metrics().await;
     assert!(
         metric(&page, "ws_handshake_retry_count", &["attempt=\"2\""]) > 0.0,

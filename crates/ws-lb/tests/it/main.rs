@@ -7,4 +7,5 @@ mod breaker;
 mod failover;
 mod fd_limit;
 mod health;
+mod membership;
 mod relay;
