@@ -32,9 +32,10 @@ gc compute instance-templates create "$SHARD_TEMPLATE" \
     "odin-args=$SHARD_ARGS" "odin-env=" \
     "odin-open-ports=$SHARD_BASE_PORT:$SHARD_LAST_PORT,$SHARD_ADMIN_PORT")"
 
-# Autohealing: shard 0 of the VM must answer /health.
+# Autohealing: shard 0 of the VM must answer /live (liveness: 200 while the process serves;
+# /health is 503 while it drains or warms its Kafka history, which must not recreate the VM).
 gc compute health-checks create http "$NAME-shard-hc" --global \
-  --port "$SHARD_BASE_PORT" --request-path /health \
+  --port "$SHARD_BASE_PORT" --request-path /live \
   --check-interval 10s --timeout 5s --healthy-threshold 2 --unhealthy-threshold 3
 
 # Created empty; every VM is added below with its own stateful address.

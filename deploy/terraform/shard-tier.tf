@@ -66,8 +66,10 @@ resource "google_compute_instance_template" "shard" {
   }
 }
 
-# Autohealing: a shard VM whose shard 0 stops answering /health is recreated
-# (same name, same reserved IP).
+# Autohealing: a shard VM whose shard 0 stops answering /live is recreated (same name,
+# same reserved IP). /live is the process's liveness; /health is 503 while the shard drains
+# or re-reads its Kafka history at start (up to kafka_warmup_timeout), neither of which is a
+# reason to recreate the VM.
 resource "google_compute_health_check" "shard" {
   name                = "${local.name}-shard-hc"
   check_interval_sec  = 10
@@ -77,7 +79,7 @@ resource "google_compute_health_check" "shard" {
 
   http_health_check {
     port         = local.shard_base_port
-    request_path = "/health"
+    request_path = "/live"
   }
 }
 

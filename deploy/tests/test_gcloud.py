@@ -196,9 +196,10 @@ def check_facts(cmds):
     # Health checks.
     hcs = {c[5]: c for c in find(cmds, "compute", "health-checks", "create", "http")}
     eq("health checks", sorted(hcs), ["odin-ws-lb-autoheal-hc", "odin-ws-lb-backend-hc", "odin-ws-shard-hc"])
-    for name, port in (("odin-ws-lb-autoheal-hc", "3001"), ("odin-ws-lb-backend-hc", "3001"), ("odin-ws-shard-hc", "3002")):
+    for name, port, path in (("odin-ws-lb-autoheal-hc", "3001", "/health"), ("odin-ws-lb-backend-hc", "3001", "/health"),
+                             ("odin-ws-shard-hc", "3002", "/live")):
         c = hcs.get(name, [])
-        eq(f"{name}: /health on {port}", (flag(c, "--request-path"), flag(c, "--port")), ("/health", port))
+        eq(f"{name}: {path} on {port}", (flag(c, "--request-path"), flag(c, "--port")), (path, port))
     for name in ("odin-ws-lb-autoheal-hc", "odin-ws-lb-backend-hc"):
         d = flag(hcs.get(name, []), "--description") or ""
         check(f"{name}: described as liveness, 503 only while draining", "liveness" in d and "503 only while draining" in d, d)

@@ -188,10 +188,12 @@ def test_ports_and_locals():
 
 
 def test_health_checks():
-    want = {"lb_backend": 3001, "lb_autoheal": 3001, "shard": 3002}
-    for name, port in want.items():
+    # The shard VMs' autohealing check is the shard's liveness (/live): its /health is 503
+    # while it drains or warms its history, which must not get the VM recreated.
+    want = {"lb_backend": (3001, "/health"), "lb_autoheal": (3001, "/health"), "shard": (3002, "/live")}
+    for name, (port, path) in want.items():
         hc = block(res("google_compute_health_check", name), "http_health_check")
-        eq(f"health check {name} request_path", hc.get("request_path"), "/health")
+        eq(f"health check {name} request_path", hc.get("request_path"), path)
         eq(f"health check {name} port", resolve(hc.get("port")), port)
     # Both LB-tier checks are liveness checks of ws-lb, and say so.
     desc = resolve(LOCALS.get("lb_health_check_description"))

@@ -135,7 +135,8 @@ async fn health(State(shard): State<Arc<Shard>>) -> Response {
 fn shard_router(shard: Arc<Shard>) -> Router {
     let mut r = Router::new()
         .route("/ws", get(|s, req| upgrade::handle(s, req, Mode::PubSub)))
-        .route("/health", get(health));
+        .route("/health", get(health))
+        .route("/live", get(|| std::future::ready("live\n")));
     if shard.echo {
         r = r.route("/echo", get(|s, req| upgrade::handle(s, req, Mode::Echo)));
     }

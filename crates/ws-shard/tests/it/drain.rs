@@ -24,6 +24,8 @@ async fn drain_closes_every_client_with_1012_and_exits_in_time() {
     let h = get(srv.shards[0], "/health").await.unwrap();
     assert_eq!(h.status, 503);
     assert!(h.body.contains("draining"));
+    // Liveness (the shard VMs' autohealing check) stays 200: a drain is no reason to recreate.
+    assert_eq!(get(srv.shards[0], "/live").await.unwrap().status, 200);
     let waits: Vec<_> = clients
         .into_iter()
         .map(|mut ws| {
