@@ -87,12 +87,18 @@ def start_shard(procs, broker):
     return p, [base, base + 1, base + 2], admin, args
 
 
-def consumer_child(shard_pid):
-    for child in Path(f"/proc/{shard_pid}/task/{shard_pid}/children").read_text().split():
-        cmd = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
-        if b"kafka-consumer" in cmd:
-            return int(child)
-    raise SystemExit("no kafka-consumer child process")
+def consumer_child(shard_pid, timeout=30):
+    """The shard's consumer child. It is spawned by whichever runtime thread runs the source,
+    so every thread's children are searched, until it exists."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for task in Path(f"/proc/{shard_pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                cmd = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+                if b"kafka-consumer" in cmd:
+                    return int(child)
+        time.sleep(0.1)
+    raise SystemExit(f"no kafka-consumer child process of {shard_pid} within {timeout} s")
 
 
 def metric(admin, name):
