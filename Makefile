@@ -56,6 +56,7 @@ test-e2e: build-debug
 	python3 tests/e2e/kafka_e2e.py $(TANSU) target/debug/ws-shard target/debug/ws-lb
 	python3 tests/e2e/exported_metrics.py $(TANSU) target/debug/ws-shard target/debug/ws-lb
 	python3 tests/e2e/auth_e2e.py target/debug/ws-shard target/debug/ws-lb
+	python3 tests/e2e/membership_e2e.py $(TANSU) target/debug/ws-shard target/debug/ws-lb
 
 # Client libraries (docs/clients.md): the TypeScript client's unit tests on Node, then both
 # clients (headless Chromium, and ws-tail on the Rust crate) through ws-lb to real shards while
