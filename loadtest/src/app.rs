@@ -13,6 +13,7 @@ use crate::config::{FindMaxConfig, PublishConfig, RunConfig};
 use crate::findmax::{find_max, Runner};
 use crate::progress::Progress;
 use crate::summary;
+use crate::token::TokenSource;
 use crate::workers::WorkerPlan;
 
 /// Runs the command line `cli`; `raw_args` (including the program name) are what worker
@@ -69,6 +70,7 @@ pub async fn execute(cli: Cli, raw_args: Vec<OsString>) -> anyhow::Result<()> {
             count: cli.run.workers,
             overrides: Vec::new(),
             deadline: worker_deadline(&cfg),
+            head_start: mint_head_start(&cfg),
         })
     } else {
         Runner::InProcess
@@ -100,6 +102,15 @@ pub async fn execute(cli: Cli, raw_args: Vec<OsString>) -> anyhow::Result<()> {
 fn worker_deadline(cfg: &RunConfig) -> Duration {
     let ramp = Duration::from_secs_f64(cfg.connections as f64 / cfg.rate);
     ramp + cfg.hold + cfg.handshake_timeout * 4 + cfg.settle + Duration::from_secs(60)
+}
+
+/// How long the workers need to mint their tokens, if they mint any: they do it at once on
+/// the same cores, so it is the time to mint every token of the run.
+fn mint_head_start(cfg: &RunConfig) -> Duration {
+    match cfg.tokens.as_ref().map(|t| &t.source) {
+        Some(TokenSource::Mint(m)) => m.estimate(cfg.connections),
+        _ => Duration::ZERO,
+    }
 }
 
 fn write_json(path: &Path, value: &impl serde::Serialize) -> anyhow::Result<()> {

@@ -114,6 +114,38 @@ pub struct RunArgs {
     /// find-max: pause between steps so the server can release the previous step's sockets.
     #[arg(long, env = "LOADTEST_STEP_PAUSE", default_value = "2s")]
     pub step_pause: String,
+    /// A token for every connection (visible in `ps`; prefer --token-file). See --token-in.
+    #[arg(long, env = "LOADTEST_TOKEN")]
+    pub token: Option<String>,
+    /// Tokens, one per line; attempt n uses line n mod lines.
+    #[arg(long, env = "LOADTEST_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Mint one token per attempt (sub `loadtest-<n>`) with this key before the ramp: the
+    /// HS256 secret (first line), or a PEM private key for RS256 / ES256 (PKCS#8 for ES256).
+    #[arg(long, env = "LOADTEST_SIGN_KEY")]
+    pub sign_key: Option<PathBuf>,
+    /// Algorithm of minted tokens.
+    #[arg(long, env = "LOADTEST_SIGN_ALG", value_enum, default_value = "HS256")]
+    pub sign_alg: crate::token::SignAlg,
+    /// `kid` header of minted tokens (selects the JWKS key on the server).
+    #[arg(long, env = "LOADTEST_SIGN_KID")]
+    pub sign_kid: Option<String>,
+    /// `channels` claim of minted tokens: comma list of patterns (exact, `prefix.*`, `*`).
+    #[arg(long, env = "LOADTEST_SIGN_CHANNELS", default_value = "*")]
+    pub sign_channels: String,
+    /// Lifetime of minted tokens (`exp` - `iat`).
+    #[arg(long, env = "LOADTEST_SIGN_TTL", default_value = "1h")]
+    pub sign_ttl: String,
+    /// `aud` claim of minted tokens (none by default).
+    #[arg(long, env = "LOADTEST_SIGN_AUD")]
+    pub sign_aud: Option<String>,
+    /// `iss` claim of minted tokens (none by default).
+    #[arg(long, env = "LOADTEST_SIGN_ISS")]
+    pub sign_iss: Option<String>,
+    /// Where a token goes: `query` (`?token=` on the upgrade) or `message` (a first
+    /// `{"type":"auth"}` message after the 101).
+    #[arg(long, env = "LOADTEST_TOKEN_IN", value_enum, default_value = "query")]
+    pub token_in: crate::token::TokenPlace,
     /// Set by a parent run with --workers: which share this process performs.
     #[arg(long, hide = true)]
     pub worker_index: Option<u32>,

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::cli::{PublishArgs, RunArgs};
 use crate::schedule::Slot;
 use crate::spec::{expand_channels, parse_duration, parse_source_ips, Url};
+use crate::token::{read_token_file, Minter, TokenConfig, TokenSource};
 
 /// Default find-max rates: fine steps where servers usually saturate, then doubling.
 const FIND_MAX_RATES: &[f64] = &[
@@ -46,6 +47,8 @@ pub struct RunConfig {
     /// Common schedule start for workers (Unix milliseconds).
     pub start_at_unix_ms: Option<u64>,
     pub quiet: bool,
+    /// Tokens for a server with authentication on.
+    pub tokens: Option<TokenConfig>,
 }
 
 /// A publisher: the subcommand, or the hold phase of a run.
@@ -86,6 +89,9 @@ pub struct ConfigEcho {
     pub publish_url: Option<String>,
     pub publish_rate: f64,
     pub workers: u32,
+    /// How connections authenticate (never the token or the key itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<String>,
 }
 
 fn positive_rate(rate: f64, what: &str) -> anyhow::Result<f64> {
@@ -158,6 +164,7 @@ impl RunConfig {
             slot,
             start_at_unix_ms: a.start_at_unix_ms,
             quiet: a.quiet,
+            tokens: token_config(a)?,
         };
         if let Some(p) = &mut cfg.publish {
             p.duration = hold;
@@ -188,8 +195,49 @@ impl RunConfig {
                 .map(|p| format!("http://{}{}", p.url.authority, p.url.path)),
             publish_rate: self.publish.as_ref().map_or(0.0, |p| p.rate),
             workers,
+            tokens: self.tokens.as_ref().map(TokenConfig::describe),
         }
     }
+}
+
+/// The token flags, validated: at most one source; the key is loaded (and one token minted)
+/// now, so a bad key fails before any connection.
+fn token_config(a: &RunArgs) -> anyhow::Result<Option<TokenConfig>> {
+    let given = [
+        a.token.is_some(),
+        a.token_file.is_some(),
+        a.sign_key.is_some(),
+    ];
+    let source = match given.iter().filter(|g| **g).count() {
+        0 => return Ok(None),
+        1 => {
+            if let Some(t) = &a.token {
+                if t.trim().is_empty() {
+                    bail!("--token is empty");
+                }
+                TokenSource::Fixed(t.trim().into())
+            } else if let Some(f) = &a.token_file {
+                TokenSource::List(read_token_file(f)?)
+            } else if let Some(key) = &a.sign_key {
+                TokenSource::Mint(Box::new(Minter::new(
+                    a.sign_alg,
+                    key,
+                    a.sign_kid.clone(),
+                    &a.sign_channels,
+                    parse_duration(&a.sign_ttl)?,
+                    a.sign_aud.clone(),
+                    a.sign_iss.clone(),
+                )?))
+            } else {
+                return Ok(None);
+            }
+        }
+        _ => bail!("give one of --token, --token-file and --sign-key"),
+    };
+    Ok(Some(TokenConfig {
+        source,
+        place: a.token_in,
+    }))
 }
 
 impl PublishConfig {

@@ -26,6 +26,7 @@ use crate::handshake::{dial, Target};
 use crate::outcome::{Disconnect, Failure};
 use crate::stats::Stats;
 use crate::stream::Stream;
+use crate::token::{AttemptTokens, TokenPlace};
 
 /// First and largest reconnect delay; jittered so a mass disconnect does not come back as a
 /// synchronized reconnect storm.
@@ -48,6 +49,8 @@ pub struct Ctx {
     pub settle: Duration,
     pub reconnect: bool,
     pub max_message: usize,
+    /// Each attempt's token, when the server wants one.
+    pub tokens: Option<AttemptTokens>,
     /// Becomes true when the run ends; every task then closes its connection.
     pub stop: watch::Receiver<bool>,
 }
@@ -159,9 +162,18 @@ async fn establish(
     stop: &mut watch::Receiver<bool>,
     resume: bool,
 ) -> Result<Conn, EstError> {
+    let token = ctx
+        .tokens
+        .as_ref()
+        .and_then(|t| Some((t.place, t.for_attempt(sess.id)?)));
+    let query_token = match token {
+        Some((TokenPlace::Query, t)) => Some(t),
+        _ => None,
+    };
     let started = Instant::now();
     let up = dial(
         &ctx.target,
+        query_token,
         ctx.source_for(sess.id),
         started + ctx.handshake_timeout,
     )
@@ -175,6 +187,15 @@ async fn establish(
         decoder,
         pending: up.leftover,
     };
+    if let Some((TokenPlace::Message, token)) = token {
+        let auth = ClientMessage::Auth {
+            token: token.to_owned(),
+        }
+        .to_json();
+        send(&mut conn.stream, OP_TEXT, auth.as_bytes())
+            .await
+            .map_err(|e| EstError::Failed(Failure::from_io(&e)))?;
+    }
     let (until, want_subscribed) = if sess.tracks.is_empty() {
         (upgraded_at + ctx.settle, false)
     } else {
@@ -405,6 +426,7 @@ mod tests {
             settle: Duration::from_millis(10),
             reconnect: true,
             max_message: 1 << 16,
+            tokens: None,
             stop,
         })
     }

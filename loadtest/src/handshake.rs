@@ -59,8 +59,10 @@ fn socket_for(addr: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpSocket>
 
 /// Connects, runs the TLS handshake (`wss://`) and upgrades, all before `deadline`. Time
 /// spent in TCP connect counts as `connect_timeout`, time after it as `handshake_timeout`.
+/// A `query_token` goes into the request as `token=` (added to the target's query).
 pub async fn dial(
     target: &Target,
+    query_token: Option<&str>,
     source: Option<IpAddr>,
     deadline: Instant,
 ) -> Result<Upgraded, Failure> {
@@ -77,7 +79,7 @@ pub async fn dial(
                 io::ErrorKind::InvalidData => Failure::Tls,
                 _ => Failure::from_io(&e),
             })?;
-        upgrade(stream, target).await
+        upgrade(stream, target, query_token).await
     };
     match tokio::time::timeout_at(deadline, secured).await {
         Err(_) => Err(Failure::HandshakeTimeout),
@@ -85,10 +87,18 @@ pub async fn dial(
     }
 }
 
-async fn upgrade(mut stream: Stream, target: &Target) -> Result<Upgraded, Failure> {
+async fn upgrade(
+    mut stream: Stream,
+    target: &Target,
+    query_token: Option<&str>,
+) -> Result<Upgraded, Failure> {
     let key = handshake::key_from_bytes(rand::rng().random());
+    let path = match query_token {
+        Some(t) => std::borrow::Cow::Owned(crate::token::with_query_token(&target.path, t)),
+        None => std::borrow::Cow::Borrowed(target.path.as_str()),
+    };
     let request = handshake::client_request(
-        &target.path,
+        &path,
         &target.authority,
         &key,
         &[("User-Agent", "odin-loadtest")],

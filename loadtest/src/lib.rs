@@ -27,6 +27,7 @@ pub mod spec;
 pub mod stats;
 pub mod stream;
 pub mod summary;
+pub mod token;
 pub mod workers;
 
 pub use app::execute;

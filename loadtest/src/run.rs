@@ -21,6 +21,7 @@ use crate::report::{Counts, Report, ScheduleReport, TimelinePoint, SCHEMA};
 use crate::schedule::{ramp, Schedule};
 use crate::stats::{Snapshot, Stats};
 use crate::stream::Tls;
+use crate::token::AttemptTokens;
 
 /// Descriptors a process needs besides its connections (runtime, stdio, publisher).
 const FD_RESERVE: u64 = 64;
@@ -50,6 +51,18 @@ pub async fn run(cfg: &RunConfig, progress: &Progress) -> anyhow::Result<Report>
             "this process may run out of file descriptors; failures will show as local_fd_limit (use --workers)"
         );
     }
+    // Tokens are ready (minted, if asked) before the schedule starts: signing is never on
+    // the measured path.
+    let tokens = match cfg.tokens.clone() {
+        Some(t) => {
+            let (slot, total) = (cfg.slot, cfg.connections);
+            Some(
+                tokio::task::spawn_blocking(move || AttemptTokens::prepare(&t, slot, total))
+                    .await??,
+            )
+        }
+        None => None,
+    };
     let (t0, started_unix_ms) = match cfg.start_at_unix_ms {
         Some(at) => (
             Instant::now() + Duration::from_millis(at.saturating_sub(unix_ms())),
@@ -77,6 +90,7 @@ pub async fn run(cfg: &RunConfig, progress: &Progress) -> anyhow::Result<Report>
         settle: cfg.settle,
         reconnect: cfg.reconnect,
         max_message: cfg.max_message,
+        tokens,
         stop: stop_rx,
     });
     let (done_tx, done_rx) = watch::channel(false);

@@ -40,6 +40,8 @@ pub struct WorkerPlan {
     pub overrides: Vec<String>,
     /// Children still running after this long are killed (their report is then missing).
     pub deadline: Duration,
+    /// Extra time before the common start: what the children need to mint their tokens.
+    pub head_start: Duration,
 }
 
 /// Runs the children, relays their progress and merges their reports.
@@ -52,7 +54,9 @@ pub async fn run_workers(plan: &WorkerPlan, progress: &Progress) -> anyhow::Resu
 }
 
 async fn supervise(plan: &WorkerPlan, dir: &Path, progress: &Progress) -> anyhow::Result<Report> {
-    let start_at = unix_ms() + START_DELAY_MS + START_DELAY_PER_WORKER_MS * u64::from(plan.count);
+    let head_start = u64::try_from(plan.head_start.as_millis()).unwrap_or(u64::MAX);
+    let start_at =
+        unix_ms() + START_DELAY_MS + START_DELAY_PER_WORKER_MS * u64::from(plan.count) + head_start;
     let (tx, mut rx) = mpsc::unbounded_channel::<(usize, Line)>();
     let mut children: Vec<(Child, PathBuf)> = Vec::new();
     for i in 0..plan.count {
@@ -90,7 +94,7 @@ async fn supervise(plan: &WorkerPlan, dir: &Path, progress: &Progress) -> anyhow
     }
     drop(tx);
 
-    let give_up = Instant::now() + plan.deadline;
+    let give_up = Instant::now() + plan.deadline + plan.head_start;
     let mut latest = vec![Line::default(); children.len()];
     let mut statuses = vec![None; children.len()];
     let mut tick = tokio::time::interval(Duration::from_secs(1));
