@@ -111,6 +111,14 @@ build-bench:
 capacity: build-bench
 	python3 bench/bench.py capacity
 
+# What authentication costs (docs/benchmarks.md "Authentication"): verification per token,
+# ws-lb auth on vs off (HS256/RS256/ES256), and memory under a flood of bad tokens.
+.PHONY: bench-auth
+bench-auth: build-bench
+	python3 bench/auth_bench.py verify
+	python3 bench/auth_bench.py rate
+	python3 bench/auth_bench.py flood
+
 bench-compare: build-bench bench-tools
 	python3 bench/bench.py compare
 
