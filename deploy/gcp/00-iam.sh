@@ -18,3 +18,5 @@ for sa in "$LB_SA" "$SHARD_SA"; do
     gc projects add-iam-policy-binding "$PROJECT" --member "serviceAccount:$sa" --role "$role" --condition None
   done
 done
+# LB VMs list the shard group's instances for their member file.
+gc projects add-iam-policy-binding "$PROJECT" --member "serviceAccount:$LB_SA" --role roles/compute.viewer --condition None

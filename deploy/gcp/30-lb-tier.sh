@@ -25,7 +25,9 @@ gc compute instance-templates create "$LB_TEMPLATE" \
     "odin-container-image=$CONTAINER_IMAGE" "odin-release-url=$RELEASE_URL" \
     "odin-args=$LB_ARGS" "odin-env=$LB_ENV" \
     "odin-open-ports=$LB_PORT,$LB_ADMIN_PORT" \
-    "odin-connections-metric=$LB_CONNECTIONS_METRIC")"
+    "odin-connections-metric=$LB_CONNECTIONS_METRIC" \
+    "odin-shard-group=$SHARD_GROUP" \
+    "odin-shard-ports=$SHARD_BASE_PORT:$SHARD_LAST_PORT")"
 
 # Autohealing check: more tolerant than the load balancer's (40-global-lb.sh).
 # /health is liveness only (503 only while draining): a shard-tier outage never

@@ -22,11 +22,26 @@ IMAGE_PROJECT="${IMAGE_PROJECT:-cos-cloud}"
 RELEASE_URL="${RELEASE_URL:-}"                 # tarball for Debian images (see deploy/README.md)
 
 # ---- shard tier --------------------------------------------------------------
-SHARD_COUNT="${SHARD_COUNT:-7}"                # 7..10 VMs
+# The shard tier is an autoscaled MIG; ws-lb follows its running VMs through a
+# member file kept current on every LB VM (SHARD_MEMBERSHIP=group). static: a
+# fixed list of SHARD_COUNT reserved addresses in ws-lb's --backend-urls (what
+# deploy/local's one-machine topology runs).
+SHARD_MEMBERSHIP="${SHARD_MEMBERSHIP:-group}"
+SHARD_MIN_REPLICAS="${SHARD_MIN_REPLICAS:-7}"
+SHARD_MAX_REPLICAS="${SHARD_MAX_REPLICAS:-10}"
+SHARD_CPU_TARGET="${SHARD_CPU_TARGET:-0.6}"
+# Connections per shard VM the autoscaler aims at (default: 70 % of the VM's slots).
+SHARD_CONNECTIONS_TARGET="${SHARD_CONNECTIONS_TARGET:-}"
+SHARD_CONNECTIONS_METRIC="${SHARD_CONNECTIONS_METRIC:-custom.googleapis.com/ws_shard_connections}"
+# A new shard VM is not counted by the autoscaler for this long (boot, Kafka warm-up).
+SHARD_COOL_DOWN="${SHARD_COOL_DOWN:-180}"
+# Scale-in: at most one VM per 15 minutes (each removal drains its clients with 1012).
+SHARD_SCALE_IN_CONTROL="${SHARD_SCALE_IN_CONTROL:-max-scaled-in-replicas=1,time-window=900}"
+SHARD_COUNT="${SHARD_COUNT:-7}"                # static membership only: 7..10 VMs
 SHARDS_PER_VM="${SHARDS_PER_VM:-4}"            # 1..10 shards per VM on ports 3002..
 SHARD_MAX_CONNECTIONS="${SHARD_MAX_CONNECTIONS:-6000}"
 SHARD_MACHINE_TYPE="${SHARD_MACHINE_TYPE:-n2-standard-8}"
-# Reserved internal IPs, one per shard VM (space-separated). Default: 10
+# Static membership only: reserved internal IPs, one per shard VM (space-separated). Default: 10
 # consecutive addresses from SHARD_IP_PREFIX + SHARD_IP_START in the subnet.
 SHARD_IP_PREFIX="${SHARD_IP_PREFIX:-10.128.0.}"
 SHARD_IP_START="${SHARD_IP_START:-10}"

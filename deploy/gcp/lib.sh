@@ -62,6 +62,13 @@ load_config() {
     die "SHARD_COUNT must be 7..10 (got $SHARD_COUNT)"
   ((SHARDS_PER_VM >= 1 && SHARDS_PER_VM <= 10)) ||
     die "SHARDS_PER_VM must be 1..10 (got $SHARDS_PER_VM)"
+  [[ "$SHARD_MEMBERSHIP" == group || "$SHARD_MEMBERSHIP" == static ]] ||
+    die "SHARD_MEMBERSHIP must be group or static (got $SHARD_MEMBERSHIP)"
+  ((SHARD_MIN_REPLICAS >= 1 && SHARD_MIN_REPLICAS <= SHARD_MAX_REPLICAS)) ||
+    die "need 1 <= SHARD_MIN_REPLICAS ($SHARD_MIN_REPLICAS) <= SHARD_MAX_REPLICAS ($SHARD_MAX_REPLICAS)"
+  # ws-lb's pool holds 128 shards.
+  ((SHARD_MAX_REPLICAS * SHARDS_PER_VM <= 128)) ||
+    die "SHARD_MAX_REPLICAS x SHARDS_PER_VM must be at most 128 (ws-lb's pool)"
   ((LB_MIN_REPLICAS >= 1 && LB_MIN_REPLICAS <= LB_MAX_REPLICAS)) ||
     die "need 1 <= LB_MIN_REPLICAS ($LB_MIN_REPLICAS) <= LB_MAX_REPLICAS ($LB_MAX_REPLICAS)"
   ((LB_TARGET_SIZE >= LB_MIN_REPLICAS && LB_TARGET_SIZE <= LB_MAX_REPLICAS)) ||
@@ -96,7 +103,17 @@ load_config() {
   if [[ -n "$KAFKA_BROKERS" ]]; then
     SHARD_ARGS+=" --kafka-brokers $KAFKA_BROKERS --kafka-topics $KAFKA_TOPICS --kafka-start $KAFKA_START"
   fi
-  LB_ARGS="--listen 0.0.0.0:$LB_PORT --admin-addr 0.0.0.0:$LB_ADMIN_PORT --backend-urls=$BACKEND_URLS --allowed-origins $ALLOWED_ORIGINS --trust-forwarded-for"
+  [[ -n "$SHARD_CONNECTIONS_TARGET" ]] ||
+    SHARD_CONNECTIONS_TARGET=$((SHARDS_PER_VM * SHARD_MAX_CONNECTIONS * 7 / 10))
+  if [[ "$SHARD_MEMBERSHIP" == group ]]; then
+    # The member file is written by ws-lb-startup.sh from the shard group's VMs.
+    SHARD_MEMBERS="--backend-file /var/lib/odin-ws/shards"
+    SHARD_GROUP="$NAME-shard"
+  else
+    SHARD_MEMBERS="--backend-urls=$BACKEND_URLS"
+    SHARD_GROUP=""
+  fi
+  LB_ARGS="--listen 0.0.0.0:$LB_PORT --admin-addr 0.0.0.0:$LB_ADMIN_PORT $SHARD_MEMBERS --allowed-origins $ALLOWED_ORIGINS --trust-forwarded-for"
   LB_ENV="CIRCUIT_BREAKER_FAILURE_THRESHOLD=$CB_FAILURE_THRESHOLD CIRCUIT_BREAKER_TIMEOUT=$CB_TIMEOUT CIRCUIT_BREAKER_HALF_OPEN_MAX_CALLS=$CB_HALF_OPEN_MAX_CALLS"
 }
 

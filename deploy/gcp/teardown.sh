@@ -28,11 +28,6 @@ gc_teardown compute health-checks delete "$NAME-lb-autoheal-hc" --global --quiet
 gc_teardown compute instance-groups managed delete "$NAME-shard" --region "$REGION" --quiet
 gc_teardown compute instance-templates delete "$SHARD_TEMPLATE" --quiet
 gc_teardown compute health-checks delete "$NAME-shard-hc" --global --quiet
-shard_addresses=()
-for ((i = 0; i < SHARD_COUNT; i++)); do
-  shard_addresses+=("$NAME-shard-$i")
-done
-gc_teardown compute addresses delete "${shard_addresses[@]}" --region "$REGION" --quiet
 
 # Firewall.
 gc_teardown compute firewall-rules delete "$NAME-allow-google-lb-hc" "$NAME-allow-lb-to-shards" --quiet
@@ -41,6 +36,7 @@ if [[ -n "$PROMETHEUS_SOURCE_RANGES" ]]; then
 fi
 
 # IAM.
+gc_teardown projects remove-iam-policy-binding "$PROJECT" --member "serviceAccount:$LB_SA" --role roles/compute.viewer --condition None
 for sa in "$LB_SA" "$SHARD_SA"; do
   for role in roles/logging.logWriter roles/monitoring.metricWriter roles/artifactregistry.reader roles/storage.objectViewer; do
     gc_teardown projects remove-iam-policy-binding "$PROJECT" --member "serviceAccount:$sa" --role "$role" --condition None

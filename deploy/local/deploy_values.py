@@ -136,7 +136,10 @@ def process_values(shard_ips, kafka_brokers) -> ProcessValues:
     script = ('source deploy/gcp/config.sh && source deploy/gcp/lib.sh && load_config && '
               'printf "%s\\n" "$SHARD_ARGS" "$LB_ARGS" "$LB_ENV" "$SHARDS_PER_VM" "$SHARD_BASE_PORT" '
               '"$LB_PORT" "$LB_ADMIN_PORT" "$SHARD_ADMIN_PORT" "$KAFKA_TOPICS"')
-    env = {"PATH": "/usr/bin:/bin", "PROJECT": "odin-local", "SHARD_COUNT": str(len(shard_ips)),
+    # The one-machine topology gives ws-lb the fixed list of its shard VMs (static
+    # membership); on GCP the LB VMs follow the autoscaled group through a member file.
+    env = {"PATH": "/usr/bin:/bin", "PROJECT": "odin-local", "SHARD_MEMBERSHIP": "static",
+           "SHARD_COUNT": str(len(shard_ips)),
            "SHARD_IPS": " ".join(shard_ips), "KAFKA_BROKERS": kafka_brokers}
     out = subprocess.run(["bash", "-c", script], cwd=REPO, env=env, capture_output=True, text=True)
     if out.returncode != 0:

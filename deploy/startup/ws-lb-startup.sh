@@ -10,7 +10,8 @@ ROLE=ws-lb
 
 # ==== BEGIN COMMON: identical in ws-lb-startup.sh and ws-shard-startup.sh (deploy/tests/test_startup.sh checks) ====
 #
-# Instance metadata read (set by deploy/terraform and deploy/gcp):
+# Instance metadata read (set by deploy/terraform and deploy/gcp; each role
+# script reads a few more keys of its own, below the common block):
 #   odin-args             arguments of the binary (required), e.g. "--listen 0.0.0.0:3001 ..."
 #   odin-env              space-separated KEY=VALUE pairs for the process environment
 #   odin-open-ports       host-firewall ports to open on COS (iptables multiport, e.g. "3001,9101")
@@ -127,6 +128,7 @@ run_container() {
     --stop-signal SIGTERM --stop-timeout 45 \
     --log-opt max-size=100m --log-opt max-file=5 \
     --env-file "$ENV_FILE" \
+    --volume /var/lib/odin-ws:/var/lib/odin-ws:ro \
     "$image" "/usr/local/bin/$ROLE" "${args[@]}" >&2
 }
 
@@ -159,6 +161,7 @@ main() {
   os="$(os_id)"
   tune_kernel
   write_env_file
+  role_before_start
   case "$os" in
     cos)
       open_host_firewall
@@ -184,6 +187,93 @@ ADMIN_METRICS_URL="${ODIN_ADMIN_METRICS_URL:-http://127.0.0.1:9101/metrics}"
 MONITORING_URL="${ODIN_MONITORING_URL:-https://monitoring.googleapis.com/v3}"
 PUBLISHER_UNIT=odin-ws-connections-metric
 
+# Shard membership: with metadata "odin-shard-group" set, ws-lb runs with
+# --backend-file /var/lib/odin-ws/shards, and this script keeps that file equal
+# to the shard group's running VMs: every 10 s it lists the project's instances
+# labelled odin-ws-group=<odin-shard-group> in status RUNNING (Compute API,
+# aggregated list; the LB service account has roles/compute.viewer) and writes
+# ws://<internal IP>:<port>/ws for every port in "odin-shard-ports"
+# (FIRST:LAST). ws-lb re-reads the file when it changes: a new VM is polled and
+# admitted once its /health is ok, then ramps up over --slow-start; a VM being
+# deleted (STOPPING: scale-in, its shutdown script drains it) leaves the list and
+# gets no new client while its clients are closed with 1012 by its own drain. A
+# failed listing, or one with no VM, writes nothing: ws-lb keeps the last good
+# set. The first list is written before ws-lb starts (which needs one).
+# Test hooks: ODIN_COMPUTE_URL, ODIN_MEMBERS_ONCE=1.
+
+COMPUTE_URL="${ODIN_COMPUTE_URL:-https://compute.googleapis.com/compute/v1}"
+MEMBERS_FILE="$STATE_DIR/shards"
+MEMBERS_UNIT=odin-shard-members
+
+# shard_members GROUP PORTS: the member list of the shard group, one URL per
+# line, on stdout; non-zero when the listing failed or found no VM.
+shard_members() {
+  local group="$1" ports="$2" project token reply first last ip ips=() port
+  project="$(metadata project/project-id)" || return 1
+  token="$(metadata instance/service-accounts/default/token | sed -n 's/.*"access_token" *: *"\([^"]*\)".*/\1/p')"
+  reply="$(curl -fsS --max-time 10 -G -H "Authorization: Bearer $token" \
+    --data-urlencode "filter=(labels.odin-ws-group = \"$group\") AND (status = \"RUNNING\")" \
+    --data-urlencode 'fields=items/*/instances/networkInterfaces/networkIP,nextPageToken' \
+    --data-urlencode 'maxResults=500' \
+    "$COMPUTE_URL/projects/$project/aggregated/instances")" || return 1
+  mapfile -t ips < <(grep -oE '"networkIP": *"[0-9a-fA-F.:]+"' <<<"$reply" | sed -E 's/.*"([^"]+)"$/\1/' | sort -u)
+  ((${#ips[@]} > 0)) || return 1
+  first="${ports%%:*}"
+  last="${ports##*:}"
+  [[ "$first" =~ ^[0-9]+$ && "$last" =~ ^[0-9]+$ ]] || return 1
+  printf '# shard group %s, written by ws-lb-startup.sh\n' "$group"
+  for ip in "${ips[@]}"; do
+    for ((port = first; port <= last; port++)); do
+      printf 'ws://%s:%s/ws\n' "$ip" "$port"
+    done
+  done
+}
+
+# write_members GROUP PORTS: replaces the member file when the list changed;
+# leaves it alone when the listing failed.
+write_members() {
+  local list
+  list="$(shard_members "$1" "$2")" || {
+    log "listing shard group $1 failed or found no VM: keeping $MEMBERS_FILE"
+    return 1
+  }
+  mkdir -p "${MEMBERS_FILE%/*}"
+  if [[ -f "$MEMBERS_FILE" ]] && [[ "$(cat "$MEMBERS_FILE")" == "$list" ]]; then
+    return 0
+  fi
+  printf '%s\n' "$list" >"$MEMBERS_FILE.tmp"
+  mv "$MEMBERS_FILE.tmp" "$MEMBERS_FILE"
+  log "shard members: $(grep -c '^ws://' "$MEMBERS_FILE") URLs"
+}
+
+update_shard_members() {
+  while :; do
+    write_members "$1" "$2" || true
+    [[ "${ODIN_MEMBERS_ONCE:-0}" != 1 ]] || return 0
+    sleep 10
+  done
+}
+
+role_before_start() {
+  local group ports try
+  group="$(attr odin-shard-group)"
+  [[ -n "$group" ]] || return 0
+  ports="$(attr odin-shard-ports)"
+  # ws-lb needs a first list: wait for the shard group (up to 10 minutes).
+  for try in $(seq 1 60); do
+    write_members "$group" "$ports" && break
+    [[ $try -lt 60 ]] || die "no shard VM found in group $group"
+    sleep 10
+  done
+  mkdir -p "$STATE_DIR"
+  install -m 0644 "${BASH_SOURCE[0]}" "$STATE_DIR/ws-lb-startup.sh"
+  systemctl stop "$MEMBERS_UNIT.service" 2>/dev/null || true
+  systemctl reset-failed "$MEMBERS_UNIT.service" 2>/dev/null || true
+  systemd-run --unit="$MEMBERS_UNIT" --description="odin-ws: shard members of $group" \
+    --property=Restart=always --property=RestartSec=10 \
+    /bin/bash /var/lib/odin-ws/ws-lb-startup.sh update-shard-members "$group" "$ports"
+}
+
 role_after_start() {
   local metric
   metric="$(attr odin-connections-metric)"
@@ -203,6 +293,7 @@ role_after_start() {
 role_command() {
   case "$1" in
     publish-connections-metric) publish_connections_metric "${2:?metric type}" ;;
+    update-shard-members) update_shard_members "${2:?shard group}" "${3:?ports FIRST:LAST}" ;;
     *) die "unknown command: $1" ;;
   esac
 }

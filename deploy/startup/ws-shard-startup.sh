@@ -9,7 +9,8 @@ ROLE=ws-shard
 
 # ==== BEGIN COMMON: identical in ws-lb-startup.sh and ws-shard-startup.sh (deploy/tests/test_startup.sh checks) ====
 #
-# Instance metadata read (set by deploy/terraform and deploy/gcp):
+# Instance metadata read (set by deploy/terraform and deploy/gcp; each role
+# script reads a few more keys of its own, below the common block):
 #   odin-args             arguments of the binary (required), e.g. "--listen 0.0.0.0:3001 ..."
 #   odin-env              space-separated KEY=VALUE pairs for the process environment
 #   odin-open-ports       host-firewall ports to open on COS (iptables multiport, e.g. "3001,9101")
@@ -126,6 +127,7 @@ run_container() {
     --stop-signal SIGTERM --stop-timeout 45 \
     --log-opt max-size=100m --log-opt max-file=5 \
     --env-file "$ENV_FILE" \
+    --volume /var/lib/odin-ws:/var/lib/odin-ws:ro \
     "$image" "/usr/local/bin/$ROLE" "${args[@]}" >&2
 }
 
@@ -158,6 +160,7 @@ main() {
   os="$(os_id)"
   tune_kernel
   write_env_file
+  role_before_start
   case "$os" in
     cos)
       open_host_firewall
@@ -172,12 +175,78 @@ main() {
 # ==== END COMMON ====
 
 # ---- ws-shard only ----------------------------------------------------------
+#
+# Autoscaling signal of the shard group: the sum of ws_shard_connections over
+# this VM's shards (admin port 9102) is written every 30 s to Cloud Monitoring
+# as the custom metric named in metadata "odin-connections-metric"
+# (custom.googleapis.com/ws_shard_connections) on this VM's gce_instance
+# resource; the shard group's autoscaler targets a number of connections per VM.
+# Scale-in drains: the VM's shutdown script (odin-ws-shutdown.sh) stops
+# ws-shard with SIGTERM, which closes its clients with 1012 spread over the drain
+# window; they reconnect through ws-lb and recover with `since`.
+# Test hooks: ODIN_ADMIN_METRICS_URL, ODIN_MONITORING_URL, ODIN_PUBLISH_ONCE=1.
 
-role_after_start() { :; }
+ADMIN_METRICS_URL="${ODIN_ADMIN_METRICS_URL:-http://127.0.0.1:9102/metrics}"
+MONITORING_URL="${ODIN_MONITORING_URL:-https://monitoring.googleapis.com/v3}"
+PUBLISHER_UNIT=odin-ws-connections-metric
+
+role_before_start() { :; }
+
+role_after_start() {
+  local metric
+  metric="$(attr odin-connections-metric)"
+  if [[ -z "$metric" ]]; then
+    log "metadata odin-connections-metric not set: not publishing the connections metric"
+    return 0
+  fi
+  mkdir -p "$STATE_DIR"
+  install -m 0644 "${BASH_SOURCE[0]}" "$STATE_DIR/ws-shard-startup.sh"
+  systemctl stop "$PUBLISHER_UNIT.service" 2>/dev/null || true
+  systemctl reset-failed "$PUBLISHER_UNIT.service" 2>/dev/null || true
+  systemd-run --unit="$PUBLISHER_UNIT" --description="odin-ws: publish $metric" \
+    --property=Restart=always --property=RestartSec=10 \
+    /bin/bash /var/lib/odin-ws/ws-shard-startup.sh publish-connections-metric "$metric"
+}
 
 role_command() {
-  log "ERROR: unknown command: $1"
-  return 2
+  case "$1" in
+    publish-connections-metric) publish_connections_metric "${2:?metric type}" ;;
+    *)
+      log "ERROR: unknown command: $1"
+      return 2
+      ;;
+  esac
+}
+
+# scrape_sum NAME: the sum of every sample of NAME on the admin /metrics page.
+scrape_sum() {
+  local page
+  page="$(curl -fsS --max-time 5 "$ADMIN_METRICS_URL")" || return 1
+  awk -v m="$1" '($1 == m || index($1, m "{") == 1) { s += $2; found = 1 } END { if (found) print s + 0; else exit 1 }' <<<"$page"
+}
+
+publish_connections_metric() {
+  local metric="$1" project instance_id zone value token now body
+  project="$(metadata project/project-id)"
+  instance_id="$(metadata instance/id)"
+  zone="$(metadata instance/zone)"
+  zone="${zone##*/}"
+  while :; do
+    if value="$(scrape_sum ws_shard_connections)" && [[ "$value" =~ ^[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?$ ]]; then
+      token="$(metadata instance/service-accounts/default/token | sed -n 's/.*"access_token" *: *"\([^"]*\)".*/\1/p')"
+      now="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+      body="$(printf '{"timeSeries":[{"metric":{"type":"%s"},"resource":{"type":"gce_instance","labels":{"project_id":"%s","instance_id":"%s","zone":"%s"}},"points":[{"interval":{"endTime":"%s"},"value":{"doubleValue":%s}}]}]}' \
+        "$metric" "$project" "$instance_id" "$zone" "$now" "$value")"
+      curl -fsS --max-time 10 -X POST -H "Authorization: Bearer $token" \
+        -H 'Content-Type: application/json' --data "$body" \
+        "$MONITORING_URL/projects/$project/timeSeries" >/dev/null ||
+        log "writing $metric failed"
+    else
+      log "no ws_shard_connections on $ADMIN_METRICS_URL"
+    fi
+    [[ "${ODIN_PUBLISH_ONCE:-0}" != 1 ]] || return 0
+    sleep 30
+  done
 }
 
 main "$@"

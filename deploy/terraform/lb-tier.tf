@@ -3,7 +3,7 @@
 
 resource "google_compute_instance_template" "lb" {
   name_prefix  = "${local.name}-lb-"
-  description  = "ws-lb --listen 0.0.0.0:${local.lb_port} --admin-addr 0.0.0.0:${local.lb_admin_port} (${length(local.backend_urls)} backends)"
+  description  = "ws-lb --listen 0.0.0.0:${local.lb_port} --admin-addr 0.0.0.0:${local.lb_admin_port} (shards: group ${local.shard_group})"
   machine_type = var.lb_machine_type
   region       = var.region
   tags         = ["${local.name}-lb"]
@@ -47,6 +47,8 @@ resource "google_compute_instance_template" "lb" {
     odin-env                = local.lb_env
     odin-open-ports         = local.lb_open_ports
     odin-connections-metric = local.lb_connections_metric
+    odin-shard-group        = local.shard_group
+    odin-shard-ports        = "${local.shard_base_port}:${local.shard_last_port}"
   })
 
   lifecycle {

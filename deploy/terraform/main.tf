@@ -27,13 +27,12 @@ locals {
   # resource (deploy/startup/ws-lb-startup.sh, publish-connections-metric).
   lb_connections_metric = "custom.googleapis.com/ws_lb_active_connections"
 
-  # Every shard of every shard VM, in shard-VM order then port order.
-  backend_urls = flatten([
-    for a in google_compute_address.shard : [
-      for p in local.shard_ports : "ws://${a.address}:${p}/ws"
-    ]
-  ])
-  backend_urls_csv = join(",", local.backend_urls)
+  # The shard group, as LB VMs find its instances (label odin-ws-group), and
+  # the file ws-lb reads its shards from (kept current by ws-lb-startup.sh).
+  shard_group              = "${local.name}-shard"
+  shard_members_file       = "/var/lib/odin-ws/shards"
+  shard_connections_metric = "custom.googleapis.com/ws_shard_connections"
+  shard_connections_target = var.shard_connections_target > 0 ? var.shard_connections_target : floor(0.7 * var.shards_per_vm * var.shard_max_connections)
 
   # Command lines. The startup scripts run "<binary> ${odin-args}" (container on
   # COS, systemd unit on Debian), so these are the exact process arguments.
@@ -54,7 +53,7 @@ locals {
   lb_args = join(" ", [
     "--listen 0.0.0.0:${local.lb_port}",
     "--admin-addr 0.0.0.0:${local.lb_admin_port}",
-    "--backend-urls=${local.backend_urls_csv}",
+    "--backend-file ${local.shard_members_file}",
     "--allowed-origins ${join(",", var.allowed_origins)}",
     "--trust-forwarded-for",
   ])
@@ -104,4 +103,11 @@ resource "google_project_iam_member" "tier_roles" {
   project = var.project
   role    = each.value.role
   member  = "serviceAccount:${each.value.tier == "lb" ? google_service_account.lb.email : google_service_account.shard.email}"
+}
+
+# LB VMs list the shard group's instances for their member file.
+resource "google_project_iam_member" "lb_compute_viewer" {
+  project = var.project
+  role    = "roles/compute.viewer"
+  member  = "serviceAccount:${google_service_account.lb.email}"
 }

@@ -3,14 +3,9 @@ output "lb_ip" {
   value       = google_compute_global_address.lb.address
 }
 
-output "shard_addresses" {
-  description = "Reserved internal addresses of the shard VMs, in shard order."
-  value       = google_compute_address.shard[*].address
-}
-
-output "backend_urls" {
-  description = "ws-lb backend list: one ws://ADDR:PORT/ws per shard of every shard VM."
-  value       = local.backend_urls
+output "shard_group" {
+  description = "The autoscaled shard instance group; every ws-lb VM lists its running VMs into /var/lib/odin-ws/shards."
+  value       = google_compute_region_instance_group_manager.shard.name
 }
 
 output "lb_args" {

@@ -1,17 +1,10 @@
-# ws-shard tier: shard_count VMs in a regional *stateful* MIG. Each VM keeps a
-# reserved internal address for its whole life (autohealing and updates
-# recreate the VM with the same name and IP), because ws-lb is configured with
-# the static list of shard URLs built from these addresses.
-
-resource "google_compute_address" "shard" {
-  count        = var.shard_count
-  name         = "${local.name}-shard-${count.index}"
-  region       = var.region
-  subnetwork   = var.subnetwork
-  address_type = "INTERNAL"
-  purpose      = "GCE_ENDPOINT"
-  address      = length(var.shard_internal_ips) > 0 ? var.shard_internal_ips[count.index] : null
-}
+# ws-shard tier: a regional MIG autoscaled between shard_min_replicas and
+# shard_max_replicas VMs on CPU and on client connections per VM. VMs have no
+# fixed address: every ws-lb VM keeps its member file equal to the group's
+# running VMs (label odin-ws-group; deploy/startup/ws-lb-startup.sh) and ws-lb
+# follows the file without a restart. Scale-in drains: the shutdown script sends
+# SIGTERM and the shard closes its clients with 1012 over its drain window
+# (they reconnect through ws-lb and recover with `since`).
 
 resource "google_compute_instance_template" "shard" {
   name_prefix  = "${local.name}-shard-"
@@ -21,7 +14,8 @@ resource "google_compute_instance_template" "shard" {
   tags         = ["${local.name}-shard"]
 
   labels = {
-    odin-ws-role = "shard"
+    odin-ws-role  = "shard"
+    odin-ws-group = local.shard_group
   }
 
   disk {
@@ -59,6 +53,8 @@ resource "google_compute_instance_template" "shard" {
     odin-args       = local.shard_args
     odin-env        = ""
     odin-open-ports = local.shard_open_ports
+    # Published every 30 s for the autoscaler (ws-shard-startup.sh).
+    odin-connections-metric = local.shard_connections_metric
   })
 
   lifecycle {
@@ -88,7 +84,9 @@ resource "google_compute_region_instance_group_manager" "shard" {
   base_instance_name        = "${local.name}-shard"
   region                    = var.region
   distribution_policy_zones = var.zones
-  target_size               = var.shard_count
+
+  # Initial size; afterwards the autoscaler below owns the size.
+  target_size = var.shard_min_replicas
 
   version {
     name              = "primary"
@@ -98,11 +96,6 @@ resource "google_compute_region_instance_group_manager" "shard" {
   auto_healing_policies {
     health_check      = google_compute_health_check.shard.id
     initial_delay_sec = 180
-  }
-
-  stateful_internal_ip {
-    interface_name = "nic0"
-    delete_rule    = "NEVER"
   }
 
   # Shards hold client connections: template changes are rolled out by hand
@@ -115,23 +108,50 @@ resource "google_compute_region_instance_group_manager" "shard" {
     max_surge_fixed              = 0
     max_unavailable_fixed        = length(var.zones)
   }
+
+  lifecycle {
+    ignore_changes = [target_size]
+  }
 }
 
-# One per-instance config per reserved address: VM odin-ws-shard-<i> always gets
-# address odin-ws-shard-<i>.
-resource "google_compute_region_per_instance_config" "shard" {
-  count                         = var.shard_count
-  region                        = var.region
-  region_instance_group_manager = google_compute_region_instance_group_manager.shard.name
-  name                          = "${local.name}-shard-${count.index}"
+resource "google_compute_region_autoscaler" "shard" {
+  name   = local.shard_group
+  region = var.region
+  target = google_compute_region_instance_group_manager.shard.id
 
-  preserved_state {
-    internal_ip {
-      interface_name = "nic0"
-      auto_delete    = "NEVER"
-      ip_address {
-        address = google_compute_address.shard[count.index].self_link
+  autoscaling_policy {
+    min_replicas = var.shard_min_replicas
+    max_replicas = var.shard_max_replicas
+    # A new VM boots, warms its history from Kafka and ramps up in ws-lb's slow
+    # start before its load means anything.
+    cooldown_period = 180
+    mode            = "ON"
+
+    cpu_utilization {
+      target = var.shard_cpu_target
+    }
+
+    # Client connections per VM (gauge published by the startup script).
+    metric {
+      name   = local.shard_connections_metric
+      target = local.shard_connections_target
+      type   = "GAUGE"
+    }
+
+    # Scale in slowly: each removed VM drains its clients with 1012 and they
+    # reconnect elsewhere; one VM per 15 minutes keeps the group from flapping.
+    scale_in_control {
+      max_scaled_in_replicas {
+        fixed = 1
       }
+      time_window_sec = 900
+    }
+  }
+
+  lifecycle {
+    precondition {
+      condition     = var.shard_min_replicas <= var.shard_max_replicas && var.shard_max_replicas * var.shards_per_vm <= 128
+      error_message = "Need shard_min_replicas <= shard_max_replicas, and shard_max_replicas x shards_per_vm at most 128 (ws-lb's pool)."
     }
   }
 }

@@ -87,15 +87,38 @@ variable "release_url" {
 # Shard tier
 # ---------------------------------------------------------------------------
 
-variable "shard_count" {
-  description = "Number of ws-shard VMs (each with a reserved internal address)."
+variable "shard_min_replicas" {
+  description = "Shard VMs the autoscaled group never goes below (also its initial size)."
   type        = number
   default     = 7
 
   validation {
-    condition     = var.shard_count >= 7 && var.shard_count <= 10 && floor(var.shard_count) == var.shard_count
-    error_message = "shard_count must be a whole number from 7 to 10."
+    condition     = var.shard_min_replicas >= 1 && floor(var.shard_min_replicas) == var.shard_min_replicas
+    error_message = "shard_min_replicas must be a whole number of at least 1."
   }
+}
+
+variable "shard_max_replicas" {
+  description = "Shard VMs the autoscaled group never goes above. shard_max_replicas x shards_per_vm must fit ws-lb's pool (128 shards)."
+  type        = number
+  default     = 10
+
+  validation {
+    condition     = floor(var.shard_max_replicas) == var.shard_max_replicas && var.shard_max_replicas >= 1 && var.shard_max_replicas <= 128
+    error_message = "shard_max_replicas must be a whole number from 1 to 128."
+  }
+}
+
+variable "shard_cpu_target" {
+  description = "Shard group autoscaler: target CPU utilization (0-1)."
+  type        = number
+  default     = 0.6
+}
+
+variable "shard_connections_target" {
+  description = "Shard group autoscaler: client connections per VM it aims at (0 = 70 % of shards_per_vm x shard_max_connections)."
+  type        = number
+  default     = 0
 }
 
 variable "shards_per_vm" {
@@ -118,17 +141,6 @@ variable "shard_max_connections" {
   validation {
     condition     = var.shard_max_connections >= 1 && var.shard_max_connections <= 200000
     error_message = "shard_max_connections must be between 1 and 200000."
-  }
-}
-
-variable "shard_internal_ips" {
-  description = "Optional fixed internal IPs for the shard VMs (one per shard, in var.subnetwork). Empty: GCP picks them; they stay reserved either way."
-  type        = list(string)
-  default     = []
-
-  validation {
-    condition     = length(var.shard_internal_ips) == 0 || length(var.shard_internal_ips) == var.shard_count
-    error_message = "shard_internal_ips must be empty or hold exactly shard_count addresses."
   }
 }
 

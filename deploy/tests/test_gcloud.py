@@ -135,26 +135,28 @@ def test_dry_run():
 
 
 def check_facts(cmds):
-    # Shard tier.
-    addrs = find(cmds, "compute", "addresses", "create")
-    shard_addrs = [c for c in addrs if "--region" in c]
-    eq("7 shard addresses", [c[4] for c in shard_addrs], [f"odin-ws-shard-{i}" for i in range(7)])
-    ips = [flag(c, "--addresses") for c in shard_addrs]
-    eq("shard IPs", ips, [f"10.128.0.{10 + i}" for i in range(7)])
+    # Shard tier: an autoscaled group without reserved addresses.
+    check("no shard addresses", not [c for c in find(cmds, "compute", "addresses", "create") if "--region" in c])
     mig = one(cmds, "compute", "instance-groups", "managed", "create", name="odin-ws-shard")
-    eq("shard MIG created empty", flag(mig, "--size"), "0")
-    eq("shard MIG stateful IP", flag(mig, "--stateful-internal-ip"), "interface-name=nic0,auto-delete=never")
+    eq("shard MIG starts at its minimum", flag(mig, "--size"), "7")
+    eq("shard MIG not stateful", flag(mig, "--stateful-internal-ip"), None)
     eq("shard MIG health check", flag(mig, "--health-check"), "odin-ws-shard-hc")
-    inst = find(cmds, "compute", "instance-groups", "managed", "create-instance")
-    eq("one VM per reserved address", [flag(c, "--stateful-internal-ip") for c in inst],
-       [f"interface-name=nic0,address=projects/{PROJECT}/regions/us-central1/addresses/odin-ws-shard-{i},auto-delete=never"
-        for i in range(7)])
+    eq("no per-VM instances", find(cmds, "compute", "instance-groups", "managed", "create-instance"), [])
+    sa = one(cmds, "compute", "instance-groups", "managed", "set-autoscaling", name="odin-ws-shard")
+    eq("shard autoscaler bounds", (flag(sa, "--min-num-replicas"), flag(sa, "--max-num-replicas")), ("7", "10"))
+    eq("shard autoscaler CPU signal", flag(sa, "--target-cpu-utilization"), "0.6")
+    eq("shard autoscaler connections signal (70 % of 4 x 6000 per VM)", flag(sa, "--custom-metric-utilization"),
+       "metric=custom.googleapis.com/ws_shard_connections,utilization-target=16800,utilization-target-type=GAUGE")
+    eq("shard autoscaler cool-down", flag(sa, "--cool-down-period"), "180")
+    eq("shard scale-in: one VM per 15 min", flag(sa, "--scale-in-control"), "max-scaled-in-replicas=1,time-window=900")
     tpl = one(cmds, "compute", "instance-templates", "create", name="odin-ws-shard-v1")
     md = parse_metadata(flag(tpl, "--metadata"))
     eq("shard odin-args", md.get("odin-args"),
        "--shards 4 --base-port 3002 --bind 0.0.0.0 --admin-addr 0.0.0.0:9102 --max-connections 6000 "
        "--drain-window 10s --grace 30s --log-json")
     eq("shard open ports", md.get("odin-open-ports"), "3002:3005,9102")
+    eq("shard connections metric", md.get("odin-connections-metric"), "custom.googleapis.com/ws_shard_connections")
+    eq("shard group label (what LB VMs list)", flag(tpl, "--labels"), "odin-ws-role=shard,odin-ws-group=odin-ws-shard")
     eq("shard template SA", flag(tpl, "--service-account"), f"odin-ws-shard@{PROJECT}.iam.gserviceaccount.com")
     check("shard template: no external IP", flag(tpl, "--no-address") is True)
 
@@ -172,11 +174,14 @@ def check_facts(cmds):
        "metric=custom.googleapis.com/ws_lb_active_connections,utilization-target=20000,utilization-target-type=GAUGE")
     tpl = one(cmds, "compute", "instance-templates", "create", name="odin-ws-lb-v1")
     md = parse_metadata(flag(tpl, "--metadata"))
-    backends = expected_backends([f"10.128.0.{10 + i}" for i in range(7)], range(3002, 3006))
     eq("ws-lb odin-args", md.get("odin-args"),
-       f"--listen 0.0.0.0:3001 --admin-addr 0.0.0.0:9101 --backend-urls={backends} "
+       "--listen 0.0.0.0:3001 --admin-addr 0.0.0.0:9101 --backend-file /var/lib/odin-ws/shards "
        "--allowed-origins https://app.example.com --trust-forwarded-for")
-    eq("28 backend URLs", backends.count("ws://"), 28)
+    eq("ws-lb follows the shard group", (md.get("odin-shard-group"), md.get("odin-shard-ports")),
+       ("odin-ws-shard", "3002:3005"))
+    binds = [c for c in find(cmds, "projects", "add-iam-policy-binding") if flag(c, "--role") == "roles/compute.viewer"]
+    eq("LB service account may list instances", [flag(c, "--member") for c in binds],
+       [f"serviceAccount:odin-ws-lb@{PROJECT}.iam.gserviceaccount.com"])
     eq("ws-lb odin-env", md.get("odin-env"),
        "CIRCUIT_BREAKER_FAILURE_THRESHOLD=10 CIRCUIT_BREAKER_TIMEOUT=30s CIRCUIT_BREAKER_HALF_OPEN_MAX_CALLS=5")
     eq("ws-lb connections metric", md.get("odin-connections-metric"), "custom.googleapis.com/ws_lb_active_connections")
@@ -304,8 +309,15 @@ def test_refusals():
               f"rc={p.returncode} stderr={p.stderr!r} stdout={p.stdout[:80]!r}")
     p = dry_run("40-global-lb.sh", DOMAIN="")
     check("refused: no DOMAIN", p.returncode != 0 and "DOMAIN is not set" in p.stderr)
-    # Other sizes flow through: 10 VMs x 2 shards.
-    p = dry_run("30-lb-tier.sh", SHARD_COUNT="10", SHARDS_PER_VM="2")
+    for name, env, msg in (
+            ("SHARD_MIN_REPLICAS > SHARD_MAX_REPLICAS", {"SHARD_MIN_REPLICAS": "11"}, "SHARD_MIN_REPLICAS (11) <= SHARD_MAX_REPLICAS (10)"),
+            ("more shards than ws-lb's pool", {"SHARD_MAX_REPLICAS": "40"}, "at most 128"),
+            ("unknown membership", {"SHARD_MEMBERSHIP": "dns"}, "SHARD_MEMBERSHIP must be group or static")):
+        p = dry_run("20-shard-tier.sh", **env)
+        check(f"refused: {name}", p.returncode != 0 and msg in p.stderr and p.stdout == "",
+              f"rc={p.returncode} stderr={p.stderr!r}")
+    # Static membership (the one-machine topology): other sizes flow through, 10 VMs x 2 shards.
+    p = dry_run("30-lb-tier.sh", SHARD_MEMBERSHIP="static", SHARD_COUNT="10", SHARDS_PER_VM="2")
     cmds = [shlex.split(x) for x in p.stdout.splitlines()]
     tpl = find(cmds, "compute", "instance-templates", "create")
     md = parse_metadata(flag(tpl[0], "--metadata")) if tpl else {}

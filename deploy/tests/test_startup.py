@@ -35,7 +35,8 @@ SHARD_ARGS = ("--shards 4 --base-port 3002 --bind 0.0.0.0 --admin-addr 0.0.0.0:9
 LB_ENV = "CIRCUIT_BREAKER_FAILURE_THRESHOLD=10 CIRCUIT_BREAKER_TIMEOUT=30s CIRCUIT_BREAKER_HALF_OPEN_MAX_CALLS=5"
 METADATA_URL = "http://metadata.test/computeMetadata/v1"
 TOOLS = ["bash", "sed", "tr", "head", "mkdir", "cat", "mv", "rm", "mktemp", "tar", "gzip", "install",
-         "awk", "date", "dirname", "sleep", "chmod", "cp", "ls", "printf", "env", "true", "false"]
+         "awk", "date", "dirname", "sleep", "chmod", "cp", "ls", "printf", "env", "true", "false",
+         "grep", "sort", "seq"]
 
 STUB = r'''#!PYTHON
 import json, os, shutil, sys
@@ -55,6 +56,11 @@ if name == "curl":
         data = open(os.path.join(os.environ["STUB_FILES"], url.rsplit("/", 1)[-1]), "rb").read()
     elif url.startswith("https://monitoring.test/"):
         data = b"{}"
+    elif url.startswith("https://compute.test/"):
+        path = os.path.join(os.environ["STUB_FILES"], "compute.json")
+        if not os.path.isfile(path):
+            sys.exit(22)
+        data = open(path, "rb").read()
     else:
         sys.exit(7)  # unknown host
     if out:
@@ -144,7 +150,8 @@ def expected_docker_run(role, args, env_file):
             "--network", "host", "--ulimit", "nofile=1048576:1048576",
             "--stop-signal", "SIGTERM", "--stop-timeout", "45",
             "--log-opt", "max-size=100m", "--log-opt", "max-file=5",
-            "--env-file", env_file, IMAGE, f"/usr/local/bin/{role}", *args.split()]
+            "--env-file", env_file, "--volume", "/var/lib/odin-ws:/var/lib/odin-ws:ro",
+            IMAGE, f"/usr/local/bin/{role}", *args.split()]
 
 
 def test_common_block_identical():
@@ -323,6 +330,87 @@ def test_publisher():
         sb.close()
 
 
+COMPUTE_REPLY = json.dumps({"items": {
+    "zones/us-central1-a": {"instances": [{"networkInterfaces": [{"networkIP": "10.128.0.21"}]},
+                                          {"networkInterfaces": [{"networkIP": "10.128.0.20"}]}]},
+    "zones/us-central1-b": {"instances": [{"networkInterfaces": [{"networkIP": "10.128.0.22"}]}]},
+    "zones/us-central1-c": {"warning": {"code": "NO_RESULTS_ON_PAGE"}}}}, indent=1)
+
+
+def group_metadata():
+    md = lb_metadata()
+    md.update({"odin-shard-group": "odin-ws-shard", "odin-shard-ports": "3002:3003",
+               "project/project-id": "odin-ws-placeholder",
+               "instance/service-accounts/default/token": '{"access_token":"tok-123","expires_in":3599}'})
+    return md
+
+
+def test_shard_members():
+    env = {"ODIN_COMPUTE_URL": "https://compute.test/compute/v1", "ODIN_MEMBERS_ONCE": "1"}
+    sb = Sandbox("cos", group_metadata())
+    try:
+        members = sb.root / "var/lib/odin-ws/shards"
+        # No reply (API error): nothing written, startup gives up only after its retries,
+        # so run the updater alone here.
+        p = sb.run("ws-lb-startup.sh", "update-shard-members", "odin-ws-shard", "3002:3003", extra_env=env)
+        eq("updater exit code on a failed listing", p.returncode, 0)
+        check("failed listing writes no file", not members.exists())
+        (sb.files / "compute.json").write_text(COMPUTE_REPLY)
+        p = sb.run("ws-lb-startup.sh", extra_env=env)
+        eq("cos lb with a shard group: exit code", p.returncode, 0)
+        if p.returncode:
+            print(p.stderr, file=sys.stderr)
+        text = members.read_text() if members.exists() else ""
+        eq("member file: every running VM x every port, sorted",
+           [line for line in text.splitlines() if not line.startswith("#")],
+           [f"ws://10.128.0.{ip}:{port}/ws" for ip in (20, 21, 22) for port in (3002, 3003)])
+        listing = [c for c in sb.calls("curl") if any("compute.test" in a for a in c)]
+        check("lists by group label and RUNNING",
+              any('filter=(labels.odin-ws-group = "odin-ws-shard") AND (status = "RUNNING")' in c for c in listing), listing)
+        check("with the VM's token", all("Authorization: Bearer tok-123" in c for c in listing), listing)
+        eq("listing URL", listing[0][-1] if listing else None,
+           "https://compute.test/compute/v1/projects/odin-ws-placeholder/aggregated/instances")
+        runs = sb.calls("systemd-run")
+        check("members updater unit started before ws-lb", any("--unit=odin-shard-members" in r for r in runs), runs)
+        calls = [json.loads(line) for line in sb.log.read_text().splitlines()]
+        first_list = next(i for i, c in enumerate(calls) if any("compute.test" in a for a in c))
+        first_run = next((i for i, c in enumerate(calls) if c[:2] == ["docker", "run"]), -1)
+        check("first list written before ws-lb starts", 0 <= first_list < first_run, (first_list, first_run))
+        check("the container sees the member file", any("/var/lib/odin-ws:/var/lib/odin-ws:ro" in c
+                                                         for c in sb.calls("docker") if c[0] == "run"))
+        # A later listing that finds nothing keeps the last good file.
+        (sb.files / "compute.json").write_text(json.dumps({"items": {}}))
+        p = sb.run("ws-lb-startup.sh", "update-shard-members", "odin-ws-shard", "3002:3003", extra_env=env)
+        eq("updater exit code on an empty listing", p.returncode, 0)
+        eq("empty listing keeps the file", members.read_text() if members.exists() else "", text)
+    finally:
+        sb.close()
+
+
+def test_shard_publisher():
+    md = {"project/project-id": "odin-ws-placeholder", "instance/id": "1234567890",
+          "instance/zone": "projects/987/zones/us-central1-b",
+          "instance/service-accounts/default/token": '{"access_token":"tok-123","expires_in":3599,"token_type":"Bearer"}'}
+    sb = Sandbox("cos", md, urls=["http://admin.test/metrics"])
+    try:
+        (sb.files / "metrics").write_text(
+            "# TYPE ws_shard_connections gauge\nws_shard_connections{shard_id=\"0\"} 1200\n"
+            "ws_shard_connections{shard_id=\"1\"} 34\nws_shard_connections_accepted_total{shard_id=\"0\"} 9\n")
+        p = sb.run("ws-shard-startup.sh", "publish-connections-metric", "custom.googleapis.com/ws_shard_connections",
+                   extra_env={"ODIN_PUBLISH_ONCE": "1", "ODIN_ADMIN_METRICS_URL": "http://admin.test/metrics",
+                              "ODIN_MONITORING_URL": "https://monitoring.test/v3"})
+        eq("shard publisher exit code", p.returncode, 0)
+        posts = [c for c in sb.calls("curl") if "POST" in c]
+        eq("one timeSeries write", len(posts), 1)
+        if posts:
+            body = json.loads(posts[0][posts[0].index("--data") + 1])
+            ts = body["timeSeries"][0]
+            eq("shard metric type", ts["metric"], {"type": "custom.googleapis.com/ws_shard_connections"})
+            eq("sum over the VM's shards", ts["points"][0]["value"], {"doubleValue": 1234})
+    finally:
+        sb.close()
+
+
 def test_shutdown():
     sb = Sandbox("cos", {})
     try:
@@ -337,7 +425,8 @@ def test_shutdown():
         p = sb.run("odin-ws-shutdown.sh", extra_env={"STUB_ACTIVE": "ws-shard.service"})
         eq("shutdown (systemd) exit code", p.returncode, 0)
         eq("shutdown stops the unit", [c for c in sb.calls("systemctl") if c[0] == "stop"],
-           [["stop", "odin-ws-connections-metric.service"], ["stop", "ws-shard.service"]])
+           [["stop", "odin-ws-connections-metric.service", "odin-shard-members.service"],
+            ["stop", "ws-shard.service"]])
     finally:
         sb.close()
 
@@ -346,7 +435,7 @@ def main():
     tests = [test_common_block_identical, test_backlog_agrees_with_somaxconn, test_cos_lb, test_cos_shard,
              lambda: test_debian_shard("https://releases.test/odin-ws-release.tar.gz"),
              lambda: test_debian_shard("gs://odin-releases/odin-ws-release.tar.gz"),
-             test_failures, test_publisher, test_shutdown]
+             test_failures, test_publisher, test_shard_members, test_shard_publisher, test_shutdown]
     return run("test_startup", tests)
 
 

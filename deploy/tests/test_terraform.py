@@ -127,12 +127,8 @@ def condition(var):
 
 def test_variables():
     eq("var.lb_target_size default", VARS.get("lb_target_size", {}).get("default"), 10)
-    eq("var.shard_count default", VARS.get("shard_count", {}).get("default"), 7)
-    conds = condition("shard_count")
-    lows = [int(x) for c in conds for x in re.findall(r"var\.shard_count\s*>=\s*(\d+)", c)]
-    highs = [int(x) for c in conds for x in re.findall(r"var\.shard_count\s*<=\s*(\d+)", c)]
-    eq("shard_count validation lower bound", lows, [7])
-    eq("shard_count validation upper bound", highs, [10])
+    eq("shard group autoscaled 7..10 by default",
+       (VARS.get("shard_min_replicas", {}).get("default"), VARS.get("shard_max_replicas", {}).get("default")), (7, 10))
     spv = condition("shards_per_vm")
     eq("shards_per_vm validation bounds",
        ([int(x) for c in spv for x in re.findall(r"var\.shards_per_vm\s*>=\s*(\d+)", c)],
@@ -162,16 +158,14 @@ def test_ports_and_locals():
     eq("local.shard_last_port (default 4 shards per VM)", resolve(LOCALS.get("shard_last_port")), 3005)
     eq("local.lb_connections_metric", LOCALS.get("lb_connections_metric"),
        "custom.googleapis.com/ws_lb_active_connections")
-    urls = LOCALS.get("backend_urls", "")
-    check("backend_urls: ws://ADDR:PORT/ws for every address x shard port",
-          "for a in google_compute_address.shard" in urls and "for p in local.shard_ports" in urls
-          and '"ws://${a.address}:${p}/ws"' in urls and urls.startswith("${flatten("), urls)
     eq("local.shard_ports", LOCALS.get("shard_ports"),
        "${[for i in range(var.shards_per_vm) : local.shard_base_port + i]}")
-    eq("local.backend_urls_csv", LOCALS.get("backend_urls_csv"), '${join(",", local.backend_urls)}')
+    eq("local.shard_members_file", LOCALS.get("shard_members_file"), "/var/lib/odin-ws/shards")
+    eq("local.shard_connections_metric", LOCALS.get("shard_connections_metric"),
+       "custom.googleapis.com/ws_shard_connections")
     lb_args = LOCALS.get("lb_args", "")
     for part in ('"--listen 0.0.0.0:${local.lb_port}"', '"--admin-addr 0.0.0.0:${local.lb_admin_port}"',
-                 '"--backend-urls=${local.backend_urls_csv}"', '"--trust-forwarded-for"',
+                 '"--backend-file ${local.shard_members_file}"', '"--trust-forwarded-for"',
                  '"--allowed-origins ${join(",", var.allowed_origins)}"'):
         check(f"lb_args has {part}", part in lb_args, lb_args)
     shard_args = LOCALS.get("shard_args", "")
@@ -289,17 +283,34 @@ def test_firewall():
 
 
 def test_shard_tier():
-    addr = res("google_compute_address", "shard")
-    eq("shard addresses", (addr.get("count"), addr.get("address_type")), ("${var.shard_count}", "INTERNAL"))
+    check("no reserved shard addresses", ("google_compute_address", "shard") not in RES)
+    check("no per-instance configs", ("google_compute_region_per_instance_config", "shard") not in RES)
     mig = res("google_compute_region_instance_group_manager", "shard")
-    eq("shard MIG target_size", mig.get("target_size"), "${var.shard_count}")
-    eq("shard MIG stateful internal IP", block(mig, "stateful_internal_ip"),
-       {"interface_name": "nic0", "delete_rule": "NEVER"})
+    eq("shard MIG initial size", mig.get("target_size"), "${var.shard_min_replicas}")
+    eq("shard MIG not stateful", block(mig, "stateful_internal_ip"), {})
     eq("shard MIG redistribution", block(mig, "update_policy").get("instance_redistribution_type"), "NONE")
-    pic = res("google_compute_region_per_instance_config", "shard")
-    eq("per-instance configs", pic.get("count"), "${var.shard_count}")
-    ip = block(block(block(pic, "preserved_state"), "internal_ip"), "ip_address")
-    eq("per-instance config address", ip.get("address"), "${google_compute_address.shard[count.index].self_link}")
+    check("shard MIG size owned by the autoscaler", "target_size" in str(block(mig, "lifecycle").get("ignore_changes")))
+    a = res("google_compute_region_autoscaler", "shard")
+    eq("shard autoscaler target", a.get("target"), "${google_compute_region_instance_group_manager.shard.id}")
+    pol = block(a, "autoscaling_policy")
+    eq("shard autoscaler bounds", (pol.get("min_replicas"), pol.get("max_replicas")),
+       ("${var.shard_min_replicas}", "${var.shard_max_replicas}"))
+    eq("shard autoscaler cool-down", pol.get("cooldown_period"), 180)
+    eq("shard autoscaler CPU", block(pol, "cpu_utilization").get("target"), "${var.shard_cpu_target}")
+    eq("shard autoscaler connections signal", block(pol, "metric"),
+       {"name": "${local.shard_connections_metric}", "target": "${local.shard_connections_target}", "type": "GAUGE"})
+    sic = block(pol, "scale_in_control")
+    eq("shard scale-in: one VM per 15 minutes", (block(sic, "max_scaled_in_replicas").get("fixed"),
+                                                 sic.get("time_window_sec")), (1, 900))
+    tpl = res("google_compute_instance_template", "shard")
+    eq("shard VMs carry the group label LB VMs list", tpl.get("labels", {}).get("odin-ws-group"), "${local.shard_group}")
+    lb_md = res("google_compute_instance_template", "lb")["metadata"]
+    for k, v in (("odin-shard-group", "local.shard_group"),
+                 ("odin-shard-ports", '"${local.shard_base_port}:${local.shard_last_port}"')):
+        check(f"lb template {k} = {v}", f"{k} = {v}" in " ".join(lb_md.split()), lb_md)
+    iam = res("google_project_iam_member", "lb_compute_viewer")
+    eq("LB may list instances", (iam.get("role"), iam.get("member")),
+       ("roles/compute.viewer", "serviceAccount:${google_service_account.lb.email}"))
 
 
 METADATA_KEY = re.compile(r"([a-z][a-z0-9-]*)\s*=")
@@ -337,9 +348,8 @@ def test_metadata_matches_startup_scripts():
 
 
 def test_outputs_and_example():
-    for o in ("lb_ip", "shard_addresses", "backend_urls"):
+    for o in ("lb_ip", "shard_group", "lb_args"):
         check(f"output {o}", o in OUTPUTS)
-    eq("output backend_urls value", OUTPUTS.get("backend_urls", {}).get("value"), "${local.backend_urls}")
     example = hcl2.loads((TF_DIR / "terraform.tfvars.example").read_text(), serialization_options=OPTS)
     unknown = sorted(k for k in example if k not in VARS)
     eq("tfvars.example sets only declared variables", unknown, [])
@@ -347,7 +357,7 @@ def test_outputs_and_example():
     missing = sorted(k for k in required if k not in example)
     eq("tfvars.example sets every required variable", missing, [])
     eq("tfvars.example lb_target_size", example.get("lb_target_size"), 10)
-    check("tfvars.example shard_count within 7..10", 7 <= example.get("shard_count", 0) <= 10)
+    eq("tfvars.example shard group bounds", (example.get("shard_min_replicas"), example.get("shard_max_replicas")), (7, 10))
     readme = (TF_DIR / "README.md").read_text()
     for step in ("terraform init", "terraform plan", "terraform apply"):
         check(f"README mentions {step}", step in readme)
