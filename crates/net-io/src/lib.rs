@@ -9,7 +9,10 @@
 //! thread start); [`read_drained`] treats a short read as having drained the socket and
 //! clears tokio's readiness in the same call, saving that extra syscall. Clearing is safe:
 //! tokio only forgets readiness that has not been renewed by a newer event, so data arriving
-//! after our read wakes the task again.
+//! after our read wakes the task again. Writes do the same ([`write_drained`]): a write the
+//! kernel took only part of found the send buffer full, so the `write` that would follow only
+//! to get `EAGAIN` is skipped; the socket's next `EPOLLOUT` (the kernel sends one when space
+//! frees up after a short write) wakes the writer again.
 
 use std::cell::RefCell;
 use std::io::{self, IoSlice, Read, Write};
@@ -52,9 +55,30 @@ pub fn read_drained(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
+/// One non-blocking vectored write of `bufs`. `WouldBlock` means the socket took nothing; a
+/// write shorter than `bufs` returns its length and clears the socket's write readiness (the
+/// send buffer is full), so the caller waits for writability instead of trying again at once.
+pub fn write_drained(stream: &TcpStream, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+    let total: usize = bufs.iter().map(|b| b.len()).sum();
+    let mut got = None;
+    let r = stream.try_io(Interest::WRITABLE, || {
+        let sock = socket2::SockRef::from(stream);
+        let n = (&*sock).write_vectored(bufs)?;
+        if n > 0 && n < total {
+            got = Some(n);
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match (r, got) {
+        (_, Some(n)) => Ok(n),
+        (r, None) => r,
+    }
+}
+
 /// A tokio `TcpStream` as `std::io::Read + Write`, for one non-blocking call at a time:
-/// reads go through [`read_drained`], writes through `try_write`/`try_write_vectored`, and
-/// either returns `WouldBlock` when the socket is not ready.
+/// reads go through [`read_drained`], writes through [`write_drained`], and either returns
+/// `WouldBlock` when the socket is not ready.
 #[derive(Debug, Clone, Copy)]
 pub struct Nonblocking<'a>(pub &'a TcpStream);
 
@@ -66,11 +90,11 @@ impl Read for Nonblocking<'_> {
 
 impl Write for Nonblocking<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.try_write(buf)
+        write_drained(self.0, &[IoSlice::new(buf)])
     }
 
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        self.0.try_write_vectored(bufs)
+        write_drained(self.0, bufs)
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -107,6 +131,46 @@ mod tests {
         server.readable().await.unwrap();
         assert_eq!(read_drained(&server, &mut buf).unwrap(), 0);
         assert_eq!(with_buffer(|b| b.len()), READ_BUFFER);
+    }
+
+    #[tokio::test]
+    async fn a_short_write_clears_readiness_and_freed_space_wakes_again() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (server, _) = l.accept().await.unwrap();
+        let chunk = vec![7u8; 64 * 1024];
+        let mut sent = 0usize;
+        // Fill the connection (the peer reads nothing) until a write is short or refused.
+        let short = loop {
+            server.writable().await.unwrap();
+            match write_drained(&server, &[IoSlice::new(&chunk)]) {
+                Ok(n) if n < chunk.len() => break Some(n + sent),
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break None,
+                Err(e) => panic!("{e}"),
+            }
+        };
+        sent = short.unwrap_or(sent);
+        // Readiness was cleared: writable() waits...
+        let waited =
+            tokio::time::timeout(std::time::Duration::from_millis(50), server.writable()).await;
+        assert!(waited.is_err(), "writable at once after a full send buffer");
+        // ...until the peer takes the bytes.
+        let mut got = 0;
+        let mut buf = vec![0u8; 64 * 1024];
+        while got < sent {
+            client.readable().await.unwrap();
+            match read_drained(&client, &mut buf) {
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        tokio::time::timeout(std::time::Duration::from_secs(5), server.writable())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(write_drained(&server, &[IoSlice::new(b"more")]).unwrap() > 0);
     }
 
     #[tokio::test]
