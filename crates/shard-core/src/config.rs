@@ -29,6 +29,9 @@ pub struct SessionConfig {
     pub rate_burst: u32,
     /// On drain, each connection is closed with 1012 at a random moment in this window.
     pub drain_window: Duration,
+    /// How long deliveries for an idle connection wait for more to share their write (zero:
+    /// written at once). Trades latency for fewer, larger writes.
+    pub write_delay: Duration,
 }
 
 impl Default for SessionConfig {
@@ -43,6 +46,7 @@ impl Default for SessionConfig {
             rate_per_sec: 100,
             rate_burst: 200,
             drain_window: Duration::from_secs(10),
+            write_delay: Duration::ZERO,
         }
     }
 }
@@ -50,6 +54,9 @@ impl Default for SessionConfig {
 impl SessionConfig {
     /// Default message limit on `/echo`: Autobahn's largest cases send 16 MiB messages.
     pub const ECHO_MAX_MESSAGE_SIZE: usize = 16 << 20;
+
+    /// Largest `write_delay` accepted.
+    pub const MAX_WRITE_DELAY: Duration = Duration::from_secs(1);
 
     /// The settings of an `/echo` session derived from these: `max_message_size` as given,
     /// no rate limit (conformance cases send thousands of frames at once).
@@ -80,6 +87,9 @@ impl SessionConfig {
         }
         if self.max_subscriptions == 0 {
             return Err(bad("max_subscriptions", "must be at least 1"));
+        }
+        if self.write_delay > Self::MAX_WRITE_DELAY {
+            return Err(bad("write_delay", "must be at most 1s"));
         }
         if self.rate_per_sec > 0 && self.rate_burst == 0 {
             return Err(bad(
@@ -156,6 +166,12 @@ mod tests {
             ..SessionConfig::default()
         };
         assert_eq!(bad_ping.validate().unwrap_err().key, "ping_interval");
+        assert!(SessionConfig {
+            write_delay: Duration::from_millis(1001),
+            ..SessionConfig::default()
+        }
+        .validate()
+        .is_err());
         assert!(SessionConfig {
             outbound_queue: 0,
             ..SessionConfig::default()

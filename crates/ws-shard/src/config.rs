@@ -89,6 +89,11 @@ pub struct Settings {
     #[arg(long, value_parser = humantime::parse_duration, default_value = human(lib().session.drain_window))]
     #[serde(with = "humantime_serde")]
     pub drain_window: Duration,
+    /// Deliveries for an idle connection wait this long for more to share their write
+    /// (0s = written at once; at most 1s). Trades latency for fewer, larger writes.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = human(lib().session.write_delay))]
+    #[serde(with = "humantime_serde")]
+    pub write_delay: Duration,
     /// Longest a drain may take before the process stops anyway.
     #[arg(long, value_parser = humantime::parse_duration, default_value = human(lib().grace))]
     #[serde(with = "humantime_serde")]
@@ -225,6 +230,7 @@ impl Settings {
             rate_per_sec: self.client_rate,
             rate_burst: self.client_rate_burst,
             drain_window: self.drain_window,
+            write_delay: self.write_delay,
         }
         .validate()?;
         let echo = self

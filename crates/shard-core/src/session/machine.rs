@@ -14,6 +14,15 @@
 //! before this was a state machine; the tests now check that no deadline, once handled, is
 //! the next one again).
 //!
+//! Writes: everything waiting for the connection goes out in one vectored write per
+//! wake-up (bounded per call, see `output`): a writable socket first takes what the hub
+//! queued since the last look, so deliveries that arrived while a write was in progress
+//! share the next one. With `write_delay` (off by default), deliveries for an open
+//! connection with nothing pending wait that long for more before they are taken
+//! (`Phase::Open`'s `flush_at`; kept in the phase so that it costs no memory per connection,
+//! and a draining connection writes at once); with it off a lone delivery is written at
+//! once.
+//!
 //! Close behaviour (codes in `ws_protocol::close`): a client close is echoed and the
 //! connection ends once the echo is written; a protocol violation sends its code and ends
 //! once that is written; a drain (1012), a slow consumer (4000) or a dead peer (1001) sends
@@ -52,8 +61,9 @@ pub struct Interest {
 /// Where the connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
-    /// Serving requests and deliveries.
-    Open,
+    /// Serving requests and deliveries. With `write_delay`: when the deliveries waiting in
+    /// the queue are taken (the queue is not watched until then).
+    Open { flush_at: Option<Instant> },
     /// Serving; at `at` (this connection's moment in the drain window) it closes with 1012.
     Draining { at: Instant },
     /// Our close frame is queued or sent. Nothing is delivered any more and only the peer's
@@ -109,7 +119,7 @@ impl Session {
             decoder: Decoder::new(Role::Server, Limits::new(cfg.max_message_size)),
             conn: Conn {
                 mode,
-                phase: Phase::Open,
+                phase: Phase::Open { flush_at: None },
                 eof: false,
                 out: Output::default(),
                 keepalive: Keepalive::new(now),
@@ -145,8 +155,8 @@ impl Session {
         Interest {
             read: !c.eof,
             write: !c.out.is_empty(),
-            queue: c.serving() && c.pubsub.is_some(),
-            drain: c.phase == Phase::Open,
+            queue: c.serving() && c.pubsub.is_some() && c.flush_at().is_none(),
+            drain: matches!(c.phase, Phase::Open { .. }),
         }
     }
 
@@ -158,7 +168,7 @@ impl Session {
         let keepalive = c.keepalive.deadline(cfg.ping_interval, cfg.idle_timeout);
         let expiry = c.auth.expires_at().unwrap_or(keepalive);
         match c.phase {
-            Phase::Open => keepalive.min(expiry),
+            Phase::Open { flush_at } => keepalive.min(expiry).min(flush_at.unwrap_or(keepalive)),
             Phase::Done => keepalive,
             Phase::Draining { at } => keepalive.min(at).min(expiry),
             Phase::Closing { deadline, .. } => deadline,
@@ -206,17 +216,13 @@ impl Session {
         self.conn.advance();
     }
 
-    /// The socket is writable: writes what is waiting, then takes new deliveries.
+    /// The socket is writable: takes the deliveries queued since the last look (they share
+    /// this write) and writes what is waiting.
     pub fn on_writable(&mut self, dst: &mut impl Write, now: Instant) {
         let c = &mut self.conn;
-        match c.out.write_to(dst) {
-            Err(_) => return self.on_failed(),
-            Ok(false) => {}
-            Ok(true) => {
-                if c.serving() {
-                    c.deliver(now);
-                }
-            }
+        c.take_queued(now);
+        if c.out.write_to(dst).is_err() {
+            return self.on_failed();
         }
         c.advance();
     }
@@ -229,14 +235,20 @@ impl Session {
     /// The hub queued deliveries (or the queue overflowed).
     pub fn on_queue(&mut self, now: Instant) {
         let c = &mut self.conn;
-        if c.out.len() >= WRITE_BATCH {
-            // Output is backed up; leave frames in the queue so its bound applies, but still
-            // notice an overflow now.
+        let delay = c.cfg().write_delay;
+        if c.out.is_empty() && !delay.is_zero() && matches!(c.phase, Phase::Open { .. }) {
+            // Nothing is being written: let more deliveries join these for `write_delay`.
+            // An overflow is still noticed now.
             if c.queue_overflowed() {
                 c.slow_consumer(now);
+            } else if c.flush_at().is_none() && !c.queue_is_empty() {
+                // (An empty queue: a wake-up left over from deliveries already taken.)
+                c.phase = Phase::Open {
+                    flush_at: Some(now + delay),
+                };
             }
         } else {
-            c.deliver(now);
+            c.take_queued(now);
         }
         c.advance();
     }
@@ -244,8 +256,12 @@ impl Session {
     /// The shard starts draining; this connection closes `delay` from now.
     pub fn on_drain(&mut self, now: Instant, delay: Duration) {
         let c = &mut self.conn;
-        if c.phase == Phase::Open {
+        if let Phase::Open { flush_at } = c.phase {
             c.phase = Phase::Draining { at: now + delay };
+            if flush_at.is_some() {
+                // A draining connection writes at once.
+                c.take_queued(now);
+            }
         }
     }
 
@@ -266,7 +282,13 @@ impl Session {
                 return;
             }
             Phase::Done => return,
-            Phase::Open | Phase::Draining { .. } => {}
+            Phase::Open { .. } | Phase::Draining { .. } => {}
+        }
+        if c.flush_at().is_some_and(|at| now >= at) {
+            // Cleared whether or not the output can take the deliveries now (if it cannot,
+            // the next writable socket takes them): a handled deadline never stays the next.
+            c.phase = Phase::Open { flush_at: None };
+            c.take_queued(now);
         }
         if c.auth.expires_at().is_some_and(|at| now >= at) {
             c.start_close(close::TOKEN_EXPIRED, "token expired", now);
@@ -292,7 +314,7 @@ impl Conn {
 
     /// Open or draining: requests are answered and deliveries go out.
     fn serving(&self) -> bool {
-        matches!(self.phase, Phase::Open | Phase::Draining { .. })
+        matches!(self.phase, Phase::Open { .. } | Phase::Draining { .. })
     }
 
     fn is_peer_done(&self) -> bool {
@@ -310,12 +332,16 @@ impl Conn {
         let done = match self.phase {
             Phase::Closing { peer_done, .. } => self.out.is_empty() && (peer_done || self.eof),
             // The peer went away without a close handshake.
-            Phase::Open | Phase::Draining { .. } => self.eof,
+            Phase::Open { .. } | Phase::Draining { .. } => self.eof,
             Phase::Done => true,
         };
         if done {
             self.phase = Phase::Done;
         }
+    }
+
+    fn queue_is_empty(&self) -> bool {
+        self.pubsub.as_ref().is_none_or(|p| p.queue().is_empty())
     }
 
     fn queue_overflowed(&self) -> bool {
@@ -324,8 +350,34 @@ impl Conn {
             .is_some_and(|p| p.queue().is_overflowed())
     }
 
+    /// Moves the hub's deliveries to the output unless it is backed up (a slow reader): then
+    /// they stay in the queue so that its bound applies, and only an overflow is noticed.
+    fn take_queued(&mut self, now: Instant) {
+        if !self.serving() {
+            return;
+        }
+        if self.out.len() >= WRITE_BATCH {
+            if self.queue_overflowed() {
+                self.slow_consumer(now);
+            }
+        } else {
+            self.deliver(now);
+        }
+    }
+
+    /// When an open connection's delayed deliveries are due (`write_delay`).
+    fn flush_at(&self) -> Option<Instant> {
+        match self.phase {
+            Phase::Open { flush_at } => flush_at,
+            _ => None,
+        }
+    }
+
     /// Moves the hub's deliveries to the output.
     fn deliver(&mut self, now: Instant) {
+        if let Phase::Open { flush_at } = &mut self.phase {
+            *flush_at = None;
+        }
         let overflowed = self
             .pubsub
             .as_ref()

@@ -35,6 +35,8 @@ struct Client {
     got: Vec<u8>,
     /// How many more bytes the client's receive side takes (None: any number).
     window: Option<usize>,
+    /// Write calls the session made that took bytes (the system calls of a real socket).
+    writes: usize,
 }
 
 impl Client {
@@ -85,17 +87,29 @@ impl Read for Client {
 
 impl Write for Client {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.write_vectored(&[io::IoSlice::new(data)])
+    }
+
+    /// Like a socket: takes as much of all the buffers as the window allows, in one call.
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
         if self.reset {
             return Err(io::ErrorKind::BrokenPipe.into());
         }
-        let n = self.window.map_or(data.len(), |w| w.min(data.len()));
-        if n == 0 && !data.is_empty() {
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let n = self.window.map_or(total, |w| w.min(total));
+        if n == 0 && total > 0 {
             return Err(io::ErrorKind::WouldBlock.into());
         }
         if let Some(w) = &mut self.window {
             *w -= n;
         }
-        self.got.extend_from_slice(&data[..n]);
+        let mut left = n;
+        for b in bufs {
+            let take = left.min(b.len());
+            self.got.extend_from_slice(&b[..take]);
+            left -= take;
+        }
+        self.writes += 1;
         Ok(n)
     }
 
@@ -464,6 +478,131 @@ async fn a_failed_write_ends_the_session() {
     assert!(net.session.is_done());
 }
 
+#[tokio::test(start_paused = true)]
+async fn deliveries_waiting_at_a_wake_up_share_one_write() {
+    let mut net = Net::pubsub();
+    net.client
+        .send_text(r#"{"type":"subscribe","channels":["trades.A","trades.B"]}"#);
+    net.settle();
+    let before = net.client.writes;
+    // Six deliveries queued before the session looks: one write.
+    net.publish("trades.A", 3);
+    net.publish("trades.B", 3);
+    net.settle();
+    assert_eq!(net.client.writes - before, 1);
+    assert_eq!(net.texts().len(), 2 + 6);
+    // A lone delivery is written at once (write_delay is off by default): no timer needed.
+    net.publish("trades.A", 1);
+    net.settle();
+    assert_eq!(net.client.writes - before, 2);
+    assert_eq!(net.texts().len(), 2 + 7);
+}
+
+#[tokio::test(start_paused = true)]
+async fn deliveries_queued_while_the_socket_was_full_go_out_with_what_waited() {
+    let mut net = Net::pubsub();
+    net.client
+        .send_text(r#"{"type":"subscribe","channels":["trades.A"]}"#);
+    net.settle();
+    net.client.window = Some(0);
+    net.publish("trades.A", 2);
+    net.settle();
+    net.publish("trades.A", 3);
+    net.settle();
+    let before = net.client.writes;
+    net.client.window = None;
+    net.settle();
+    assert_eq!(net.client.writes - before, 1, "5 deliveries, one write");
+    let seqs: Vec<_> = net
+        .texts()
+        .iter()
+        .skip(1)
+        .map(|v| v["seq"].clone())
+        .collect();
+    assert_eq!(seqs, [1, 2, 3, 4, 5]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn write_delay_gathers_deliveries_for_one_write_and_no_longer() {
+    let delay = Duration::from_millis(5);
+    let mut net = Net::new(
+        Mode::PubSub,
+        SessionConfig {
+            write_delay: delay,
+            ..config()
+        },
+    );
+    net.client
+        .send_text(r#"{"type":"subscribe","channels":["trades.A"]}"#);
+    net.settle();
+    // The reply to a request is not delayed.
+    assert_eq!(net.texts().len(), 1);
+    let before = net.client.writes;
+    net.publish("trades.A", 1);
+    net.settle();
+    assert_eq!(net.client.writes, before, "waits for more");
+    assert_eq!(net.session.next_deadline(), Instant::now() + delay);
+    net.advance(Duration::from_millis(3)).await;
+    net.publish("trades.A", 2);
+    net.settle();
+    assert_eq!(net.client.writes, before);
+    // At the deadline (5 ms after the first delivery, not after the last) all three go in
+    // one write; `advance` checks the deadline does not come back.
+    net.advance(Duration::from_millis(2)).await;
+    assert_eq!(net.client.writes - before, 1);
+    let seqs: Vec<_> = net
+        .texts()
+        .iter()
+        .skip(1)
+        .map(|v| v["seq"].clone())
+        .collect();
+    assert_eq!(seqs, [1, 2, 3]);
+    assert!(net.session.next_deadline() > Instant::now() + delay);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_draining_connection_writes_delayed_deliveries_at_once() {
+    let mut net = Net::new(
+        Mode::PubSub,
+        SessionConfig {
+            write_delay: Duration::from_millis(50),
+            ..config()
+        },
+    );
+    net.client
+        .send_text(r#"{"type":"subscribe","channels":["trades.A"]}"#);
+    net.settle();
+    net.publish("trades.A", 1);
+    net.settle();
+    assert_eq!(net.texts().len(), 1, "delayed");
+    net.session.on_drain(Instant::now(), Duration::from_secs(5));
+    net.settle();
+    assert_eq!(net.texts().len(), 2, "written at once once draining");
+    net.publish("trades.A", 1);
+    net.settle();
+    assert_eq!(net.texts().len(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn write_delay_still_closes_a_slow_consumer() {
+    let mut net = Net::new(
+        Mode::PubSub,
+        SessionConfig {
+            write_delay: Duration::from_millis(5),
+            ..config()
+        },
+    );
+    net.client
+        .send_text(r#"{"type":"subscribe","channels":["trades.A"]}"#);
+    net.settle();
+    net.publish("trades.A", 1);
+    net.settle();
+    // The queue (8 frames) overflows while the session waits for its write delay.
+    net.publish("trades.A", 20);
+    net.advance(Duration::from_millis(5)).await;
+    assert_eq!(net.last(), Some(Got::Close(Some(close::SLOW_CONSUMER))));
+}
+
 /// One thing that can happen to a session.
 #[derive(Debug, Clone)]
 enum Op {
@@ -505,14 +644,21 @@ proptest! {
     /// stops settling, and is over within its timers once the client stops reading and
     /// hangs up.
     #[test]
-    fn any_sequence_of_events_keeps_the_invariants(ops in prop::collection::vec(op(), 1..40)) {
+    fn any_sequence_of_events_keeps_the_invariants(
+        ops in prop::collection::vec(op(), 1..40),
+        write_delay_ms in prop::sample::select(vec![0u64, 0, 2, 50]),
+    ) {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .start_paused(true)
             .build()
             .unwrap();
         rt.block_on(async {
-            let mut net = Net::pubsub();
+            let cfg = SessionConfig {
+                write_delay: Duration::from_millis(write_delay_ms),
+                ..config()
+            };
+            let mut net = Net::new(Mode::PubSub, cfg);
             for op in ops {
                 match op {
                     Op::Request(r) => net.client.send_text(r),
@@ -541,7 +687,6 @@ proptest! {
             net.client.fin = true;
             net.client.window = Some(0);
             net.settle();
-            let cfg = config();
             net.advance(cfg.idle_timeout + cfg.close_timeout).await;
             assert!(net.session.is_done(), "the session outlived its client");
         });
