@@ -24,6 +24,7 @@ markdown table on stdout. Use `--runs N` to repeat and report medians.
 import argparse
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -446,11 +447,14 @@ def cmd_fanout(a):
             for rate in cfg["rates"]:
                 procs = odin.Procs("bench")
                 try:
-                    shard, shard_ports, admin = start_shards(procs, extra=["--outbound-queue", "4096"])
-                    port = shard_ports[0]
+                    shard, shard_ports, admin = start_shards(procs, extra=["--outbound-queue", "4096", *a.shard_flags])
+                    # Directly: the connections spread over the 3 shards, as ws-lb spreads them.
+                    url = ",".join(f"ws://127.0.0.1:{p}/ws" for p in shard_ports)
                     if path == "ws-lb":
-                        _, port, _ = start_lb(procs, shard_ports)
-                    rep = loadtest(f"ws://127.0.0.1:{port}/ws", cfg["subscribers"], 2000, a.hold,
+                        _, port, _ = start_lb(procs, shard_ports, extra=a.lb_flags)
+                        url = f"ws://127.0.0.1:{port}/ws"
+                    commands = {name: p.args for name, p in procs.procs.items()}
+                    rep = loadtest(url, cfg["subscribers"], 2000, a.hold,
                                    ["--channels", "fan.C{0..9}", "--channels-per-conn", str(cfg["per_conn"]),
                                     "--publish-url", f"http://127.0.0.1:{admin}/publish", "--publish-rate", str(rate),
                                     "--publish-connections", "8"], name=f"fanout {shape} {path} {rate}")
@@ -461,7 +465,8 @@ def cmd_fanout(a):
                        "publish_rate": rate, "publisher_achieved": (rep.get("publisher") or {}).get("achieved_rate"),
                        "deliveries_per_s": rep["deliveries_per_s"], "delivery_p50_ms": d["p50"] / 1000,
                        "delivery_p99_ms": d["p99"] / 1000, "gaps": rep["counts"]["gaps"],
-                       "duplicates": rep["counts"]["duplicates"], "report": rep}
+                       "duplicates": rep["counts"]["duplicates"], "commands": commands, "loadavg": load(),
+                       "report": rep}
                 results["runs"].append(row)
                 print(f"{shape} {path} publish {rate}/s: {row['deliveries_per_s']:.0f} deliveries/s "
                       f"p50 {row['delivery_p50_ms']:.1f} ms p99 {row['delivery_p99_ms']:.1f} ms", flush=True)
@@ -547,6 +552,8 @@ def main():
     c.add_argument("--shapes", nargs="*", default=[], help="wide and/or dense (default both)")
     c.add_argument("--hold", type=int, default=12)
     c.add_argument("--max-p99", type=float, default=25.0)
+    c.add_argument("--shard-flags", type=shlex.split, default=[], help="extra ws-shard flags (recorded), e.g. '--write-delay 2ms'")
+    c.add_argument("--lb-flags", type=shlex.split, default=[], help="extra ws-lb flags (recorded)")
     c = sub.add_parser("hold")
     c.add_argument("--connections", type=int, default=100000)
     c.add_argument("--rate", type=int, default=2000)

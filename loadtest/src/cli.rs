@@ -34,7 +34,8 @@ pub enum Command {
 /// Flags of a connection run (the default command).
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
-    /// WebSocket URL to connect to (ws:// or wss://).
+    /// WebSocket URL to connect to (ws:// or wss://); a comma list spreads the connections
+    /// over several URLs round-robin (e.g. every shard of a process).
     #[arg(long, env = "WS_URL")]
     pub url: Option<String>,
     /// PEM file of the certificates trusted for wss:// (default: SSL_CERT_FILE, then

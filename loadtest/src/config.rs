@@ -21,7 +21,8 @@ const FIND_MAX_RATES: &[f64] = &[
 #[derive(Debug, Clone)]
 pub struct RunConfig {
     pub url: String,
-    pub target: Url,
+    /// The URLs of `url` (a comma list): connection `id` goes to `targets[id % len]`.
+    pub targets: Vec<Url>,
     /// PEM roots trusted for `wss://` (default: `SSL_CERT_FILE`, then the system bundle).
     pub ca_file: Option<std::path::PathBuf>,
     /// Total attempts across all workers.
@@ -105,7 +106,10 @@ impl RunConfig {
     /// Validates the flags of a connection run.
     pub fn from_args(a: &RunArgs) -> anyhow::Result<Self> {
         let url = a.url.clone().context("--url (or WS_URL) is required")?;
-        let target = Url::parse(&url, &[("ws", 80), ("wss", 443)])?;
+        let targets = url
+            .split(',')
+            .map(|u| Url::parse(u.trim(), &[("ws", 80), ("wss", 443)]))
+            .collect::<anyhow::Result<Vec<_>>>()?;
         if a.connections == 0 {
             bail!("--connections must be at least 1");
         }
@@ -141,7 +145,7 @@ impl RunConfig {
         let hold = parse_duration(&a.hold)?;
         let mut cfg = Self {
             url,
-            target,
+            targets,
             ca_file: a.ca_file.clone(),
             connections: a.connections,
             rate: positive_rate(a.rate, "--rate")?,
@@ -326,6 +330,16 @@ mod tests {
         .unwrap();
         assert_eq!(c.channels.len(), 4);
         assert_eq!(c.slot, Slot::SOLO);
+        assert_eq!(c.targets.len(), 1);
+        let spread = ["--url", "ws://127.0.0.1:9/ws,ws://127.0.0.1:10/a"];
+        let c = RunConfig::from_args(&args(&spread)).unwrap();
+        let ports: Vec<_> = c
+            .targets
+            .iter()
+            .map(|t| (t.port, t.path.as_str()))
+            .collect();
+        assert_eq!(ports, vec![(9, "/ws"), (10, "/a")]);
+        assert!(RunConfig::from_args(&args(&["--url", "ws://127.0.0.1:9/ws,"])).is_err());
         assert!(
             RunConfig::from_args(&args(&["--channels", "a", "--channels-per-conn", "2"])).is_err()
         );

@@ -36,7 +36,9 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Everything a connection task needs, shared by all of them.
 #[derive(Debug)]
 pub struct Ctx {
-    pub target: Target,
+    /// Where connections go: attempt `id` dials `targets[id % len]` (one URL, or several to
+    /// spread the connections over them).
+    pub targets: Vec<Target>,
     pub stats: Arc<Stats>,
     pub channels: Vec<Arc<str>>,
     pub channels_per_conn: usize,
@@ -76,6 +78,13 @@ impl Ctx {
                 })
             })
             .collect()
+    }
+
+    /// The target of connection `id` (`targets` is never empty: the config has at least
+    /// one URL).
+    fn target_for(&self, id: u64) -> &Target {
+        let i = id % self.targets.len().max(1) as u64;
+        &self.targets[usize::try_from(i).unwrap_or(0)]
     }
 
     fn source_for(&self, id: u64) -> Option<IpAddr> {
@@ -172,7 +181,7 @@ async fn establish(
     };
     let started = Instant::now();
     let up = dial(
-        &ctx.target,
+        ctx.target_for(sess.id),
         query_token,
         ctx.source_for(sess.id),
         started + ctx.handshake_timeout,
@@ -409,12 +418,12 @@ mod tests {
     fn ctx(stride: u64) -> Arc<Ctx> {
         let (_tx, stop) = watch::channel(false);
         Arc::new(Ctx {
-            target: Target {
+            targets: vec![Target {
                 addr: ([127, 0, 0, 1], 9).into(),
                 authority: "x".into(),
                 path: "/".into(),
                 tls: None,
-            },
+            }],
             stats: Arc::new(Stats::new(Instant::now(), 5)),
             channels: (0..5)
                 .map(|i| Arc::from(format!("c.{i}").as_str()))

@@ -35,13 +35,24 @@ pub fn unix_ms() -> u64 {
 
 /// Runs this process's share of `cfg` and reports on it.
 pub async fn run(cfg: &RunConfig, progress: &Progress) -> anyhow::Result<Report> {
-    let addr = cfg.target.resolve().await?;
-    if let Some(ip) = cfg
-        .source_ips
-        .iter()
-        .find(|ip| ip.is_ipv4() != addr.is_ipv4())
-    {
-        bail!("source address {ip} is not of the same family as the target {addr}");
+    let mut targets = Vec::with_capacity(cfg.targets.len());
+    for url in &cfg.targets {
+        let addr = url.resolve().await?;
+        if let Some(ip) = cfg
+            .source_ips
+            .iter()
+            .find(|ip| ip.is_ipv4() != addr.is_ipv4())
+        {
+            bail!("source address {ip} is not of the same family as the target {addr}");
+        }
+        targets.push(Target {
+            addr,
+            authority: url.authority.clone(),
+            path: url.path.clone(),
+            tls: (url.scheme == "wss")
+                .then(|| Tls::new(cfg.ca_file.as_deref(), &url.host))
+                .transpose()?,
+        });
     }
     let share = cfg.slot.share(cfg.connections);
     if let Some(limit) = open_file_limit().filter(|l| share + FD_RESERVE > *l) {
@@ -73,14 +84,7 @@ pub async fn run(cfg: &RunConfig, progress: &Progress) -> anyhow::Result<Report>
     let stats = Arc::new(Stats::new(t0, cfg.channels.len()));
     let (stop_tx, stop_rx) = watch::channel(false);
     let ctx = Arc::new(Ctx {
-        target: Target {
-            addr,
-            authority: cfg.target.authority.clone(),
-            path: cfg.target.path.clone(),
-            tls: (cfg.target.scheme == "wss")
-                .then(|| Tls::new(cfg.ca_file.as_deref(), &cfg.target.host))
-                .transpose()?,
-        },
+        targets,
         stats: stats.clone(),
         channels: cfg.channels.iter().map(|c| Arc::from(c.as_str())).collect(),
         channels_per_conn: cfg.channels_per_conn,
