@@ -3,7 +3,7 @@
 // clients under test (the TypeScript client in headless Chromium, ws-tail on the Rust crate).
 // Everything binds ports from the OS, waits by polling with deadlines, and is killed at the end.
 import { spawn } from 'node:child_process';
-import { createReadStream, existsSync, mkdtempSync, openSync, rmSync } from 'node:fs';
+import { createReadStream, existsSync, mkdtempSync, openSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
 import os from 'node:os';
@@ -125,9 +125,10 @@ function waitExit(p, ms) {
 
 /** One ws-shard process with `shards` shards on the embedded bus. */
 export class ShardProcess {
-  constructor(name, shards) {
+  constructor(name, shards, extra = []) {
     this.name = name;
     this.shards = shards;
+    this.extra = extra;
   }
 
   async start() {
@@ -144,6 +145,7 @@ export class ShardProcess {
       '--drain-window', '200ms',
       '--grace', '5s',
       '--log-level', 'warn',
+      ...this.extra,
     ]);
     await until(async () => (await httpRequest(this.admin, 'GET', '/health')).status === 200, 20_000, `${this.name} health`);
     for (let i = 0; i < this.shards; i++) {
@@ -320,9 +322,14 @@ export class BrowserClient {
         '--disable-sync',
       ],
     });
+    const client = new BrowserClient(browser);
     const server = http.createServer((req, res) => {
       const url = new URL(req.url, 'http://x');
-      if (url.pathname === '/') {
+      if (url.pathname === '/token' && client.tokens) {
+        // The page's token provider (opts.tokens): what the test says the token is now.
+        res.writeHead(200, { 'content-type': 'text/plain' });
+        res.end(client.tokens.current);
+      } else if (url.pathname === '/') {
         res.writeHead(200, { 'content-type': 'text/html' });
         createReadStream(path.join(REPO, 'tests/clients/page.html')).pipe(res);
       } else if (/^\/dist\/[\w.-]+\.js$/.test(url.pathname)) {
@@ -333,16 +340,22 @@ export class BrowserClient {
       }
     });
     await new Promise((r) => server.listen(0, '127.0.0.1', r));
-    return new BrowserClient(browser, server);
+    client.server = server;
+    return client;
   }
 
-  constructor(browser, server) {
+  constructor(browser) {
     this.browser = browser;
-    this.server = server;
     this.events = [];
   }
 
+  /**
+   * `channel` may be a comma list. With `opts.tokens` (a `Tokens`), the client's token
+   * provider answers with `tokens.current` whenever the client asks.
+   */
   async start(wsUrl, channel, opts) {
+    this.tokens = opts.tokens;
+    opts = { ...opts, tokens: opts.tokens !== undefined };
     this.page = await this.browser.newPage();
     this.page.on('pageerror', (e) => this.events.push({ event: 'pageerror', message: String(e) }));
     const q = new URLSearchParams({ ws: wsUrl, channel, opts: JSON.stringify(opts) });
@@ -369,6 +382,11 @@ export class RustClient {
 
   async start(wsUrl, channel, opts) {
     const ms = (v) => `${v}ms`;
+    const auth = opts.tokens === undefined ? [] : [
+      '--token-file', opts.tokens.file,
+      '--token-in', opts.tokenTransport ?? 'query',
+      '--refresh-margin', ms(opts.refreshMargin ?? 30_000),
+    ];
     this.proc = run('ws-tail', path.join(BIN, 'ws-tail'), [
       '--json',
       '--url', wsUrl,
@@ -379,7 +397,8 @@ export class RustClient {
       '--ping-interval', ms(opts.pingInterval),
       '--pong-timeout', ms(opts.pongTimeout),
       '--connect-timeout', ms(opts.connectTimeout),
-      channel,
+      ...auth,
+      ...channel.split(','),
     ], 'pipe');
     readline.createInterface({ input: this.proc.stdout }).on('line', (line) => {
       const e = JSON.parse(line);
@@ -397,6 +416,25 @@ export class RustClient {
       this.proc.kill('SIGTERM');
       await waitExit(this.proc, 10_000).catch(() => this.proc.kill('SIGKILL'));
     }
+  }
+}
+
+/**
+ * The token a client gets when it asks: `current`, also written to `file` (ws-tail reads the
+ * file each time it needs a token; the browser page asks its server, which answers
+ * `current`).
+ */
+export class Tokens {
+  constructor(file, current) {
+    this.file = file;
+    this.set(current);
+  }
+
+  set(token) {
+    this.current = token;
+    // Written aside and renamed, so a reader never sees half a token.
+    writeFileSync(`${this.file}.new`, `${token}\n`);
+    renameSync(`${this.file}.new`, this.file);
   }
 }
 

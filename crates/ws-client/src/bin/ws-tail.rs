@@ -8,7 +8,9 @@ use anyhow::Context;
 use clap::Parser;
 use futures_util::StreamExt;
 use serde_json::json;
-use ws_client::{Client, ClientEvent, Config, Reconnect, SubscriptionEvent};
+use ws_client::{
+    Client, ClientEvent, Config, Reconnect, SubscriptionEvent, TokenReason, TokenTransport,
+};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "Follow odin-ws channels and print every event")]
@@ -43,9 +45,24 @@ struct Args {
     /// Connect (TCP + handshake) timeout.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     connect_timeout: Duration,
-    /// Bearer token sent as `?token=` (the planned authentication).
-    #[arg(long, env = "ODIN_WS_TOKEN", hide_env_values = true)]
+    /// A token for every connection (see --token-in).
+    #[arg(
+        long,
+        env = "ODIN_WS_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "token_file"
+    )]
     token: Option<String>,
+    /// A file holding the token, read again every time the client needs one (connect,
+    /// refresh before `exp`, after 4001 / 4002), so another process can renew it.
+    #[arg(long, env = "ODIN_WS_TOKEN_FILE")]
+    token_file: Option<std::path::PathBuf>,
+    /// Where the token goes: `query` (`?token=`) or `message` (a first `auth` message).
+    #[arg(long, default_value = "query", value_parser = ["query", "message"])]
+    token_in: String,
+    /// Refresh a token this long before its `exp` (not before half its life).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    refresh_margin: Duration,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -63,15 +80,33 @@ async fn main() -> anyhow::Result<()> {
     cfg.ping_interval = args.ping_interval;
     cfg.pong_timeout = args.pong_timeout;
     cfg.connect_timeout = args.connect_timeout;
+    cfg.refresh_margin = args.refresh_margin;
+    if args.token_in == "message" {
+        cfg.token_transport = TokenTransport::Message;
+    }
+    let json_mode = args.json;
+    let t_ms = move || start.elapsed().as_secs_f64() * 1000.0;
     if let Some(t) = args.token.clone() {
         cfg = cfg.token_provider(move |_| {
             let t = t.clone();
             async move { Ok(Some(t)) }
         });
+    } else if let Some(path) = args.token_file.clone() {
+        cfg = cfg.token_provider(move |reason: TokenReason| {
+            let path = path.clone();
+            async move {
+                print_event(
+                    json_mode,
+                    t_ms(),
+                    json!({"event": "token", "reason": format!("{reason:?}").to_lowercase()}),
+                );
+                // A few bytes from a local file: not worth a blocking-pool hop.
+                let text = std::fs::read_to_string(&path)?;
+                Ok(Some(text.trim().to_owned()))
+            }
+        });
     }
     let client = Client::connect(cfg).context("client settings")?;
-    let json_mode = args.json;
-    let t_ms = move || start.elapsed().as_secs_f64() * 1000.0;
 
     let mut events = client.events();
     let conn_events = tokio::spawn(async move {
@@ -109,7 +144,9 @@ async fn main() -> anyhow::Result<()> {
 
     let mut streams = Vec::new();
     for ch in &args.channels {
-        streams.push(client.subscribe(ch).await.with_context(|| ch.clone())?);
+        let sub = client.subscribe(ch).await.with_context(|| ch.clone())?;
+        let name = ch.clone();
+        streams.push(sub.map(move |ev| (name.clone(), ev)));
     }
     let mut all = futures_util::stream::select_all(streams);
     let mut stop = std::pin::pin!(shutdown_signal());
@@ -118,14 +155,14 @@ async fn main() -> anyhow::Result<()> {
             ev = all.next() => ev,
             () = &mut stop => break,
         };
-        let Some(ev) = ev else { break };
+        let Some((channel, ev)) = ev else { break };
         let v = match ev {
             SubscriptionEvent::Subscribed {
                 epoch,
                 seq,
                 recovered,
                 resubscribe,
-            } => json!({"event": "subscribed", "epoch": epoch, "seq": seq,
+            } => json!({"event": "subscribed", "channel": channel, "epoch": epoch, "seq": seq,
                         "recovered": recovered, "resubscribe": resubscribe}),
             SubscriptionEvent::Message(m) => json!({
                 "event": "message", "channel": m.channel, "epoch": m.epoch, "seq": m.seq,
