@@ -28,8 +28,11 @@ const ENTITLED = 'orders.u1';
 const NOT_ENTITLED = 'orders.u2';
 const TTL_S = 4;
 const OPTS = {
-  minDelay: 200,
-  maxDelay: 2000,
+  // The retry after the refused token waits at least half of this: time for the test to
+  // hand out the good token first, even on a loaded machine (3 refusals in a row stop a
+  // client).
+  minDelay: 1000,
+  maxDelay: 4000,
   overloadDelay: 400,
   jitter: 0.5,
   pingInterval: 1000,
