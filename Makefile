@@ -76,7 +76,7 @@ conformance: build
 conformance-short: build-debug
 	python3 tests/conformance/run.py --bin target/debug --cases short --out target/conformance-short
 
-test: deps fmt-check lint test-rust test-e2e test-clients test-deploy conformance-short test-make-run
+test: deps fmt-check lint test-rust test-e2e test-clients test-deploy conformance-short cluster-test test-make-run
 	@echo "make test: all checks passed"
 
 # ---- The production topology on this machine (deploy/local, docs/topology.md) ----
@@ -91,9 +91,8 @@ cluster-tools: deps
 cluster: build-bench cluster-tools
 	python3 deploy/local/cluster.py up $(CLUSTER_FLAGS)
 
-# Short version of every scenario on the debug binaries that test-e2e built (a few minutes).
-# Not yet part of `make test`: two scenarios fail intermittently on a loaded machine
-# (docs/topology.md, "In make test").
+# Short version of every scenario on the debug binaries that test-e2e built (~7 minutes; part
+# of `make test`; docs/topology.md). Needs root (network namespaces).
 cluster-test: build-debug cluster-tools
 	python3 deploy/local/cluster.py test --bin-dir target/debug $(CLUSTER_FLAGS)
 
