@@ -180,7 +180,11 @@ async function scenario(makeClient, label) {
       '--admission-rate', '2', '--admission-burst', '1',
       '--admission-max-queue', '1', '--admission-max-wait', '300ms',
     ]);
-    const flood = new Flood(port);
+    // 16 raw upgrades in flight: the queue (1 place) is refilled within a connect after each
+    // departure, so the client's reconnects meet a full queue (1013) rather than a free place.
+    // With 4, on a loaded machine (slow event loop) the browser once got a place on its first
+    // reconnect and never saw a 1013 (CI at 19:45, load average 5-8).
+    const flood = new Flood(port, 16);
     await until(async () => {
       const m = await httpRequest(lbOver.admin, 'GET', '/metrics');
       return /ws_lb_close_codes_total\{code="1013"\} [1-9]/.test(m.text);
