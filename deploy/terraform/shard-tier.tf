@@ -62,8 +62,8 @@ resource "google_compute_instance_template" "shard" {
   }
 }
 
-# Autohealing: a shard VM whose shard 0 stops answering /live is recreated (same name,
-# same reserved IP). /live is the process's liveness; /health is 503 while the shard drains
+# Autohealing: a shard VM whose shard 0 stops answering /live is recreated (ws-lb's
+# member file follows its new address). /live is the process's liveness; /health is 503 while the shard drains
 # or re-reads its Kafka history at start (up to kafka_warmup_timeout), neither of which is a
 # reason to recreate the VM.
 resource "google_compute_health_check" "shard" {
