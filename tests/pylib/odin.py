@@ -29,9 +29,38 @@ def release_bin() -> Path:
     return Path(os.environ.get("ODIN_BIN") or REPO / "target" / "release")
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_HANDED_OUT: set = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on right now (bound and released)."""
-    with socket.socket() as s:
+    """A port nothing listens on right now, below the kernel's ephemeral range.
+
+    A port from the ephemeral range (what binding port 0 returns) can be taken, between this
+    call and the server's bind, as the local port of any outgoing connection — a Kafka
+    client's, a health poll's — and the server then fails to listen (a CI run lost
+    exported_metrics.py that way: "not ready after 30 s, connection refused"). Ports below
+    the range are never autobound. Each port is handed out once per process."""
+    import random
+    low = max(_ephemeral_low(), 11000)
+    for _ in range(2000):
+        port = random.randrange(10000, low)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    with socket.socket() as s:  # nothing free below the range: fall back to the kernel's pick
         s.bind((host, 0))
         return s.getsockname()[1]
 
