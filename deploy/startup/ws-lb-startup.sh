@@ -150,11 +150,82 @@ install_release() {
   systemctl restart "$ROLE.service"
 }
 
-main() {
-  if [[ $# -gt 0 && "$1" != start ]]; then
-    role_command "$@"
-    return
+# Autoscaling signal of both groups: the sum of the role's connections gauge
+# (CONNECTIONS_GAUGE on ADMIN_METRICS_URL, set in the role's part below) is
+# written every 30 s to Cloud Monitoring as the custom metric named in metadata
+# "odin-connections-metric" on this VM's gce_instance resource, which is what
+# the group's autoscaler reads. Without that key nothing is published.
+# Test hooks: ODIN_ADMIN_METRICS_URL, ODIN_MONITORING_URL, ODIN_PUBLISH_ONCE=1.
+MONITORING_URL="${ODIN_MONITORING_URL:-https://monitoring.googleapis.com/v3}"
+PUBLISHER_UNIT=odin-ws-connections-metric
+
+# helper_unit UNIT DESCRIPTION COMMAND [ARGS...]: (re)starts this script's
+# COMMAND as a transient systemd unit that is restarted whenever it ends.
+helper_unit() {
+  local unit="$1" description="$2"
+  shift 2
+  mkdir -p "$STATE_DIR"
+  install -m 0644 "${BASH_SOURCE[0]}" "$STATE_DIR/$ROLE-startup.sh"
+  systemctl stop "$unit.service" 2>/dev/null || true
+  systemctl reset-failed "$unit.service" 2>/dev/null || true
+  systemd-run --unit="$unit" --description="odin-ws: $description" \
+    --property=Restart=always --property=RestartSec=10 \
+    /bin/bash "/var/lib/odin-ws/$ROLE-startup.sh" "$@"
+}
+
+start_connections_publisher() {
+  local metric
+  metric="$(attr odin-connections-metric)"
+  if [[ -z "$metric" ]]; then
+    log "metadata odin-connections-metric not set: not publishing the connections metric"
+    return 0
   fi
+  helper_unit "$PUBLISHER_UNIT" "publish $metric" publish-connections-metric "$metric"
+}
+
+# scrape_sum NAME: the sum of every sample of NAME on the admin /metrics page.
+scrape_sum() {
+  local page
+  page="$(curl -fsS --max-time 5 "$ADMIN_METRICS_URL")" || return 1
+  awk -v m="$1" '($1 == m || index($1, m "{") == 1) { s += $2; found = 1 } END { if (found) print s + 0; else exit 1 }' <<<"$page"
+}
+
+publish_connections_metric() {
+  local metric="$1" project instance_id zone value token now body
+  project="$(metadata project/project-id)"
+  instance_id="$(metadata instance/id)"
+  zone="$(metadata instance/zone)"
+  zone="${zone##*/}"
+  while :; do
+    if value="$(scrape_sum "$CONNECTIONS_GAUGE")" && [[ "$value" =~ ^[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?$ ]]; then
+      token="$(metadata instance/service-accounts/default/token | sed -n 's/.*"access_token" *: *"\([^"]*\)".*/\1/p')"
+      now="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+      body="$(printf '{"timeSeries":[{"metric":{"type":"%s"},"resource":{"type":"gce_instance","labels":{"project_id":"%s","instance_id":"%s","zone":"%s"}},"points":[{"interval":{"endTime":"%s"},"value":{"doubleValue":%s}}]}]}' \
+        "$metric" "$project" "$instance_id" "$zone" "$now" "$value")"
+      curl -fsS --max-time 10 -X POST -H "Authorization: Bearer $token" \
+        -H 'Content-Type: application/json' --data "$body" \
+        "$MONITORING_URL/projects/$project/timeSeries" >/dev/null ||
+        log "writing $metric failed"
+    else
+      log "no $CONNECTIONS_GAUGE on $ADMIN_METRICS_URL"
+    fi
+    [[ "${ODIN_PUBLISH_ONCE:-0}" != 1 ]] || return 0
+    sleep 30
+  done
+}
+
+main() {
+  case "${1:-start}" in
+    start) ;;
+    publish-connections-metric)
+      publish_connections_metric "${2:?metric type}"
+      return
+      ;;
+    *)
+      role_command "$@"
+      return
+      ;;
+  esac
   local os
   ARGS="$(attr odin-args)"
   [[ -n "$ARGS" ]] || die "metadata odin-args is not set"
@@ -170,22 +241,18 @@ main() {
     debian | ubuntu) install_release "$os" ;;
     *) die "unsupported OS '$os' (expected cos, debian or ubuntu)" ;;
   esac
-  role_after_start
+  start_connections_publisher
   log "started $ROLE $ARGS"
 }
 # ==== END COMMON ====
 
 # ---- ws-lb only -------------------------------------------------------------
 #
-# Autoscaling signal: the gauge ws_lb_active_connections (ws-lb admin port
-# 9101) is written every 30 s to Cloud Monitoring as the custom metric named
-# in metadata "odin-connections-metric" (custom.googleapis.com/ws_lb_active_connections)
-# on this VM's gce_instance resource, which is what the MIG autoscaler reads.
-# Test hooks: ODIN_MONITORING_URL, ODIN_PUBLISH_ONCE=1.
+# Autoscaling signal (common block): the gauge ws_lb_active_connections (ws-lb
+# admin port 9101; custom.googleapis.com/ws_lb_active_connections).
 
 ADMIN_METRICS_URL="${ODIN_ADMIN_METRICS_URL:-http://127.0.0.1:9101/metrics}"
-MONITORING_URL="${ODIN_MONITORING_URL:-https://monitoring.googleapis.com/v3}"
-PUBLISHER_UNIT=odin-ws-connections-metric
+CONNECTIONS_GAUGE=ws_lb_active_connections
 
 # Shard membership: with metadata "odin-shard-group" set, ws-lb runs with
 # --backend-file /var/lib/odin-ws/shards, and this script keeps that file equal
@@ -265,68 +332,14 @@ role_before_start() {
     [[ $try -lt 60 ]] || die "no shard VM found in group $group"
     sleep 10
   done
-  mkdir -p "$STATE_DIR"
-  install -m 0644 "${BASH_SOURCE[0]}" "$STATE_DIR/ws-lb-startup.sh"
-  systemctl stop "$MEMBERS_UNIT.service" 2>/dev/null || true
-  systemctl reset-failed "$MEMBERS_UNIT.service" 2>/dev/null || true
-  systemd-run --unit="$MEMBERS_UNIT" --description="odin-ws: shard members of $group" \
-    --property=Restart=always --property=RestartSec=10 \
-    /bin/bash /var/lib/odin-ws/ws-lb-startup.sh update-shard-members "$group" "$ports"
-}
-
-role_after_start() {
-  local metric
-  metric="$(attr odin-connections-metric)"
-  if [[ -z "$metric" ]]; then
-    log "metadata odin-connections-metric not set: not publishing the connections metric"
-    return 0
-  fi
-  mkdir -p "$STATE_DIR"
-  install -m 0644 "${BASH_SOURCE[0]}" "$STATE_DIR/ws-lb-startup.sh"
-  systemctl stop "$PUBLISHER_UNIT.service" 2>/dev/null || true
-  systemctl reset-failed "$PUBLISHER_UNIT.service" 2>/dev/null || true
-  systemd-run --unit="$PUBLISHER_UNIT" --description="odin-ws: publish $metric" \
-    --property=Restart=always --property=RestartSec=10 \
-    /bin/bash /var/lib/odin-ws/ws-lb-startup.sh publish-connections-metric "$metric"
+  helper_unit "$MEMBERS_UNIT" "shard members of $group" update-shard-members "$group" "$ports"
 }
 
 role_command() {
   case "$1" in
-    publish-connections-metric) publish_connections_metric "${2:?metric type}" ;;
     update-shard-members) update_shard_members "${2:?shard group}" "${3:?ports FIRST:LAST}" ;;
     *) die "unknown command: $1" ;;
   esac
-}
-
-# scrape_gauge NAME: value of an unlabelled gauge on the admin /metrics page.
-scrape_gauge() {
-  local page
-  page="$(curl -fsS --max-time 5 "$ADMIN_METRICS_URL")" || return 1
-  awk -v m="$1" '$1 == m && !found { v = $2; found = 1 } END { if (found) print v; else exit 1 }' <<<"$page"
-}
-
-publish_connections_metric() {
-  local metric="$1" project instance_id zone value token now body
-  project="$(metadata project/project-id)"
-  instance_id="$(metadata instance/id)"
-  zone="$(metadata instance/zone)"
-  zone="${zone##*/}"
-  while :; do
-    if value="$(scrape_gauge ws_lb_active_connections)" && [[ "$value" =~ ^[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?$ ]]; then
-      token="$(metadata instance/service-accounts/default/token | sed -n 's/.*"access_token" *: *"\([^"]*\)".*/\1/p')"
-      now="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
-      body="$(printf '{"timeSeries":[{"metric":{"type":"%s"},"resource":{"type":"gce_instance","labels":{"project_id":"%s","instance_id":"%s","zone":"%s"}},"points":[{"interval":{"endTime":"%s"},"value":{"doubleValue":%s}}]}]}' \
-        "$metric" "$project" "$instance_id" "$zone" "$now" "$value")"
-      curl -fsS --max-time 10 -X POST -H "Authorization: Bearer $token" \
-        -H 'Content-Type: application/json' --data "$body" \
-        "$MONITORING_URL/projects/$project/timeSeries" >/dev/null ||
-        log "writing $metric failed"
-    else
-      log "no ws_lb_active_connections on $ADMIN_METRICS_URL"
-    fi
-    [[ "${ODIN_PUBLISH_ONCE:-0}" != 1 ]] || return 0
-    sleep 30
-  done
 }
 
 main "$@"

@@ -149,73 +149,37 @@ install_release() {
   systemctl restart "$ROLE.service"
 }
 
-main() {
-  if [[ $# -gt 0 && "$1" != start ]]; then
-    role_command "$@"
-    return
-  fi
-  local os
-  ARGS="$(attr odin-args)"
-  [[ -n "$ARGS" ]] || die "metadata odin-args is not set"
-  os="$(os_id)"
-  tune_kernel
-  write_env_file
-  role_before_start
-  case "$os" in
-    cos)
-      open_host_firewall
-      run_container
-      ;;
-    debian | ubuntu) install_release "$os" ;;
-    *) die "unsupported OS '$os' (expected cos, debian or ubuntu)" ;;
-  esac
-  role_after_start
-  log "started $ROLE $ARGS"
-}
-# ==== END COMMON ====
-
-# ---- ws-shard only ----------------------------------------------------------
-#
-# Autoscaling signal of the shard group: the sum of ws_shard_connections over
-# this VM's shards (admin port 9102) is written every 30 s to Cloud Monitoring
-# as the custom metric named in metadata "odin-connections-metric"
-# (custom.googleapis.com/ws_shard_connections) on this VM's gce_instance
-# resource; the shard group's autoscaler targets a number of connections per VM.
-# Scale-in drains: the VM's shutdown script (odin-ws-shutdown.sh) stops
-# ws-shard with SIGTERM, which closes its clients with 1012 spread over the drain
-# window; they reconnect through ws-lb and recover with `since`.
+# Autoscaling signal of both groups: the sum of the role's connections gauge
+# (CONNECTIONS_GAUGE on ADMIN_METRICS_URL, set in the role's part below) is
+# written every 30 s to Cloud Monitoring as the custom metric named in metadata
+# "odin-connections-metric" on this VM's gce_instance resource, which is what
+# the group's autoscaler reads. Without that key nothing is published.
 # Test hooks: ODIN_ADMIN_METRICS_URL, ODIN_MONITORING_URL, ODIN_PUBLISH_ONCE=1.
-
-ADMIN_METRICS_URL="${ODIN_ADMIN_METRICS_URL:-http://127.0.0.1:9102/metrics}"
 MONITORING_URL="${ODIN_MONITORING_URL:-https://monitoring.googleapis.com/v3}"
 PUBLISHER_UNIT=odin-ws-connections-metric
 
-role_before_start() { :; }
+# helper_unit UNIT DESCRIPTION COMMAND [ARGS...]: (re)starts this script's
+# COMMAND as a transient systemd unit that is restarted whenever it ends.
+helper_unit() {
+  local unit="$1" description="$2"
+  shift 2
+  mkdir -p "$STATE_DIR"
+  install -m 0644 "${BASH_SOURCE[0]}" "$STATE_DIR/$ROLE-startup.sh"
+  systemctl stop "$unit.service" 2>/dev/null || true
+  systemctl reset-failed "$unit.service" 2>/dev/null || true
+  systemd-run --unit="$unit" --description="odin-ws: $description" \
+    --property=Restart=always --property=RestartSec=10 \
+    /bin/bash "/var/lib/odin-ws/$ROLE-startup.sh" "$@"
+}
 
-role_after_start() {
+start_connections_publisher() {
   local metric
   metric="$(attr odin-connections-metric)"
   if [[ -z "$metric" ]]; then
     log "metadata odin-connections-metric not set: not publishing the connections metric"
     return 0
   fi
-  mkdir -p "$STATE_DIR"
-  install -m 0644 "${BASH_SOURCE[0]}" "$STATE_DIR/ws-shard-startup.sh"
-  systemctl stop "$PUBLISHER_UNIT.service" 2>/dev/null || true
-  systemctl reset-failed "$PUBLISHER_UNIT.service" 2>/dev/null || true
-  systemd-run --unit="$PUBLISHER_UNIT" --description="odin-ws: publish $metric" \
-    --property=Restart=always --property=RestartSec=10 \
-    /bin/bash /var/lib/odin-ws/ws-shard-startup.sh publish-connections-metric "$metric"
-}
-
-role_command() {
-  case "$1" in
-    publish-connections-metric) publish_connections_metric "${2:?metric type}" ;;
-    *)
-      log "ERROR: unknown command: $1"
-      return 2
-      ;;
-  esac
+  helper_unit "$PUBLISHER_UNIT" "publish $metric" publish-connections-metric "$metric"
 }
 
 # scrape_sum NAME: the sum of every sample of NAME on the admin /metrics page.
@@ -232,7 +196,7 @@ publish_connections_metric() {
   zone="$(metadata instance/zone)"
   zone="${zone##*/}"
   while :; do
-    if value="$(scrape_sum ws_shard_connections)" && [[ "$value" =~ ^[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?$ ]]; then
+    if value="$(scrape_sum "$CONNECTIONS_GAUGE")" && [[ "$value" =~ ^[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?$ ]]; then
       token="$(metadata instance/service-accounts/default/token | sed -n 's/.*"access_token" *: *"\([^"]*\)".*/\1/p')"
       now="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
       body="$(printf '{"timeSeries":[{"metric":{"type":"%s"},"resource":{"type":"gce_instance","labels":{"project_id":"%s","instance_id":"%s","zone":"%s"}},"points":[{"interval":{"endTime":"%s"},"value":{"doubleValue":%s}}]}]}' \
@@ -242,11 +206,62 @@ publish_connections_metric() {
         "$MONITORING_URL/projects/$project/timeSeries" >/dev/null ||
         log "writing $metric failed"
     else
-      log "no ws_shard_connections on $ADMIN_METRICS_URL"
+      log "no $CONNECTIONS_GAUGE on $ADMIN_METRICS_URL"
     fi
     [[ "${ODIN_PUBLISH_ONCE:-0}" != 1 ]] || return 0
     sleep 30
   done
+}
+
+main() {
+  case "${1:-start}" in
+    start) ;;
+    publish-connections-metric)
+      publish_connections_metric "${2:?metric type}"
+      return
+      ;;
+    *)
+      role_command "$@"
+      return
+      ;;
+  esac
+  local os
+  ARGS="$(attr odin-args)"
+  [[ -n "$ARGS" ]] || die "metadata odin-args is not set"
+  os="$(os_id)"
+  tune_kernel
+  write_env_file
+  role_before_start
+  case "$os" in
+    cos)
+      open_host_firewall
+      run_container
+      ;;
+    debian | ubuntu) install_release "$os" ;;
+    *) die "unsupported OS '$os' (expected cos, debian or ubuntu)" ;;
+  esac
+  start_connections_publisher
+  log "started $ROLE $ARGS"
+}
+# ==== END COMMON ====
+
+# ---- ws-shard only ----------------------------------------------------------
+#
+# Autoscaling signal (common block): the sum of ws_shard_connections over this
+# VM's shards (admin port 9102); the shard group's autoscaler targets a number of
+# connections per VM (custom.googleapis.com/ws_shard_connections).
+# Scale-in drains: the VM's shutdown script (odin-ws-shutdown.sh) stops
+# ws-shard with SIGTERM, which closes its clients with 1012 spread over the drain
+# window; they reconnect through ws-lb and recover with `since`.
+
+ADMIN_METRICS_URL="${ODIN_ADMIN_METRICS_URL:-http://127.0.0.1:9102/metrics}"
+CONNECTIONS_GAUGE=ws_shard_connections
+
+role_before_start() { :; }
+
+role_command() {
+  log "ERROR: unknown command: $1"
+  return 2
 }
 
 main "$@"
