@@ -39,38 +39,41 @@ pub fn with_buffer<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
 /// One non-blocking read into `buf`. `Ok(0)` is end of stream; `WouldBlock` means no data.
 /// A read shorter than `buf` also clears the socket's read readiness.
 pub fn read_drained(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
-    let mut got = None;
-    let r = stream.try_io(Interest::READABLE, || {
-        let sock = socket2::SockRef::from(stream);
-        let n = (&*sock).read(buf)?;
-        if n > 0 && n < buf.len() {
-            got = Some(n);
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
-        Ok(n)
-    });
-    match (r, got) {
-        (_, Some(n)) => Ok(n),
-        (r, None) => r,
-    }
+    let want = buf.len();
+    drained(stream, Interest::READABLE, want, |mut sock| sock.read(buf))
 }
 
 /// One non-blocking vectored write of `bufs`. `WouldBlock` means the socket took nothing; a
 /// write shorter than `bufs` returns its length and clears the socket's write readiness (the
 /// send buffer is full), so the caller waits for writability instead of trying again at once.
 pub fn write_drained(stream: &TcpStream, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-    let total: usize = bufs.iter().map(|b| b.len()).sum();
-    let mut got = None;
-    let r = stream.try_io(Interest::WRITABLE, || {
+    let want = bufs.iter().map(|b| b.len()).sum();
+    drained(stream, Interest::WRITABLE, want, |mut sock| {
+        sock.write_vectored(bufs)
+    })
+}
+
+/// Runs one non-blocking `op` on the socket for `interest`. A result short of `want` bytes is
+/// returned as it is and clears tokio's readiness for `interest` in the same call (the socket
+/// was drained, or its send buffer filled), saving the syscall that would only find
+/// `WouldBlock`.
+fn drained(
+    stream: &TcpStream,
+    interest: Interest,
+    want: usize,
+    op: impl FnOnce(&socket2::Socket) -> io::Result<usize>,
+) -> io::Result<usize> {
+    let mut short = None;
+    let r = stream.try_io(interest, || {
         let sock = socket2::SockRef::from(stream);
-        let n = (&*sock).write_vectored(bufs)?;
-        if n > 0 && n < total {
-            got = Some(n);
+        let n = op(&sock)?;
+        if n > 0 && n < want {
+            short = Some(n);
             return Err(io::ErrorKind::WouldBlock.into());
         }
         Ok(n)
     });
-    match (r, got) {
+    match (r, short) {
         (_, Some(n)) => Ok(n),
         (r, None) => r,
     }
