@@ -279,7 +279,6 @@ impl KafkaSource {
             match e {
                 Ok(Some(Event::Record(r))) => {
                     self.set_connected(true);
-                    let check_warmup = !self.status.ready();
                     match self.records.get(r.topic.as_str()) {
                         Some(c) => c.increment(1),
                         None => metrics::counter!(RECORDS, "topic" => r.topic.clone()).increment(1),
@@ -287,10 +286,14 @@ impl KafkaSource {
                     let p = state
                         .get_mut(r.topic.as_str())
                         .and_then(|ps| ps.get_mut(&r.partition));
-                    if let Some(p) = p {
+                    // During the warm-up, every partition is checked only when this record
+                    // completes its own partition's re-read: not per record.
+                    let completed = p.is_some_and(|p| {
+                        let before = p.next;
                         handle(&self.cfg, hub, p, &r, fanout);
-                    }
-                    if check_warmup {
+                        before < p.live_from && p.next >= p.live_from
+                    });
+                    if completed && !self.status.ready() {
                         self.check_warmup(state);
                     }
                 }
