@@ -261,7 +261,6 @@ async def main():
         prod_task = asyncio.create_task(produce())
         arrivals = Arrivals(lb_url, ARRIVAL_RATE)
         arr_task = asyncio.create_task(arrivals.run())
-        await asyncio.sleep(0)
 
         # 2a. A fourth shard joins.
         start_shard("s3")
