@@ -50,13 +50,15 @@ lint:
 test-rust:
 	$(CARGO) nextest run --workspace --locked --no-fail-fast
 
-# Real binaries against independent clients: Python websockets, kafka-python, tansu, PyJWT.
+# Real binaries against independent clients: Python websockets, kafka-python, tansu, PyJWT,
+# a dnslib DNS server (membership_dns_e2e.py: in a network namespace of its own, needs root).
 test-e2e: build-debug
 	python3 tests/e2e/shard_e2e.py target/debug/ws-shard
 	python3 tests/e2e/kafka_e2e.py $(TANSU) target/debug/ws-shard target/debug/ws-lb
 	python3 tests/e2e/exported_metrics.py $(TANSU) target/debug/ws-shard target/debug/ws-lb
 	python3 tests/e2e/auth_e2e.py target/debug/ws-shard target/debug/ws-lb
 	python3 tests/e2e/membership_e2e.py $(TANSU) target/debug/ws-shard target/debug/ws-lb
+	python3 tests/e2e/membership_dns_e2e.py target/debug/ws-shard target/debug/ws-lb
 
 # Client libraries (docs/clients.md): the TypeScript client's unit tests on Node, then both
 # clients (headless Chromium, and ws-tail on the Rust crate) through ws-lb to real shards while

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what `make test` needs and is not part of a fresh machine, skipping anything
 # already present: Python packages for the independent test clients (websockets,
-# kafka-python, kosoku), cargo-nextest, the tansu Kafka-protocol broker (the first
+# kafka-python, kosoku, PyJWT, dnslib), cargo-nextest, the tansu Kafka-protocol broker (the first
 # build takes ~10-20 minutes on 2 cores; later runs reuse the installed binary), and for the
 # client libraries Debian's chromium and the npm packages of clients/js (typescript,
 # playwright-core; `npm ci` from the committed package-lock.json; no browser download).
@@ -19,6 +19,8 @@ python3 -c 'import kafka, sys; sys.exit(not kafka.__version__.startswith("2."))'
 python3 -c 'import kosoku' 2>/dev/null || py_missing+=("kosoku")
 # PyJWT makes the tokens of the auth e2e test (an implementation independent of ours).
 python3 -c 'import jwt, cryptography' 2>/dev/null || py_missing+=("PyJWT[crypto]>=2.8,<3")
+# dnslib: the DNS wire format of the DNS server in tests/e2e/membership_dns_e2e.py.
+python3 -c 'import dnslib' 2>/dev/null || py_missing+=("dnslib>=0.9,<0.10")
 if ((${#py_missing[@]})); then
     log "pip install ${py_missing[*]}"
     python3 -m pip install --quiet --disable-pip-version-check "${py_missing[@]}"

@@ -84,8 +84,36 @@ pub(crate) fn read_file(path: &Path) -> Result<Members, Failure> {
     backends(parse_list(&text)?)
 }
 
-/// Resolves the DNS source `url` (`ws://name:port/path`) within `limit`.
-pub(crate) async fn resolve(url: &str, limit: Duration) -> Result<Members, Failure> {
+/// What a failed system lookup (`getaddrinfo`) means for the member list. The standard
+/// library keeps only the resolver's message (`gai_strerror`), so the reason is read from it
+/// (glibc's and musl's wording):
+///
+/// - the name does not exist (NXDOMAIN) or has no address (no A/AAAA record): `empty` — the
+///   answer names no shard, like an empty file;
+/// - anything else (SERVFAIL, the resolver's own timeout `EAI_AGAIN`, no resolver
+///   configured): `dns_error`.
+fn lookup_failure(e: &std::io::Error) -> SourceError {
+    const NO_ADDRESS: [&str; 3] = [
+        "Name or service not known",           // glibc EAI_NONAME (NXDOMAIN)
+        "No address associated with hostname", // glibc EAI_NODATA (no A/AAAA)
+        "Name does not resolve",               // musl EAI_NONAME
+    ];
+    let text = e.to_string();
+    if NO_ADDRESS.iter().any(|m| text.contains(m)) {
+        SourceError::Empty
+    } else {
+        SourceError::DnsError
+    }
+}
+
+/// A DNS source URL split into what is resolved and how members are dialled.
+struct DnsName {
+    host: String,
+    port: u16,
+    path: String,
+}
+
+fn dns_name(url: &str) -> Result<DnsName, Failure> {
     let bad = |m: String| Failure::new(SourceError::Invalid, m);
     let uri: http::Uri = url
         .parse()
@@ -99,22 +127,23 @@ pub(crate) async fn resolve(url: &str, limit: Duration) -> Result<Members, Failu
         .to_owned();
     let port = uri.port_u16().unwrap_or(80);
     let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
-    let addrs: Vec<SocketAddr> =
-        match timeout(limit, tokio::net::lookup_host((host.as_str(), port))).await {
-            Err(_) => {
-                return Err(Failure::new(
-                    SourceError::DnsTimeout,
-                    format!("resolving {host}: no answer within {limit:?}"),
-                ))
-            }
-            Ok(Err(e)) => {
-                return Err(Failure::new(
-                    SourceError::DnsError,
-                    format!("resolving {host}: {e}"),
-                ))
-            }
-            Ok(Ok(a)) => a.collect(),
-        };
+    Ok(DnsName { host, port, path })
+}
+
+fn no_answer(host: &str, limit: Duration) -> Failure {
+    Failure::new(
+        SourceError::DnsTimeout,
+        format!("resolving {host}: no answer within {limit:?}"),
+    )
+}
+
+/// Resolves `url` once through the system resolver, with the resolver's own time limits.
+async fn lookup(url: &str) -> Result<Members, Failure> {
+    let DnsName { host, port, path } = dns_name(url)?;
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port))
+        .await
+        .map_err(|e| Failure::new(lookup_failure(&e), format!("resolving {host}: {e}")))?
+        .collect();
     let mut urls: Vec<String> = Vec::new();
     for a in addrs {
         let u = format!("ws://{a}{path}");
@@ -124,7 +153,57 @@ pub(crate) async fn resolve(url: &str, limit: Duration) -> Result<Members, Failu
     }
     // Sorted, so that the same answer in another order is the same list.
     urls.sort();
-    backends(check_len(urls)?)
+    backends(check_len(urls).map_err(|e| match e {
+        ListError::Empty => {
+            Failure::new(SourceError::Empty, format!("resolving {host}: no address"))
+        }
+        e => e.into(),
+    })?)
+}
+
+/// Resolves the DNS source `url` (`ws://name:port/path`) within `limit`.
+pub(crate) async fn resolve(url: &str, limit: Duration) -> Result<Members, Failure> {
+    match timeout(limit, lookup(url)).await {
+        Ok(r) => r,
+        Err(_) => Err(no_answer(
+            &dns_name(url).map(|n| n.host).unwrap_or_default(),
+            limit,
+        )),
+    }
+}
+
+/// The watch loop's DNS lookups, at most one at a time. The system resolver cannot be
+/// cancelled: a lookup that outlives `limit` keeps a blocking thread until the resolver
+/// gives up (glibc: `timeout` × `attempts` of resolv.conf, 10 s by default, per server).
+/// Starting another every interval would pile those threads up while the DNS server is
+/// silent; instead, each tick while the last lookup still runs counts as another
+/// `dns_timeout`, and a new lookup starts once it has ended.
+struct DnsLookups {
+    url: String,
+    in_flight: Option<tokio::task::JoinHandle<Result<Members, Failure>>>,
+}
+
+impl DnsLookups {
+    async fn read(&mut self, limit: Duration) -> Result<Members, Failure> {
+        let host = || dns_name(&self.url).map(|n| n.host).unwrap_or_default();
+        if let Some(h) = &self.in_flight {
+            if !h.is_finished() {
+                return Err(no_answer(&host(), limit));
+            }
+            // It ended after its time: that answer is old, ask again.
+            self.in_flight = None;
+        }
+        let url = self.url.clone();
+        let mut task = tokio::spawn(async move { lookup(&url).await });
+        match timeout(limit, &mut task).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => Err(Failure::new(SourceError::DnsError, e.to_string())),
+            Err(_) => {
+                self.in_flight = Some(task);
+                Err(no_answer(&host(), limit))
+            }
+        }
+    }
 }
 
 /// Reads `source` once (at start, and by the watch loop).
@@ -209,6 +288,13 @@ pub(crate) async fn watch(lb: Arc<Lb>) {
         MembershipSource::File(p) => stamp(p),
         _ => None,
     };
+    let mut dns = match &source {
+        MembershipSource::Dns(url) => Some(DnsLookups {
+            url: url.clone(),
+            in_flight: None,
+        }),
+        _ => None,
+    };
     // A failure streak is logged once, and its end once.
     let mut failing: Option<String> = None;
     loop {
@@ -227,7 +313,11 @@ pub(crate) async fn watch(lb: Arc<Lb>) {
             }
             last_stamp = now_stamp;
         }
-        match read(&source, interval).await {
+        let result = match dns.as_mut() {
+            Some(d) => d.read(interval).await,
+            None => read(&source, interval).await,
+        };
+        match result {
             Ok(members) => {
                 if let Some(was) = failing.take() {
                     tracing::info!(previous_error = %was, "membership source readable again");
@@ -286,8 +376,13 @@ mod tests {
         let e = resolve("ws://no-such-host.invalid:3002/ws", Duration::from_secs(5))
             .await
             .unwrap_err();
+        // NXDOMAIN where a resolver answers; a resolver error or timeout in a sandbox
+        // without one (tests/e2e/membership_dns_e2e.py drives each case for real).
         assert!(
-            matches!(e.reason, SourceError::DnsError | SourceError::DnsTimeout),
+            matches!(
+                e.reason,
+                SourceError::Empty | SourceError::DnsError | SourceError::DnsTimeout
+            ),
             "{e}"
         );
         assert_eq!(
@@ -297,5 +392,28 @@ mod tests {
                 .reason,
             SourceError::Invalid
         );
+    }
+
+    /// The standard library's messages for failed lookups (`failed to lookup address
+    /// information: ` + `gai_strerror`), glibc's and musl's.
+    #[test]
+    fn lookup_failures_say_whether_the_name_has_no_address() {
+        let e = |m: &str| {
+            lookup_failure(&std::io::Error::other(format!(
+                "failed to lookup address information: {m}"
+            )))
+        };
+        assert_eq!(e("Name or service not known"), SourceError::Empty);
+        assert_eq!(e("No address associated with hostname"), SourceError::Empty);
+        assert_eq!(e("Name does not resolve"), SourceError::Empty);
+        assert_eq!(
+            e("Temporary failure in name resolution"),
+            SourceError::DnsError
+        );
+        assert_eq!(
+            e("Non-recoverable failure in name resolution"),
+            SourceError::DnsError
+        );
+        assert_eq!(e("Try again"), SourceError::DnsError);
     }
 }

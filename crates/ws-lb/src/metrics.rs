@@ -112,13 +112,15 @@ pub enum SourceError {
     Unreadable,
     /// A line or URL that is not a shard.
     Invalid,
-    /// No shard at all (never applied).
+    /// No shard at all (never applied): an empty file, a DNS name that does not exist
+    /// (NXDOMAIN) or has no A/AAAA record.
     Empty,
     /// More shards than the pool's slots.
     TooMany,
-    /// The DNS lookup did not answer in time.
+    /// The DNS lookup did not answer within `membership_interval` (or the previous one is
+    /// still running).
     DnsTimeout,
-    /// The DNS lookup failed (no such name, server failure).
+    /// The resolver reported a failure (SERVFAIL, its own timeout, no resolver).
     DnsError,
 }
 
