@@ -7,7 +7,10 @@ stand-in for the GCP global external Application Load Balancer (HAProxy, TLS on 
 the Terraform values) and a clients VM for the load generators. Every process gets the
 arguments and environment the deploy artefacts give it (deploy/gcp/lib.sh, the startup
 scripts' kernel settings, the systemd units' environment). An autohealer stands in for the
-LB instance group's.
+LB instance group's. The LB VMs follow the shard group as on GCP: each runs the startup
+script's member-file updater against a stand-in Compute API (members.py), and shard VMs can
+be added and removed while it runs (`create_shard_vm`, `remove_shard_vm`: the group scaling
+out and in, scale-in through the shutdown script's SIGTERM).
 
     cluster.py up [--lbs N --shards M --delay-ms D]   start, print the client URL, wait for Ctrl-C
     cluster.py test [scenario ...]                     short version of every scenario (make cluster-test)
@@ -15,8 +18,9 @@ LB instance group's.
     cluster.py down                                    remove what a crashed run left behind
 
 Scenarios (deploy/local/scenarios/*.py, each also runnable on its own): ramp, client-ip,
-kill-lb, kill-shard, shard-outage, rolling, kafka-restart, partition. Each prints PASS/FAIL
-and writes bench/results/cluster-<scenario>-<time>.json.
+kill-lb, kill-shard, shard-outage, rolling, kafka-restart, partition, and scale (bench
+only, or when named). Each prints PASS/FAIL and writes
+bench/results/cluster-<scenario>-<time>.json.
 """
 
 import argparse
@@ -36,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 import deploy_values  # noqa: E402
+import members as gce  # noqa: E402
 import topo  # noqa: E402
 import bench  # noqa: E402  (machine() and commit_of(): what every result records)
 from front import Autohealer, Front  # noqa: E402
@@ -47,6 +52,8 @@ LOCK = Path("/run/odin-ws-cluster.lock")
 FRONT_IP = "10.213.0.10"
 KAFKA_IP = "10.213.0.20"
 KAFKA_PORT = 9092
+# The stand-in metadata server and Compute API (members.py), on the host's bridge address.
+COMPUTE_PORT = 8089
 # Addresses the harness itself uses as distinct clients (beside the bridge's 10.213.0.1).
 HOST_CLIENT_IPS = [f"10.213.0.{200 + i}" for i in range(1, 9)]
 
@@ -227,6 +234,8 @@ class Cluster:
         self.net = topo.Network(a.delay_ms)
         self.procs = {}
         self.members = []           # LB VMs in the instance group, in order
+        self.shard_vms = []         # shard VMs in the shard group (indices j), in order
+        self.compute = None
         self.lb_slots = [f"lb-{i}" for i in range(a.lbs + self.values.max_surge)]
         self.front = None
         self.autohealer = None
@@ -282,7 +291,6 @@ class Cluster:
         vms = [topo.Vm("front", FRONT_IP), topo.Vm("kafka", KAFKA_IP),
                topo.Vm("clients", "10.213.100.254", extra_ips=client_ips(self.a.client_ips))]
         vms += [topo.Vm(name, lb_ip(i)) for i, name in enumerate(self.lb_slots)]
-        vms += [topo.Vm(f"shard-{j}", shard_ip(j)) for j in range(self.a.shards)]
         for vm in vms:
             applied, skipped = self.net.add_vm(vm, per_netns if vm.name.startswith(("lb-", "shard-")) else {})
             self.sysctl_report = {"applied_in_each_vm": applied,
@@ -290,9 +298,11 @@ class Cluster:
         if self.a.delay_ms > 0 and self.net.netem is False:
             self.log(f"WARNING: tc netem is not available in this kernel ({self.net.netem_error}); "
                      f"running with no added delay instead of {self.a.delay_ms} ms (recorded in every result)")
+        self.compute = gce.ComputeApi(topo.HOST_IP, COMPUTE_PORT, self.pv.shard_group)
+        self.compute.start()
         self.start_kafka()
         for j in range(self.a.shards):
-            self.start_shard(j)
+            self.create_shard_vm(j)
         for j in range(self.a.shards):
             self.wait_shard(j)
         for name in self.lb_slots[:self.a.lbs]:
@@ -328,6 +338,9 @@ class Cluster:
             self.front.stop()
         for p in self.procs.values():
             p.kill()
+        if self.compute is not None:
+            self.compute.stop()
+            self.compute = None
         topo.cleanup()
         if self.lock_fd is not None:
             self.lock_fd.close()
@@ -415,6 +428,36 @@ class Cluster:
                 raise RuntimeError("the Kafka VM did not listen")
             time.sleep(0.2)
 
+    def create_shard_vm(self, j):
+        """A shard VM joins the group (scale-out): the VM is created and listed RUNNING at
+        once, before ws-shard answers (as on GCP, where the VM runs before its startup
+        script has started the service); ws-shard starts."""
+        name = f"shard-{j}"
+        per_netns = {k: v for k, v in self.sysctls.items() if not k.startswith("fs.")}
+        self.net.add_vm(topo.Vm(name, shard_ip(j)), per_netns)
+        self.shard_vms.append(j)
+        self.compute.set(name, shard_ip(j), "RUNNING")
+        self.start_shard(j)
+
+    def remove_shard_vm(self, j, timeout=45):
+        """A shard VM leaves the group (scale-in): the group deletes it, so it is STOPPING
+        (no longer in the LB VMs' listing) while its shutdown script runs
+        (deploy/startup/odin-ws-shutdown.sh: the unit or container is stopped with 45 s, so
+        ws-shard gets SIGTERM and drains, 1012 spread over drain_window); then the VM is
+        gone. Returns ws-shard's exit code (None: killed after `timeout`)."""
+        name = f"shard-{j}"
+        self.compute.set(name, shard_ip(j), "STOPPING")
+        p = self.procs[name]
+        p.signal(signal.SIGTERM)
+        code = p.wait(timeout)
+        if code is None:
+            p.kill()
+        self.shard_vms.remove(j)
+        self.compute.set(name, shard_ip(j), None)
+        self.net.remove_vm(name)
+        del self.procs[name]
+        return code
+
     def start_shard(self, j):
         name = f"shard-{j}"
         argv = [str(self.bin / "ws-shard"), *self.pv.shard_args]
@@ -437,9 +480,44 @@ class Cluster:
             return True
         wait(ready, timeout, f"shard-{j} healthy and consuming")
 
+    def members_root(self, name):
+        """The LB VM's file system root for what its startup script writes (ODIN_ROOT)."""
+        return self.run_dir / f"root-{name}"
+
+    def start_members_updater(self, name):
+        """The LB VM's `odin-shard-members` (ws-lb-startup.sh `update-shard-members`), as
+        `role_before_start` does: one listing written before ws-lb starts (which needs a
+        file), then the updater keeps the file current (every 10 s)."""
+        old = self.procs.get(f"members-{name}")
+        if old is not None and old.alive():
+            return
+        script = str(REPO / "deploy" / "startup" / "ws-lb-startup.sh")
+        api = f"http://{topo.HOST_IP}:{COMPUTE_PORT}"
+        env = self.env({"ODIN_ROOT": str(self.members_root(name)), "ODIN_METADATA_URL": f"{api}/computeMetadata/v1",
+                        "ODIN_COMPUTE_URL": f"{api}/compute/v1"})
+        argv = ["bash", script, "update-shard-members", self.pv.shard_group, self.pv.shard_ports]
+        first = subprocess.run(
+            ["ip", "netns", "exec", self.net.vms[name].ns, *argv], env={**env, "ODIN_MEMBERS_ONCE": "1"},
+            capture_output=True, text=True, timeout=60)
+        if not self.members_file(name).exists():
+            raise RuntimeError(f"{name}: the member updater wrote no file: {first.stderr.strip()[-300:]}")
+        p = Proc(f"members-{name}", self.net.vms[name].ns, argv, env, self.run_dir / f"members-{name}.log")
+        self.procs[p.name] = p
+        p.start()
+
+    def members_file(self, name):
+        return Path(str(self.members_root(name)) + self.pv.members_file)
+
+    def lb_argv(self, name):
+        """deploy/gcp/lib.sh's LB_ARGS, the member file under the VM's root."""
+        args = list(self.pv.lb_args)
+        args[args.index("--backend-file") + 1] = str(self.members_file(name))
+        return args
+
     def start_lb(self, name):
-        argv = [str(self.bin / "ws-lb"), *self.pv.lb_args]
-        env = self.env({"ODIN_ARGS": " ".join(self.pv.lb_args), **self.pv.lb_env})
+        self.start_members_updater(name)
+        argv = [str(self.bin / "ws-lb"), *self.lb_argv(name)]
+        env = self.env({"ODIN_ARGS": " ".join(argv[1:]), **self.pv.lb_env})
         p = Proc(name, self.net.vms[name].ns, argv, env, self.run_dir / f"{name}.log")
         if name in self.procs:
             p.starts = self.procs[name].starts
@@ -496,7 +574,7 @@ class Cluster:
 
     def shard_connections(self):
         total = 0
-        for j in range(self.a.shards):
+        for j in self.shard_vms:
             for port in self.shard_ports():
                 status, body = get_any(f"http://{shard_ip(j)}:{port}/health", 1)
                 if status == 200 or status == 503:
@@ -514,17 +592,17 @@ class Cluster:
             self.wait_kafka(alive=self.procs["kafka"])
             if self.kafka_storage == "memory":
                 self.ensure_topics()
-        for j in range(self.a.shards):
+        for j in self.shard_vms:
             if not self.procs[f"shard-{j}"].alive():
                 self.start_shard(j)
-        for j in range(self.a.shards):
+        for j in self.shard_vms:
             self.wait_shard(j)
         for name in self.members:
             if not self.procs[name].alive():
                 self.restart_lb(name, "settle")
                 self.autohealer.started(name)
         wait(lambda: self.front_up() == set(self.members), timeout, "every LB VM up in the front")
-        total = len(self.shard_ports()) * self.a.shards
+        total = len(self.shard_ports()) * len(self.shard_vms)
 
         def all_admit():
             return all((self.lb_health(n)[1] or {}).get("shards_available") == total for n in self.members)
@@ -544,7 +622,9 @@ class Cluster:
     def describe(self):
         return {
             "listen_backlog_in_effect": self.listen_backlogs(),
-            "lbs": len(self.members), "shards": self.a.shards, "shards_per_vm": self.pv.shards_per_vm,
+            "lbs": len(self.members), "shards": len(self.shard_vms), "shards_per_vm": self.pv.shards_per_vm,
+            "shard_membership": f"group: member file {self.pv.members_file} kept by ws-lb-startup.sh "
+                                f"update-shard-members against a stand-in Compute API",
             "front_processes": self.a.front_procs, "front_maxconn": self.a.front_maxconn,
             "network": self.net.describe(), "kafka_storage": self.kafka_storage,
             "kafka_partitions": self.a.partitions,

@@ -129,16 +129,25 @@ class ProcessValues:
     lb_admin_port: int
     shard_admin_port: int
     kafka_topics: list
+    # Group membership (SHARD_MEMBERSHIP=group): ws-lb follows the member file that
+    # ws-lb-startup.sh's updater keeps equal to the shard group's RUNNING VMs; the metadata
+    # the LB VMs get (odin-shard-group, odin-shard-ports FIRST:LAST) and the group's bounds.
+    members_file: str
+    shard_group: str
+    shard_ports: str
+    shard_min_replicas: int
+    shard_max_replicas: int
 
 
 def process_values(shard_ips, kafka_brokers) -> ProcessValues:
     """The arguments and environment deploy/gcp/lib.sh computes for these shard addresses."""
     script = ('source deploy/gcp/config.sh && source deploy/gcp/lib.sh && load_config && '
               'printf "%s\\n" "$SHARD_ARGS" "$LB_ARGS" "$LB_ENV" "$SHARDS_PER_VM" "$SHARD_BASE_PORT" '
-              '"$LB_PORT" "$LB_ADMIN_PORT" "$SHARD_ADMIN_PORT" "$KAFKA_TOPICS"')
-    # The one-machine topology gives ws-lb the fixed list of its shard VMs (static
-    # membership); on GCP the LB VMs follow the autoscaled group through a member file.
-    env = {"PATH": "/usr/bin:/bin", "PROJECT": "odin-local", "SHARD_MEMBERSHIP": "static",
+              '"$LB_PORT" "$LB_ADMIN_PORT" "$SHARD_ADMIN_PORT" "$KAFKA_TOPICS" "$SHARD_GROUP" '
+              '"$SHARD_BASE_PORT:$SHARD_LAST_PORT" "$SHARD_MIN_REPLICAS" "$SHARD_MAX_REPLICAS"')
+    # The deploy's default: the LB VMs follow the shard group through a member file
+    # (deploy/local/members.py runs the same updater against a stand-in Compute API).
+    env = {"PATH": "/usr/bin:/bin", "PROJECT": "odin-local", "SHARD_MEMBERSHIP": "group",
            "SHARD_COUNT": str(len(shard_ips)),
            "SHARD_IPS": " ".join(shard_ips), "KAFKA_BROKERS": kafka_brokers}
     out = subprocess.run(["bash", "-c", script], cwd=REPO, env=env, capture_output=True, text=True)
@@ -146,11 +155,17 @@ def process_values(shard_ips, kafka_brokers) -> ProcessValues:
         raise SystemExit(f"deploy/gcp/lib.sh refused the topology: {out.stderr.strip()}")
     lines = out.stdout.splitlines()
     shard_args, lb_args, lb_env, per_vm, base, lb_port, lb_admin, shard_admin, topics = lines[:9]
+    group, ports, min_r, max_r = lines[9:13]
+    lb_argv = lb_args.split()
+    if "--backend-file" not in lb_argv or not group:
+        raise SystemExit(f"deploy/gcp/lib.sh gave ws-lb no member file with SHARD_MEMBERSHIP=group: {lb_args}")
     return ProcessValues(
-        shard_args=shard_args.split(), lb_args=lb_args.split(),
+        shard_args=shard_args.split(), lb_args=lb_argv,
         lb_env=dict(kv.split("=", 1) for kv in lb_env.split()),
         shards_per_vm=int(per_vm), shard_base_port=int(base), lb_port=int(lb_port),
-        lb_admin_port=int(lb_admin), shard_admin_port=int(shard_admin), kafka_topics=topics.split(","))
+        lb_admin_port=int(lb_admin), shard_admin_port=int(shard_admin), kafka_topics=topics.split(","),
+        members_file=lb_argv[lb_argv.index("--backend-file") + 1], shard_group=group, shard_ports=ports,
+        shard_min_replicas=int(min_r), shard_max_replicas=int(max_r))
 
 
 def startup_sysctls() -> dict:

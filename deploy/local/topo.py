@@ -114,6 +114,19 @@ class Network:
         self._delay(vm)
         return applied, skipped
 
+    def remove_vm(self, name: str):
+        """Deletes a VM: its namespace (and with it its veth pair) and whatever still runs
+        in it."""
+        vm = self.vms.pop(name)
+        for pid in sh("ip", "netns", "pids", vm.ns, check=False).stdout.split():
+            try:
+                os.kill(int(pid), 9)
+            except (ProcessLookupError, ValueError):
+                pass
+        sh("ip", "netns", "del", vm.ns, check=False)
+        sh("ip", "link", "del", vm.link, check=False)
+        self.cuts = {c for c in self.cuts if name not in c}
+
     def _delay(self, vm):
         if self.delay_ms <= 0 or self.netem is False:
             return

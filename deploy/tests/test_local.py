@@ -34,7 +34,11 @@ def test_values():
     eq("https port", v.https_port, 443)
     p = deploy_values.process_values([f"10.213.2.{10 + j}" for j in range(7)], "10.213.0.20:9092")
     eq("shards per VM", p.shards_per_vm, 4)
-    check("LB args carry every shard", sum(a.count("ws://") for a in p.lb_args) == 28, p.lb_args)
+    # Group membership, as the deploy's default: the LB VMs follow a member file.
+    eq("LB follows the member file", p.lb_args[p.lb_args.index("--backend-file") + 1], "/var/lib/odin-ws/shards")
+    check("LB args list no fixed shard", not any("ws://" in a for a in p.lb_args), p.lb_args)
+    eq("shard group metadata", (p.shard_group, p.shard_ports), ("odin-ws-shard", "3002:3005"))
+    eq("shard group bounds", (p.shard_min_replicas, p.shard_max_replicas), (7, 10))
     check("LB trusts X-Forwarded-For", "--trust-forwarded-for" in p.lb_args)
     check("shard args consume the Kafka VM and warm history",
           "10.213.0.20:9092" in p.shard_args and "--kafka-start" in p.shard_args, p.shard_args)
@@ -64,8 +68,42 @@ def test_haproxy_config():
             eq("the front's certificate verifies against the CA clients get", r.returncode, 0)
 
 
+def test_member_updater_against_the_stand_in():
+    """The LB VMs' updater (ws-lb-startup.sh update-shard-members), unchanged, against
+    members.py's metadata server and Compute API: RUNNING VMs x ports are written, a
+    STOPPING VM leaves the file, a listing with no VM keeps it."""
+    import socket
+    import members
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    api = members.ComputeApi("127.0.0.1", port, "odin-ws-shard")
+    api.start()
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            env = {"PATH": "/usr/bin:/bin", "ODIN_ROOT": d, "ODIN_MEMBERS_ONCE": "1",
+                   "ODIN_METADATA_URL": f"http://127.0.0.1:{port}/computeMetadata/v1",
+                   "ODIN_COMPUTE_URL": f"http://127.0.0.1:{port}/compute/v1"}
+            argv = ["bash", str(DEPLOY / "startup" / "ws-lb-startup.sh"), "update-shard-members", "odin-ws-shard", "3002:3003"]
+            f = Path(d) / "var/lib/odin-ws/shards"
+
+            def listed():
+                subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+                return [x for x in f.read_text().splitlines() if not x.startswith("#")] if f.exists() else None
+            api.set("shard-0", "10.213.2.10", "RUNNING")
+            api.set("shard-1", "10.213.2.11", "RUNNING")
+            eq("running VMs x ports", listed(), [f"ws://10.213.2.1{j}:{p}/ws" for j in (0, 1) for p in (3002, 3003)])
+            api.set("shard-1", "10.213.2.11", "STOPPING")
+            eq("a STOPPING VM leaves the file", listed(), ["ws://10.213.2.10:3002/ws", "ws://10.213.2.10:3003/ws"])
+            api.set("shard-0", "10.213.2.10", None)
+            eq("no VM at all keeps the last file", listed(), ["ws://10.213.2.10:3002/ws", "ws://10.213.2.10:3003/ws"])
+            check("the updater listed through the stand-in", api.listings == 3, api.listings)
+    finally:
+        api.stop()
+
+
 def main():
-    return run("test_local", (test_values, test_haproxy_config))
+    return run("test_local", (test_values, test_haproxy_config, test_member_updater_against_the_stand_in))
 
 
 if __name__ == "__main__":

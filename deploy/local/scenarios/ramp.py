@@ -33,7 +33,8 @@ class Loopback:
         shard_args += ["--base-port", str(base), "--bind", "127.0.0.1", "--admin-addr", f"127.0.0.1:{admin}"]
         self.start("loopback-shard", [str(c.bin / "ws-shard"), *shard_args])
         urls = ",".join(f"ws://127.0.0.1:{base + k}/ws" for k in range(c.pv.shards_per_vm))
-        lb_args = drop(c.pv.lb_args, "--listen", "--admin-addr", "--trust-forwarded-for")
+        # The shard list is fixed here (one local process): the VMs' member file is not used.
+        lb_args = drop(c.pv.lb_args, "--listen", "--admin-addr", "--trust-forwarded-for", "--backend-file")
         lb_args = [x for x in lb_args if not x.startswith("--backend-urls=")]
         self.port = 23001
         for i in range(2):
