@@ -11,6 +11,13 @@ Subcommands (each starts and stops its own servers on 127.0.0.x and bounds its d
           rate with success >= 99.9 % and handshake p99 <= --max-p99). The first run of each
           server set (first after start) is reported apart; medians and ratios to "off" over
           the warm runs.
+          Two token cases per auth mode and round: `fresh` (a new token per connection, never
+          seen by the servers: every verification is a full one, the worst case) and `storm`
+          (a reconnect storm: the same --connections tokens, from a file minted once per mode
+          with PyJWT, presented again every round, so from round 2 on ws-lb and the shard
+          find them in their verified-token caches; round 1's storm run fills the caches and
+          is reported apart as `priming`). Each run records the cache hit/miss counts of both
+          tiers (ws_*_auth_cache_lookups_total deltas). --cases picks the cases.
   flood   memory under a flood of bad tokens: ws-lb and ws-shard with auth on, RSS after a
           warm-up, then --rounds rounds of --per-round connections, each with a bad token
           (malformed, alg none, algorithm confusion, wrong signature, expired, not yet valid,
@@ -99,15 +106,40 @@ class ServerSet:
         return bench.proc_cpu_s(self.lb.pid), bench.proc_cpu_s(self.shard.pid)
 
 
-def ramp(server: ServerSet, mode: str, files: dict, a) -> dict:
+def cache_lookups(server: ServerSet) -> dict:
+    """The verified-token cache counters of both tiers (hits and misses since start)."""
+    lb = odin.http_get(f"http://127.0.0.1:{server.lb_admin}/metrics")[1]
+    sh = odin.http_get(f"http://127.0.0.1:{server.shard_admin}/metrics")[1]
+    return {f"{tier}_{r}": odin.metric(page, f"ws_{tier}_auth_cache_lookups_total", f'result="{r}"')
+            for tier, page in (("lb", lb), ("shard", sh)) for r in ("hit", "miss")}
+
+
+def storm_tokens(mode: str, n: int, path: Path) -> Path:
+    """n tokens of `mode` (distinct subs, entitled to every channel, valid 2 h), made with
+    PyJWT: the tokens the clients of a reconnect storm present again."""
+    now = int(time.time())
+    key, kid = {"HS256": (SECRET, None), "RS256": ((TESTDATA / "rsa1.pem").read_bytes(), "rsa1"),
+                "ES256": ((TESTDATA / "ec1.pem").read_bytes(), "ec1")}[mode]
+    headers = {"kid": kid} if kid else None
+    lines = [jwt.encode({"sub": f"storm-{i}", "iat": now, "exp": now + 7200, "channels": ["*"]}, key,
+                        algorithm=mode, headers=headers) for i in range(n)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def ramp(server: ServerSet, mode: str, files: dict, a, token_file: Path = None) -> dict:
+    tokens = ["--token-file", str(token_file)] if token_file else token_flags(mode, files)
+    before = cache_lookups(server)
     lb0, sh0 = server.cpu()
     rep = bench.loadtest(server.url, a.connections, a.rate, a.hold,
-                         extra=["--channels", CHANNELS, *token_flags(mode, files)], name=f"{mode} ramp")
+                         extra=["--channels", CHANNELS, *tokens], name=f"{mode} ramp")
     lb1, sh1 = server.cpu()
+    after = cache_lookups(server)
     row = bench.summarize(rep)
     est = max(rep["counts"]["established"], 1)
     row.update({"lb_cpu_us_per_conn": (lb1 - lb0) * 1e6 / est, "shard_cpu_us_per_conn": (sh1 - sh0) * 1e6 / est,
-                "tokens": rep["config"].get("tokens")})
+                "tokens": rep["config"].get("tokens"),
+                "cache_lookups": {k: after[k] - before[k] for k in after}})
     return row
 
 
@@ -124,44 +156,67 @@ def find_max(server: ServerSet, mode: str, files: dict, a) -> dict:
 
 def cmd_rate(a):
     modes = a.modes
-    results = {"machine": bench.machine(), "command": " ".join(sys.argv), "modes": modes,
+    results = {"machine": bench.machine(), "command": " ".join(sys.argv), "modes": modes, "cases": a.cases,
                "loadtest_flags": {"connections": a.connections, "rate": a.rate, "hold": a.hold,
                                   "channels": CHANNELS, "source_ips": "127.0.0.2-127.0.0.9",
-                                  "find_max": {"step": a.step, "rates": a.rates, "max_p99_ms": a.max_p99}},
+                                  "find_max": None if a.no_find_max else
+                                  {"step": a.step, "rates": a.rates, "max_p99_ms": a.max_p99},
+                                  "fresh": "--sign-key <key> --sign-alg <mode> (one new token per attempt)",
+                                  "storm": f"--token-file <{a.connections} PyJWT tokens per mode, the same every round>"},
                "server_flags": {"ws-lb": LB_FLAGS, "ws-shard": SHARD_FLAGS,
                                 "auth (modes other than off, both tiers)": ["--auth-hs256-secret-file <file>",
                                                                            "--auth-jwks-file <rsa1+ec1 JWKS>"]},
                "rounds": []}
     with tempfile.TemporaryDirectory(prefix="odin-auth-bench-") as tmp, odin.Procs("auth-bench") as procs:
         files = key_files(Path(tmp))
+        storm_files = {m: storm_tokens(m, a.connections, Path(tmp) / f"storm-{m}.txt")
+                       for m in modes if m != "off" and "storm" in a.cases}
         servers = {m: ServerSet(procs, m.lower(), [] if m == "off" else auth_flags(files)) for m in modes}
         for rnd in range(a.rounds):
             order = modes[rnd % len(modes):] + modes[:rnd % len(modes)]
             runs = {}
             for mode in order:
                 s = servers[mode]
-                row = ramp(s, mode, files, a)
-                if not a.no_find_max:
-                    row["find_max"] = find_max(s, mode, files, a)
-                row.update({"first_after_start": s.runs == 0, "loadavg": bench.load()})
-                s.runs += 1
-                runs[mode] = row
-                fm = row.get("find_max", {}).get("highest_sustained_rate")
-                print(f"round {rnd + 1} {mode:>5}: {row['success_pct']:.2f}% p50 {row['handshake_p50_ms']:.2f} ms "
-                      f"p99 {row['handshake_p99_ms']:.2f} ms lb {row['lb_cpu_us_per_conn']:.0f} us/conn "
-                      f"shard {row['shard_cpu_us_per_conn']:.0f} us/conn find-max {fm} "
-                      f"load {row['loadavg'][0]}", flush=True)
+                cases = ["fresh"] if mode == "off" else a.cases
+                for case in cases:
+                    row = ramp(s, mode, files, a, storm_files.get(mode) if case == "storm" else None)
+                    if not a.no_find_max and case == "fresh":
+                        row["find_max"] = find_max(s, mode, files, a)
+                    row.update({"case": case, "first_after_start": s.runs == 0,
+                                "priming": case == "storm" and rnd == 0, "loadavg": bench.load()})
+                    s.runs += 1
+                    name = mode if case == "fresh" else f"{mode} storm"
+                    runs[name] = row
+                    fm = row.get("find_max", {}).get("highest_sustained_rate")
+                    cl = row["cache_lookups"]
+                    print(f"round {rnd + 1} {name:>11}: {row['success_pct']:.2f}% p50 {row['handshake_p50_ms']:.2f} ms "
+                          f"p99 {row['handshake_p99_ms']:.2f} ms lb {row['lb_cpu_us_per_conn']:.0f} us/conn "
+                          f"shard {row['shard_cpu_us_per_conn']:.0f} us/conn cache lb {cl['lb_hit']:.0f}h/{cl['lb_miss']:.0f}m "
+                          f"shard {cl['shard_hit']:.0f}h/{cl['shard_miss']:.0f}m find-max {fm} "
+                          f"load {row['loadavg'][0]}{' (priming)' if row['priming'] else ''}", flush=True)
             results["rounds"].append({"order": order, "runs": runs})
     rate_table(results)
     bench.save("auth-rate", results)
 
 
 def rate_table(results):
-    modes = results["modes"]
+    cases = results.get("cases", ["fresh"])
+    names = []
+    for m in results["modes"]:
+        names += ["off"] if m == "off" else [n for c, n in (("fresh", m), ("storm", f"{m} storm")) if c in cases]
 
-    def rows(first: bool):
-        return {m: [r["runs"][m] for r in results["rounds"] if r["runs"][m]["first_after_start"] == first]
-                for m in modes}
+    def rows(kind: str):
+        out = {}
+        for n in names:
+            rs = [r["runs"][n] for r in results["rounds"] if n in r["runs"]]
+            if kind == "first":
+                rs = [r for r in rs if r["first_after_start"]]
+            elif kind == "priming":
+                rs = [r for r in rs if r.get("priming")]
+            else:
+                rs = [r for r in rs if not r["first_after_start"] and not r.get("priming")]
+            out[n] = rs
+        return out
 
     def med(rs, key, sub=None):
         vals = [(r.get(key) or {}).get(sub) if sub else r.get(key) for r in rs]
@@ -171,31 +226,38 @@ def rate_table(results):
     def fmt(v, f="{:.2f}"):
         return "—" if v is None else f.format(v)
 
-    for title, first in (("First run after start (one per mode)", True), ("Warm runs (medians)", False)):
-        rs = rows(first)
+    # Ratios are to the warm "off" runs of the same run (the first "off" run after start for
+    # the first-after-start table).
+    for title, kind in (("First run after start (one per server set)", "first"),
+                        ("Storm runs that filled the caches (round 1)", "priming"),
+                        ("Warm runs (medians)", "warm")):
+        rs = rows(kind)
         if not any(rs.values()):
             continue
-        base = rs.get("off") or []
+        base = rows("first" if kind == "first" else "warm").get("off") or []
         off_cpu = med(base, "lb_cpu_us_per_conn")
         off_fm = med(base, "find_max", "highest_sustained_rate")
         print(f"\n{title}\n\n| mode | runs | success | handshake p50 | p99 | ws-lb CPU/conn | ws-shard CPU/conn "
-              f"| ws-lb rate by CPU vs off | find-max rate | vs off |\n|---|---|---|---|---|---|---|---|---|---|")
-        for m in modes:
-            r = rs[m]
+              f"| ws-lb cache hits | ws-lb rate by CPU vs off | find-max rate | vs off |\n|---|---|---|---|---|---|---|---|---|---|---|")
+        for n in names:
+            r = rs[n]
             if not r:
                 continue
             cpu, fm = med(r, "lb_cpu_us_per_conn"), med(r, "find_max", "highest_sustained_rate")
             by_cpu = off_cpu / cpu if off_cpu and cpu else None
             fm_ratio = fm / off_fm if fm and off_fm else None
-            results.setdefault("summary", {}).setdefault("first" if first else "warm", {})[m] = {
+            hits = sum(x["cache_lookups"]["lb_hit"] for x in r)
+            looks = hits + sum(x["cache_lookups"]["lb_miss"] for x in r)
+            hit_pct = 100 * hits / looks if looks else None
+            results.setdefault("summary", {}).setdefault(kind, {})[n] = {
                 "runs": len(r), "success_pct": med(r, "success_pct"), "handshake_p50_ms": med(r, "handshake_p50_ms"),
                 "handshake_p99_ms": med(r, "handshake_p99_ms"), "lb_cpu_us_per_conn": cpu,
-                "shard_cpu_us_per_conn": med(r, "shard_cpu_us_per_conn"), "rate_by_lb_cpu_vs_off": by_cpu,
-                "find_max_rate": fm, "find_max_vs_off": fm_ratio}
-            print(f"| {m} | {len(r)} | {fmt(med(r, 'success_pct'), '{:.2f}%')} | {fmt(med(r, 'handshake_p50_ms'))} ms "
+                "shard_cpu_us_per_conn": med(r, "shard_cpu_us_per_conn"), "lb_cache_hit_pct": hit_pct,
+                "rate_by_lb_cpu_vs_off": by_cpu, "find_max_rate": fm, "find_max_vs_off": fm_ratio}
+            print(f"| {n} | {len(r)} | {fmt(med(r, 'success_pct'), '{:.2f}%')} | {fmt(med(r, 'handshake_p50_ms'))} ms "
                   f"| {fmt(med(r, 'handshake_p99_ms'))} ms | {fmt(cpu, '{:.0f}')} µs "
-                  f"| {fmt(med(r, 'shard_cpu_us_per_conn'), '{:.0f}')} µs | {fmt(by_cpu, '{:.2f}×')} "
-                  f"| {fmt(fm, '{:.0f}')}/s | {fmt(fm_ratio, '{:.2f}×')} |")
+                  f"| {fmt(med(r, 'shard_cpu_us_per_conn'), '{:.0f}')} µs | {fmt(hit_pct, '{:.0f}%')} | {fmt(by_cpu, '{:.2f}×')} "
+                  f"| {fmt(fm, '{:.0f}/s')} | {fmt(fm_ratio, '{:.2f}×')} |")
 
 
 # ---- flood -------------------------------------------------------------------------------
@@ -411,6 +473,8 @@ def main():
     c.add_argument("--rates", type=int, nargs="+", default=[1000, 1500, 2000, 2500, 3000, 4000, 5000])
     c.add_argument("--max-p99", type=int, default=25, help="find-max: handshake p99 limit (ms)")
     c.add_argument("--no-find-max", action="store_true")
+    c.add_argument("--cases", nargs="+", default=["fresh", "storm"], choices=["fresh", "storm"],
+                   help="fresh: a new token per connection; storm: the same tokens every round (cache hits)")
     c = sub.add_parser("flood", help="RSS of ws-lb and ws-shard under rounds of bad-token connections")
     c.add_argument("--rounds", type=int, default=5)
     c.add_argument("--per-round", type=int, default=4000)

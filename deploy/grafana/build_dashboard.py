@@ -64,6 +64,10 @@ ROWS = [
                                           q(f"sum by (reason) (rate(ws_lb_auth_failures_total{{{LB}}}[{RI}]))", "auth failure {{reason}}")],
            unit="cps", description="relayed, closed_1012, closed_1013, rejected, closed_4001, closed_4003; and tokens refused at the edge by reason (ws_lb_auth_failures_total)"),
         ts("Close codes sent to clients", [q(f"sum by (code) (rate(ws_lb_close_codes_total{{{LB}}}[{RI}]))", "{{code}}")], unit="cps"),
+        ts("Token verifications by cache result", [
+            q(f"sum by (result) (rate(ws_lb_auth_cache_lookups_total{{{LB}}}[{RI}]))", "ws-lb {{result}}"),
+            q(f"sum by (result) (rate(ws_shard_auth_cache_lookups_total{{{SH}}}[{RI}]))", "ws-shard {{result}}"),
+        ], unit="ops", description="hit: a token verified before with the current keys (no signature check); miss: verified in full. Every token misses once after a key rotation."),
         ts("Relay ends by cause", [q(f"sum by (end) (rate(ws_lb_relay_ends_total{{{LB}}}[{RI}]))", "{{end}}")], unit="cps",
            description="closed, client_gone, shard_lost, drained, client_stalled (dropped after stall_timeout without reading)"),
         ts("Admission queue length", [q(f"max by (instance) (ws_lb_admission_queue_length{{{LB}}})", "{{instance}}")]),

@@ -145,6 +145,22 @@ async def scenarios(p, keys, files, n_clients, lb_log):
             r = await subscribe(ws, "orders.u3.x")
             check(r["type"] == "subscribed", f"{name}: token as the first message (HS256)")
 
+    # The verified-token cache: u1 was verified by ws-lb and by the shard above; presented
+    # again, both find it (no signature check) and the connection works the same.
+    def lookups():
+        lb_page, sh_page = odin.http_get(lb_metrics)[1], odin.http_get(shard_metrics)[1]
+        return tuple(odin.metric(page, f"ws_{tier}_auth_cache_lookups_total", f'result="{r}"')
+                     for tier, page in (("lb", lb_page), ("shard", sh_page)) for r in ("hit", "miss"))
+
+    before_lookups = lookups()
+    async with websockets.connect(f"{lb}?token={u1}") as ws:
+        r = await subscribe(ws, "orders.u1.fills")
+        check(r["type"] == "subscribed", "cache: a token seen before is accepted again")
+        r = await subscribe(ws, "orders.u2.fills")
+        check(r["type"] == "error" and r["code"] == "forbidden", "cache: with the same entitlements")
+    delta = tuple(a - b for a, b in zip(lookups(), before_lookups))
+    check(delta == (1, 0, 1, 0), f"cache: one hit at ws-lb and one at the shard, no miss (lb hit/miss, shard hit/miss: {delta})")
+
     # Bad tokens: 4001, and through ws-lb no shard connection at all.
     bad = {
         "malformed": "not-a-jwt",
@@ -189,6 +205,14 @@ async def scenarios(p, keys, files, n_clients, lb_log):
     early = exp - time.time()
     # The close must not come before exp (50 ms for the server's Instant and this clock).
     check(code == 4002 and early <= 0.05, f"no refresh: closed 4002 at exp ({-early:.2f} s after it, not before)")
+    # The expired token is in both caches now: a hit, and still refused (exp is checked on a hit).
+    # A token is valid through the second `exp` itself (jsonwebtoken's rule, leeway 0 here):
+    # wait until the clock is past it.
+    await asyncio.sleep(max(0.0, exp + 1.2 - time.time()))
+    before, before_lookups = accepted(), lookups()
+    code = await closed_with(f"{lb}?token={short}")
+    check(code == 4001 and accepted() == before, "cache: a cached token past its exp closes 4001 at ws-lb")
+    check(lookups()[0] - before_lookups[0] == 1, "cache: ... and it was a cache hit")
     async with websockets.connect(f"{lb}?token={keys.rs('k1', 'u4', ['orders.u4.*'], ttl=3)}") as ws:
         await ws.send(json.dumps({"type": "refresh", "token": keys.rs("k1", "u5", [], ttl=60)}))
         r = await recv_json(ws)

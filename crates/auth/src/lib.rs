@@ -14,12 +14,14 @@
 //! confusion), and `alg: none` is refused by name. Authentication is off when no key file is
 //! configured ([`AuthConfig::enabled`]); then every channel is public.
 
+mod cache;
 mod keys;
 mod patterns;
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use jsonwebtoken::errors::ErrorKind;
@@ -32,6 +34,10 @@ pub use patterns::{ChannelPatterns, InvalidPattern, MAX_PATTERNS, MAX_PATTERN_LE
 
 /// Default longest token accepted (bytes). Longer ones are refused before any parsing.
 pub const DEFAULT_MAX_TOKEN_LEN: usize = 8 * 1024;
+/// Default bound of the verified-token cache, in entries.
+pub const DEFAULT_CACHE_ENTRIES: usize = 65_536;
+/// Default bound of the verified-token cache, in bytes.
+pub const DEFAULT_CACHE_BYTES: usize = 32 * 1024 * 1024;
 
 /// Authentication settings, as both binaries take them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,6 +59,10 @@ pub struct AuthConfig {
     pub public_channels: Option<String>,
     /// How often the key files' modification times are checked.
     pub reload_interval: Duration,
+    /// Most tokens kept in the verified-token cache (0: no cache).
+    pub cache_entries: usize,
+    /// Most bytes the verified-token cache holds (0: no cache).
+    pub cache_bytes: usize,
 }
 
 impl Default for AuthConfig {
@@ -66,6 +76,8 @@ impl Default for AuthConfig {
             max_token_len: DEFAULT_MAX_TOKEN_LEN,
             public_channels: None,
             reload_interval: Duration::from_secs(2),
+            cache_entries: DEFAULT_CACHE_ENTRIES,
+            cache_bytes: DEFAULT_CACHE_BYTES,
         }
     }
 }
@@ -94,6 +106,17 @@ impl AuthConfig {
             max_token_len,
             public_channels: (public_channels.trim() != "auto").then(|| public_channels.to_owned()),
             reload_interval,
+            ..Self::default()
+        }
+    }
+
+    /// The same config with the verified-token cache bounded by `entries` and `bytes`
+    /// (either 0: no cache).
+    pub fn with_cache(self, entries: usize, bytes: usize) -> Self {
+        Self {
+            cache_entries: entries,
+            cache_bytes: bytes,
+            ..self
         }
     }
 
@@ -214,16 +237,124 @@ pub struct Identity {
 struct Claims {
     sub: String,
     exp: u64,
+    /// Read the way jsonwebtoken's validation reads it (a number; anything else is not
+    /// checked there, so it is not checked on a cache hit either).
+    #[serde(default)]
+    nbf: Option<serde_json::Value>,
+    /// `aud` and `iss` as jsonwebtoken's validation reads them: a string or an array of
+    /// strings; any other value counts as absent there, and so it does here.
+    #[serde(default)]
+    aud: Option<serde_json::Value>,
+    #[serde(default)]
+    iss: Option<serde_json::Value>,
     #[serde(default)]
     channels: Vec<String>,
+}
+
+/// A key set and the cache of the tokens verified with it: replaced together on a reload,
+/// so a cached result never outlives the keys that produced it.
+#[derive(Debug)]
+struct Epoch {
+    keys: KeySet,
+    cache: cache::TokenCache,
+}
+
+/// Verified-token cache counters (since start, over every key set).
+#[derive(Debug, Default)]
+struct CacheCounters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+/// Where a verification's answer came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lookup {
+    /// The token was in the verified-token cache: only the time, audience and issuer were
+    /// checked again.
+    Hit,
+    /// Not in the cache: verified in full (and cached if it passed).
+    Miss,
+    /// The cache was not consulted (no cache, or a token refused before any parsing).
+    None,
+}
+
+impl Lookup {
+    /// The metric label value (`None` is not counted).
+    pub fn label(self) -> Option<&'static str> {
+        match self {
+            Self::Hit => Some("hit"),
+            Self::Miss => Some("miss"),
+            Self::None => None,
+        }
+    }
+}
+
+/// What the verified-token cache did so far (for the metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CacheStats {
+    /// Tokens found in the cache (then checked against the time, audience and issuer only).
+    pub hits: u64,
+    /// Tokens not found: verified in full (the successful ones were then cached).
+    pub misses: u64,
+    /// Entries held now.
+    pub entries: usize,
+    /// Bytes held now (approximate, from above).
+    pub bytes: usize,
+}
+
+/// The jsonwebtoken validation of one algorithm, built once.
+#[derive(Debug)]
+struct Validations {
+    hs256: Validation,
+    rs256: Validation,
+    es256: Validation,
+}
+
+impl Validations {
+    fn new(cfg: &AuthConfig) -> Self {
+        let make = |alg| {
+            let mut validation = Validation::new(alg);
+            validation.leeway = cfg.leeway.as_secs();
+            validation.validate_nbf = true;
+            validation.set_required_spec_claims(&["exp", "sub"]);
+            match &cfg.audience {
+                Some(aud) => {
+                    validation.set_audience(&[aud]);
+                    validation.required_spec_claims.insert("aud".into());
+                }
+                // Tokens meant for some other service (with an `aud`) are not accepted here.
+                None => validation.aud = None,
+            }
+            if let Some(iss) = &cfg.issuer {
+                validation.set_issuer(&[iss]);
+                validation.required_spec_claims.insert("iss".into());
+            }
+            validation
+        };
+        Self {
+            hs256: make(Algorithm::HS256),
+            rs256: make(Algorithm::RS256),
+            es256: make(Algorithm::ES256),
+        }
+    }
+
+    fn of(&self, alg: Algorithm) -> &Validation {
+        match alg {
+            Algorithm::RS256 => &self.rs256,
+            Algorithm::ES256 => &self.es256,
+            _ => &self.hs256,
+        }
+    }
 }
 
 /// Verifies tokens against the current key set; cheap to share (`Arc`).
 #[derive(Debug)]
 pub struct Verifier {
     cfg: AuthConfig,
-    keys: RwLock<Arc<KeySet>>,
+    keys: RwLock<Arc<Epoch>>,
     public: ChannelPatterns,
+    validations: Validations,
+    counters: CacheCounters,
 }
 
 /// A configuration the verifier cannot start with.
@@ -250,10 +381,30 @@ impl Verifier {
         };
         let keys = KeySet::load(cfg.hs256_secret_file.as_deref(), cfg.jwks_file.as_deref())?;
         Ok(Self {
-            keys: RwLock::new(Arc::new(keys)),
+            keys: RwLock::new(Arc::new(Self::epoch(&cfg, keys))),
             public,
+            validations: Validations::new(&cfg),
+            counters: CacheCounters::default(),
             cfg,
         })
+    }
+
+    fn epoch(cfg: &AuthConfig, keys: KeySet) -> Epoch {
+        Epoch {
+            keys,
+            cache: cache::TokenCache::new(cfg.cache_entries, cfg.cache_bytes),
+        }
+    }
+
+    /// The verified-token cache's counters and size.
+    pub fn cache_stats(&self) -> CacheStats {
+        let (entries, bytes) = self.keys.read().cache.usage();
+        CacheStats {
+            hits: self.counters.hits.load(Ordering::Relaxed),
+            misses: self.counters.misses.load(Ordering::Relaxed),
+            entries,
+            bytes,
+        }
     }
 
     /// Whether tokens are checked at all.
@@ -283,50 +434,95 @@ impl Verifier {
 
     /// Re-reads the key files if one of them changed. `Ok(true)` when a new key set is in
     /// use; on error the previous key set stays.
+    /// The verified-token cache starts empty with the new keys: a token verified with a
+    /// key that is gone (or a secret that changed) is verified again in full.
     pub fn reload_if_changed(&self) -> Result<bool, KeyError> {
         let current = self.keys.read().clone();
-        let Some(next) = current.reload_if_changed(
+        let Some(next) = current.keys.reload_if_changed(
             self.cfg.hs256_secret_file.as_deref(),
             self.cfg.jwks_file.as_deref(),
         )?
         else {
             return Ok(false);
         };
-        *self.keys.write() = Arc::new(next);
+        *self.keys.write() = Arc::new(Self::epoch(&self.cfg, next));
         Ok(true)
     }
 
-    /// Verifies `token` now.
+    /// Verifies `token` now: from the verified-token cache when this token was verified
+    /// before with the current keys (then only `exp`, `nbf`, `aud` and `iss` are checked
+    /// again), else in full (and cached when it passes).
     pub fn verify(&self, token: &str) -> Result<Identity, AuthFailure> {
+        self.verify_at(token, unix_now()).0
+    }
+
+    /// [`Self::verify`], and whether the answer came from the cache (for the metrics).
+    pub fn verify_traced(&self, token: &str) -> (Result<Identity, AuthFailure>, Lookup) {
+        self.verify_at(token, unix_now())
+    }
+
+    /// [`Self::verify`] with a cache hit checked at `now` (Unix seconds; a full verification
+    /// uses the clock).
+    fn verify_at(&self, token: &str, now: u64) -> (Result<Identity, AuthFailure>, Lookup) {
         if token.len() > self.cfg.max_token_len {
-            return Err(AuthFailure::TooLong);
+            return (Err(AuthFailure::TooLong), Lookup::None);
         }
+        let epoch = self.keys.read().clone();
+        if !epoch.cache.enabled() {
+            let r = self.verify_full(&epoch.keys, token).map(|v| v.identity);
+            return (r, Lookup::None);
+        }
+        let key = cache::key_of(token);
+        if let Some(hit) = epoch.cache.get(&key) {
+            self.counters.hits.fetch_add(1, Ordering::Relaxed);
+            let r = self.recheck(&hit, now).map(|()| hit.identity.clone());
+            return (r, Lookup::Hit);
+        }
+        self.counters.misses.fetch_add(1, Ordering::Relaxed);
+        let r = self.verify_full(&epoch.keys, token).map(|verified| {
+            let identity = verified.identity.clone();
+            epoch.cache.insert(key, verified);
+            identity
+        });
+        (r, Lookup::Miss)
+    }
+
+    /// The checks of a full verification that depend on the time and the configuration,
+    /// with the same rules (jsonwebtoken's: `exp` and `nbf` with the leeway; `aud` required
+    /// and matching when configured, absent otherwise; `iss` matching when configured).
+    fn recheck(&self, v: &cache::Verified, now: u64) -> Result<(), AuthFailure> {
+        let leeway = self.cfg.leeway.as_secs();
+        if v.identity.exp < now.saturating_sub(leeway) {
+            return Err(AuthFailure::Expired);
+        }
+        if v.nbf.is_some_and(|nbf| nbf > now.saturating_add(leeway)) {
+            return Err(AuthFailure::NotYetValid);
+        }
+        match &self.cfg.audience {
+            Some(aud) if !v.aud.contains(aud) => return Err(AuthFailure::Audience),
+            None if v.aud != cache::Values::None => return Err(AuthFailure::Audience),
+            _ => {}
+        }
+        if let Some(iss) = &self.cfg.issuer {
+            if !v.iss.contains(iss) {
+                return Err(AuthFailure::Issuer);
+            }
+        }
+        Ok(())
+    }
+
+    /// Header, key, signature and claims: everything.
+    fn verify_full(&self, keys: &KeySet, token: &str) -> Result<cache::Verified, AuthFailure> {
         let (alg, kid) = header(token)?;
-        let keys = self.keys.read().clone();
         let candidates = keys.candidates(alg, kid.as_deref());
         if candidates.is_empty() {
             return Err(AuthFailure::Algorithm);
         }
-        let mut validation = Validation::new(alg);
-        validation.leeway = self.cfg.leeway.as_secs();
-        validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp", "sub"]);
-        match &self.cfg.audience {
-            Some(aud) => {
-                validation.set_audience(&[aud]);
-                validation.required_spec_claims.insert("aud".into());
-            }
-            // Tokens meant for some other service (with an `aud`) are not accepted here.
-            None => validation.aud = None,
-        }
-        if let Some(iss) = &self.cfg.issuer {
-            validation.set_issuer(&[iss]);
-            validation.required_spec_claims.insert("iss".into());
-        }
+        let validation = self.validations.of(alg);
         let mut last = AuthFailure::Signature;
         for key in candidates {
-            match jsonwebtoken::decode::<Claims>(token, key, &validation) {
-                Ok(data) => return identity(data.claims),
+            match jsonwebtoken::decode::<Claims>(token, key, validation) {
+                Ok(data) => return verified(data.claims),
                 Err(e) => {
                     last = classify(e.kind());
                     // Only a signature mismatch can be cured by another key.
@@ -349,16 +545,36 @@ impl Verifier {
     }
 }
 
-fn identity(c: Claims) -> Result<Identity, AuthFailure> {
+fn verified(c: Claims) -> Result<cache::Verified, AuthFailure> {
     if c.sub.is_empty() || c.sub.len() > 256 {
         return Err(AuthFailure::Malformed);
     }
     let channels = ChannelPatterns::parse(&c.channels).map_err(|_| AuthFailure::Malformed)?;
-    Ok(Identity {
-        sub: c.sub,
-        exp: c.exp,
-        channels,
+    Ok(cache::Verified {
+        identity: Identity {
+            sub: c.sub,
+            exp: c.exp,
+            channels,
+        },
+        nbf: c.nbf.as_ref().and_then(numeric),
+        aud: cache::Values::of(c.aud),
+        iss: cache::Values::of(c.iss),
     })
+}
+
+/// A `nbf` value as jsonwebtoken reads it: a u64, or a finite non-negative float rounded.
+fn numeric(v: &serde_json::Value) -> Option<u64> {
+    v.as_u64().or_else(|| {
+        v.as_f64()
+            .filter(|f| f.is_finite() && *f >= 0.0 && *f < u64::MAX as f64)
+            .map(|f| f.round() as u64)
+    })
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// The header's `alg`, with `none` (in any case) told apart from garbage, and its `kid`.

@@ -82,6 +82,19 @@ impl ChannelPatterns {
         })
     }
 
+    /// Heap bytes the patterns hold (for the verified-token cache's byte bound).
+    pub fn heap_bytes(&self) -> usize {
+        self.patterns.capacity() * std::mem::size_of::<Pattern>()
+            + self
+                .patterns
+                .iter()
+                .map(|p| match p {
+                    Pattern::Any => 0,
+                    Pattern::Exact(s) | Pattern::Prefix(s) => s.capacity(),
+                })
+                .sum::<usize>()
+    }
+
     /// Whether no channel matches.
     pub fn is_empty(&self) -> bool {
         self.patterns.is_empty()

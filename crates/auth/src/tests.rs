@@ -416,3 +416,249 @@ fn every_failure_has_a_distinct_label() {
         assert_eq!(f.index(), i);
     }
 }
+
+fn cached_verifier(f: &Files, entries: usize, bytes: usize) -> Verifier {
+    Verifier::new(
+        AuthConfig {
+            hs256_secret_file: Some(f.secret.clone()),
+            jwks_file: Some(f.jwks.clone()),
+            leeway: Duration::ZERO,
+            ..AuthConfig::default()
+        }
+        .with_cache(entries, bytes),
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_token_seen_before_is_a_cache_hit() {
+    let f = files(&jwks(&["rsa1", "ec1"]));
+    let v = cached_verifier(&f, 1000, 1 << 20);
+    for (i, token) in [
+        hs(&claims("u1", &["orders.u1.*"])),
+        rs("rsa1", &claims("u1", &["orders.u1.*"])),
+        es(&claims("u1", &["orders.u1.*"])),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let first = v.verify(token).unwrap();
+        let again = v.verify(token).unwrap();
+        assert_eq!(first, again);
+        let s = v.cache_stats();
+        assert_eq!((s.misses, s.hits), (i as u64 + 1, i as u64 + 1), "{s:?}");
+        assert!(v.may_subscribe(Some(&again), "orders.u1.fills"));
+        assert!(!v.may_subscribe(Some(&again), "orders.u2.fills"));
+    }
+    assert_eq!(v.cache_stats().entries, 3);
+    // Without a cache every verification is a full one.
+    let off = cached_verifier(&f, 0, 1 << 20);
+    let t = hs(&claims("u1", &[]));
+    assert!(off.verify(&t).is_ok() && off.verify(&t).is_ok());
+    assert_eq!(off.cache_stats(), CacheStats::default());
+}
+
+#[test]
+fn a_changed_byte_is_another_token() {
+    let f = files(&jwks(&["rsa1"]));
+    let v = cached_verifier(&f, 1000, 1 << 20);
+    let good = rs("rsa1", &claims("u1", &["orders.u1.*"]));
+    v.verify(&good).unwrap();
+    // The cached token's header and claims under a broken signature, and its signature
+    // under other claims: both verified in full, both refused.
+    let mut sig_changed = good.clone().into_bytes();
+    let last = sig_changed.len() - 2;
+    sig_changed[last] = if sig_changed[last] == b'A' {
+        b'B'
+    } else {
+        b'A'
+    };
+    let sig_changed = String::from_utf8(sig_changed).unwrap();
+    assert_eq!(v.verify(&sig_changed), Err(AuthFailure::Signature));
+    let mut parts: Vec<&str> = good.split('.').collect();
+    let evil =
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(claims("u1", &["*"]).to_string());
+    parts[1] = &evil;
+    assert_eq!(v.verify(&parts.join(".")), Err(AuthFailure::Signature));
+    let s = v.cache_stats();
+    assert_eq!((s.hits, s.misses, s.entries), (0, 3, 1), "{s:?}");
+}
+
+#[test]
+fn a_cache_hit_checks_the_time_again() {
+    let f = files(&jwks(&["rsa1"]));
+    let v = cached_verifier(&f, 1000, 1 << 20);
+    let exp = now() + 300;
+    let t = rs(
+        "rsa1",
+        &json!({"sub": "u1", "exp": exp, "nbf": now() - 10, "channels": ["*"]}),
+    );
+    v.verify(&t).unwrap();
+    assert!(v.verify_at(&t, exp).0.is_ok(), "valid up to exp");
+    assert_eq!(v.verify_at(&t, exp + 1).0, Err(AuthFailure::Expired));
+    assert_eq!(
+        v.verify_at(&t, now() - 3600).0,
+        Err(AuthFailure::NotYetValid)
+    );
+    assert_eq!(v.cache_stats().hits, 3);
+    // The leeway applies as in a full verification.
+    let lenient = Verifier::new(
+        AuthConfig {
+            hs256_secret_file: Some(f.secret.clone()),
+            leeway: Duration::from_secs(5),
+            ..AuthConfig::default()
+        }
+        .with_cache(10, 1 << 20),
+    )
+    .unwrap();
+    let t = hs(&json!({"sub": "u1", "exp": exp}));
+    lenient.verify(&t).unwrap();
+    assert!(lenient.verify_at(&t, exp + 5).0.is_ok());
+    assert_eq!(lenient.verify_at(&t, exp + 6).0, Err(AuthFailure::Expired));
+}
+
+#[test]
+fn a_cache_hit_checks_audience_and_issuer_again() {
+    let f = files(&jwks(&["rsa1"]));
+    let v = Verifier::new(AuthConfig {
+        hs256_secret_file: Some(f.secret.clone()),
+        audience: Some("odin-ws".into()),
+        issuer: Some("https://auth.example".into()),
+        ..AuthConfig::default()
+    })
+    .unwrap();
+    let entry = |aud: Option<Value>, iss: Option<Value>| cache::Verified {
+        identity: Identity {
+            sub: "u1".into(),
+            exp: now() + 60,
+            channels: ChannelPatterns::none(),
+        },
+        nbf: None,
+        aud: cache::Values::of(aud),
+        iss: cache::Values::of(iss),
+    };
+    let (aud, iss) = (json!("odin-ws"), json!("https://auth.example"));
+    assert_eq!(
+        v.recheck(&entry(Some(aud.clone()), Some(iss.clone())), now()),
+        Ok(())
+    );
+    assert_eq!(
+        v.recheck(
+            &entry(Some(json!(["x", "odin-ws"])), Some(iss.clone())),
+            now()
+        ),
+        Ok(())
+    );
+    assert_eq!(
+        v.recheck(&entry(Some(json!("other")), Some(iss.clone())), now()),
+        Err(AuthFailure::Audience)
+    );
+    assert_eq!(
+        v.recheck(&entry(None, Some(iss.clone())), now()),
+        Err(AuthFailure::Audience)
+    );
+    assert_eq!(
+        v.recheck(
+            &entry(Some(aud.clone()), Some(json!("https://evil"))),
+            now()
+        ),
+        Err(AuthFailure::Issuer)
+    );
+    assert_eq!(
+        v.recheck(&entry(Some(aud.clone()), None), now()),
+        Err(AuthFailure::Issuer)
+    );
+    // No audience configured: a token with one is refused, as in a full verification.
+    let plain = verifier(&f);
+    assert_eq!(
+        plain.recheck(&entry(Some(aud), None), now()),
+        Err(AuthFailure::Audience)
+    );
+    assert_eq!(plain.recheck(&entry(None, None), now()), Ok(()));
+}
+
+#[test]
+fn a_key_rotation_empties_the_cache() {
+    let f = files(&jwks(&["rsa1", "rsa2"]));
+    let v = cached_verifier(&f, 1000, 1 << 20);
+    let old = rs("rsa1", &claims("u1", &[]));
+    let new = rs("rsa2", &claims("u1", &[]));
+    let secret_token = hs(&claims("u1", &[]));
+    for t in [&old, &new, &secret_token] {
+        v.verify(t).unwrap();
+        v.verify(t).unwrap();
+    }
+    assert_eq!(v.cache_stats().hits, 3);
+    // rsa1 retired: its token is verified in full again, and refused.
+    rewrite(&f.jwks, &jwks(&["rsa2"]));
+    assert!(v.reload_if_changed().unwrap());
+    assert_eq!(v.cache_stats().entries, 0);
+    assert_eq!(v.verify(&old), Err(AuthFailure::Algorithm));
+    assert!(v.verify(&new).is_ok());
+    // The HS256 secret changed: tokens signed with the old one are refused.
+    v.verify(&secret_token).unwrap();
+    rewrite(&f.secret, "another-secret-0123456789abcdef-0123456789\n");
+    assert!(v.reload_if_changed().unwrap());
+    assert_eq!(v.verify(&secret_token), Err(AuthFailure::Signature));
+    let s = v.cache_stats();
+    assert_eq!((s.hits, s.misses), (3, 7), "{s:?}");
+    // A broken file keeps the keys, and the cache with them.
+    v.verify(&new).unwrap();
+    rewrite(&f.jwks, "{broken");
+    assert!(v.reload_if_changed().is_err());
+    assert!(v.verify(&new).is_ok());
+    assert_eq!(v.cache_stats().hits, 4);
+}
+
+#[test]
+fn the_cache_is_bounded_and_only_holds_good_tokens() {
+    let f = files(&jwks(&["rsa1"]));
+    // In entries.
+    let v = cached_verifier(&f, 8, 1 << 20);
+    for i in 0..100 {
+        v.verify(&hs(&claims(&format!("u{i}"), &["orders.*"])))
+            .unwrap();
+        assert!(v.cache_stats().entries <= 8);
+    }
+    // Recently used tokens stay.
+    let keep = hs(&claims("keep", &[]));
+    v.verify(&keep).unwrap();
+    for i in 0..100 {
+        v.verify(&hs(&claims(&format!("x{i}"), &[]))).unwrap();
+        v.verify(&keep).unwrap();
+    }
+    assert_eq!(v.cache_stats().hits, 100);
+    // In bytes: entitlements make entries large.
+    let budget = 16 * 1024;
+    let v = cached_verifier(&f, 100_000, budget);
+    let many: Vec<String> = (0..40).map(|i| format!("orders.desk-{i:03}.*")).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    for i in 0..200 {
+        v.verify(&hs(&claims(&format!("u{i}"), &many))).unwrap();
+        let s = v.cache_stats();
+        assert!(s.bytes <= budget, "{s:?}");
+    }
+    assert!(v.cache_stats().entries >= 3, "{:?}", v.cache_stats());
+    // An entry larger than half the budget is not cached at all.
+    let huge: Vec<String> = (0..250).map(|i| format!("orders.desk-{i:03}.*")).collect();
+    let huge: Vec<&str> = huge.iter().map(String::as_str).collect();
+    let small = cached_verifier(&f, 100, budget);
+    let t = hs(&claims("big", &huge));
+    assert!(small.verify(&t).is_ok() && small.verify(&t).is_ok());
+    assert_eq!(small.cache_stats().entries, 0);
+    // Refused tokens never enter.
+    let v = cached_verifier(&f, 1000, 1 << 20);
+    for i in 0..50 {
+        let forged = encode(
+            &Header::new(Algorithm::HS256),
+            &claims(&format!("u{i}"), &["*"]),
+            &EncodingKey::from_secret(b"another-secret-0123456789abcdef-012345"),
+        )
+        .unwrap();
+        assert_eq!(v.verify(&forged), Err(AuthFailure::Signature));
+        let expired = hs(&json!({"sub": format!("u{i}"), "exp": now() - 60}));
+        assert_eq!(v.verify(&expired), Err(AuthFailure::Expired));
+    }
+    let s = v.cache_stats();
+    assert_eq!((s.entries, s.bytes, s.hits), (0, 0, 0), "{s:?}");
+}

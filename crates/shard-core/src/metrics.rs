@@ -49,6 +49,9 @@ pub const RECOVERIES: &str = "ws_shard_recoveries_total";
 /// Counter: tokens refused by the shard's own verification (upgrade header or query,
 /// `auth` and `refresh` messages), label `reason` (`auth::AuthFailure::label`).
 pub const AUTH_FAILURES: &str = "ws_shard_auth_failures_total";
+/// Counter: upgrade-token verifications by verified-token cache result, label `result`
+/// (`hit`: seen before with the current keys, no signature check; `miss`: verified in full).
+pub const AUTH_CACHE: &str = "ws_shard_auth_cache_lookups_total";
 
 /// Every metric name this crate exports (for the docs and exported-metrics tests).
 pub const ALL: &[&str] = &[
@@ -73,6 +76,7 @@ pub const ALL: &[&str] = &[
     REPLAYED,
     RECOVERIES,
     AUTH_FAILURES,
+    AUTH_CACHE,
 ];
 
 /// Why a shard refused an upgrade (`ws_shard_connections_rejected_total`, label `reason`).
@@ -120,6 +124,8 @@ pub struct ShardMetrics {
     recoveries: [Counter; 2],
     /// `ws_shard_auth_failures_total` by `AuthFailure::index` (process-wide).
     auth_failures: Vec<Counter>,
+    /// `ws_shard_auth_cache_lookups_total{result="hit"}`, then `"miss"` (process-wide).
+    auth_cache: [Counter; 2],
 }
 
 impl ShardMetrics {
@@ -162,6 +168,7 @@ impl ShardMetrics {
                 .collect(),
             recoveries: ["true", "false"]
                 .map(|r| zero(metrics::counter!(RECOVERIES, "recovered" => r))),
+            auth_cache: ["hit", "miss"].map(|r| zero(metrics::counter!(AUTH_CACHE, "result" => r))),
         }
     }
 
@@ -186,6 +193,15 @@ impl ShardMetrics {
         let i = ErrorCode::ALL.iter().position(|c| *c == code);
         if let Some(c) = i.and_then(|i| self.error_replies.get(i)) {
             c.increment(1);
+        }
+    }
+
+    /// Counts a verified-token cache lookup of an upgrade's token.
+    pub fn auth_lookup(&self, lookup: auth::Lookup) {
+        match lookup {
+            auth::Lookup::Hit => self.auth_cache[0].increment(1),
+            auth::Lookup::Miss => self.auth_cache[1].increment(1),
+            auth::Lookup::None => {}
         }
     }
 

@@ -205,6 +205,13 @@ pub struct Settings {
     #[arg(long, value_parser = humantime::parse_duration, default_value = human(lib().auth.reload_interval))]
     #[serde(with = "humantime_serde")]
     pub auth_reload_interval: Duration,
+    /// Tokens kept in the verified-token cache (a token seen again skips its signature
+    /// check; emptied when the keys change); 0 = no cache.
+    #[arg(long, default_value_t = lib().auth.cache_entries)]
+    pub auth_cache_entries: usize,
+    /// Bytes the verified-token cache may hold; 0 = no cache.
+    #[arg(long, default_value_t = lib().auth.cache_bytes)]
+    pub auth_cache_bytes: usize,
     /// Channel patterns anyone may subscribe to without a token, comma-separated
     /// (e.g. trades.*,book.*); auto = every channel when auth is off, none when on.
     #[arg(long, default_value = "auto")]
@@ -290,7 +297,8 @@ impl Settings {
                 self.auth_max_token_len,
                 &self.public_channels,
                 self.auth_reload_interval,
-            ),
+            )
+            .with_cache(self.auth_cache_entries, self.auth_cache_bytes),
             auth_timeout: self.auth_timeout,
             max_connections_per_sub: self.max_connections_per_sub,
         }

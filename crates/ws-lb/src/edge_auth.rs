@@ -184,13 +184,18 @@ impl Drop for SubjectGuard {
     }
 }
 
-/// The outcome of checking a token at the edge.
+/// The outcome of checking a token at the edge (the verified-token cache lookup counted).
 pub(crate) fn verify(
     verifier: &Verifier,
+    metrics: &crate::metrics::LbMetrics,
     token: Option<&str>,
 ) -> Result<Option<Identity>, AuthFailure> {
     match token {
-        Some(t) => verifier.verify(t).map(Some),
+        Some(t) => {
+            let (r, lookup) = verifier.verify_traced(t);
+            metrics.auth_lookup(lookup);
+            r.map(Some)
+        }
         None if verifier.allows_anonymous() => Ok(None),
         None => Err(AuthFailure::Missing),
     }

@@ -72,6 +72,9 @@ pub const SHARD_RELAYS: &str = "ws_lb_shard_relays";
 /// Counter: tokens refused at the edge (the client got 4001), label `reason`
 /// (`auth::AuthFailure::label`).
 pub const AUTH_FAILURES: &str = "ws_lb_auth_failures_total";
+/// Counter: token verifications by verified-token cache result, label `result` (`hit`: seen
+/// before with the current keys, no signature check; `miss`: verified in full).
+pub const AUTH_CACHE: &str = "ws_lb_auth_cache_lookups_total";
 
 /// Every metric name this crate exports (for docs and the exported-metrics test).
 pub const ALL: &[&str] = &[
@@ -97,6 +100,7 @@ pub const ALL: &[&str] = &[
     SHARDS_AVAILABLE,
     ATTEMPT_ERRORS,
     AUTH_FAILURES,
+    AUTH_CACHE,
     MEMBERS,
     MEMBERSHIP_UPDATES,
     MEMBERSHIP_LAST_UPDATE,
@@ -388,6 +392,8 @@ pub struct LbMetrics {
     lb_closes: Vec<(u16, Counter)>,
     /// By `auth::AuthFailure::index`.
     auth_failures: Vec<Counter>,
+    /// Verified-token cache hits and misses.
+    auth_cache: [Counter; 2],
 }
 
 impl LbMetrics {
@@ -441,6 +447,8 @@ impl LbMetrics {
                 .iter()
                 .map(|f| zero(metrics::counter!(AUTH_FAILURES, "reason" => f.label())))
                 .collect(),
+            auth_cache: [auth::Lookup::Hit, auth::Lookup::Miss]
+                .map(|l| zero(metrics::counter!(AUTH_CACHE, "result" => l.label().unwrap_or("")))),
             lb_closes: LB_CLOSE_CODES
                 .iter()
                 .map(|c| {
@@ -494,6 +502,15 @@ impl LbMetrics {
     pub fn source_error(&self, reason: SourceError) {
         if let Some(c) = self.source_errors.get(reason as usize) {
             c.increment(1);
+        }
+    }
+
+    /// Counts a verified-token cache lookup.
+    pub fn auth_lookup(&self, lookup: auth::Lookup) {
+        match lookup {
+            auth::Lookup::Hit => self.auth_cache[0].increment(1),
+            auth::Lookup::Miss => self.auth_cache[1].increment(1),
+            auth::Lookup::None => {}
         }
     }
 

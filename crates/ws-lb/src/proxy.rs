@@ -95,7 +95,7 @@ pub(crate) async fn handle(
     }
 
     // Auth off, or a token in the query: decided before anything else happens.
-    let admitted = match edge_auth::verify(&lb.verifier, query_token.as_deref()) {
+    let admitted = match edge_auth::verify(&lb.verifier, &lb.metrics, query_token.as_deref()) {
         Err(failure) => Err(refuse_auth(&lb, failure)),
         Ok(identity) => subject_place(&lb, identity.as_ref()),
     };
@@ -152,9 +152,11 @@ async fn first_message_then_relay(
             return close_client(client, close, lb.cfg.close_timeout).await;
         }
     };
-    let admitted = match token.as_deref().map(|t| lb.verifier.verify(t)) {
-        Some(Err(failure)) => Err(refuse_auth(&lb, failure)),
-        Some(Ok(identity)) => subject_place(&lb, Some(&identity)),
+    let admitted = match token {
+        Some(ref t) => match edge_auth::verify(&lb.verifier, &lb.metrics, Some(t)) {
+            Err(failure) => Err(refuse_auth(&lb, failure)),
+            Ok(identity) => subject_place(&lb, identity.as_ref()),
+        },
         None => Ok(None),
     };
     let _guard = match admitted {

@@ -52,7 +52,7 @@ pub(crate) async fn handle(
     // The token ws-lb forwards (`Authorization: Bearer`), or a direct client's `?token=`;
     // verified here again, with the same keys. Never logged.
     let admission = if mode == Mode::PubSub {
-        Admission::of(&shard.ctx.auth, bearer_token(&req))
+        Admission::of(&shard.ctx.auth, m, bearer_token(&req))
     } else {
         Admission::Anonymous
     };

@@ -24,17 +24,26 @@ pub enum Admission {
 }
 
 impl Admission {
-    /// Checks the token presented with the upgrade (if any).
-    pub fn of(verifier: &Verifier, token: Option<&str>) -> Self {
+    /// Checks the token presented with the upgrade (if any); the verified-token cache
+    /// lookup it made is counted in `metrics`.
+    pub fn of(
+        verifier: &Verifier,
+        metrics: &crate::metrics::ShardMetrics,
+        token: Option<&str>,
+    ) -> Self {
         if !verifier.enabled() {
             return Self::Anonymous;
         }
         match token {
             None => Self::Anonymous,
-            Some(t) => match verifier.verify(t) {
-                Ok(id) => Self::Authenticated(Box::new(id)),
-                Err(f) => Self::Refused(f),
-            },
+            Some(t) => {
+                let (r, lookup) = verifier.verify_traced(t);
+                metrics.auth_lookup(lookup);
+                match r {
+                    Ok(id) => Self::Authenticated(Box::new(id)),
+                    Err(f) => Self::Refused(f),
+                }
+            }
         }
     }
 }
