@@ -23,9 +23,9 @@ RELEASE_URL="${RELEASE_URL:-}"                 # tarball for Debian images (see 
 
 # ---- shard tier --------------------------------------------------------------
 # The shard tier is an autoscaled MIG; ws-lb follows its running VMs through a
-# member file kept current on every LB VM (SHARD_MEMBERSHIP=group). static: a
-# fixed list of SHARD_COUNT reserved addresses in ws-lb's --backend-urls (what
-# deploy/local's one-machine topology runs).
+# member file kept current on every LB VM (SHARD_MEMBERSHIP=group; deploy/local's
+# one-machine topology runs this too). static: a fixed list of SHARD_COUNT
+# reserved addresses in ws-lb's --backend-urls.
 SHARD_MEMBERSHIP="${SHARD_MEMBERSHIP:-group}"
 SHARD_MIN_REPLICAS="${SHARD_MIN_REPLICAS:-7}"
 SHARD_MAX_REPLICAS="${SHARD_MAX_REPLICAS:-10}"
