@@ -54,6 +54,8 @@ KAFKA_IP = "10.213.0.20"
 KAFKA_PORT = 9092
 # The stand-in metadata server and Compute API (members.py), on the host's bridge address.
 COMPUTE_PORT = 8089
+KAFKA_S3_PORT = 9000        # the Kafka VM's "disk" for s3 storage, on the VM's loopback only
+KAFKA_S3_BUCKET = "tansu"
 # Addresses the harness itself uses as distinct clients (beside the bridge's 10.213.0.1).
 HOST_CLIENT_IPS = [f"10.213.0.{200 + i}" for i in range(1, 9)]
 
@@ -244,6 +246,7 @@ class Cluster:
         self.lock_fd = None
         self.sysctl_report = {}
         self.kafka_storage = None
+        self.kafka_storage_skipped = {}   # storage -> why it did not start (auto)
         self.restarts = []          # (time, vm, reason)
         self.started_at = None
 
@@ -362,20 +365,38 @@ class Cluster:
         return e
 
     def start_kafka(self):
-        """tansu on the Kafka VM. Storage `sqlite` keeps the log across a restart (a Kafka VM
-        keeps its disk); it needs tansu built with the `libsql` feature, which `auto`
-        detects by trying it."""
-        order = {"auto": ["sqlite", "memory"], "sqlite": ["sqlite"], "memory": ["memory"]}[self.a.kafka_storage]
+        """tansu on the Kafka VM. A Kafka VM keeps its disk across a restart, so the broker
+        needs storage that outlives its process: `s3` (tansu's dynostore on an S3-compatible
+        object store, deploy/local/s3disk.py, run on the Kafka VM as a separate process that
+        stays up when the broker restarts: the VM's "disk") or `sqlite` (tansu's libsql
+        feature, not in the tansu `make test` installs).
+        `memory` loses the log with the process. `auto` takes the first that starts."""
+        order = {"auto": ["s3", "sqlite", "memory"], "s3": ["s3"], "sqlite": ["sqlite"],
+                 "memory": ["memory"]}[self.a.kafka_storage]
         for storage in order:
-            url = f"sqlite://{self.run_dir}/kafka.db" if storage == "sqlite" else "memory://tansu/"
+            env = self.env()
+            if storage == "s3":
+                try:
+                    env.update(self.start_kafka_disk())
+                except RuntimeError as e:
+                    self.kafka_storage_skipped[storage] = str(e)
+                    if storage == order[-1]:
+                        raise
+                    continue
+                url = f"s3://{KAFKA_S3_BUCKET}/"
+            else:
+                url = f"sqlite://{self.run_dir}/kafka.db" if storage == "sqlite" else "memory://tansu/"
             argv = [self.a.tansu, "broker", "--listener-url", f"tcp://0.0.0.0:{KAFKA_PORT}",
                     "--advertised-listener-url", f"tcp://{KAFKA_IP}:{KAFKA_PORT}", "--storage-engine", url]
-            p = Proc("kafka", self.net.vms["kafka"].ns, argv, self.env(), self.run_dir / f"kafka-{storage}.log")
+            p = Proc("kafka", self.net.vms["kafka"].ns, argv, env, self.run_dir / f"kafka-{storage}.log")
             p.start()
             try:
                 self.wait_kafka(alive=p)
-            except RuntimeError:
+            except RuntimeError as e:
                 p.kill()
+                self.kafka_storage_skipped[storage] = str(e)
+                if storage == "s3":
+                    self.procs.pop("kafka-disk").kill()
                 if storage == order[-1]:
                     raise
                 continue
@@ -383,6 +404,42 @@ class Cluster:
             self.kafka_storage = storage
             break
         self.ensure_topics()
+
+    def start_kafka_disk(self):
+        """The Kafka VM's disk for `s3` storage: deploy/local/s3disk.py, a small S3-compatible
+        object server on the VM's loopback, one bucket. It keeps the objects in its own
+        memory, so they live exactly as long as this process: across any number of broker
+        restarts, not across a restart of the disk process (which no scenario does). Returns
+        the broker's environment."""
+        endpoint = f"http://127.0.0.1:{KAFKA_S3_PORT}"
+        ns = self.net.vms["kafka"].ns
+        p = Proc("kafka-disk", ns, [sys.executable, str(Path(__file__).resolve().parent / "s3disk.py"),
+                                    "--host", "127.0.0.1", "--port", str(KAFKA_S3_PORT)],
+                 self.env(), self.run_dir / "kafka-disk.log")
+        p.start()
+        self.procs["kafka-disk"] = p
+        # The bucket, made from inside the VM (the disk is not on the network); this also
+        # waits, bounded, for the server to listen.
+        make_bucket = ("import sys, time, urllib.request\n"
+                       "deadline = time.time() + 30\n"
+                       "while True:\n"
+                       "    try:\n"
+                       f"        urllib.request.urlopen(urllib.request.Request('{endpoint}/{KAFKA_S3_BUCKET}', method='PUT'), timeout=2)\n"
+                       "        break\n"
+                       "    except OSError as e:\n"
+                       "        if time.time() > deadline: sys.exit(f'no S3 endpoint: {e}')\n"
+                       "        time.sleep(0.1)\n")
+        r = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", make_bucket],
+                           capture_output=True, text=True, timeout=60)
+        if r.returncode != 0 or not p.alive():
+            p.kill()
+            self.procs.pop("kafka-disk", None)
+            raise RuntimeError(f"the S3 disk did not serve a bucket: {(r.stderr or r.stdout).strip()[-300:]} "
+                               f"(see {p.log_path})")
+        # object_store's S3 client (tansu's) reads these (AmazonS3Builder::from_env); the
+        # disk does not check the keys.
+        return {"AWS_ENDPOINT": endpoint, "AWS_ALLOW_HTTP": "true", "AWS_REGION": "us-east-1",
+                "AWS_ACCESS_KEY_ID": "odin-local", "AWS_SECRET_ACCESS_KEY": "odin-local"}
 
     def ensure_topics(self):
         for topic in self.pv.kafka_topics:
@@ -627,6 +684,7 @@ class Cluster:
                                 f"update-shard-members against a stand-in Compute API",
             "front_processes": self.a.front_procs, "front_maxconn": self.a.front_maxconn,
             "network": self.net.describe(), "kafka_storage": self.kafka_storage,
+            "kafka_storage_skipped": self.kafka_storage_skipped,
             "kafka_partitions": self.a.partitions,
             "lb_args": " ".join(self.pv.lb_args)[:160] + " ...", "lb_env": self.pv.lb_env,
             "shard_args": " ".join(self.pv.shard_args),
@@ -655,8 +713,9 @@ def parser():
     p.add_argument("--front-maxconn", type=int, default=DEFAULTS["front_maxconn"], help="clients per HAProxy process")
     p.add_argument("--client-ips", type=int, default=DEFAULTS["client_ips"], help="source addresses of the clients VM")
     p.add_argument("--partitions", type=int, default=DEFAULTS["partitions"], help="partitions per Kafka topic")
-    p.add_argument("--kafka-storage", choices=["auto", "sqlite", "memory"], default=DEFAULTS["kafka_storage"],
-                   help="tansu storage: sqlite survives a restart (needs tansu built with libsql); auto picks it when available")
+    p.add_argument("--kafka-storage", choices=["auto", "s3", "sqlite", "memory"], default=DEFAULTS["kafka_storage"],
+                   help="tansu storage: s3 (deploy/local/s3disk.py on the Kafka VM) and sqlite (needs tansu built with "
+                        "libsql) survive a broker restart, memory does not; auto takes the first that starts")
     p.add_argument("--bin-dir", default=str(REPO / "target" / "release"))
     p.add_argument("--tansu", default=os.environ.get("TANSU") or (subprocess.run(["bash", "-c", "command -v tansu"],
                    capture_output=True, text=True).stdout.strip() or str(Path.home() / ".cargo/bin/tansu")))

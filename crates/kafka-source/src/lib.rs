@@ -189,6 +189,9 @@ struct Partition {
     /// Next offset to read (resume position for a restarted consumer).
     next: i64,
     last: Option<i64>,
+    /// The newest record timestamp handled in this generation: a record at or below `last`
+    /// that is not newer is one we already handled, sent again (see [`arrival`]).
+    newest_ms: Option<i64>,
     /// Records below this offset were already in the log at start (history warm-up); their
     /// age is not fan-out latency and is not recorded as such.
     live_from: i64,
@@ -341,6 +344,7 @@ fn apply_assignment(state: &mut Partitions, list: &[Assigned]) {
                     covers_from: a.start.max(0) as u64,
                     next: a.start,
                     last: None,
+                    newest_ms: None,
                     live_from: a.start,
                 };
                 tracing::warn!(
@@ -359,6 +363,7 @@ fn apply_assignment(state: &mut Partitions, list: &[Assigned]) {
                         covers_from: a.start.max(0) as u64,
                         next: a.start,
                         last: None,
+                        newest_ms: None,
                         live_from: a.high,
                     },
                 );
@@ -372,10 +377,50 @@ fn skip(topic: &str, reason: &'static str, offset: i64) {
     tracing::warn!(topic, offset, reason, "kafka record skipped");
 }
 
+/// What a record means for the partition it belongs to.
+#[derive(Debug, PartialEq, Eq)]
+enum Arrival {
+    /// After everything handled so far (the usual case).
+    Next,
+    /// At or below the last offset handled and not newer than any record handled: a record we
+    /// already published, fetched again. A broker that comes back after a restart can answer
+    /// a fetch from an earlier position than ours (tansu did, after a produce cut short by
+    /// the restart left a hole in the log); publishing it again would be a duplicate, and
+    /// calling it a new generation would cost every subscriber of the channel its position.
+    Redelivered,
+    /// Offsets went backwards with a record newer than any handled: the partition was
+    /// recreated, a new generation starts.
+    NewGeneration,
+}
+
+fn arrival(p: &Partition, offset: i64, timestamp_ms: Option<i64>) -> Arrival {
+    match p.last {
+        Some(last) if offset <= last => match (timestamp_ms, p.newest_ms) {
+            (Some(ts), Some(newest)) if ts <= newest => Arrival::Redelivered,
+            _ => Arrival::NewGeneration,
+        },
+        _ => Arrival::Next,
+    }
+}
+
 fn handle(cfg: &KafkaConfig, hub: &Hub, p: &mut Partition, r: &Record, fanout: &Histogram) {
     let (topic, offset) = (r.topic.as_str(), r.offset);
-    // Offsets going backwards means the partition was recreated: a new generation.
-    let regressed = p.last.is_some_and(|last| offset <= last);
+    let regressed = match arrival(p, offset, r.timestamp_ms) {
+        Arrival::Next => false,
+        Arrival::NewGeneration => true,
+        Arrival::Redelivered => {
+            tracing::debug!(
+                topic,
+                partition = r.partition,
+                offset,
+                last = p.last,
+                "kafka record delivered again: already published, skipped"
+            );
+            return;
+        }
+    };
+    // Offsets going backwards with a newer record means the partition was recreated: a new
+    // generation.
     if regressed || p.first_record_ms.is_none() {
         let first_ms = r.timestamp_ms.unwrap_or(0);
         let epoch = epoch_for(topic, r.partition, first_ms);
@@ -389,9 +434,13 @@ fn handle(cfg: &KafkaConfig, hub: &Hub, p: &mut Partition, r: &Record, fanout: &
             );
             p.covers_from = offset.max(0) as u64;
             p.live_from = offset;
+            p.newest_ms = None;
         }
         p.epoch = Arc::from(epoch);
         p.first_record_ms = Some(first_ms);
+    }
+    if let Some(ts) = r.timestamp_ms {
+        p.newest_ms = Some(p.newest_ms.map_or(ts, |n| n.max(ts)));
     }
     p.last = Some(offset);
     p.next = offset + 1;
@@ -611,6 +660,48 @@ mod tests {
         }
         .validate()
         .is_err());
+    }
+
+    #[test]
+    fn a_record_sent_again_is_not_a_new_generation() {
+        let p = |last: Option<i64>, newest: Option<i64>| Partition {
+            epoch: Arc::from("t-0-10"),
+            first_record_ms: Some(0x10),
+            covers_from: 0,
+            next: last.map_or(0, |l| l + 1),
+            last,
+            newest_ms: newest,
+            live_from: 0,
+        };
+        // Nothing handled yet, or past the last offset: the next record.
+        assert_eq!(arrival(&p(None, None), 5, Some(1_000)), Arrival::Next);
+        assert_eq!(
+            arrival(&p(Some(74), Some(2_000)), 75, Some(1_500)),
+            Arrival::Next
+        );
+        // Offset 75 again (or an earlier one), no newer than what we handled: fetched again.
+        assert_eq!(
+            arrival(&p(Some(106), Some(2_000)), 75, Some(1_900)),
+            Arrival::Redelivered
+        );
+        assert_eq!(
+            arrival(&p(Some(106), Some(2_000)), 106, Some(2_000)),
+            Arrival::Redelivered
+        );
+        // Offsets back with a record newer than everything handled: the log was recreated.
+        assert_eq!(
+            arrival(&p(Some(106), Some(2_000)), 0, Some(2_001)),
+            Arrival::NewGeneration
+        );
+        // Without timestamps nothing tells a re-sent record apart: a new generation, as before.
+        assert_eq!(
+            arrival(&p(Some(106), None), 0, Some(1)),
+            Arrival::NewGeneration
+        );
+        assert_eq!(
+            arrival(&p(Some(106), Some(2_000)), 3, None),
+            Arrival::NewGeneration
+        );
     }
 
     #[test]

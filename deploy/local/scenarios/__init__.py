@@ -27,10 +27,12 @@ def module(name):
 def cannot_run(c, name):
     """Why `name` cannot show anything on this cluster, or None. A broker on memory storage
     loses its log when restarted (a Kafka VM keeps its disk): kafka-restart would only show
-    that; it needs tansu built with its libsql feature (sqlite storage)."""
-    if name == "kafka-restart" and c.kafka_storage != "sqlite":
-        return (f"the broker runs on {c.kafka_storage} storage, which a restart empties; install tansu with sqlite "
-                f"storage (cargo install --locked tansu --features dynostore,libsql) to run it")
+    that; it needs s3 storage (the default: deploy/local/s3disk.py on the Kafka VM) or
+    sqlite (tansu built with its libsql feature)."""
+    if name == "kafka-restart" and c.kafka_storage not in ("s3", "sqlite"):
+        return (f"the broker runs on {c.kafka_storage} storage, which a restart empties "
+                f"({c.kafka_storage_skipped or 'chosen by --kafka-storage'}); "
+                f"run it with --kafka-storage s3 (or sqlite)")
     return None
 
 

@@ -144,9 +144,11 @@ class Producer(threading.Thread):
         self.stop_event = threading.Event()
         self.sent = self.acked = self.errors = 0
         self.close_error = None
+        self.positions = {}     # n -> (partition, offset) the broker acknowledged
 
-    def ok(self, _):
+    def ok(self, n, md):
         self.acked += 1
+        self.positions[n] = (md.partition, md.offset)
 
     def err(self, _):
         self.errors += 1
@@ -162,7 +164,7 @@ class Producer(threading.Thread):
             try:
                 f = self.p.send(TOPIC, key=f"K{i}".encode(), partition=i,
                                 value=json.dumps({"n": self.sent, "ts_us": int(time.time() * 1e6)}).encode())
-                f.add_callback(self.ok)
+                f.add_callback(self.ok, self.sent)
                 f.add_errback(self.err)
                 self.sent += 1
             except Exception:  # buffer full or metadata unavailable for max_block_ms
@@ -180,6 +182,56 @@ class Producer(threading.Thread):
     def figures(self):
         return {"rate": self.rate, "sent": self.sent, "acked": self.acked, "errors": self.errors,
                 "close_error": self.close_error}
+
+
+def audit_log(producer, partitions, timeout=90):
+    """What the broker's log holds of the producer's records, read back from the start of
+    every partition: acknowledged records missing or at another offset than acknowledged,
+    records stored twice (a producer retry after a lost ack), offsets missing inside a log.
+    Tells a broker that lost or duplicated records apart from a consumer that did."""
+    from kafka import KafkaConsumer, TopicPartition
+    c = KafkaConsumer(bootstrap_servers=f"{cl.KAFKA_IP}:{cl.KAFKA_PORT}", enable_auto_commit=False,
+                      auto_offset_reset="earliest", consumer_timeout_ms=1000)
+    try:
+        tps = [TopicPartition(TOPIC, i) for i in range(partitions)]
+        c.assign(tps)
+        c.seek_to_beginning(*tps)
+        wanted = {}
+        for n, (part, off) in producer.positions.items():
+            wanted[part] = max(wanted.get(part, -1), off)
+        log = {}                   # (partition, offset) -> n
+        deadline = time.time() + timeout
+        quiet_since = time.time()
+        while time.time() < deadline:
+            got = c.poll(500)
+            for tp, msgs in got.items():
+                for m in msgs:
+                    try:
+                        log[(m.partition, m.offset)] = json.loads(m.value)["n"]
+                    except (ValueError, KeyError, TypeError):
+                        log[(m.partition, m.offset)] = None
+            if got:
+                quiet_since = time.time()
+            done = all(any(k == (p, o) for k in log) for p, o in wanted.items())
+            if done and time.time() - quiet_since > 2:
+                break
+    finally:
+        c.close()
+    missing = sorted(n for n, pos in producer.positions.items() if log.get(pos) != n)
+    seen = {}
+    for pos, n in log.items():
+        seen.setdefault(n, []).append(pos)
+    twice = {n: sorted(v) for n, v in seen.items() if n is not None and len(v) > 1}
+    holes = {}
+    for part in range(partitions):
+        offs = sorted(o for p, o in log if p == part)
+        h = [o for a, b in zip(offs, offs[1:]) for o in range(a + 1, b)]
+        if h:
+            holes[part] = h[:20]
+    return {"records_read": len(log), "acked": len(producer.positions),
+            "acked_missing_or_moved": missing[:20], "acked_missing_or_moved_count": len(missing),
+            "stored_twice": dict(list(twice.items())[:20]), "stored_twice_count": len(twice),
+            "offset_holes": holes}
 
 
 # ---- probes ----------------------------------------------------------------------------
