@@ -364,15 +364,18 @@ class Cluster:
         e.update(extra or {})
         return e
 
-    def start_kafka(self):
-        """tansu on the Kafka VM. A Kafka VM keeps its disk across a restart, so the broker
-        needs storage that outlives its process: `s3` (tansu's dynostore on an S3-compatible
-        object store, deploy/local/s3disk.py, run on the Kafka VM as a separate process that
-        stays up when the broker restarts: the VM's "disk") or `sqlite` (tansu's libsql
-        feature, not in the tansu `make test` installs).
-        `memory` loses the log with the process. `auto` takes the first that starts."""
-        order = {"auto": ["s3", "sqlite", "memory"], "s3": ["s3"], "sqlite": ["sqlite"],
-                 "memory": ["memory"]}[self.a.kafka_storage]
+    def start_kafka(self, storage=None):
+        """tansu on the Kafka VM. `memory` (the default) is fast and loses the log with the
+        process. A Kafka VM keeps its disk across a restart: storage that outlives the broker
+        process is `s3` (tansu's dynostore on an S3-compatible object store,
+        deploy/local/s3disk.py, run on the Kafka VM as a separate process that stays up when
+        the broker restarts: the VM's "disk") or `sqlite` (tansu's libsql feature, not in the
+        tansu `make test` installs). s3 costs the broker a listing of every record object of a
+        partition per fetch, so it slows down as the log grows: the suite runs kafka-restart
+        on a cluster of its own on s3 (scenarios.STORAGE). `auto` takes the first of
+        sqlite, memory that starts."""
+        chosen = storage or self.a.kafka_storage
+        order = {"auto": ["sqlite", "memory"], "s3": ["s3"], "sqlite": ["sqlite"], "memory": ["memory"]}[chosen]
         for storage in order:
             env = self.env()
             if storage == "s3":
@@ -699,7 +702,7 @@ class Cluster:
 # ---- the command line -----------------------------------------------------------------
 
 DEFAULTS = {"lbs": 10, "shards": 7, "delay_ms": 0.25, "front_procs": 2, "front_maxconn": 9500, "client_ips": 64,
-            "partitions": 10, "kafka_storage": "auto"}
+            "partitions": 10, "kafka_storage": "memory"}
 
 
 def parser():
@@ -714,8 +717,10 @@ def parser():
     p.add_argument("--client-ips", type=int, default=DEFAULTS["client_ips"], help="source addresses of the clients VM")
     p.add_argument("--partitions", type=int, default=DEFAULTS["partitions"], help="partitions per Kafka topic")
     p.add_argument("--kafka-storage", choices=["auto", "s3", "sqlite", "memory"], default=DEFAULTS["kafka_storage"],
-                   help="tansu storage: s3 (deploy/local/s3disk.py on the Kafka VM) and sqlite (needs tansu built with "
-                        "libsql) survive a broker restart, memory does not; auto takes the first that starts")
+                   help="tansu storage of the cluster: memory (fast; lost when the broker restarts), s3 "
+                        "(deploy/local/s3disk.py on the Kafka VM) and sqlite (needs tansu built with libsql) survive a "
+                        "restart; auto: sqlite if it starts, else memory. The suite runs kafka-restart on a cluster of its own "
+                        "on s3")
     p.add_argument("--bin-dir", default=str(REPO / "target" / "release"))
     p.add_argument("--tansu", default=os.environ.get("TANSU") or (subprocess.run(["bash", "-c", "command -v tansu"],
                    capture_output=True, text=True).stdout.strip() or str(Path.home() / ".cargo/bin/tansu")))
