@@ -1,0 +1,171 @@
+#!/usr/bin/env python3
+"""CPU the front (the HAProxy stand-in for the GCP load balancer) spends per new client.
+
+The front's configuration is the one `front.py` generates from the Terraform values, run as
+one HAProxy process on 127.0.0.1 (no namespaces, no cluster: nothing else shares its
+numbers) in front of one ws-lb and one ws-shard. Per variant it measures the HAProxy
+process's CPU seconds (utime + stime from /proc) across
+
+- `wss`: N new WebSocket clients through it (loadtest, TLS 1.3, X25519, ECDSA P-256
+  certificate from a CA made here, each client subscribes and holds 2 s): the whole cost of
+  a client, TLS handshake, HTTP upgrade, backend connection, relay, close;
+- `tls`: `openssl s_time -new` for a few seconds: full TLS handshakes only, nothing after.
+
+Variants (one config line each, added to `global`) are measured alternately, `--rounds`
+times, so the machine's load hits them alike. Writes bench/results/front-tls-cost-<time>.json.
+
+    python3 deploy/local/front_cost.py --bin-dir target/debug [--connections 1000 --rate 200 --rounds 2]
+"""
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parents[1] / "bench"))
+
+import bench  # noqa: E402
+import deploy_values  # noqa: E402
+import front  # noqa: E402
+
+PORT, LB_PORT, SHARD_PORT = 18443, 24001, 24002
+
+VARIANTS = {
+    "as generated": [],
+    "curves X25519:P-256": ["ssl-default-bind-curves X25519:P-256"],
+    "no logging": ["#nolog"],
+    "no TLS tickets": ["ssl-default-bind-options ssl-min-ver TLSv1.2 no-tls-tickets"],
+    "nbthread 2": ["nbthread 2"],
+}
+
+
+def config(base, lines):
+    cfg = base
+    for line in lines:
+        if line == "#nolog":
+            cfg = cfg.replace("  log global\n", "  no log\n")
+        elif line.startswith(("nbthread", "ssl-default-bind-options")):
+            key = line.split()[0]
+            cfg = "\n".join(f"  {line}" if x.strip().startswith(key + " ") else x for x in cfg.splitlines()) + "\n"
+        else:
+            cfg = cfg.replace("global\n", f"global\n  {line}\n", 1)
+    return cfg
+
+
+def cpu_ticks(pid):
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(f[11]) + int(f[12])
+
+
+def listening(port):
+    r = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True)
+    return bool(r.stdout.strip())
+
+
+def wait(cond, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+def measure(cfg_path, mode, a, tmp):
+    if listening(PORT):
+        raise RuntimeError(f"port {PORT} is already in use")
+    hp = subprocess.Popen(["haproxy", "-f", str(cfg_path), "-db"], stdout=open(tmp / "haproxy.log", "a"),
+                          stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait(lambda: listening(PORT), 10, "haproxy")
+        time.sleep(1)  # its first health check of the LB
+        t0 = cpu_ticks(hp.pid)
+        if mode == "wss":
+            out = tmp / "lt.json"
+            subprocess.run([str(a.bin / "loadtest"), "--url", f"wss://127.0.0.1:{PORT}/ws", "--ca-file", str(tmp / "ca.pem"),
+                            "--connections", str(a.connections), "--rate", str(a.rate), "--hold", "2",
+                            "--source-ips", "127.0.0.2-127.0.0.65", "--json", str(out), "--quiet"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+            n = json.loads(out.read_text())["counts"]["established"]
+        else:
+            r = subprocess.run(["openssl", "s_time", "-connect", f"127.0.0.1:{PORT}", "-new", "-time", str(a.tls_seconds)],
+                               capture_output=True, text=True, timeout=120)
+            line = next(x for x in r.stdout.splitlines() if "connections in" in x)
+            n = int(line.split()[0])
+        ticks = cpu_ticks(hp.pid) - t0
+    finally:
+        hp.send_signal(signal.SIGKILL)
+        hp.wait()
+    hz = os.sysconf("SC_CLK_TCK")
+    return {"clients": n, "cpu_s": round(ticks / hz, 2), "ms_per_client": round(ticks / hz / max(n, 1) * 1000, 3),
+            "loadavg": round(os.getloadavg()[0], 1)}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--bin-dir", default="target/debug")
+    p.add_argument("--connections", type=int, default=1000)
+    p.add_argument("--rate", type=int, default=200)
+    p.add_argument("--tls-seconds", type=int, default=6)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    a = p.parse_args()
+    a.bin = Path(a.bin_dir).resolve()
+    names = [v for v in a.variants.split(",") if v]
+    tmp = Path(tempfile.mkdtemp(prefix="odin-front-cost-"))
+    procs = []
+    started = time.time()
+    load0 = bench.machine()
+    try:
+        front.make_cert(tmp, "127.0.0.1")
+        v = deploy_values.front_values()
+        base = front.haproxy_config(v, "127.0.0.1", [("lb-0", "127.0.0.1")], tmp, 0, 9000)
+        base = base.replace(f"127.0.0.1:{v.https_port} ", f"127.0.0.1:{PORT} ")
+        base = base.replace(f"127.0.0.1:{v.backend_check.port} check", f"127.0.0.1:{LB_PORT} check")
+        for argv, log in (
+            ([str(a.bin / "ws-shard"), "--shards", "1", "--base-port", str(SHARD_PORT), "--admin-addr", "127.0.0.1:24102"], "shard"),
+            ([str(a.bin / "ws-lb"), "--listen", f"127.0.0.1:{LB_PORT}", "--admin-addr", "127.0.0.1:24101",
+              "--backend-urls", f"ws://127.0.0.1:{SHARD_PORT}/ws", "--trust-forwarded-for"], "lb"),
+        ):
+            procs.append(subprocess.Popen(argv, stdout=open(tmp / f"{log}.log", "w"), stderr=subprocess.STDOUT,
+                                          start_new_session=True))
+        wait(lambda: listening(LB_PORT) and listening(SHARD_PORT), 30, "ws-lb and ws-shard")
+        results = {n: {"wss": [], "tls": []} for n in names}
+        for r in range(a.rounds):
+            for n in names:
+                path = tmp / f"haproxy-{names.index(n)}.cfg"
+                path.write_text(config(base, VARIANTS[n]))
+                for mode in ("wss", "tls"):
+                    m = measure(path, mode, a, tmp)
+                    results[n][mode].append(m)
+                    print(f"round {r + 1} {n:22s} {mode}: {m['clients']:5d} clients, {m['cpu_s']:5.2f} CPU-s, "
+                          f"{m['ms_per_client']:.3f} ms each (load {m['loadavg']})", flush=True)
+    finally:
+        for pr in procs:
+            pr.send_signal(signal.SIGKILL)
+            pr.wait()
+    hv = subprocess.run(["haproxy", "-v"], capture_output=True, text=True).stdout.splitlines()[0]
+    ov = subprocess.run(["openssl", "version"], capture_output=True, text=True).stdout.strip()
+    bench.RESULTS.mkdir(parents=True, exist_ok=True)
+    out = bench.RESULTS / f"front-tls-cost-{time.strftime('%Y%m%dT%H%M%S')}.json"
+    out.write_text(json.dumps({
+        "what": "HAProxy front CPU per new client (wss: whole WebSocket client; tls: TLS handshake only)",
+        "commit": bench.commit_of(bench.REPO), "machine": load0, "loadavg_at_end": bench.load(),
+        "haproxy": hv, "openssl": ov, "bin_dir": str(a.bin), "flags": {"connections": a.connections, "rate": a.rate,
+                                                                        "tls_seconds": a.tls_seconds, "rounds": a.rounds},
+        "variants": {n: VARIANTS[n] for n in names}, "results": results, "seconds": round(time.time() - started, 1),
+    }, indent=1))
+    print(f"wrote {out}")
+    subprocess.run(["rm", "-rf", str(tmp)])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
