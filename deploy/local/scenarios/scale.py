@@ -68,7 +68,9 @@ class Arrivals(threading.Thread):
             lt = common.Loadtest(self.c, "arrivals", self.rate * self.batch_s, self.rate, 0)
             self.current = lt
             try:
-                self.runs.append(common.summary(lt.finish(timeout=self.batch_s + 120)))
+                r = common.summary(lt.finish(timeout=self.batch_s + 120))
+                r["started_unix"] = round(lt.t0, 1)
+                self.runs.append(r)
             except Exception as e:  # noqa: BLE001 - a run that did not report is a failure
                 self.errors.append(repr(e)[:300])
             finally:
@@ -278,7 +280,11 @@ def run(c, full):
         "arrivals": {"attempted": arrivals.attempted, "established": arrivals.ok, "failures": arrivals.failed,
                      "runs_without_report": arrivals.errors,
                      "achieved_rate_per_run": [r["generator"]["achieved_rate"] for r in arrivals.runs],
-                     "handshake_ms_p99_per_run": [r["handshake_ms"]["p99"] for r in arrivals.runs]},
+                     "handshake_ms_p99_per_run": [r["handshake_ms"]["p99"] for r in arrivals.runs],
+                     # When each run started (s from the scenario's start; compare events_s) and what failed.
+                     "per_run": [{"t": round(r["started_unix"] - started, 1), "attempted": r["attempted"],
+                                  "established": r["established"], "failures": r["failures"],
+                                  "handshake_ms_p50": r["handshake_ms"]["p50"]} for r in arrivals.runs]},
         "shard_vms_before": before, "added": new, "removed": victims, "shards_per_vm": per_vm,
         "slow_start_s": slow_start, "shard_drain_window_s": drain, "updater_period_s": UPDATER_PERIOD_S,
         "events_s": rel,
