@@ -244,6 +244,7 @@ class Cluster:
         self.watcher = None
         self.producer = None
         self.lock_fd = None
+        self.locked = False         # this run holds the machine-wide lock
         self.sysctl_report = {}
         self.kafka_storage = None
         self.kafka_storage_skipped = {}   # storage -> why it did not start (auto)
@@ -272,6 +273,7 @@ class Cluster:
         while True:
             try:
                 fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self.locked = True
                 break
             except OSError:
                 if time.time() >= deadline:
@@ -332,6 +334,13 @@ class Cluster:
                  f"delay {self.net.effective_delay_ms} ms, Kafka storage {self.kafka_storage}")
 
     def stop(self):
+        if not getattr(self, "locked", False):
+            # Stopped (a signal, the lock wait's end) before this run held the lock: the
+            # namespaces on the machine are another run's; leave them alone.
+            if self.lock_fd is not None:
+                self.lock_fd.close()
+                self.lock_fd = None
+            return
         for t in (self.autohealer, self.watcher):
             if t is not None:
                 t.stop_event.set()
@@ -348,6 +357,7 @@ class Cluster:
         if self.lock_fd is not None:
             self.lock_fd.close()
             self.lock_fd = None
+        self.locked = False
 
     def check_tools(self):
         missing = [str(self.bin / b) for b in ("ws-lb", "ws-shard", "loadtest") if not (self.bin / b).exists()]
