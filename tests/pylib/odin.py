@@ -165,12 +165,33 @@ def metric_names(page: str) -> set:
     return names
 
 
+def _exit_on_sigterm() -> None:
+    """A script killed with SIGTERM (make interrupted, a CI timeout) unwinds like one that
+    failed: SystemExit runs the `with`/`finally` blocks that stop the servers it started,
+    instead of dying at once and leaving them running. Only where nothing else handles
+    SIGTERM, and only from the main thread (where Python delivers signals)."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(SIGTERM) not in (signal.SIG_DFL, None):
+        return
+
+    def handler(signum, _frame):
+        # Once: a second SIGTERM during the clean-up must not interrupt it.
+        signal.signal(SIGTERM, signal.SIG_IGN)
+        raise SystemExit(128 + signum)
+
+    signal.signal(SIGTERM, handler)
+
+
 class Procs:
     """The processes a script started, each logging to /tmp/odin-<tag>-<name>.log; stopped
     together by `stop()` or on leaving a `with` block: `stop_signal` (SIGTERM: a drain), then
     SIGKILL for whatever is left after `grace` seconds."""
 
     def __init__(self, tag: str, stop_signal=SIGTERM, grace: float = 20):
+        _exit_on_sigterm()
         self.tag = tag
         self.stop_signal = stop_signal
         self.grace = grace

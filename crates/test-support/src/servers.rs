@@ -187,12 +187,55 @@ pub async fn start_lb(
     }
 }
 
-/// A free port on 127.0.0.1 (bound and released; nothing listens there afterwards).
+/// A free port on 127.0.0.1 (bound and released; nothing listens there afterwards), below the
+/// kernel's ephemeral range.
+///
+/// A port from the ephemeral range (what binding port 0 returns) can be taken, between this
+/// call and a server's bind, as the local port of any outgoing connection of a test running
+/// alongside (nextest runs tests in parallel processes), and the server then fails to listen.
+/// Ports below the range are never autobound. Each port is handed out once per process; the
+/// start is random so that parallel test processes rarely try the same ports.
 pub fn free_port() -> SocketAddr {
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+    static HANDED_OUT: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    let low = ephemeral_low().max(11_000);
+    let mut state = {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        h.finish() | 1
+    };
+    let mut handed = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    let handed = handed.get_or_insert_with(HashSet::new);
+    for _ in 0..2_000 {
+        // xorshift64: a cheap spread over the range, no dependency.
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let port = 10_000 + (state % u64::from(low - 10_000)) as u16;
+        if handed.contains(&port) {
+            continue;
+        }
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        if std::net::TcpListener::bind(addr).is_ok() {
+            handed.insert(port);
+            return addr;
+        }
+    }
+    // Nothing free below the range: the kernel's pick.
     std::net::TcpListener::bind(any_port())
         .unwrap()
         .local_addr()
         .unwrap()
+}
+
+/// The first port of the kernel's ephemeral range (32768 if it cannot be read).
+fn ephemeral_low() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
 }
 
 /// A shard server on its own runtime thread, so that [`IsolatedShards::kill`] can make every
