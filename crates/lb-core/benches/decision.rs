@@ -26,7 +26,13 @@ fn benches(c: &mut Criterion) {
     )
     .unwrap();
     for i in 0..10 {
-        pool.set_health(i, i as f64 / 10.0, 1000, false, tokio::time::Instant::now());
+        pool.set_health(
+            i,
+            i as f64 / 10.0,
+            1000,
+            lb_core::pool::Reported::Ok,
+            tokio::time::Instant::now(),
+        );
     }
     let mut rng = SmallRng::seed_from_u64(1);
     c.bench_function("select + succeed (10 shards)", |b| {

@@ -20,4 +20,4 @@ pub use config::{BreakerConfig, ConfigError, PacingConfig, RetryConfig, ScoreCon
 pub use error::{AttemptError, AttemptKind, FinalClose};
 pub use membership::{MemberState, Update};
 pub use pacing::{Pacer, PacingRejection};
-pub use pool::{PoolObserver, RelayCount, ShardPool, ShardSnapshot};
+pub use pool::{PoolObserver, RelayCount, Reported, ShardPool, ShardSnapshot};

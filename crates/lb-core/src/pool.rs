@@ -57,7 +57,8 @@ struct ShardState<T> {
     capacity: u64,
     /// This LB's live relay count when `utilization` was measured.
     polled_relays: usize,
-    draining: bool,
+    /// What the shard's last `/health` answer said (`Ok` until the first answer).
+    reported: Reported,
     health_ok: bool,
     /// In the current member list.
     listed: bool,
@@ -77,7 +78,7 @@ impl<T> ShardState<T> {
             utilization: 0.0,
             capacity: 0,
             polled_relays: 0,
-            draining: false,
+            reported: Reported::Ok,
             health_ok: true,
             listed: true,
             removed_at: None,
@@ -122,6 +123,26 @@ struct Settings {
     slow_start: Duration,
 }
 
+/// The status a shard reports on its `/health` (ws-protocol's `ShardStatus`, which this crate
+/// does not depend on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reported {
+    /// Takes new clients.
+    Ok,
+    /// Shutting down: no new client.
+    Draining,
+    /// Re-reading its history after a start: no new client until `ok`.
+    Starting,
+}
+
+impl Reported {
+    /// Whether a shard with this status may be given a new client.
+    pub fn takes_clients(self) -> bool {
+        self == Reported::Ok
+    }
+}
+
 /// A point-in-time view of one shard, for `/health` and metrics.
 #[derive(Debug, Clone, Serialize)]
 pub struct ShardSnapshot {
@@ -141,7 +162,9 @@ pub struct ShardSnapshot {
     pub relays: usize,
     pub recent_failures: usize,
     pub failure_rate: f64,
-    pub draining: bool,
+    /// The status of the shard's last `/health` answer: `ok`, `draining` (shutting down) or
+    /// `starting` (re-reading its history); only `ok` takes new clients.
+    pub reported: Reported,
     /// Whether the last `/health` poll succeeded.
     pub health_ok: bool,
     /// Whether a new client could be sent there now.
@@ -356,7 +379,7 @@ impl<T: Clone> ShardPool<T> {
                 .filter_map(|(index, slot)| {
                     let mut s = slot.state.lock();
                     let s = s.as_mut()?;
-                    if s.draining || !s.listed {
+                    if !s.reported.takes_clients() || !s.listed {
                         return None;
                     }
                     let ramp_from = s.admitted?;
@@ -424,14 +447,14 @@ impl<T> ShardPool<T> {
     }
 
     /// Stores the result of a `/health` poll: utilization, slot capacity (0 if unknown)
-    /// and whether the shard drains. A pending shard that answers without draining is
-    /// admitted here, and starts its slow start.
+    /// and the status the shard reported. A pending shard that answers `ok` is admitted
+    /// here, and starts its slow start.
     pub fn set_health(
         &self,
         index: usize,
         utilization: f64,
         capacity: u64,
-        draining: bool,
+        reported: Reported,
         now: Instant,
     ) {
         if let Some(slot) = self.slots.get(index) {
@@ -444,9 +467,9 @@ impl<T> ShardPool<T> {
             };
             s.capacity = capacity;
             s.polled_relays = slot.relays.load(Ordering::Relaxed);
-            s.draining = draining;
+            s.reported = reported;
             s.health_ok = true;
-            if s.listed && s.admitted.is_none() && !draining {
+            if s.listed && s.admitted.is_none() && reported.takes_clients() {
                 s.admitted = Some((!self.settings.slow_start.is_zero()).then_some(now));
             }
         }
@@ -493,7 +516,10 @@ impl<T> ShardPool<T> {
         self.assigned().any(|(_, slot)| {
             let s = slot.state.lock();
             s.as_ref().is_some_and(|s| {
-                s.listed && s.admitted.is_some() && !s.draining && s.breaker.would_admit(now)
+                s.listed
+                    && s.admitted.is_some()
+                    && s.reported.takes_clients()
+                    && s.breaker.would_admit(now)
             })
         })
     }
@@ -527,9 +553,11 @@ impl<T> ShardPool<T> {
                     relays,
                     recent_failures: s.window.failures(now),
                     failure_rate,
-                    draining: s.draining,
+                    reported: s.reported,
                     health_ok: s.health_ok,
-                    admits: member.takes_clients() && !s.draining && s.breaker.would_admit(now),
+                    admits: member.takes_clients()
+                        && s.reported.takes_clients()
+                        && s.breaker.would_admit(now),
                 })
             })
             .collect()
@@ -648,7 +676,12 @@ mod tests {
     }
 
     fn health(p: &ShardPool<()>, i: usize, utilization: f64, draining: bool) {
-        p.set_health(i, utilization, 100, draining, Instant::now());
+        let reported = if draining {
+            Reported::Draining
+        } else {
+            Reported::Ok
+        };
+        p.set_health(i, utilization, 100, reported, Instant::now());
     }
 
     /// Picks `n` clients, each released at once; counts per slot.
@@ -825,6 +858,18 @@ mod tests {
         assert!(p
             .select(Tried::default(), Instant::now(), &mut rng)
             .is_none());
+        // A starting shard takes no client either, and says which it is.
+        p.set_health(1, 0.5, 100, Reported::Starting, Instant::now());
+        assert!(!p.any_admits(Instant::now()));
+        let snap = p.snapshot(Instant::now());
+        assert_eq!(
+            (snap[0].reported, snap[1].reported),
+            (Reported::Draining, Reported::Starting)
+        );
+        assert!(!snap[0].admits && !snap[1].admits);
+        health(&p, 1, 0.5, false);
+        assert!(p.any_admits(Instant::now()));
+        assert_eq!(p.snapshot(Instant::now())[1].reported, Reported::Ok);
     }
 
     #[test]

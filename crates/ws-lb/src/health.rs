@@ -18,6 +18,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use lb_core::Reported;
 use serde::Serialize;
 use tokio::task::JoinSet;
 use tokio::time::{timeout, Instant};
@@ -97,7 +98,11 @@ pub(crate) async fn poll_loop(lb: Arc<Lb>) {
                     i,
                     h.utilization(),
                     h.max_connections,
-                    h.status != ShardStatus::Ok,
+                    match h.status {
+                        ShardStatus::Ok => Reported::Ok,
+                        ShardStatus::Draining => Reported::Draining,
+                        ShardStatus::Starting => Reported::Starting,
+                    },
                     Instant::now(),
                 ),
                 Poll::Unreachable => {
