@@ -51,6 +51,11 @@ pub struct RunArgs {
     /// How long to hold the connections after the ramp (seconds, or 500ms / 2m).
     #[arg(long, env = "HOLD_SECONDS", default_value = "10")]
     pub hold: String,
+    /// Connection lifetime (churn): each connection closes itself (close 1000) this long
+    /// after it was established, so a rate can be held for longer than the descriptor limit
+    /// allows connections to be held (about rate × lifetime stay open). 0: until the run ends.
+    #[arg(long, env = "LOADTEST_LIFETIME", default_value = "0")]
+    pub lifetime: String,
     /// Channels: a comma list, each item may hold one {a..b} range (trades.S{0..99}).
     /// Empty: connect without subscribing.
     #[arg(long, env = "LOADTEST_CHANNELS", default_value = "")]

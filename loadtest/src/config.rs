@@ -30,6 +30,9 @@ pub struct RunConfig {
     /// Total attempts per second across all workers.
     pub rate: f64,
     pub hold: Duration,
+    /// Each connection closes itself this long after it was established (`None`: at the end
+    /// of the run).
+    pub lifetime: Option<Duration>,
     /// The channels pattern as given, for the report.
     pub channels_spec: String,
     pub channels: Vec<String>,
@@ -80,6 +83,9 @@ pub struct ConfigEcho {
     pub connections: u64,
     pub rate: f64,
     pub hold_s: f64,
+    /// Connection lifetime (churn), seconds; absent when connections live until the end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifetime_s: Option<f64>,
     pub channels: String,
     pub channel_count: usize,
     pub channels_per_conn: usize,
@@ -150,6 +156,7 @@ impl RunConfig {
             connections: a.connections,
             rate: positive_rate(a.rate, "--rate")?,
             hold,
+            lifetime: Some(parse_duration(&a.lifetime)?).filter(|d| !d.is_zero()),
             channels_spec: a.channels.clone(),
             channels,
             channels_per_conn: a.channels_per_conn.max(1),
@@ -185,6 +192,7 @@ impl RunConfig {
             connections: self.connections,
             rate: self.rate,
             hold_s: self.hold.as_secs_f64(),
+            lifetime_s: self.lifetime.map(|d| d.as_secs_f64()),
             channels: self.channels_spec.clone(),
             channel_count: self.channels.len(),
             channels_per_conn: self.channels_per_conn,

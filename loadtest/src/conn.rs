@@ -50,6 +50,8 @@ pub struct Ctx {
     pub handshake_timeout: Duration,
     pub settle: Duration,
     pub reconnect: bool,
+    /// Each connection closes itself this long after it was first established (churn).
+    pub lifetime: Option<Duration>,
     pub max_message: usize,
     /// Each attempt's token, when the server wants one.
     pub tokens: Option<AttemptTokens>,
@@ -141,8 +143,20 @@ pub async fn run_connection(ctx: Arc<Ctx>, id: u64, due: Instant) {
             return;
         }
     };
+    // Churn: the connection's end, counted from its first establishment (a reconnect does
+    // not extend it).
+    let end_of_life = ctx.lifetime.map(|l| Instant::now() + l);
     loop {
-        match pump(&mut conn, &mut sess, &ctx.stats, &mut stop, None, false).await {
+        match pump(
+            &mut conn,
+            &mut sess,
+            &ctx.stats,
+            &mut stop,
+            end_of_life,
+            false,
+        )
+        .await
+        {
             Pumped::Ended(d, _) => {
                 ctx.stats.disconnected(&d);
                 drop(conn);
@@ -434,6 +448,7 @@ mod tests {
             handshake_timeout: Duration::from_secs(1),
             settle: Duration::from_millis(10),
             reconnect: true,
+            lifetime: None,
             max_message: 1 << 16,
             tokens: None,
             stop,

@@ -100,3 +100,42 @@ async fn source_addresses_are_bound_round_robin() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_lifetime_churns_connections_during_the_ramp() {
+    bounded(60, async {
+        use std::sync::atomic::Ordering::SeqCst;
+        let (addr, seen) = servers::echo_counting().await;
+        // 400 attempts over 2 s, each closing itself 50 ms after it was established.
+        let r = crate::run(
+            addr,
+            &[
+                "--connections",
+                "400",
+                "--rate",
+                "200",
+                "--lifetime",
+                "50ms",
+                "--hold",
+                "2",
+            ],
+        )
+        .await;
+        let c = &r.counts;
+        assert_eq!((c.established, c.failed), (400, 0), "{:?}", r.failures);
+        assert_eq!(c.disconnects, 0, "{:?}", r.disconnects);
+        assert_eq!(r.config.lifetime_s, Some(0.05));
+        // Every connection ended itself with a normal close before the run did.
+        assert_eq!(c.active_end_of_hold, 0);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while seen.closed_1000.load(SeqCst) < 400 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert_eq!(seen.closed_1000.load(SeqCst), 400);
+        // Churn, not a hold: far fewer were ever open at once than were made (about
+        // rate x lifetime; the bound leaves 1.5 s of slack for a busy machine).
+        let max = seen.max_open.load(SeqCst);
+        assert!(max <= 300, "{max} connections open at once");
+    })
+    .await;
+}

@@ -49,6 +49,44 @@ pub async fn echo() -> SocketAddr {
     .await
 }
 
+/// What [`echo_counting`] saw: connections open now, the most open at once, and close
+/// frames received with code 1000.
+#[derive(Debug, Default)]
+pub struct OpenCounts {
+    pub open: AtomicU64,
+    pub max_open: AtomicU64,
+    pub closed_1000: AtomicU64,
+}
+
+/// An echo server that counts open connections and the clients' normal closes.
+pub async fn echo_counting() -> (SocketAddr, Arc<OpenCounts>) {
+    let counts = Arc::new(OpenCounts::default());
+    let seen = counts.clone();
+    let addr = listen(move |s| {
+        let c = seen.clone();
+        async move {
+            let Ok(mut ws) = tokio_tungstenite::accept_async(s).await else {
+                return;
+            };
+            let now = c.open.fetch_add(1, Ordering::SeqCst) + 1;
+            c.max_open.fetch_max(now, Ordering::SeqCst);
+            while let Some(Ok(m)) = ws.next().await {
+                if let Message::Close(Some(f)) = &m {
+                    if f.code == CloseCode::Normal {
+                        c.closed_1000.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                if (m.is_text() || m.is_binary()) && ws.send(m).await.is_err() {
+                    break;
+                }
+            }
+            c.open.fetch_sub(1, Ordering::SeqCst);
+        }
+    })
+    .await;
+    (addr, counts)
+}
+
 /// An echo server that also records the address every connection came from.
 pub async fn echo_with_peers() -> (SocketAddr, Arc<Mutex<HashSet<IpAddr>>>) {
     let peers = Arc::new(Mutex::new(HashSet::new()));
