@@ -90,24 +90,27 @@ pub async fn relay(
         let want = machine.interest();
         let deadline = machine.next_deadline();
         let m = &mut machine;
+        // Readiness is polled in place (`poll_*_ready` keep their wakers in the sockets'
+        // registrations) rather than through `readable()`/`writable()` futures, whose waiter
+        // state would sit in every relay's future: ~290 bytes of it per connection.
         tokio::select! {
             biased;
             _ = opts.drain.cancelled(), if want.drain => m.on_drain(Instant::now(), opts.drain_delay()),
-            r = client.writable(), if want.write_client => match r {
+            r = std::future::poll_fn(|cx| client.poll_write_ready(cx)), if want.write_client => match r {
                 Ok(()) => m.on_writable(Side::Client, &mut Nonblocking(&client), Instant::now()),
                 Err(_) => m.on_write_failed(Side::Client, Instant::now()),
             },
-            r = shard.writable(), if want.write_shard => match r {
+            r = std::future::poll_fn(|cx| shard.poll_write_ready(cx)), if want.write_shard => match r {
                 Ok(()) => m.on_writable(Side::Shard, &mut Nonblocking(&shard), Instant::now()),
                 Err(_) => m.on_write_failed(Side::Shard, Instant::now()),
             },
-            r = client.readable(), if want.read_client => match r {
+            r = std::future::poll_fn(|cx| client.poll_read_ready(cx)), if want.read_client => match r {
                 Ok(()) => net_io::with_buffer(|buf| {
                     m.on_readable(Side::Client, &mut Nonblocking(&client), &mut Nonblocking(&shard), buf, Instant::now());
                 }),
                 Err(_) => m.on_read_failed(Side::Client, Instant::now()),
             },
-            r = shard.readable(), if want.read_shard => match r {
+            r = std::future::poll_fn(|cx| shard.poll_read_ready(cx)), if want.read_shard => match r {
                 Ok(()) => net_io::with_buffer(|buf| {
                     m.on_readable(Side::Shard, &mut Nonblocking(&shard), &mut Nonblocking(&client), buf, Instant::now());
                 }),
@@ -123,7 +126,8 @@ mod tests {
     use super::*;
 
     /// Every relayed connection holds one of these futures; keep it from growing unnoticed
-    /// (it was 1,400 bytes before the state machine, in a debug build).
+    /// (it was 1,400 bytes before the state machine, in a debug build; 1,368 in release with
+    /// `readable()`/`writable()` futures, 792 with readiness polled in place).
     #[tokio::test]
     async fn the_relay_future_stays_small() {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -138,6 +142,6 @@ mod tests {
         let f = relay(a, Bytes::new(), b, Bytes::new(), &opts, &|_| {});
         let size = std::mem::size_of_val(&f);
         eprintln!("relay future: {size} bytes");
-        assert!(size <= 1400, "relay future is {size} bytes");
+        assert!(size <= 900, "relay future is {size} bytes");
     }
 }
