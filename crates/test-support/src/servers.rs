@@ -193,27 +193,17 @@ pub async fn start_lb(
 /// A port from the ephemeral range (what binding port 0 returns) can be taken, between this
 /// call and a server's bind, as the local port of any outgoing connection of a test running
 /// alongside (nextest runs tests in parallel processes), and the server then fails to listen.
-/// Ports below the range are never autobound. Each port is handed out once per process; the
-/// start is random so that parallel test processes rarely try the same ports.
+/// Ports below the range are never autobound. Each port is handed out once per process; picks
+/// are random so that parallel test processes rarely try the same ports.
 pub fn free_port() -> SocketAddr {
     use std::collections::HashSet;
     use std::sync::Mutex;
     static HANDED_OUT: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
     let low = ephemeral_low().max(11_000);
-    let mut state = {
-        use std::hash::{BuildHasher, Hasher};
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u32(std::process::id());
-        h.finish() | 1
-    };
     let mut handed = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
     let handed = handed.get_or_insert_with(HashSet::new);
     for _ in 0..2_000 {
-        // xorshift64: a cheap spread over the range, no dependency.
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        let port = 10_000 + (state % u64::from(low - 10_000)) as u16;
+        let port = rand::random_range(10_000..low);
         if handed.contains(&port) {
             continue;
         }
