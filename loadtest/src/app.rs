@@ -44,6 +44,9 @@ pub async fn execute(cli: Cli, raw_args: Vec<OsString>) -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    if let Some(Command::KafkaBroker(args)) = &cli.command {
+        return crate::kafka::broker(args).await;
+    }
     if let Some(Command::Publish(args)) = &cli.command {
         let cfg = PublishConfig::from_args(args)?;
         let progress = Progress::new(args.quiet, false);

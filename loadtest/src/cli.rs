@@ -29,6 +29,9 @@ pub enum Command {
     KafkaProduce(KafkaProduceArgs),
     /// Consume a Kafka topic from its end and measure produce-to-consumer latency.
     KafkaConsume(KafkaConsumeArgs),
+    /// Run librdkafka's in-process mock Kafka cluster (a Kafka-protocol broker on loopback)
+    /// until SIGTERM or SIGINT; prints `bootstrap <host:port,...>` and `ready`.
+    KafkaBroker(KafkaBrokerArgs),
 }
 
 /// Flags of a connection run (the default command).
@@ -240,4 +243,18 @@ pub struct KafkaConsumeArgs {
     /// Write the JSON report here.
     #[arg(long, env = "LOADTEST_JSON")]
     pub json: Option<PathBuf>,
+}
+
+/// Flags of `loadtest kafka-broker`.
+#[derive(Debug, Clone, Args)]
+pub struct KafkaBrokerArgs {
+    /// Topic to create.
+    #[arg(long, env = "LOADTEST_KAFKA_TOPIC")]
+    pub topic: String,
+    /// Partitions of the topic.
+    #[arg(long, env = "LOADTEST_KAFKA_PARTITIONS", default_value_t = 3)]
+    pub partitions: i32,
+    /// Brokers in the mock cluster (partition leaders are spread over them).
+    #[arg(long, env = "LOADTEST_KAFKA_MOCK_BROKERS", default_value_t = 1)]
+    pub mock_brokers: i32,
 }
