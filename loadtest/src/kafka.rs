@@ -273,7 +273,8 @@ mod tests {
             .unwrap();
         let mut tpl = TopicPartitionList::new();
         for p in 0..3 {
-            tpl.add_partition_offset("md", p, Offset::Beginning).unwrap();
+            tpl.add_partition_offset("md", p, Offset::Beginning)
+                .unwrap();
         }
         consumer.assign(&tpl).unwrap();
         let (mut seen, mut stamped) = (0, 0);
