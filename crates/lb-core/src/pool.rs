@@ -60,6 +60,10 @@ struct ShardState<T> {
     /// What the shard's last `/health` answer said (`Ok` until the first answer).
     reported: Reported,
     health_ok: bool,
+    /// Whether the last failure counted against this shard was a timeout (connect or
+    /// handshake): what an overloaded LB sees from every shard at once. Panic routing
+    /// only passes breakers opened this way, never one opened by refusals or errors.
+    timed_out: bool,
     /// In the current member list.
     listed: bool,
     /// When it left the list (while not listed).
@@ -80,6 +84,7 @@ impl<T> ShardState<T> {
             polled_relays: 0,
             reported: Reported::Ok,
             health_ok: true,
+            timed_out: false,
             listed: true,
             removed_at: None,
             admitted,
@@ -197,6 +202,8 @@ pub struct Lease<'a, T> {
     ticket: Option<Ticket>,
     /// Whether this lease still holds one unit of the shard's relay count.
     counted: bool,
+    /// Granted past an open breaker because every breaker was open (see [`ShardPool::select`]).
+    panic: bool,
 }
 
 /// One unit of a shard's live relay count, held for as long as a relay runs.
@@ -373,7 +380,10 @@ impl<T: Clone> ShardPool<T> {
     ) -> Option<Lease<'_, T>> {
         let mut excluded = tried;
         loop {
-            let candidates: Vec<Candidate> = self
+            // Each candidate with whether panic routing may use it: breaker open (not
+            // half-open: its trials are the breaker's own test) by timeouts, and its last
+            // health poll good.
+            let candidates: Vec<(Candidate, bool)> = self
                 .assigned()
                 .filter(|(i, _)| !excluded.contains(*i))
                 .filter_map(|(index, slot)| {
@@ -391,16 +401,22 @@ impl<T: Clone> ShardPool<T> {
                     let rate = s.window.failure_rate(now);
                     let relays = slot.relays.load(Ordering::Relaxed);
                     let score = health_score(s.live_utilization(relays), rate);
-                    Some(Candidate {
+                    let c = Candidate {
                         index,
                         admission,
                         score,
                         weight: slow_start_weight(ramp_from, now, self.settings.slow_start),
                         last_failure: s.breaker.last_failure(),
-                    })
+                    };
+                    let panic_ok =
+                        s.health_ok && s.timed_out && s.breaker.state() == BreakerState::Open;
+                    Some((c, panic_ok))
                 })
                 .collect();
-            let index = pick(&candidates, rng)?;
+            let plain: Vec<Candidate> = candidates.iter().map(|(c, _)| *c).collect();
+            let Some(index) = pick(&plain, rng) else {
+                return self.panic_select(&candidates, rng);
+            };
             let slot = self.slots.get(index)?;
             let acquired = {
                 let mut s = slot.state.lock();
@@ -419,12 +435,58 @@ impl<T: Clone> ShardPool<T> {
                         target,
                         ticket: Some(ticket),
                         counted: true,
+                        panic: false,
                     });
                 }
                 // Another task took the last trial slot between snapshot and acquire.
                 _ => excluded.insert(index),
             }
         }
+    }
+
+    /// Panic routing, as Envoy's panic threshold and its outlier detection's
+    /// `max_ejection_percent` do: when no shard this client may use admits (no breaker
+    /// closed, none due for a trial) but some of them have a breaker opened by timeouts and
+    /// still pass their health polls, the failures that opened the breakers are more likely this LB's own
+    /// (an overloaded LB times out its dials to every shard at once) than every shard's.
+    /// Refusing every client for `circuit_breaker_timeout` would turn an overload into an
+    /// outage of this LB, so the client is sent to one of those shards (P2C on score) past
+    /// its breaker. Such a call changes no breaker: its failure counts in the shard's
+    /// failure window and score only, and the breaker recovers through its own trials.
+    /// Shards whose polls fail (down, unreachable), whose last failure was not a timeout
+    /// (refused, an HTTP error: the shard's own answer) or whose breaker is half-open (its
+    /// trials are limited on purpose) are never chosen this way.
+    fn panic_select<R: Rng + ?Sized>(
+        &self,
+        candidates: &[(Candidate, bool)],
+        rng: &mut R,
+    ) -> Option<Lease<'_, T>> {
+        if candidates
+            .iter()
+            .any(|(c, _)| c.admission != Admission::Refused)
+        {
+            return None;
+        }
+        let healthy: Vec<Candidate> = candidates
+            .iter()
+            .filter(|(_, ok)| *ok)
+            .map(|(c, _)| Candidate {
+                admission: Admission::Closed,
+                ..*c
+            })
+            .collect();
+        let index = pick(&healthy, rng)?;
+        let slot = self.slots.get(index)?;
+        let target = slot.state.lock().as_ref()?.target.clone();
+        slot.relays.fetch_add(1, Ordering::Relaxed);
+        Some(Lease {
+            pool: self,
+            index,
+            target,
+            ticket: Some(Ticket::Normal),
+            counted: true,
+            panic: true,
+        })
     }
 }
 
@@ -576,6 +638,10 @@ impl<T> ShardPool<T> {
                     s.breaker.on_success(ticket)
                 }
                 Some(e) if e.counts_against_shard() => {
+                    s.timed_out = matches!(
+                        e,
+                        AttemptError::ConnectTimeout(_) | AttemptError::HandshakeTimeout(_)
+                    );
                     s.window.record(now, true);
                     s.breaker.on_failure(ticket, now)
                 }
@@ -600,6 +666,11 @@ impl<T> Lease<'_, T> {
     /// The chosen shard's target.
     pub fn target(&self) -> &T {
         &self.target
+    }
+
+    /// Whether this call was granted by panic routing, past an open breaker.
+    pub fn is_panic(&self) -> bool {
+        self.panic
     }
 
     /// Whether this call is a half-open trial.
@@ -711,6 +782,79 @@ mod tests {
             drop(lease.succeed());
         }
         assert_eq!(counts[0], 0, "{counts:?}");
+    }
+
+    /// Opens shard `i`'s breaker (3 failures in the test pool).
+    fn open(p: &ShardPool<()>, i: usize, rng: &mut StdRng) {
+        let mut tried = Tried::default();
+        for j in 0..p.len() {
+            if j != i {
+                tried.insert(j);
+            }
+        }
+        for _ in 0..3 {
+            let lease = p.select(tried, Instant::now(), rng).unwrap();
+            assert_eq!(lease.index(), i);
+            lease.fail(&AttemptError::HandshakeTimeout(Duration::from_secs(2)));
+        }
+        assert_eq!(p.snapshot(Instant::now())[i].breaker, BreakerState::Open);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_breaker_open_routes_past_them_to_shards_that_pass_polls() {
+        let p = pool(3, Arc::new(NoObserver));
+        let mut rng = StdRng::seed_from_u64(7);
+        // One breaker open, two closed: no panic, the open shard gets nothing.
+        open(&p, 0, &mut rng);
+        for _ in 0..50 {
+            let lease = p
+                .select(Tried::default(), Instant::now(), &mut rng)
+                .unwrap();
+            assert!(!lease.is_panic());
+            assert_ne!(lease.index(), 0);
+            drop(lease.succeed());
+        }
+        open(&p, 1, &mut rng);
+        open(&p, 2, &mut rng);
+        // Shard 2's polls fail: it is never chosen past its breaker.
+        p.set_health_unreachable(2);
+        let mut seen = [0usize; 3];
+        for _ in 0..200 {
+            let lease = p
+                .select(Tried::default(), Instant::now(), &mut rng)
+                .unwrap();
+            assert!(lease.is_panic());
+            seen[lease.index()] += 1;
+            // Neither outcome of a panic call moves a breaker.
+            if seen.iter().sum::<usize>() % 2 == 0 {
+                lease.fail(&AttemptError::HandshakeTimeout(Duration::from_secs(2)));
+            } else {
+                drop(lease.succeed());
+            }
+        }
+        // P2C on score among the two that pass their polls; never the one whose polls fail.
+        assert_eq!((seen[0] + seen[1], seen[2]), (200, 0), "{seen:?}");
+        assert!(p
+            .snapshot(Instant::now())
+            .iter()
+            .all(|s| s.breaker == BreakerState::Open));
+        // A client that tried both healthy shards gets none; so does everyone once no open
+        // shard passes its polls.
+        let mut tried = Tried::default();
+        tried.insert(0);
+        tried.insert(1);
+        assert!(p.select(tried, Instant::now(), &mut rng).is_none());
+        p.set_health_unreachable(0);
+        p.set_health_unreachable(1);
+        assert!(p
+            .select(Tried::default(), Instant::now(), &mut rng)
+            .is_none());
+        // After the open timeout the breakers' own trials come first again.
+        tokio::time::advance(Duration::from_secs(31)).await;
+        let lease = p
+            .select(Tried::default(), Instant::now(), &mut rng)
+            .unwrap();
+        assert!(lease.is_trial() && !lease.is_panic());
     }
 
     #[tokio::test(start_paused = true)]

@@ -75,6 +75,9 @@ pub const AUTH_FAILURES: &str = "ws_lb_auth_failures_total";
 /// Counter: token verifications by verified-token cache result, label `result` (`hit`: seen
 /// before with the current keys, no signature check; `miss`: verified in full).
 pub const AUTH_CACHE: &str = "ws_lb_auth_cache_lookups_total";
+/// Counter: shard calls granted past an open breaker because every breaker was open
+/// (panic routing, `lb_core::ShardPool::select`).
+pub const PANIC_ROUTED: &str = "ws_lb_panic_routed_total";
 
 /// Every metric name this crate exports (for docs and the exported-metrics test).
 pub const ALL: &[&str] = &[
@@ -106,6 +109,7 @@ pub const ALL: &[&str] = &[
     MEMBERSHIP_LAST_UPDATE,
     MEMBERSHIP_SOURCE_ERRORS,
     SHARD_RELAYS,
+    PANIC_ROUTED,
 ];
 
 /// Why the membership source could not be used (`ws_lb_membership_source_errors_total`,
@@ -394,6 +398,8 @@ pub struct LbMetrics {
     auth_failures: Vec<Counter>,
     /// Verified-token cache hits and misses.
     auth_cache: [Counter; 2],
+    /// `ws_lb_panic_routed_total`.
+    pub panic_routed: Counter,
 }
 
 impl LbMetrics {
@@ -447,6 +453,7 @@ impl LbMetrics {
                 .iter()
                 .map(|f| zero(metrics::counter!(AUTH_FAILURES, "reason" => f.label())))
                 .collect(),
+            panic_routed: zero(metrics::counter!(PANIC_ROUTED)),
             auth_cache: [auth::Lookup::Hit, auth::Lookup::Miss]
                 .map(|l| zero(metrics::counter!(AUTH_CACHE, "result" => l.label().unwrap_or("")))),
             lb_closes: LB_CLOSE_CODES

@@ -276,6 +276,9 @@ async fn connect(lb: &Lb, client_ip: IpAddr, token: Option<&str>) -> Result<Conn
             return Err(attempts.final_close(now));
         };
         let idx = lease.index();
+        if lease.is_panic() {
+            lb.metrics.panic_routed.increment(1);
+        }
         let Some(budget) = attempts.begin(idx, now) else {
             return Err(attempts.final_close(now));
         };
