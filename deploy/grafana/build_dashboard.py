@@ -109,6 +109,8 @@ ROWS = [
         ts("Breaker transitions", [q(f"sum by (from, to) (increase(ws_circuit_breaker_transitions_total{{{LB}}}[{RI}]))", "{{from}} -> {{to}}")]),
         ts("Breaker failures by shard", [q(f"sum by (shard_id) (rate(ws_circuit_breaker_failures_total{{{LB}}}[{RI}]))", "shard {{shard_id}}")],
            unit="ops"),
+        ts("Panic-routed shard calls", [q(f"sum by (instance) (rate(ws_lb_panic_routed_total{{{LB}}}[{RI}]))", "{{instance}}")],
+           unit="ops", description="Calls a ws-lb made past breakers opened by timeouts because none admitted (panic routing): that LB is overloaded, not its shards."),
         ts("Shard health score", [q(f"min by (shard_id) (ws_shard_health_score{{{LB}}})", "shard {{shard_id}}")],
            unit="percentunit", description="Worst score over all ws-lb VMs; ShardUnhealthy fires below 0.3."),
         ts("Shard utilization", [q(f"max by (shard_id) (ws_shard_utilization{{{LB}}})", "shard {{shard_id}}")], unit="percentunit"),
