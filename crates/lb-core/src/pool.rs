@@ -496,6 +496,24 @@ impl<T> ShardPool<T> {
         self.slots.iter().take(used).enumerate()
     }
 
+    /// Whether some shard not in `tried` that would take clients and passes its health polls
+    /// is refused by a breaker that timeouts opened: the sign of this LB's own overload (see
+    /// [`Self::panic_select`]). A client refused for that reason should back off (1013),
+    /// not reconnect at once as after a restart (1012).
+    pub fn refused_by_timeouts(&self, tried: Tried) -> bool {
+        self.assigned()
+            .filter(|(i, _)| !tried.contains(*i))
+            .any(|(_, slot)| {
+                slot.state.lock().as_ref().is_some_and(|s| {
+                    s.listed
+                        && s.reported.takes_clients()
+                        && s.health_ok
+                        && s.timed_out
+                        && s.breaker.state() != BreakerState::Closed
+                })
+            })
+    }
+
     /// Number of listed shards.
     pub fn len(&self) -> usize {
         self.assigned()
@@ -844,11 +862,21 @@ mod tests {
         tried.insert(0);
         tried.insert(1);
         assert!(p.select(tried, Instant::now(), &mut rng).is_none());
+        // Breakers opened by timeouts on shards that pass their polls: a client refused
+        // while one of them is untried is told to back off (1013).
+        assert!(p.refused_by_timeouts(Tried::default()));
+        let mut all = tried;
+        all.insert(2);
+        assert!(!p.refused_by_timeouts(all));
         p.set_health_unreachable(0);
         p.set_health_unreachable(1);
         assert!(p
             .select(Tried::default(), Instant::now(), &mut rng)
             .is_none());
+        assert!(
+            !p.refused_by_timeouts(Tried::default()),
+            "polls fail too: down or cut off, not this LB"
+        );
         // After the open timeout the breakers' own trials come first again.
         tokio::time::advance(Duration::from_secs(31)).await;
         let lease = p
@@ -889,6 +917,10 @@ mod tests {
         assert!(
             p.select(tried, Instant::now(), &mut rng).is_none(),
             "only the open shard left: nothing admitted"
+        );
+        assert!(
+            !p.refused_by_timeouts(tried),
+            "opened by refusals: the shard is down, not this LB overloaded"
         );
         tokio::time::advance(Duration::from_secs(30)).await;
         // Past the timeout the recovering shard is probed first, even with a healthy one

@@ -273,6 +273,11 @@ async fn connect(lb: &Lb, client_ip: IpAddr, token: Option<&str>) -> Result<Conn
         let now = Instant::now();
         let lease = lb.pool.select(attempts.tried(), now, &mut rand::rng());
         let Some(lease) = lease else {
+            // Breakers opened by timeouts mean this LB is overloaded: 1013 (back off), not
+            // the 1012 (reconnect now) of shards that are down or draining.
+            if lb.pool.refused_by_timeouts(attempts.tried()) {
+                return Err(OVERLOADED);
+            }
             return Err(attempts.final_close(now));
         };
         let idx = lease.index();
