@@ -13,6 +13,15 @@ from pathlib import Path
 import cluster as cl
 
 CHANNELS = "trades.K{0..9}"
+
+
+def channels_for(partitions):
+    """The channels the clients subscribe to: one per partition that the producer feeds
+    (`Producer` writes key K<i> to partition i), at most ten. A channel beyond the partition
+    count would never get a record, and its clients, holding only the subscribe reply's
+    placeholder position, would get `recovered: false` from any other shard process."""
+    return f"trades.K{{0..{max(1, min(partitions, 10)) - 1}}}"
+
 TOPIC = "trades"
 # The load generator's handshake deadline; None = loadtest's default (5 s), used at full
 # size, which measures capacity. The short versions (`make cluster-test`, part of `make
@@ -68,7 +77,8 @@ class Loadtest:
         self.args = [str(c.bin / "loadtest"), "--url", url or c.url(), "--connections", str(connections),
                      "--rate", str(rate), "--hold", str(hold), "--source-ips", ips, "--json", str(self.out), "--quiet",
                      *(["--ca-file", str(c.front.ca)] if ca else []),
-                     *(["--channels", CHANNELS] if channels else []), *(["--reconnect"] if reconnect else []),
+                     *(["--channels", channels_for(c.a.partitions)] if channels else []),
+                     *(["--reconnect"] if reconnect else []),
                      *(["--handshake-timeout", HANDSHAKE_TIMEOUT] if HANDSHAKE_TIMEOUT else []), *extra]
         self.log = open(c.run_dir / f"loadtest-{name}.log", "w")
         self.p = subprocess.Popen(["ip", "netns", "exec", c.net.vms["clients"].ns, *self.args],
