@@ -79,25 +79,38 @@ def tree_pids(pid: int) -> list:
     return out
 
 
-def start_shards(procs, shards=3, max_conn=6000, extra=(), bin_dir=None):
+# Flags every bench server gets besides its placement (ports, backends), unless `defaults=True`:
+# quiet logs and a 1 s drain (teardown only). The shard's per-client message limit and ws-lb's
+# per-IP limit and pacing are off or raised here for the comparisons, where ws-lb must not be
+# the one proxy that rate-limits; `defaults=True` (the capacity ramp) keeps every documented
+# default but the drain window and log level, and the result records every flag.
+SHARD_BENCH_FLAGS_OFF = ["--client-rate", "0"]
+LB_BENCH_FLAGS_OFF = ["--per-ip-rate", "0", "--admission-rate", "20000", "--admission-burst", "2000"]
+# Source addresses of the generator: 512, so that the per-IP limit at its default (100/s,
+# burst 200) never binds below 51,200 connections/s.
+SOURCE_IPS = "127.0.1.0-127.0.2.255"
+
+
+def start_shards(procs, shards=3, max_conn=6000, extra=(), bin_dir=None, defaults=False):
     base, admin = free_port(), free_port()
     while any(not port_free(base + i) for i in range(shards)):
         base = free_port()
     p = procs.start("shard", [str((bin_dir or BIN) / "ws-shard"), "--shards", str(shards), "--base-port", str(base),
                               "--admin-addr", f"127.0.0.1:{admin}", "--max-connections", str(max_conn),
-                              "--log-level", "warn", "--drain-window", "1s", "--client-rate", "0", *extra])
+                              "--log-level", "warn", "--drain-window", "1s",
+                              *([] if defaults else SHARD_BENCH_FLAGS_OFF), *extra])
     for i in range(shards):
         wait_http(f"http://127.0.0.1:{base + i}/health")
     return p, [base + i for i in range(shards)], admin
 
 
-def start_lb(procs, shard_ports, name="lb", port=None, admin=None, extra=(), bin_dir=None):
+def start_lb(procs, shard_ports, name="lb", port=None, admin=None, extra=(), bin_dir=None, defaults=False):
     port = port or free_port()
     admin = admin or free_port()
     urls = ",".join(f"ws://127.0.0.1:{p}/ws" for p in shard_ports)
     p = procs.start(name, [str((bin_dir or BIN) / "ws-lb"), "--listen", f"127.0.0.1:{port}", "--admin-addr", f"127.0.0.1:{admin}",
-                           "--backend-urls", urls, "--per-ip-rate", "0", "--admission-rate", "20000",
-                           "--admission-burst", "2000", "--log-level", "warn", "--drain-window", "1s", *extra])
+                           "--backend-urls", urls, *([] if defaults else LB_BENCH_FLAGS_OFF),
+                           "--log-level", "warn", "--drain-window", "1s", *extra])
     wait_http(f"http://127.0.0.1:{port}/health")
     return p, port, admin
 
@@ -199,7 +212,7 @@ def median(values):
     return statistics.median(values) if values else None
 
 
-def held_run(target_url, lb_pid, shard_pid, connections, rate, hold, extra=()):
+def held_run(target_url, lb_pid, shard_pid, connections, rate, hold, extra=(), source_ips="127.0.0.2-127.0.0.9"):
     """One ramp with RSS measured before and after (per held connection). `lb_pid` may be a
     list (several ws-lb processes sharing the port)."""
     lb_pids = lb_pid if isinstance(lb_pid, list) else ([lb_pid] if lb_pid else [])
@@ -211,7 +224,7 @@ def held_run(target_url, lb_pid, shard_pid, connections, rate, hold, extra=()):
     # Run the loadtest in the background so RSS can be read while connections are held.
     out = Path(tempfile.mkdtemp()) / "report.json"
     args = [str(LT), "--url", target_url, "--connections", str(connections), "--rate", str(rate),
-            "--hold", str(hold), "--source-ips", "127.0.0.2-127.0.0.9", "--json", str(out), "--quiet", *extra]
+            "--hold", str(hold), "--source-ips", source_ips, "--json", str(out), "--quiet", *extra]
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ramp = connections / rate
     time.sleep(ramp + min(hold / 2, 5) + 1)
@@ -237,16 +250,18 @@ def capacity_run(connections, rate, hold, lb_procs, bin_dir=None):
     sharing the port) built from `bin_dir` (default: the binaries measured)."""
     procs = odin.Procs("bench")
     try:
-        shard, shard_ports, _ = start_shards(procs, bin_dir=bin_dir)
+        shard, shard_ports, _ = start_shards(procs, bin_dir=bin_dir, defaults=True)
         # One ws-lb relays at most ~10,000 clients (two descriptors each, 20,000 per
         # process here), so 12,000 need two processes sharing the port.
         lb_port, lb_pids = free_port(), []
         for i in range(lb_procs):
             lb, _, _ = start_lb(procs, shard_ports, name=f"lb{i}", port=lb_port,
-                                extra=["--reuse-port"] if lb_procs > 1 else [], bin_dir=bin_dir)
+                                extra=["--reuse-port"] if lb_procs > 1 else [], bin_dir=bin_dir, defaults=True)
             lb_pids.append(lb.pid)
-        row, rep = held_run(f"ws://127.0.0.1:{lb_port}/ws", lb_pids, shard.pid, connections, rate, hold)
+        row, rep = held_run(f"ws://127.0.0.1:{lb_port}/ws", lb_pids, shard.pid, connections, rate, hold,
+                            source_ips=SOURCE_IPS)
         row["report"] = rep
+        row["processes"] = [[str(x) for x in p.args] for p in procs.started]
         return row
     finally:
         procs.stop()
