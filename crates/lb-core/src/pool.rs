@@ -91,6 +91,12 @@ impl<T> ShardState<T> {
         }
     }
 
+    /// Refused by a breaker that timeouts opened while its health polls pass: the sign of
+    /// this LB's own overload rather than the shard's (see [`ShardPool::panic_select`]).
+    fn refused_by_own_overload(&self) -> bool {
+        self.health_ok && self.timed_out && self.breaker.state() != BreakerState::Closed
+    }
+
     fn member(&self, now: Instant, slow_start: Duration) -> MemberState {
         match (self.listed, self.admitted) {
             (false, _) => MemberState::Removed,
@@ -380,10 +386,10 @@ impl<T: Clone> ShardPool<T> {
     ) -> Option<Lease<'_, T>> {
         let mut excluded = tried;
         loop {
-            // Each candidate with whether panic routing may use it: breaker open (not
-            // half-open: its trials are the breaker's own test) by timeouts, and its last
-            // health poll good.
-            let candidates: Vec<(Candidate, bool)> = self
+            // Shards panic routing may use (`panic_select`): breaker open (not half-open: its
+            // trials are the breaker's own test) by timeouts, polls passing.
+            let mut panic_ok = Tried::default();
+            let candidates: Vec<Candidate> = self
                 .assigned()
                 .filter(|(i, _)| !excluded.contains(*i))
                 .filter_map(|(index, slot)| {
@@ -408,14 +414,14 @@ impl<T: Clone> ShardPool<T> {
                         weight: slow_start_weight(ramp_from, now, self.settings.slow_start),
                         last_failure: s.breaker.last_failure(),
                     };
-                    let panic_ok =
-                        s.health_ok && s.timed_out && s.breaker.state() == BreakerState::Open;
-                    Some((c, panic_ok))
+                    if s.refused_by_own_overload() && s.breaker.state() == BreakerState::Open {
+                        panic_ok.insert(index);
+                    }
+                    Some(c)
                 })
                 .collect();
-            let plain: Vec<Candidate> = candidates.iter().map(|(c, _)| *c).collect();
-            let Some(index) = pick(&plain, rng) else {
-                return self.panic_select(&candidates, rng);
+            let Some(index) = pick(&candidates, rng) else {
+                return self.panic_select(&candidates, panic_ok, rng);
             };
             let slot = self.slots.get(index)?;
             let acquired = {
@@ -458,19 +464,17 @@ impl<T: Clone> ShardPool<T> {
     /// trials are limited on purpose) are never chosen this way.
     fn panic_select<R: Rng + ?Sized>(
         &self,
-        candidates: &[(Candidate, bool)],
+        candidates: &[Candidate],
+        eligible: Tried,
         rng: &mut R,
     ) -> Option<Lease<'_, T>> {
-        if candidates
-            .iter()
-            .any(|(c, _)| c.admission != Admission::Refused)
-        {
+        if candidates.iter().any(|c| c.admission != Admission::Refused) {
             return None;
         }
         let healthy: Vec<Candidate> = candidates
             .iter()
-            .filter(|(_, ok)| *ok)
-            .map(|(c, _)| Candidate {
+            .filter(|c| eligible.contains(c.index))
+            .map(|c| Candidate {
                 admission: Admission::Closed,
                 ..*c
             })
@@ -505,11 +509,7 @@ impl<T> ShardPool<T> {
             .filter(|(i, _)| !tried.contains(*i))
             .any(|(_, slot)| {
                 slot.state.lock().as_ref().is_some_and(|s| {
-                    s.listed
-                        && s.reported.takes_clients()
-                        && s.health_ok
-                        && s.timed_out
-                        && s.breaker.state() != BreakerState::Closed
+                    s.listed && s.reported.takes_clients() && s.refused_by_own_overload()
                 })
             })
     }
