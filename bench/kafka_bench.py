@@ -65,8 +65,8 @@ def percentiles(values):
 
 class Broker:
     """tansu (the tests' broker), or librdkafka's mock cluster (`loadtest kafka-broker`): a
-    Kafka-protocol broker in C with its log in memory. tansu takes seconds per record at
-    1,000 records/s on this machine, too slow to measure a gateway's 2 ms against."""
+    Kafka-protocol broker in C with its log in memory. tansu delivers to a plain consumer at
+    a p99 of 3.4 s at 1,000 records/s on this machine, too slow to measure a gateway's 2 ms against."""
 
     def __init__(self, procs, kind, tansu):
         self.kind = kind
