@@ -11,7 +11,6 @@ use axum::Router;
 use hyper::body::Incoming;
 use hyper::Request;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
@@ -36,15 +35,17 @@ impl Default for HttpLimits {
     }
 }
 
-/// Serves `stream` with `router` until the client closes, the connection is upgraded (the
+/// Serves `stream` (a `TcpStream`, or a [`crate::head::Rewind`] of one) with `router` until the client closes, the connection is upgraded (the
 /// handler then owns the socket), or `drain` asks idle connections to close.
-pub async fn serve_connection(
-    stream: TcpStream,
+pub async fn serve_connection<I>(
+    stream: I,
     peer: SocketAddr,
     router: Router,
     limits: HttpLimits,
     drain: CancellationToken,
-) {
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         req.extensions_mut().insert(ConnectInfo(peer));
         let router = router.clone();

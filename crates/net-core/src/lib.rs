@@ -8,6 +8,7 @@
 pub mod accept;
 pub mod cli;
 pub mod config;
+pub mod head;
 pub mod http;
 pub mod limits;
 pub mod listener;

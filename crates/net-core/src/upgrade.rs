@@ -10,6 +10,8 @@ use fastwebsockets::upgrade::UpgradeFut;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use crate::head::Rewind;
+
 /// A refusal before upgrading: `Connection: close` so the socket does not linger.
 pub fn refuse(status: StatusCode, reason: &'static str) -> Response {
     (status, [(header::CONNECTION, "close")], reason).into_response()
@@ -72,12 +74,22 @@ pub enum UpgradeError {
 /// any bytes hyper had already read past the request (pipelined frames).
 pub async fn into_raw(fut: UpgradeFut) -> Result<(TcpStream, Bytes), UpgradeError> {
     let ws = fut.await.map_err(UpgradeError::Abandoned)?;
-    let parts = ws
-        .into_inner()
-        .into_inner()
-        .downcast::<TokioIo<TcpStream>>()
-        .map_err(|_| UpgradeError::NotTcp)?;
-    Ok((parts.io.into_inner(), parts.read_buf))
+    let upgraded = ws.into_inner().into_inner();
+    let parts = match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => return Ok((parts.io.into_inner(), parts.read_buf)),
+        Err(other) => other
+            .downcast::<TokioIo<Rewind<TcpStream>>>()
+            .map_err(|_| UpgradeError::NotTcp)?,
+    };
+    // Served after the fast path declined the first request (see `crate::head`): what is
+    // left of the replayed bytes comes before what hyper read past this request.
+    let (stream, unread) = parts.io.into_inner().into_parts();
+    if unread.is_empty() {
+        return Ok((stream, parts.read_buf));
+    }
+    let mut rest = bytes::BytesMut::from(&parts.read_buf[..]);
+    rest.extend_from_slice(&unread);
+    Ok((stream, rest.freeze()))
 }
 
 /// Turns fastwebsockets' `Response<Empty>` into an axum response.

@@ -9,6 +9,7 @@
 
 mod backend;
 mod edge_auth;
+mod front;
 mod health;
 mod membership;
 pub mod metrics;
@@ -214,23 +215,33 @@ impl ClientIp {
         let peer = req
             .extensions()
             .get::<axum::extract::ConnectInfo<SocketAddr>>()
-            .map(|c| c.0.ip());
-        if !self.trust_forwarded_for {
+            .map(|c| c.0.ip())?;
+        let forwarded = req
+            .headers()
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok());
+        Some(Self::of_parts(self.trust_forwarded_for, peer, forwarded))
+    }
+
+    /// The client IP from the TCP peer and the first `X-Forwarded-For` header.
+    pub(crate) fn of_parts(
+        trust_forwarded_for: bool,
+        peer: IpAddr,
+        forwarded: Option<&str>,
+    ) -> IpAddr {
+        if !trust_forwarded_for {
             return peer;
         }
         // GCP appends "<client-ip>,<load-balancer-ip>" to whatever the client sent, so the
         // trustworthy entry is the second from the right; anything further left is
         // client-supplied and could be forged.
-        let forwarded = req
-            .headers()
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok())
+        forwarded
             .and_then(|v| {
-                let parts: Vec<&str> = v.split(',').map(str::trim).collect();
-                let idx = parts.len().checked_sub(2)?;
-                parts.get(idx)?.parse::<IpAddr>().ok()
-            });
-        forwarded.or(peer)
+                let mut parts = v.rsplit(',').map(str::trim);
+                parts.next()?;
+                parts.next()?.parse::<IpAddr>().ok()
+            })
+            .unwrap_or(peer)
     }
 }
 
@@ -242,8 +253,11 @@ impl KeyExtractor for ClientIp {
     }
 }
 
-fn client_router(lb: Arc<Lb>) -> Result<Router, LbError> {
+/// The router hyper serves the client listener with, and the per-IP limiter it shares with
+/// the fast path (`front`).
+fn client_router(lb: Arc<Lb>) -> Result<(Router, Option<front::PerIpLimiter>), LbError> {
     let ws = get(proxy::handle);
+    let mut shared = None;
     let ws = match lb.cfg.per_ip {
         None => ws,
         Some(limit) => {
@@ -260,6 +274,7 @@ fn client_router(lb: Arc<Lb>) -> Result<Router, LbError> {
                 .finish()
                 .ok_or(LbError::PerIp)?;
             let limiter = config.limiter().clone();
+            shared = Some(limiter.clone());
             // The per-IP table grows with distinct clients; forget idle ones regularly.
             let stop = lb.shutdown.hard.clone();
             tokio::spawn(async move {
@@ -282,10 +297,11 @@ fn client_router(lb: Arc<Lb>) -> Result<Router, LbError> {
             }))
         }
     };
-    Ok(Router::new()
+    let router = Router::new()
         .route("/ws", ws)
         .route("/health", get(health::lb_health))
-        .with_state(lb))
+        .with_state(lb);
+    Ok((router, shared))
 }
 
 /// Re-reads the key files every `reload_interval` while they change; a bad file keeps the
@@ -363,31 +379,50 @@ pub async fn run(
     if verifier.enabled() {
         tasks.spawn(reload_keys(verifier, shutdown.hard.clone()));
     }
-    let router = client_router(lb.clone())?;
+    let (router, per_ip) = client_router(lb.clone())?;
+    let front = Arc::new(front::Front {
+        lb: lb.clone(),
+        router,
+        limits: lb.cfg.http,
+        per_ip,
+        stop: shutdown.hard.clone(),
+    });
+    let (conns, stop, client_opts) = (tasks.clone(), shutdown.hard.clone(), lb.cfg.socket);
+    tracing::info!(listener = "client", addr = ?listeners.client.local_addr().ok(), "ws-lb listening");
+    tasks.spawn(async move {
+        // Plain HTTP keeps being served while draining so /health can say so.
+        net_core::accept_loop(
+            listeners.client,
+            "client",
+            client_opts,
+            stop,
+            |stream, peer| {
+                conns.spawn(front.clone().serve(stream, peer));
+            },
+        )
+        .await;
+    });
     let admin = net_core::telemetry::metrics_router(prometheus);
-    let client_opts = lb.cfg.socket;
-    for (listener, name, router, opts) in [
-        (listeners.client, "client", router, client_opts),
-        (listeners.admin, "admin", admin, SocketOptions::default()),
-    ] {
-        let limits = lb.cfg.http;
-        let stop = shutdown.hard.clone();
-        let conns = tasks.clone();
-        tracing::info!(listener = name, addr = ?listener.local_addr().ok(), "ws-lb listening");
-        tasks.spawn(async move {
-            // Plain HTTP keeps being served while draining so /health can say so.
-            net_core::accept_loop(listener, name, opts, stop.clone(), |stream, peer| {
+    let (limits, stop, conns) = (lb.cfg.http, shutdown.hard.clone(), tasks.clone());
+    tracing::info!(listener = "admin", addr = ?listeners.admin.local_addr().ok(), "ws-lb listening");
+    tasks.spawn(async move {
+        net_core::accept_loop(
+            listeners.admin,
+            "admin",
+            SocketOptions::default(),
+            stop.clone(),
+            |stream, peer| {
                 conns.spawn(net_core::serve_connection(
                     stream,
                     peer,
-                    router.clone(),
+                    admin.clone(),
                     limits,
                     stop.clone(),
                 ));
-            })
-            .await;
-        });
-    }
+            },
+        )
+        .await;
+    });
 
     tokio::select! {
         _ = shutdown.drain.cancelled() => {}

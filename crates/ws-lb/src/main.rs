@@ -7,6 +7,9 @@ use clap::CommandFactory;
 use net_core::{ListenOptions, Shutdown};
 use ws_lb::Listeners;
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let loaded = config::load(&config::Cli::command().get_matches(), "LB_")?;

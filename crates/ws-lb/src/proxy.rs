@@ -35,6 +35,126 @@ fn origin_allowed(allowed: &[String], origin: Option<&str>) -> bool {
     }
 }
 
+/// The fields of a WebSocket request the LB decides on, however it was read.
+pub(crate) struct WsRequest<'a> {
+    pub(crate) peer: IpAddr,
+    pub(crate) origin: Option<&'a str>,
+    pub(crate) forwarded_for: Option<&'a str>,
+    pub(crate) query: Option<&'a str>,
+}
+
+/// A request answered with an HTTP status instead of an upgrade.
+pub(crate) struct Refusal {
+    pub(crate) status: StatusCode,
+    pub(crate) reason: &'static str,
+}
+
+/// A client let in: held until its relay (or its close) ends.
+pub(crate) struct Admitted {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    /// Counts the client among the relays a drain waits for, from admission on.
+    _relay: tokio_util::task::task_tracker::TaskTrackerToken,
+    client_ip: IpAddr,
+    query_token: Option<String>,
+}
+
+/// What happens once the client has its 101.
+pub(crate) enum Plan {
+    /// Authentication on and no `?token=`: the first message decides.
+    FirstMessage,
+    /// Refused after all (token, subject limit): this close frame.
+    Close(FinalClose),
+    /// A shard took the client (or none did: the close that says why).
+    Relay(
+        Option<edge_auth::SubjectGuard>,
+        Result<Connected, FinalClose>,
+    ),
+}
+
+/// Origin, drain and `max_clients`; the client IP and the query token. Counts refusals.
+pub(crate) fn admit(lb: &Arc<Lb>, req: &WsRequest<'_>) -> Result<Admitted, Refusal> {
+    let refused = |rejection, status, reason| {
+        lb.metrics.rejected(rejection);
+        lb.metrics.client(ClientOutcome::Rejected);
+        Err(Refusal { status, reason })
+    };
+    if !origin_allowed(&lb.cfg.allowed_origins, req.origin) {
+        return refused(
+            Rejection::Origin,
+            StatusCode::FORBIDDEN,
+            "origin not allowed",
+        );
+    }
+    if lb.draining() {
+        return refused(
+            Rejection::Draining,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "load balancer draining",
+        );
+    }
+    let Some(permit) = lb.client_permit() else {
+        return refused(
+            Rejection::ClientLimit,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "client limit reached",
+        );
+    };
+    // Read before the upgrade takes the request apart. Never logged: query strings with
+    // tokens must not reach any log (the request line is not logged anywhere in ws-lb).
+    let query_token = lb
+        .verifier
+        .enabled()
+        .then(|| edge_auth::query_token(req.query).map(str::to_owned))
+        .flatten();
+    Ok(Admitted {
+        _permit: permit,
+        _relay: lb.relays.token(),
+        client_ip: ClientIp::of_parts(lb.cfg.trust_forwarded_for, req.peer, req.forwarded_for),
+        query_token,
+    })
+}
+
+/// Everything decided before the client's 101: the token, the subject limit, pacing and
+/// a shard (the client's 101 follows the shard's).
+pub(crate) async fn before_101(lb: &Lb, adm: &Admitted) -> Plan {
+    if lb.verifier.enabled() && adm.query_token.is_none() {
+        return Plan::FirstMessage;
+    }
+    // Auth off, or a token in the query: decided before anything else happens.
+    let admitted = match edge_auth::verify(&lb.verifier, &lb.metrics, adm.query_token.as_deref()) {
+        Err(failure) => Err(refuse_auth(lb, failure)),
+        Ok(identity) => subject_place(lb, identity.as_ref()),
+    };
+    match admitted {
+        Err(close) => Plan::Close(close),
+        Ok(guard) => Plan::Relay(
+            guard,
+            admit_and_connect(lb, adm.client_ip, adm.query_token.as_deref()).await,
+        ),
+    }
+}
+
+/// After the client's 101: the relay, the first message, or the close frame.
+pub(crate) async fn after_101(
+    lb: Arc<Lb>,
+    adm: Admitted,
+    plan: Plan,
+    client: TcpStream,
+    client_prefix: Bytes,
+) {
+    match plan {
+        Plan::FirstMessage => {
+            first_message_then_relay(&lb, client, client_prefix, adm.client_ip).await
+        }
+        Plan::Close(close) => close_client(client, close, lb.cfg.close_timeout).await,
+        Plan::Relay(_guard, outcome) => finish(&lb, client, client_prefix, outcome).await,
+    }
+    drop(adm);
+}
+
+/// `GET /ws` served by hyper: requests the fast path (`crate::front`) declined — bad
+/// upgrades get their precise statuses here — and an upgrade that follows another request
+/// on a kept-alive connection.
 pub(crate) async fn handle(
     State(lb): State<Arc<Lb>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -44,37 +164,19 @@ pub(crate) async fn handle(
         lb.metrics.client(ClientOutcome::Rejected);
         return *r;
     }
-    let origin = req
-        .headers()
-        .get(header::ORIGIN)
-        .and_then(|v| v.to_str().ok());
-    if !origin_allowed(&lb.cfg.allowed_origins, origin) {
-        lb.metrics.rejected(Rejection::Origin);
-        lb.metrics.client(ClientOutcome::Rejected);
-        return refuse(StatusCode::FORBIDDEN, "origin not allowed");
-    }
-    if lb.draining() {
-        lb.metrics.rejected(Rejection::Draining);
-        lb.metrics.client(ClientOutcome::Rejected);
-        return refuse(StatusCode::SERVICE_UNAVAILABLE, "load balancer draining");
-    }
-    let Some(permit) = lb.client_permit() else {
-        lb.metrics.rejected(Rejection::ClientLimit);
-        lb.metrics.client(ClientOutcome::Rejected);
-        return refuse(StatusCode::SERVICE_UNAVAILABLE, "client limit reached");
+    let adm = {
+        let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+        let fields = WsRequest {
+            peer: peer.ip(),
+            origin: header(header::ORIGIN.as_str()),
+            forwarded_for: header("x-forwarded-for"),
+            query: req.uri().query(),
+        };
+        match admit(&lb, &fields) {
+            Ok(adm) => adm,
+            Err(r) => return refuse(r.status, r.reason),
+        }
     };
-    let client_ip = ClientIp {
-        trust_forwarded_for: lb.cfg.trust_forwarded_for,
-    }
-    .of(&req)
-    .unwrap_or(peer.ip());
-    // Read before the upgrade takes the request apart. Never logged: query strings with
-    // tokens must not reach any log (the request line is not logged anywhere in ws-lb).
-    let query_token = lb
-        .verifier
-        .enabled()
-        .then(|| edge_auth::query_token(req.uri().query()).map(str::to_owned))
-        .flatten();
     let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(pair) => pair,
         Err(e) => {
@@ -83,46 +185,14 @@ pub(crate) async fn handle(
             return refuse(StatusCode::BAD_REQUEST, "bad upgrade request");
         }
     };
-
-    if lb.verifier.enabled() && query_token.is_none() {
-        // The token (if any) comes as the first message, after the upgrade.
-        let task_lb = lb.clone();
-        lb.relays.spawn(async move {
-            let _permit = permit;
-            first_message_then_relay(task_lb, upgrade, client_ip).await;
-        });
-        return into_axum(response);
-    }
-
-    // Auth off, or a token in the query: decided before anything else happens.
-    let admitted = match edge_auth::verify(&lb.verifier, &lb.metrics, query_token.as_deref()) {
-        Err(failure) => Err(refuse_auth(&lb, failure)),
-        Ok(identity) => subject_place(&lb, identity.as_ref()),
-    };
-    let guard = match admitted {
-        Ok(guard) => guard,
-        Err(close) => {
-            let task_lb = lb.clone();
-            lb.relays.spawn(async move {
-                let _permit = permit;
-                if let Ok((client, _)) = into_raw(upgrade).await {
-                    close_client(client, close, task_lb.cfg.close_timeout).await;
-                }
-            });
-            return into_axum(response);
-        }
-    };
-
-    let outcome = admit_and_connect(&lb, client_ip, query_token.as_deref()).await;
+    let plan = before_101(&lb, &adm).await;
     let task_lb = lb.clone();
     lb.relays.spawn(async move {
-        let _permit = permit;
-        let _guard = guard;
         let Ok((client, client_prefix)) = into_raw(upgrade).await else {
             tracing::debug!("client left before its upgrade completed");
             return;
         };
-        finish(&task_lb, client, client_prefix, outcome).await;
+        after_101(task_lb, adm, plan, client, client_prefix).await;
     });
     into_axum(response)
 }
@@ -130,32 +200,30 @@ pub(crate) async fn handle(
 /// Without `?token=` and with authentication on: the first message decides (`auth` with a
 /// token, or — when public channels exist — anything else for an anonymous connection).
 async fn first_message_then_relay(
-    lb: Arc<Lb>,
-    upgrade: fastwebsockets::upgrade::UpgradeFut,
+    lb: &Lb,
+    mut client: TcpStream,
+    prefix: Bytes,
     client_ip: IpAddr,
 ) {
-    let Ok((mut client, prefix)) = into_raw(upgrade).await else {
-        return;
-    };
     let max = lb.verifier.config().max_token_len;
     let first = edge_auth::read_first_message(&mut client, prefix, max, lb.cfg.auth_timeout).await;
     let (token, client_prefix) = match first {
         edge_auth::FirstMessage::Gone => return,
         edge_auth::FirstMessage::TooLong => {
-            let close = refuse_auth(&lb, auth::AuthFailure::TooLong);
+            let close = refuse_auth(lb, auth::AuthFailure::TooLong);
             return close_client(client, close, lb.cfg.close_timeout).await;
         }
         edge_auth::FirstMessage::Auth { token, rest } => (Some(token), rest),
         edge_auth::FirstMessage::Other { read } if lb.verifier.allows_anonymous() => (None, read),
         edge_auth::FirstMessage::Other { .. } => {
-            let close = refuse_auth(&lb, auth::AuthFailure::NoAuthMessage);
+            let close = refuse_auth(lb, auth::AuthFailure::NoAuthMessage);
             return close_client(client, close, lb.cfg.close_timeout).await;
         }
     };
     let admitted = match token {
         Some(ref t) => match edge_auth::verify(&lb.verifier, &lb.metrics, Some(t)) {
-            Err(failure) => Err(refuse_auth(&lb, failure)),
-            Ok(identity) => subject_place(&lb, identity.as_ref()),
+            Err(failure) => Err(refuse_auth(lb, failure)),
+            Ok(identity) => subject_place(lb, identity.as_ref()),
         },
         None => Ok(None),
     };
@@ -163,8 +231,8 @@ async fn first_message_then_relay(
         Ok(guard) => guard,
         Err(close) => return close_client(client, close, lb.cfg.close_timeout).await,
     };
-    let outcome = admit_and_connect(&lb, client_ip, token.as_deref()).await;
-    finish(&lb, client, client_prefix, outcome).await;
+    let outcome = admit_and_connect(lb, client_ip, token.as_deref()).await;
+    finish(lb, client, client_prefix, outcome).await;
 }
 
 /// Counts a refused token; the close the client gets (4001, with the reason).
@@ -262,7 +330,7 @@ async fn finish(
 /// A shard that completed its handshake: the socket, what the shard sent after its 101,
 /// the shard's index and its relay count (held until the relay ends, so selection sees
 /// this client on that shard until the next health poll counts it).
-type Connected = (TcpStream, Bytes, usize, lb_core::RelayCount);
+pub(crate) type Connected = (TcpStream, Bytes, usize, lb_core::RelayCount);
 
 /// Tries shards until one completes its handshake or the policy gives up.
 async fn connect(lb: &Lb, client_ip: IpAddr, token: Option<&str>) -> Result<Connected, FinalClose> {

@@ -6,6 +6,7 @@ mod admission;
 mod breaker;
 mod failover;
 mod fd_limit;
+mod front;
 mod health;
 mod membership;
 mod relay;
