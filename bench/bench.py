@@ -399,48 +399,108 @@ def start_haproxy(procs, shard_ports, workers=2):
     return p, port
 
 
+def start_target(procs, target):
+    """Fresh shards (3, one process, documented defaults) and, in front, `target`: ws-lb with
+    its documented defaults, ws-lb with pacing off (`ws-lb-unpaced`), nginx (2 workers),
+    HAProxy (2 threads; ws-lb runs 2 runtime threads) or none (`direct`, the shards' ports).
+    Returns (shard process, proxy process or None, url)."""
+    shard, shard_ports, _ = start_shards(procs, shards=3, max_conn=20000, defaults=True)
+    proxy = None
+    if target == "ws-lb":
+        proxy, port, _ = start_lb(procs, shard_ports, defaults=True)
+    elif target == "ws-lb-unpaced":
+        proxy, port, _ = start_lb(procs, shard_ports, defaults=True, extra=["--admission-rate", "0"])
+    elif target == "nginx":
+        proxy, port = start_nginx(procs, shard_ports)
+    elif target == "haproxy":
+        proxy, port = start_haproxy(procs, shard_ports)
+    elif target == "direct":
+        return shard, None, ",".join(f"ws://127.0.0.1:{p}/ws" for p in shard_ports)
+    else:
+        raise SystemExit(f"unknown target {target}")
+    return shard, proxy, f"ws://127.0.0.1:{port}/ws"
+
+
+def cpu_run(url, proxy, connections, rate, lifetime, hold=0):
+    """One ramp (each connection closes itself after `lifetime`; 0: held until the end) with
+    the proxy's CPU seconds (user + system, every process of it) over the ramp, hold and
+    closes, per attempted connection."""
+    pids = [proxy.pid] if proxy else []
+    cpu0 = Sampler(pids).cpu() if pids else 0.0
+    extra = ["--lifetime", lifetime] if lifetime else []
+    out = Path(tempfile.mkdtemp()) / "report.json"
+    args = [str(LT), "--url", url, "--connections", str(connections), "--rate", str(rate), "--hold", str(hold),
+            "--source-ips", SOURCE_IPS, "--json", str(out), "--quiet", *extra]
+    subprocess.run(args, capture_output=True, text=True, timeout=600)
+    if not out.exists():
+        raise SystemExit(f"loadtest produced no report ({url} at {rate}/s)")
+    # The connections still open when the generator exits close then; give the proxy that
+    # second before reading its CPU time (a measurement window, not synchronisation).
+    time.sleep(1.0)
+    rep = json.loads(out.read_text())
+    row = summarize(rep)
+    row["loadavg"] = load()
+    row["proxy_cpu_us_per_conn"] = (Sampler(pids).cpu() - cpu0) * 1e6 / max(rep["counts"]["attempted"], 1) if pids else None
+    row["sustained"] = row["success_pct"] >= 99.9 and row["handshake_p99_ms"] <= 50.0
+    return row
+
+
 def cmd_compare(a):
-    results = {"machine": machine(), "command": " ".join(sys.argv), "targets": {}}
-    for target in a.targets:
-        rows, maxes = [], []
-        for run in range(a.runs):
+    """Handshake cost and latency through ws-lb, nginx and HAProxy (issue 14's targets), the
+    targets alternating round by round, each round on fresh servers: the first ramp after a
+    start, a warm ramp, then sustained rates for `--seconds` each with 1 s connection
+    lifetimes (so any rate fits the descriptor limit)."""
+    results = {"machine": machine(), "command": " ".join(sys.argv), "commit": commit_of(BIN),
+               "loadtest": str(LT), "rounds": []}
+    for rnd in range(a.rounds):
+        order = a.targets[rnd % len(a.targets):] + a.targets[:rnd % len(a.targets)]
+        runs = {}
+        for target in order:
             procs = odin.Procs("bench")
             try:
-                max_conn = 20000 if target == "direct" else 6000
-                shard, shard_ports, _ = start_shards(procs, shards=1 if target == "direct" else 3, max_conn=max_conn)
-                proxy = None
-                if target == "ws-lb":
-                    proxy, port, _ = start_lb(procs, shard_ports)
-                elif target == "nginx":
-                    proxy, port = start_nginx(procs, shard_ports)
-                elif target == "haproxy":
-                    proxy, port = start_haproxy(procs, shard_ports)
-                else:
-                    port = shard_ports[0]
-                url = f"ws://127.0.0.1:{port}/ws"
-                row, rep = held_run(url, proxy.pid if proxy else None, shard.pid, a.connections, a.rate, a.hold)
-                row["report"] = rep
-                rows.append(row)
-                fm = loadtest(url, a.step, 1000, 1, ["--find-max", "--max-p99", "50ms", "--find-max-rates", "500,1000,2000,3000,4000,5000,6000,7500,10000"], name=f"{target} find-max")
-                maxes.append(fm["find_max"])
+                shard, proxy, url = start_target(procs, target)
+                row = {"processes": [[str(x) for x in p.args] for p in procs.started]}
+                row["first"] = cpu_run(url, proxy, a.connections, 1000, None, hold=1)
+                row["warm"] = cpu_run(url, proxy, a.connections, 1000, None, hold=1)
+                for rate in a.rates:
+                    row[str(rate)] = cpu_run(url, proxy, rate * a.seconds, rate, "1s")
             finally:
                 procs.stop()
-            hs = maxes[-1]["highest_sustained_rate"]
-            print(f"{target} run {run + 1}: {row['success_pct']:.3f}% p99 {row['handshake_p99_ms']:.2f} ms, "
-                  f"find-max {hs}", flush=True)
-        results["targets"][target] = {"rows": rows, "find_max": maxes}
-    print(f"\n| target | success at {a.rate}/s | handshake p99 | max conn/s at >= 99.9 % (p99 <= 50 ms) | proxy CPU s | proxy KiB/conn | shard KiB/conn |")
-    print("|---|---|---|---|---|---|---|")
-    base = None
-    for target, r in results["targets"].items():
-        m = lambda k: median([x[k] for x in r["rows"] if x[k] is not None])
-        mx = median([f["highest_sustained_rate"] or 0 for f in r["find_max"]])
-        if target == "nginx":
-            base = mx
-        cpu = m("lb_cpu_s")
-        kib = m("lb_kib_per_conn")
-        print(f"| {target} | {m('success_pct'):.3f}% | {m('handshake_p99_ms'):.2f} ms | {mx:.0f} | "
-              f"{cpu if cpu is None else f'{cpu:.1f}'} | {kib if kib is None else f'{kib:.2f}'} | {m('shard_kib_per_conn'):.2f} |")
+            runs[target] = row
+            def cell(r):
+                x = row[str(r)]
+                cpu = x["proxy_cpu_us_per_conn"]
+                return (f"{r}/s {x['success_pct']:.2f}% p99 {x['handshake_p99_ms']:.1f} ms"
+                        + ("" if cpu is None else f" {cpu:.0f} us/conn"))
+            rates = ", ".join(cell(r) for r in a.rates)
+            print(f"round {rnd + 1} {target}: first p50/p99 {row['first']['handshake_p50_ms']:.2f}/{row['first']['handshake_p99_ms']:.2f} ms, "
+                  f"warm {row['warm']['handshake_p50_ms']:.2f}/{row['warm']['handshake_p99_ms']:.2f} ms; {rates} "
+                  f"load {row[str(a.rates[-1])]['loadavg'][0]}", flush=True)
+        results["rounds"].append(runs)
+
+    def med(target, phase, key, rounds):
+        vals = [r[target][phase][key] for r in rounds if r[target][phase][key] is not None]
+        return median(vals) if vals else None
+
+    def table(rounds, title):
+        print(f"\n{title}\n")
+        cols = ["first p50 / p99 ms", "warm p50 / p99 ms"] + [f"{r}/s success, p99 ms, CPU us/conn" for r in a.rates] + ["highest sustained"]
+        print("| target | " + " | ".join(cols) + " |")
+        print("|---" * (len(cols) + 1) + "|")
+        out = {}
+        for t in a.targets:
+            cells = [f"{med(t, ph, 'handshake_p50_ms', rounds):.2f} / {med(t, ph, 'handshake_p99_ms', rounds):.2f}" for ph in ("first", "warm")]
+            for r in a.rates:
+                cpu = med(t, str(r), "proxy_cpu_us_per_conn", rounds)
+                cells.append(f"{med(t, str(r), 'success_pct', rounds):.2f} %, {med(t, str(r), 'handshake_p99_ms', rounds):.1f}, "
+                             f"{'-' if cpu is None else f'{cpu:.0f}'}")
+            best = [max([r for r in a.rates if rr[t][str(r)]["sustained"]] or [0]) for rr in rounds]
+            cells.append(f"{median(best):.0f}/s")
+            out[t] = {"cells": cells, "highest_sustained": best}
+            print(f"| {t} | " + " | ".join(cells) + " |")
+        return out
+
+    results["medians_all_rounds"] = table(results["rounds"], f"Medians of {a.rounds} rounds (first = the first ramp after each fresh start):")
     save("compare", results)
 
 
@@ -555,14 +615,14 @@ def main():
     c.add_argument("--lb-procs", type=int, default=1)
     c.add_argument("--keep-reports", action="store_true", help="keep each run's raw loadtest report")
     c = sub.add_parser("compare")
-    c.add_argument("--targets", nargs="+", default=["ws-lb", "nginx", "haproxy", "direct"])
-    # 9,000: every proxy holds them in one process (two descriptors per relayed client,
-    # 20,000 descriptors per process on these machines).
-    c.add_argument("--connections", type=int, default=9000)
-    c.add_argument("--rate", type=int, default=1000)
-    c.add_argument("--hold", type=int, default=5)
-    c.add_argument("--step", type=int, default=3000, help="connections per find-max step")
-    c.add_argument("--runs", type=int, default=1)
+    c.add_argument("--targets", nargs="+", default=["ws-lb", "nginx", "haproxy"],
+                   help="of ws-lb, ws-lb-unpaced (--admission-rate 0), nginx, haproxy, direct")
+    # 6,000 held at once: every proxy holds them in one process (two descriptors per relayed
+    # client, 20,000 descriptors per process on these machines).
+    c.add_argument("--connections", type=int, default=6000, help="connections of the first and the warm ramp (1,000/s)")
+    c.add_argument("--rates", type=int, nargs="+", default=[3000, 5000, 7000], help="sustained rates (1 s lifetimes)")
+    c.add_argument("--seconds", type=int, default=10, help="how long each sustained rate is held")
+    c.add_argument("--rounds", type=int, default=3, help="rounds; the targets alternate, fresh servers each time")
     c = sub.add_parser("fanout")
     c.add_argument("--shapes", nargs="*", default=[], help="wide and/or dense (default both)")
     c.add_argument("--hold", type=int, default=12)
