@@ -1,6 +1,6 @@
 //! The client listener: one task per connection. A well-formed `GET /ws` upgrade is served
 //! on the raw socket (`net_core::head`): per-IP limit, admission, a shard, the 101 written
-//! here, then the relay in the same task. Anything else — `/health`, bad upgrades, other
+//! here, then the relay in a task of its own. Anything else — `/health`, bad upgrades, other
 //! paths — is served by hyper and the router with every byte already read.
 
 use std::net::{IpAddr, SocketAddr};
@@ -22,8 +22,7 @@ use crate::{ClientIp, Lb};
 /// The per-IP limiter shared with the router's governor layer.
 pub(crate) type PerIpLimiter = Arc<governor::DefaultKeyedRateLimiter<IpAddr>>;
 
-/// How the client listener serves each connection.
-#[derive(Clone)]
+/// How the client listener serves each connection (shared by all of them).
 pub(crate) struct Front {
     pub(crate) lb: Arc<Lb>,
     pub(crate) router: Router,
