@@ -562,12 +562,15 @@ def cmd_hold(a):
     try:
         shard_ports, shard_pids = [], []
         for i in range(a.shard_procs):
-            p, ports, _ = start_shards(procs, shards=2, max_conn=a.connections // (2 * a.shard_procs) + 2000)
+            p, ports, _ = start_shards(procs, shards=2, max_conn=a.connections // (2 * a.shard_procs) + 2000,
+                                       defaults=True)
             shard_ports += ports
             shard_pids.append(p.pid)
         port, lb_pids = free_port(), []
         for i in range(a.lb_procs):
-            p, _, _ = start_lb(procs, shard_ports, name=f"lb{i}", port=port, extra=["--reuse-port"])
+            # Documented defaults: 40 source addresses at 2,000/s is 50/s each, under the per-IP
+            # limit (100/s); 2,000/s in total is under each process's pacing rate.
+            p, _, _ = start_lb(procs, shard_ports, name=f"lb{i}", port=port, extra=["--reuse-port"], defaults=True)
             lb_pids.append(p.pid)
         lbs, shards = Sampler(lb_pids), Sampler(shard_pids)
         base = (lbs.rss(), shards.rss())
@@ -584,7 +587,8 @@ def cmd_hold(a):
         active = max(rep["counts"]["active_end_of_hold"], 1)
         row.update({"lb_procs": a.lb_procs, "shard_procs": a.shard_procs, "workers": a.workers,
                     "lb_kib_per_conn": (held[0] - base[0]) / active, "shard_kib_per_conn": (held[1] - base[1]) / active,
-                    "lb_rss_held_mib": held[0] / 1024, "shard_rss_held_mib": held[1] / 1024, "report": rep})
+                    "lb_rss_held_mib": held[0] / 1024, "shard_rss_held_mib": held[1] / 1024, "report": rep,
+                    "processes": [[str(x) for x in p.args] for p in procs.started]})
         results["run"] = row
         print(stdout[-2500:])
         print(f"\n| target | established | active end of hold | success | handshake p99 | LB KiB/conn | shard KiB/conn |")
