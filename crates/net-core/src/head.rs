@@ -15,7 +15,6 @@ use std::ops::Range;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use base64::Engine;
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -46,10 +45,7 @@ pub enum Head {
 #[derive(Debug)]
 pub struct UpgradeHead {
     buf: Bytes,
-    target: Range<usize>,
-    key: Range<usize>,
-    origin: Option<Range<usize>>,
-    forwarded_for: Option<Range<usize>>,
+    fields: Fields,
     rest: Bytes,
 }
 
@@ -67,19 +63,21 @@ impl UpgradeHead {
     }
     /// The query string, without `?`.
     pub fn query(&self) -> Option<&str> {
-        self.field(&self.target).split_once('?').map(|(_, q)| q)
+        self.field(&self.fields.target)
+            .split_once('?')
+            .map(|(_, q)| q)
     }
     /// `Sec-WebSocket-Key`.
     pub fn key(&self) -> &str {
-        self.field(&self.key)
+        self.field(&self.fields.key)
     }
     /// The first `Origin` header.
     pub fn origin(&self) -> Option<&str> {
-        self.origin.as_ref().map(|r| self.field(r))
+        self.fields.origin.as_ref().map(|r| self.field(r))
     }
     /// The first `X-Forwarded-For` header.
     pub fn forwarded_for(&self) -> Option<&str> {
-        self.forwarded_for.as_ref().map(|r| self.field(r))
+        self.fields.forwarded_for.as_ref().map(|r| self.field(r))
     }
     /// The `101 Switching Protocols` response to this request.
     pub fn switching_protocols(&self) -> Vec<u8> {
@@ -127,10 +125,7 @@ pub async fn read_head(
                 buf.truncate(f.head_len);
                 return Head::Upgrade(UpgradeHead {
                     buf: buf.freeze(),
-                    target: f.target,
-                    key: f.key,
-                    origin: f.origin,
-                    forwarded_for: f.forwarded_for,
+                    fields: f,
                     rest,
                 });
             }
@@ -138,6 +133,7 @@ pub async fn read_head(
     }
 }
 
+#[derive(Debug)]
 struct Fields {
     head_len: usize,
     target: Range<usize>,
@@ -210,11 +206,7 @@ fn parse(buf: &[u8], max_headers: usize, ws_path: &str) -> Parse {
             return Parse::Other;
         }
     }
-    let key_ok = key.is_some_and(|k| {
-        base64::engine::general_purpose::STANDARD
-            .decode(k)
-            .is_ok_and(|d| d.len() == 16)
-    });
+    let key_ok = key.is_some_and(crate::upgrade::key_is_valid);
     let utf8 = |v: Option<&[u8]>| v.is_none_or(|v| std::str::from_utf8(v).is_ok());
     if !(upgrade
         && connection
@@ -355,10 +347,7 @@ mod tests {
         let f = fields(GOOD).unwrap();
         let head = UpgradeHead {
             buf: Bytes::from_static(GOOD.as_bytes()),
-            target: f.target,
-            key: f.key,
-            origin: f.origin,
-            forwarded_for: f.forwarded_for,
+            fields: f,
             rest: Bytes::new(),
         };
         assert_eq!(head.query(), Some("token=a.b.c"));

@@ -43,22 +43,22 @@ pub fn check_request<B>(req: &Request<B>) -> Result<(), Box<Response>> {
         );
         return Err(Box::new(r));
     }
-    let key_ok = req
-        .headers()
-        .get(header::SEC_WEBSOCKET_KEY)
-        .and_then(|k| {
-            base64::engine::general_purpose::STANDARD
-                .decode(k.as_bytes())
-                .ok()
-        })
-        .is_some_and(|k| k.len() == 16);
-    if !key_ok {
+    let key = req.headers().get(header::SEC_WEBSOCKET_KEY);
+    if !key.is_some_and(|k| key_is_valid(k.as_bytes())) {
         return Err(Box::new(refuse(
             StatusCode::BAD_REQUEST,
             "missing or invalid Sec-WebSocket-Key",
         )));
     }
     Ok(())
+}
+
+/// A `Sec-WebSocket-Key` is base64 of 16 bytes (RFC 6455 §4.1); both the hyper path and
+/// `crate::head` check it with this.
+pub fn key_is_valid(key: &[u8]) -> bool {
+    base64::engine::general_purpose::STANDARD
+        .decode(key)
+        .is_ok_and(|k| k.len() == 16)
 }
 
 /// Why the raw socket could not be recovered.

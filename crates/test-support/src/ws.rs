@@ -114,6 +114,12 @@ pub fn upgrade_request(path: &str) -> String {
 pub async fn raw_upgrade(addr: SocketAddr, request: &str) -> anyhow::Result<(TcpStream, String)> {
     let mut s = TcpStream::connect(addr).await?;
     s.write_all(request.as_bytes()).await?;
+    let head = read_response_head(&mut s).await?;
+    Ok((s, head))
+}
+
+/// Reads a response head byte by byte, so nothing after it is consumed (10 s limit).
+pub async fn read_response_head(s: &mut TcpStream) -> anyhow::Result<String> {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -125,7 +131,29 @@ pub async fn raw_upgrade(addr: SocketAddr, request: &str) -> anyhow::Result<(Tcp
         }
         head.push(byte[0]);
     }
-    Ok((s, String::from_utf8_lossy(&head).to_string()))
+    Ok(String::from_utf8_lossy(&head).to_string())
+}
+
+/// Trickles `request` one byte per 50 ms (the slowloris pattern: the pacing is the attack,
+/// not synchronisation) and returns how long the server took to close the connection or
+/// answer 408; `None` if it never did while the whole request was sent.
+pub async fn slowloris_cut_after(addr: SocketAddr, request: &str) -> Option<Duration> {
+    let mut s = TcpStream::connect(addr).await.ok()?;
+    let started = tokio::time::Instant::now();
+    for b in request.as_bytes() {
+        if s.write_all(&[*b]).await.is_err() {
+            return Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut probe = [0u8; 512];
+        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(1), s.read(&mut probe)).await
+        {
+            if n == 0 || probe.starts_with(b"HTTP/1.1 408") {
+                return Some(started.elapsed());
+            }
+        }
+    }
+    None
 }
 
 /// Status code of a raw response head.

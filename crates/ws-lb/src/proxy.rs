@@ -37,9 +37,9 @@ fn origin_allowed(allowed: &[String], origin: Option<&str>) -> bool {
 
 /// The fields of a WebSocket request the LB decides on, however it was read.
 pub(crate) struct WsRequest<'a> {
-    pub(crate) peer: IpAddr,
+    /// The TCP peer, or `X-Forwarded-For`'s entry when trusted (`ClientIp`).
+    pub(crate) client_ip: IpAddr,
     pub(crate) origin: Option<&'a str>,
-    pub(crate) forwarded_for: Option<&'a str>,
     pub(crate) query: Option<&'a str>,
 }
 
@@ -109,7 +109,7 @@ pub(crate) fn admit(lb: &Arc<Lb>, req: &WsRequest<'_>) -> Result<Admitted, Refus
     Ok(Admitted {
         _permit: permit,
         _relay: lb.relays.token(),
-        client_ip: ClientIp::of_parts(lb.cfg.trust_forwarded_for, req.peer, req.forwarded_for),
+        client_ip: req.client_ip,
         query_token,
     })
 }
@@ -173,10 +173,14 @@ pub(crate) async fn handle(
     }
     let adm = {
         let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+        let client_ip = ClientIp::of_parts(
+            lb.cfg.trust_forwarded_for,
+            peer.ip(),
+            header("x-forwarded-for"),
+        );
         let fields = WsRequest {
-            peer: peer.ip(),
+            client_ip,
             origin: header(header::ORIGIN.as_str()),
-            forwarded_for: header("x-forwarded-for"),
             query: req.uri().query(),
         };
         match admit(&lb, &fields) {

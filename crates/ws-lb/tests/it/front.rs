@@ -5,7 +5,10 @@
 use std::time::Duration;
 
 use test_support::http::{metric, wait_until};
-use test_support::ws::{next_event, raw_upgrade, status_of, upgrade_request, Event};
+use test_support::ws::{
+    next_event, raw_upgrade, read_response_head, slowloris_cut_after, status_of, subscribe,
+    upgrade_request, Event,
+};
 use test_support::{start_lb, start_shards};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -19,26 +22,6 @@ const SUBSCRIBE: &[u8] = br#"{"type":"subscribe","channels":["trades.X"]}"#;
 /// After a raw 101 (nothing read past the head), the socket as a WebSocket client.
 async fn client_of(s: TcpStream) -> test_support::ws::Client {
     WebSocketStream::from_raw_socket(MaybeTlsStream::Plain(s), Role::Client, None).await
-}
-
-/// Reads a response head byte by byte (nothing past it).
-async fn read_head(s: &mut TcpStream) -> String {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut byte))
-            .await
-            .expect("response head within 10 s")
-            .unwrap();
-        assert_eq!(
-            n,
-            1,
-            "closed in the head: {}",
-            String::from_utf8_lossy(&head)
-        );
-        head.push(byte[0]);
-    }
-    String::from_utf8_lossy(&head).to_string()
 }
 
 async fn expect_subscribed(ws: &mut test_support::ws::Client) {
@@ -98,26 +81,11 @@ async fn bad_requests_get_hyper_s_precise_statuses_and_never_reach_a_shard() {
     );
 
     // Slowloris: a head trickled byte by byte is cut off after the header timeout.
-    let mut s = TcpStream::connect(a).await.unwrap();
-    let started = tokio::time::Instant::now();
-    let mut closed = false;
-    for b in good.as_bytes() {
-        if s.write_all(&[*b]).await.is_err() {
-            closed = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let mut probe = [0u8; 512];
-        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(1), s.read(&mut probe)).await
-        {
-            if n == 0 || probe.starts_with(b"HTTP/1.1 408") {
-                closed = true;
-                break;
-            }
-        }
-    }
-    assert!(closed, "slowloris connection was not closed");
-    assert!(started.elapsed() < Duration::from_secs(3));
+    let cut = slowloris_cut_after(a, &good).await;
+    assert!(
+        cut.is_some_and(|t| t < Duration::from_secs(3)),
+        "slowloris connection not cut within 3 s: {cut:?}"
+    );
 
     let page = lb.metrics().await;
     assert_eq!(
@@ -146,7 +114,7 @@ async fn frames_sent_with_the_request_and_a_head_in_pieces_are_relayed() {
     bytes.extend_from_slice(&encode_masked_frame(OP_TEXT, SUBSCRIBE, [1, 2, 3, 4]));
     let mut s = TcpStream::connect(lb.addr).await.unwrap();
     s.write_all(&bytes).await.unwrap();
-    let head = read_head(&mut s).await;
+    let head = read_response_head(&mut s).await.unwrap();
     assert_eq!(status_of(&head), 101, "{head}");
     assert!(
         head.contains("sec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
@@ -159,18 +127,18 @@ async fn frames_sent_with_the_request_and_a_head_in_pieces_are_relayed() {
     let mut s = TcpStream::connect(lb.addr).await.unwrap();
     for chunk in upgrade_request("/ws").as_bytes().chunks(7) {
         s.write_all(chunk).await.unwrap();
+        // Pacing, not synchronisation: the pieces usually arrive apart; if a busy box
+        // coalesces some, the head still arrives whole and the test still holds.
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    let head = read_head(&mut s).await;
+    let head = read_response_head(&mut s).await.unwrap();
     assert_eq!(status_of(&head), 101, "{head}");
     let mut ws2 = client_of(s).await;
-    futures_util::SinkExt::send(
-        &mut ws2,
-        tokio_tungstenite::tungstenite::Message::text(std::str::from_utf8(SUBSCRIBE).unwrap()),
-    )
-    .await
-    .unwrap();
-    expect_subscribed(&mut ws2).await;
+    let replies = subscribe(&mut ws2, &["trades.X"]).await.unwrap();
+    assert!(
+        matches!(&replies[..], [ServerMessage::Subscribed { channel, .. }] if channel == "trades.X"),
+        "{replies:?}"
+    );
     assert!(
         wait_until(Duration::from_secs(5), || async {
             shards.connections(0).await == 2
@@ -238,12 +206,10 @@ async fn an_upgrade_after_a_kept_alive_request_is_still_relayed() {
         String::from_utf8_lossy(&head)
     );
     let mut ws = client_of(s).await;
-    futures_util::SinkExt::send(
-        &mut ws,
-        tokio_tungstenite::tungstenite::Message::text(std::str::from_utf8(SUBSCRIBE).unwrap()),
-    )
-    .await
-    .unwrap();
-    expect_subscribed(&mut ws).await;
+    let replies = subscribe(&mut ws, &["trades.X"]).await.unwrap();
+    assert!(
+        matches!(&replies[..], [ServerMessage::Subscribed { channel, .. }] if channel == "trades.X"),
+        "{replies:?}"
+    );
     shards.kill();
 }

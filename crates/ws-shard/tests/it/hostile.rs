@@ -6,9 +6,10 @@ use std::time::Duration;
 use futures_util::SinkExt;
 use test_support::http::wait_until;
 use test_support::start_shards;
-use test_support::ws::{connect, next_event, raw_upgrade, status_of, upgrade_request, Event};
+use test_support::ws::{
+    connect, next_event, raw_upgrade, slowloris_cut_after, status_of, upgrade_request, Event,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use ws_protocol::frame::{
     encode_frame, encode_masked_frame, encode_masked_frame_fin, OP_CONTINUATION, OP_PING, OP_TEXT,
@@ -66,26 +67,11 @@ async fn bad_upgrades_get_precise_statuses() {
     );
 
     // Slowloris: a head trickled byte by byte is cut off after the header timeout.
-    let mut s = TcpStream::connect(a).await.unwrap();
-    let started = tokio::time::Instant::now();
-    let mut closed = false;
-    for b in good.as_bytes() {
-        if s.write_all(&[*b]).await.is_err() {
-            closed = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let mut probe = [0u8; 512];
-        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(1), s.read(&mut probe)).await
-        {
-            if n == 0 || probe.starts_with(b"HTTP/1.1 408") {
-                closed = true;
-                break;
-            }
-        }
-    }
-    assert!(closed, "slowloris connection was not closed");
-    assert!(started.elapsed() < Duration::from_secs(3));
+    let cut = slowloris_cut_after(a, &good).await;
+    assert!(
+        cut.is_some_and(|t| t < Duration::from_secs(3)),
+        "slowloris connection not cut within 3 s: {cut:?}"
+    );
     assert_eq!(srv.connections(0).await, 0);
     srv.kill();
 }
