@@ -17,6 +17,50 @@ fn parse_open_files(limits: &str) -> Option<u64> {
         .ok()
 }
 
+/// The most descriptor-table entries [`reserve_descriptor_table`] asks for (8 MiB of kernel
+/// memory at 8 bytes per entry), whatever the limit.
+pub const MAX_RESERVED_DESCRIPTORS: u64 = 1 << 20;
+
+/// Grows this process's descriptor table to `wanted` entries now (at most the soft open-files
+/// limit and [`MAX_RESERVED_DESCRIPTORS`]) and returns the entries asked for, 0 where there is
+/// nothing to do.
+///
+/// Why: Linux doubles a process's descriptor table when a descriptor past its end is opened,
+/// and in a multi-threaded process each doubling waits for an RCU grace period
+/// (`expand_fdtable` → `synchronize_rcu`) while every other thread's `accept`/`socket` waits
+/// for it. Measured here at 7-25 ms per doubling in the first thousands of connections after
+/// a start (`perf trace --duration 2` on ws-lb: `accept4` returning descriptor 256, 512, 2048,
+/// 4096 and `socket` returning 513, 2049, 4097 took 6.5-17.8 ms each) — the whole of ws-lb's
+/// slow first ramp. Call it before any thread is started: a single-threaded process grows
+/// its table without the wait. The table never shrinks; its cost is kernel memory (8 bytes
+/// per entry plus two bitmaps), not resident memory of the process.
+pub fn reserve_descriptor_table(wanted: u64) -> std::io::Result<u64> {
+    let cap = open_files_limit()
+        .unwrap_or(MAX_RESERVED_DESCRIPTORS)
+        .min(MAX_RESERVED_DESCRIPTORS);
+    let n = wanted.min(cap);
+    if n <= 64 {
+        return Ok(0);
+    }
+    let highest = rustix::fd::RawFd::try_from(n - 1).unwrap_or(rustix::fd::RawFd::MAX);
+    let null = std::fs::File::open("/dev/null")?;
+    // The lowest free descriptor at or above `highest`: the kernel grows the table to hold
+    // it. Dropped (closed) at once; the table keeps its size.
+    drop(rustix::io::fcntl_dupfd_cloexec(&null, highest)?);
+    Ok(n)
+}
+
+/// The descriptor-table entries this process has (`FDSize` in `/proc/self/status`), `None`
+/// where that cannot be read.
+pub fn descriptor_table_size() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/status").ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("FDSize:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// How many clients fit when each holds `per_client` descriptors and `reserve` are kept for
 /// listeners, the runtime, health checks and logs. 0 (no cap) when the limit is unknown.
 pub fn clients_for_open_files(per_client: u64, reserve: u64) -> usize {
@@ -90,6 +134,26 @@ mod tests {
         assert_eq!(parse_cgroup_limit("4294967296\n"), Some(4 << 30));
         let here = memory_limit().unwrap();
         assert!(here > 1 << 20, "{here}");
+    }
+
+    #[test]
+    fn the_descriptor_table_is_grown_ahead_and_bounded_by_the_limit() {
+        let limit = open_files_limit().unwrap();
+        let before = descriptor_table_size().unwrap();
+        let want = (before * 4).min(limit);
+        assert!(
+            want > before,
+            "limit {limit} leaves no room to grow from {before}"
+        );
+        assert_eq!(reserve_descriptor_table(want).unwrap(), want);
+        assert!(descriptor_table_size().unwrap() >= want);
+        // More than the limit is asked: the limit is what is reserved, no error.
+        assert_eq!(
+            reserve_descriptor_table(limit + 1000).unwrap(),
+            limit.min(MAX_RESERVED_DESCRIPTORS)
+        );
+        assert!(descriptor_table_size().unwrap() >= limit.min(MAX_RESERVED_DESCRIPTORS));
+        assert_eq!(reserve_descriptor_table(10).unwrap(), 0);
     }
 
     #[test]

@@ -10,13 +10,31 @@ use ws_lb::Listeners;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let loaded = config::load(&config::Cli::command().get_matches(), "LB_")?;
     let settings = loaded.settings.clone();
     net_core::telemetry::init_tracing(settings.log_json, &settings.log_level);
     loaded.warn_ignored();
     let cfg = settings.lb_config()?;
+    // Before the runtime's threads exist: each client holds two descriptors (its own and
+    // its shard's), plus listeners, health checks and logs.
+    let wanted = (cfg.max_clients as u64)
+        .saturating_mul(2)
+        .saturating_add(64);
+    match net_core::limits::reserve_descriptor_table(wanted) {
+        Ok(n) => tracing::debug!(entries = n, "descriptor table grown ahead"),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not grow the descriptor table ahead; the first thousands of connections may see 5-25 ms stalls")
+        }
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?
+        .block_on(serve(settings, cfg))
+}
+
+async fn serve(settings: config::Settings, cfg: ws_lb::LbConfig) -> anyhow::Result<()> {
     let prometheus = net_core::telemetry::prometheus();
     let client = net_core::bind(settings.listen, settings.listen_options())
         .with_context(|| format!("binding {}", settings.listen))?;

@@ -9,8 +9,13 @@ use clap::CommandFactory;
 use net_core::{ListenOptions, Shutdown};
 use ws_shard::Listeners;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("starting the runtime")
+    };
     // `ws-shard kafka-consumer` is the Kafka consumer child process the server starts for
     // itself (see kafka_source): not a user-facing command.
     if std::env::args().nth(1).as_deref() == Some("kafka-consumer") {
@@ -18,13 +23,26 @@ async fn main() -> anyhow::Result<()> {
             false,
             &std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
         );
-        std::process::exit(kafka_source::consumer::child_main().await);
+        std::process::exit(runtime()?.block_on(kafka_source::consumer::child_main()));
     }
     let loaded = config::load(&config::Cli::command().get_matches(), config::ENV_PREFIX)?;
     let settings = loaded.settings.clone();
     net_core::telemetry::init_tracing(settings.log_json, &settings.log_level);
     loaded.warn_ignored();
     let cfg = settings.server_config()?;
+    // Before the runtime's threads exist: one descriptor per slot, plus listeners, the
+    // Kafka child's pipe and logs.
+    let slots = (settings.shards as u64).saturating_mul(settings.max_connections as u64);
+    match net_core::limits::reserve_descriptor_table(slots.saturating_add(64)) {
+        Ok(n) => tracing::debug!(entries = n, "descriptor table grown ahead"),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not grow the descriptor table ahead; the first thousands of connections may see 5-25 ms stalls")
+        }
+    }
+    runtime()?.block_on(serve(settings, cfg))
+}
+
+async fn serve(settings: config::Settings, cfg: ws_shard::ServerConfig) -> anyhow::Result<()> {
     tracing::info!(
         history_budget = cfg.hub.history_budget,
         "history budget (bytes) of this process"

@@ -129,3 +129,32 @@ async fn at_the_descriptor_limit_new_clients_get_503_and_nothing_spins() {
     lb.kill().await.unwrap();
     shards.kill();
 }
+
+/// ws-lb grows its descriptor table to what its clients will need before its runtime starts
+/// (in a multi-threaded process each growth later stalls every thread's `accept`/`socket`
+/// for an RCU grace period: the slow first ramp). With `RLIMIT_NOFILE` 5000 the default
+/// `max_clients` is (5000 - 64) / 2 = 2468, so 5000 entries; an idle process has 64.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_descriptor_table_is_grown_before_the_first_client() {
+    let shards = start_shards(1, |_| {}).await;
+    let (listen, admin) = (free_port(), free_port());
+    let mut lb = Command::new("prlimit")
+        .arg("--nofile=5000:5000")
+        .arg("--")
+        .arg(env!("CARGO_BIN_EXE_ws-lb"))
+        .args(["--listen", &listen.to_string()])
+        .args(["--admin-addr", &admin.to_string()])
+        .args(["--backend-urls", &shards.ws_url(0)])
+        .args(["--log-level", "error"])
+        .kill_on_drop(true)
+        .spawn()
+        .expect("prlimit (util-linux) and the ws-lb binary");
+    let pid = lb.id().unwrap();
+    assert!(
+        test_support::http::wait_healthy(listen, Duration::from_secs(20)).await,
+        "ws-lb did not come up"
+    );
+    let entries = test_support::descriptor_table_size(pid);
+    assert!(entries >= 5000, "FDSize {entries}");
+    lb.kill().await.unwrap();
+}

@@ -88,3 +88,30 @@ async fn out_of_descriptors_a_shard_answers_503_and_does_not_spin() {
 
     shard.kill().await.unwrap();
 }
+
+/// ws-shard grows its descriptor table before its runtime starts (see
+/// `net_core::limits::reserve_descriptor_table`): 1 shard x 2,000 slots + 64 = 2064 entries
+/// wanted, under the 5000 limit; an idle process has 64.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_descriptor_table_is_grown_before_the_first_client() {
+    let (port, admin) = (free_port(), free_port());
+    let mut shard = Command::new("prlimit")
+        .arg("--nofile=5000:5000")
+        .arg("--")
+        .arg(env!("CARGO_BIN_EXE_ws-shard"))
+        .args(["--shards", "1", "--base-port", &port.port().to_string()])
+        .args(["--admin-addr", &admin.to_string()])
+        .args(["--max-connections", "2000"])
+        .args(["--log-level", "error"])
+        .kill_on_drop(true)
+        .spawn()
+        .expect("prlimit (util-linux) and the ws-shard binary");
+    let pid = shard.id().unwrap();
+    assert!(
+        test_support::http::wait_healthy(port, Duration::from_secs(20)).await,
+        "ws-shard did not come up"
+    );
+    let entries = test_support::descriptor_table_size(pid);
+    assert!((2064..5000 * 2).contains(&entries), "FDSize {entries}");
+    shard.kill().await.unwrap();
+}
