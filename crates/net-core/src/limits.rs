@@ -50,10 +50,14 @@ pub fn reserve_descriptor_table(wanted: u64) -> std::io::Result<u64> {
     Ok(n)
 }
 
-/// The descriptor-table entries this process has (`FDSize` in `/proc/self/status`), `None`
-/// where that cannot be read.
-pub fn descriptor_table_size() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/self/status").ok()?;
+/// The descriptor-table entries of process `pid` (this process for `None`): `FDSize` in
+/// `/proc/<pid>/status`; `None` where that cannot be read.
+pub fn descriptor_table_size(pid: Option<u32>) -> Option<u64> {
+    let path = pid.map_or_else(
+        || "/proc/self/status".into(),
+        |p| format!("/proc/{p}/status"),
+    );
+    let text = std::fs::read_to_string(path).ok()?;
     text.lines()
         .find_map(|l| l.strip_prefix("FDSize:"))?
         .trim()
@@ -139,21 +143,25 @@ mod tests {
     #[test]
     fn the_descriptor_table_is_grown_ahead_and_bounded_by_the_limit() {
         let limit = open_files_limit().unwrap();
-        let before = descriptor_table_size().unwrap();
+        let before = descriptor_table_size(None).unwrap();
         let want = (before * 4).min(limit);
         assert!(
             want > before,
             "limit {limit} leaves no room to grow from {before}"
         );
         assert_eq!(reserve_descriptor_table(want).unwrap(), want);
-        assert!(descriptor_table_size().unwrap() >= want);
+        assert!(descriptor_table_size(None).unwrap() >= want);
         // More than the limit is asked: the limit is what is reserved, no error.
         assert_eq!(
             reserve_descriptor_table(limit + 1000).unwrap(),
             limit.min(MAX_RESERVED_DESCRIPTORS)
         );
-        assert!(descriptor_table_size().unwrap() >= limit.min(MAX_RESERVED_DESCRIPTORS));
+        assert!(descriptor_table_size(None).unwrap() >= limit.min(MAX_RESERVED_DESCRIPTORS));
         assert_eq!(reserve_descriptor_table(10).unwrap(), 0);
+        assert_eq!(
+            descriptor_table_size(Some(std::process::id())),
+            descriptor_table_size(None)
+        );
     }
 
     #[test]

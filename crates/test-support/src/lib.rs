@@ -12,19 +12,6 @@ pub use servers::{
     TestShards,
 };
 
-/// The descriptor-table entries process `pid` has (`FDSize` in `/proc/<pid>/status`); 0
-/// where that cannot be read.
-pub fn descriptor_table_size(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix("FDSize:"))
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// CPU seconds (user + system) process `pid` has used so far, from `/proc/<pid>/stat`
 /// (clock ticks of 1/100 s).
 pub fn cpu_seconds(pid: u32) -> f64 {
