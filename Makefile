@@ -139,7 +139,7 @@ bench-kafka: build-bench deps
 bench-micro:
 	$(CARGO) bench --locked -p ws-protocol -p shard-core -p lb-core
 
-.PHONY: bench-budget bench-cardinality bench-hold-budget
+.PHONY: bench-budget bench-cardinality bench-hold-budget bench-cold-start
 # Hub publish throughput, history budget enforced vs the hub before it (built from git).
 bench-budget:
 	python3 bench/publish_budget.py
@@ -152,6 +152,11 @@ bench-cardinality: build deps
 bench-hold-budget: build-bench
 	@test -x "$(BASE_BIN)/ws-shard" || { echo "BASE_BIN=<dir with the base commit's release ws-shard>"; exit 2; }
 	python3 bench/hold_budget.py --base-bin $(BASE_BIN) $(HOLD_FLAGS)
+
+# The first ramp after a start and the slow accept4/socket calls behind it (perf trace), this
+# build alone or against BASE_BIN's ws-shard and ws-lb, alternating (docs/benchmarks.md).
+bench-cold-start: build-bench
+	python3 bench/cold_start.py $(if $(BASE_BIN),--a $(BASE_BIN))
 
 faults: build-bench deps
 	python3 tests/faults/faults.py
