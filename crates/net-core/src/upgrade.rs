@@ -54,11 +54,14 @@ pub fn check_request<B>(req: &Request<B>) -> Result<(), Box<Response>> {
 }
 
 /// A `Sec-WebSocket-Key` is base64 of 16 bytes (RFC 6455 §4.1); both the hyper path and
-/// `crate::head` check it with this.
+/// `crate::head` check it with this, once per upgrade: decoded on the stack, no allocation
+/// (24 characters decode to at most 18 bytes; anything longer does not fit and is refused).
 pub fn key_is_valid(key: &[u8]) -> bool {
-    base64::engine::general_purpose::STANDARD
-        .decode(key)
-        .is_ok_and(|k| k.len() == 16)
+    let mut out = [0u8; 18];
+    key.len() == 24
+        && base64::engine::general_purpose::STANDARD
+            .decode_slice(key, &mut out)
+            .is_ok_and(|n| n == 16)
 }
 
 /// Why the raw socket could not be recovered.
@@ -96,4 +99,24 @@ pub async fn into_raw(fut: UpgradeFut) -> Result<(TcpStream, Bytes), UpgradeErro
 pub fn into_axum(response: hyper::Response<http_body_util::Empty<Bytes>>) -> Response {
     let (parts, _) = response.into_parts();
     Response::from_parts(parts, axum::body::Body::empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::key_is_valid;
+    use base64::Engine;
+
+    #[test]
+    fn a_key_is_base64_of_exactly_16_bytes() {
+        let b64 = |n: usize| base64::engine::general_purpose::STANDARD.encode(vec![7u8; n]);
+        assert!(key_is_valid(b"dGhlIHNhbXBsZSBub25jZQ==")); // RFC 6455's example
+        assert!(key_is_valid(b64(16).as_bytes()));
+        for n in [0, 1, 15, 17, 18, 19, 32] {
+            assert!(!key_is_valid(b64(n).as_bytes()), "{n} bytes");
+        }
+        assert!(!key_is_valid(b"AAAAAAAAAAAAAAAAAAAAAAAA")); // 24 characters, 18 bytes
+        assert!(!key_is_valid(b"dGhlIHNhbXBsZSBub25jZQ=!"));
+        assert!(!key_is_valid(b"dGhlIHNhbXBsZSBub25jZQ"));
+        assert!(!key_is_valid(b""));
+    }
 }
