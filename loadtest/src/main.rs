@@ -15,16 +15,10 @@ fn main() -> ExitCode {
             EnvFilter::try_from_env("LOADTEST_LOG").unwrap_or_else(|_| EnvFilter::new("warn")),
         )
         .init();
-    // Before the runtime's threads exist, so that the generator's own first thousands of
-    // connections do not stall on the kernel growing its descriptor table (see
-    // net_core::limits::reserve_descriptor_table): up to the open-files limit.
-    if let Err(e) = net_core::limits::reserve_descriptor_table(u64::MAX) {
-        tracing::warn!(error = %e, "could not grow the descriptor table ahead");
-    }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // The descriptor table grown first, up to the open-files limit, so that the generator's
+    // own first thousands of connections do not stall on its growth
+    // (net_core::limits::reserve_descriptor_table).
+    let runtime = match net_core::limits::server_runtime(u64::MAX) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("loadtest: starting the runtime: {e}");

@@ -28,10 +28,10 @@ pub const MAX_RESERVED_DESCRIPTORS: u64 = 1 << 20;
 /// Why: Linux doubles a process's descriptor table when a descriptor past its end is opened,
 /// and in a multi-threaded process each doubling waits for an RCU grace period
 /// (`expand_fdtable` → `synchronize_rcu`) while every other thread's `accept`/`socket` waits
-/// for it. Measured here at 7-25 ms per doubling in the first thousands of connections after
-/// a start (`perf trace --duration 2` on ws-lb: `accept4` returning descriptor 256, 512, 2048,
-/// 4096 and `socket` returning 513, 2049, 4097 took 6.5-17.8 ms each) — the whole of ws-lb's
-/// slow first ramp. Call it before any thread is started: a single-threaded process grows
+/// for it. Measured here at 6-18 ms per doubling in the first thousands of connections after
+/// a start (`perf trace --duration 2` on ws-lb, `bench/cold_start.py`: `accept4` returning
+/// descriptor 256, 512, ... 8192 and `socket` returning 513, 2049, 4097 took 6.6-18.4 ms each)
+/// — the whole of ws-lb's slow first ramp. Call it before any thread is started: a single-threaded process grows
 /// its table without the wait. The table never shrinks; its cost is kernel memory (8 bytes
 /// per entry plus two bitmaps), not resident memory of the process.
 pub fn reserve_descriptor_table(wanted: u64) -> std::io::Result<u64> {
@@ -48,6 +48,23 @@ pub fn reserve_descriptor_table(wanted: u64) -> std::io::Result<u64> {
     // it. Dropped (closed) at once; the table keeps its size.
     drop(rustix::io::fcntl_dupfd_cloexec(&null, highest)?);
     Ok(n)
+}
+
+/// The multi-threaded tokio runtime of a binary (what `#[tokio::main]` builds), with
+/// the descriptor table first grown to `descriptors` entries while this thread is still the
+/// only one ([`reserve_descriptor_table`]; 0: not grown). A table that cannot be grown is
+/// logged, not fatal.
+pub fn server_runtime(descriptors: u64) -> std::io::Result<tokio::runtime::Runtime> {
+    match reserve_descriptor_table(descriptors) {
+        Ok(0) => {}
+        Ok(n) => tracing::debug!(entries = n, "descriptor table grown ahead"),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not grow the descriptor table ahead; the first thousands of connections may stall (6-18 ms each time it doubles)")
+        }
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
 }
 
 /// The descriptor-table entries of process `pid` (this process for `None`): `FDSize` in

@@ -347,3 +347,32 @@ impl Drop for BlackHole {
         self.task.abort();
     }
 }
+
+/// A release-or-debug server binary (`env!("CARGO_BIN_EXE_…")`) started as a child process,
+/// killed when dropped, returned once `GET /health` on `health` answers 200 (20 s limit).
+/// With `open_files`, it runs under that `RLIMIT_NOFILE` (util-linux `prlimit`).
+pub async fn spawn_binary(
+    bin: &str,
+    args: &[&str],
+    open_files: Option<u32>,
+    health: SocketAddr,
+) -> tokio::process::Child {
+    let mut cmd = match open_files {
+        Some(n) => {
+            let mut c = tokio::process::Command::new("prlimit");
+            c.arg(format!("--nofile={n}:{n}")).arg("--").arg(bin);
+            c
+        }
+        None => tokio::process::Command::new(bin),
+    };
+    let child = cmd
+        .args(args)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {bin} (prlimit is util-linux): {e}"));
+    assert!(
+        crate::http::wait_healthy(health, Duration::from_secs(20)).await,
+        "{bin} did not come up"
+    );
+    child
+}

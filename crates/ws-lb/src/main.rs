@@ -16,20 +16,12 @@ fn main() -> anyhow::Result<()> {
     net_core::telemetry::init_tracing(settings.log_json, &settings.log_level);
     loaded.warn_ignored();
     let cfg = settings.lb_config()?;
-    // Before the runtime's threads exist: each client holds two descriptors (its own and
-    // its shard's), plus listeners, health checks and logs.
-    let wanted = (cfg.max_clients as u64)
+    // Each client holds two descriptors (its own and its shard's), plus listeners, health
+    // checks and logs.
+    let descriptors = (cfg.max_clients as u64)
         .saturating_mul(2)
         .saturating_add(64);
-    match net_core::limits::reserve_descriptor_table(wanted) {
-        Ok(n) => tracing::debug!(entries = n, "descriptor table grown ahead"),
-        Err(e) => {
-            tracing::warn!(error = %e, "could not grow the descriptor table ahead; the first thousands of connections may see 5-25 ms stalls")
-        }
-    }
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
+    net_core::limits::server_runtime(descriptors)
         .context("starting the runtime")?
         .block_on(serve(settings, cfg))
 }

@@ -10,12 +10,6 @@ use net_core::{ListenOptions, Shutdown};
 use ws_shard::Listeners;
 
 fn main() -> anyhow::Result<()> {
-    let runtime = || {
-        tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .context("starting the runtime")
-    };
     // `ws-shard kafka-consumer` is the Kafka consumer child process the server starts for
     // itself (see kafka_source): not a user-facing command.
     if std::env::args().nth(1).as_deref() == Some("kafka-consumer") {
@@ -23,23 +17,28 @@ fn main() -> anyhow::Result<()> {
             false,
             &std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
         );
-        std::process::exit(runtime()?.block_on(kafka_source::consumer::child_main()));
+        let runtime = net_core::limits::server_runtime(0).context("starting the runtime")?;
+        std::process::exit(runtime.block_on(kafka_source::consumer::child_main()));
     }
     let loaded = config::load(&config::Cli::command().get_matches(), config::ENV_PREFIX)?;
     let settings = loaded.settings.clone();
     net_core::telemetry::init_tracing(settings.log_json, &settings.log_level);
     loaded.warn_ignored();
     let cfg = settings.server_config()?;
-    // Before the runtime's threads exist: one descriptor per slot, plus listeners, the
-    // Kafka child's pipe and logs.
-    let slots = (settings.shards as u64).saturating_mul(settings.max_connections as u64);
-    match net_core::limits::reserve_descriptor_table(slots.saturating_add(64)) {
-        Ok(n) => tracing::debug!(entries = n, "descriptor table grown ahead"),
-        Err(e) => {
-            tracing::warn!(error = %e, "could not grow the descriptor table ahead; the first thousands of connections may see 5-25 ms stalls")
+    // One descriptor per slot, plus listeners, the Kafka child's pipe and logs.
+    let descriptors = (settings.shards as u64)
+        .saturating_mul(settings.max_connections as u64)
+        .saturating_add(64);
+    if let Some(limit) = net_core::limits::open_files_limit() {
+        if descriptors > limit {
+            // Not fatal: the accept loop answers 503 from a reserve descriptor when they run
+            // out, but the shards will never fill their slots.
+            tracing::warn!(slots = descriptors - 64, open_files_limit = limit, "shards x max_connections exceeds the open-files limit (ulimit -n); raise it or lower max_connections");
         }
     }
-    runtime()?.block_on(serve(settings, cfg))
+    net_core::limits::server_runtime(descriptors)
+        .context("starting the runtime")?
+        .block_on(serve(settings, cfg))
 }
 
 async fn serve(settings: config::Settings, cfg: ws_shard::ServerConfig) -> anyhow::Result<()> {
@@ -64,14 +63,6 @@ async fn serve(settings: config::Settings, cfg: ws_shard::ServerConfig) -> anyho
     let shutdown = Shutdown::new();
     shutdown.install_signal_handlers(cfg.grace)?;
     tracing::info!(shards = settings.shards, base_port = settings.base_port, admin = %settings.admin_addr, "ws-shard starting");
-    let slots = (settings.shards as u64).saturating_mul(settings.max_connections as u64);
-    if let Some(limit) = net_core::limits::open_files_limit() {
-        if slots + 64 > limit {
-            // Not fatal: the accept loop answers 503 from a reserve descriptor when they run
-            // out, but the shards will never fill their slots.
-            tracing::warn!(slots, open_files_limit = limit, "shards x max_connections exceeds the open-files limit (ulimit -n); raise it or lower max_connections");
-        }
-    }
     let left = ws_shard::run(Listeners { shards, admin }, cfg, prometheus, shutdown).await?;
     if left > 0 {
         tracing::warn!(sessions = left, "exiting with sessions still open");

@@ -7,10 +7,9 @@
 use std::time::Duration;
 
 use test_support::http::get;
-use test_support::servers::free_port;
+use test_support::servers::{free_port, spawn_binary};
 use test_support::start_shards;
 use test_support::ws::{connect, next_event, send, Client, Event};
-use tokio::process::Command;
 use tokio_tungstenite::tungstenite;
 use ws_protocol::ServerMessage;
 
@@ -44,23 +43,27 @@ async fn at_the_descriptor_limit_new_clients_get_503_and_nothing_spins() {
     let shards = start_shards(2, |_| {}).await;
     let (listen, admin) = (free_port(), free_port());
     let backends: Vec<String> = (0..2).map(|i| shards.ws_url(i)).collect();
-    let mut lb = Command::new("prlimit")
-        .arg("--nofile=96:96")
-        .arg("--")
-        .arg(env!("CARGO_BIN_EXE_ws-lb"))
-        .args(["--listen", &listen.to_string()])
-        .args(["--admin-addr", &admin.to_string()])
-        .args(["--backend-urls", &backends.join(",")])
-        .args(["--per-ip-rate", "0", "--health-interval", "200ms"])
-        .args(["--log-level", "error"])
-        .kill_on_drop(true)
-        .spawn()
-        .expect("prlimit (util-linux) and the ws-lb binary");
+    let mut lb = spawn_binary(
+        env!("CARGO_BIN_EXE_ws-lb"),
+        &[
+            "--listen",
+            &listen.to_string(),
+            "--admin-addr",
+            &admin.to_string(),
+            "--backend-urls",
+            &backends.join(","),
+            "--per-ip-rate",
+            "0",
+            "--health-interval",
+            "200ms",
+            "--log-level",
+            "error",
+        ],
+        Some(96),
+        listen,
+    )
+    .await;
     let pid = lb.id().unwrap();
-    assert!(
-        test_support::http::wait_healthy(listen, Duration::from_secs(20)).await,
-        "ws-lb did not come up"
-    );
     let url = format!("ws://{listen}/ws");
 
     let (mut held, mut refused) = (Vec::new(), 0u32);
@@ -138,22 +141,23 @@ async fn at_the_descriptor_limit_new_clients_get_503_and_nothing_spins() {
 async fn the_descriptor_table_is_grown_before_the_first_client() {
     let shards = start_shards(1, |_| {}).await;
     let (listen, admin) = (free_port(), free_port());
-    let mut lb = Command::new("prlimit")
-        .arg("--nofile=5000:5000")
-        .arg("--")
-        .arg(env!("CARGO_BIN_EXE_ws-lb"))
-        .args(["--listen", &listen.to_string()])
-        .args(["--admin-addr", &admin.to_string()])
-        .args(["--backend-urls", &shards.ws_url(0)])
-        .args(["--log-level", "error"])
-        .kill_on_drop(true)
-        .spawn()
-        .expect("prlimit (util-linux) and the ws-lb binary");
+    let mut lb = spawn_binary(
+        env!("CARGO_BIN_EXE_ws-lb"),
+        &[
+            "--listen",
+            &listen.to_string(),
+            "--admin-addr",
+            &admin.to_string(),
+            "--backend-urls",
+            &shards.ws_url(0),
+            "--log-level",
+            "error",
+        ],
+        Some(5000),
+        listen,
+    )
+    .await;
     let pid = lb.id().unwrap();
-    assert!(
-        test_support::http::wait_healthy(listen, Duration::from_secs(20)).await,
-        "ws-lb did not come up"
-    );
     let entries = net_core::limits::descriptor_table_size(Some(pid)).unwrap_or(0);
     assert!(entries >= 5000, "FDSize {entries}");
     lb.kill().await.unwrap();

@@ -6,31 +6,35 @@
 
 use std::time::Duration;
 
-use test_support::servers::free_port;
+use test_support::servers::{free_port, spawn_binary};
 use test_support::ws::{connect, next_event, send, Event};
-use tokio::process::Command;
 use tokio_tungstenite::tungstenite;
 use ws_protocol::ServerMessage;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_descriptors_a_shard_answers_503_and_does_not_spin() {
     let (port, admin) = (free_port(), free_port());
-    let mut shard = Command::new("prlimit")
-        .arg("--nofile=64:64")
-        .arg("--")
-        .arg(env!("CARGO_BIN_EXE_ws-shard"))
-        .args(["--shards", "1", "--base-port", &port.port().to_string()])
-        .args(["--admin-addr", &admin.to_string()])
-        .args(["--max-connections", "1000", "--client-rate", "0"])
-        .args(["--log-level", "error"])
-        .kill_on_drop(true)
-        .spawn()
-        .expect("prlimit (util-linux) and the ws-shard binary");
+    let mut shard = spawn_binary(
+        env!("CARGO_BIN_EXE_ws-shard"),
+        &[
+            "--shards",
+            "1",
+            "--base-port",
+            &port.port().to_string(),
+            "--admin-addr",
+            &admin.to_string(),
+            "--max-connections",
+            "1000",
+            "--client-rate",
+            "0",
+            "--log-level",
+            "error",
+        ],
+        Some(64),
+        port,
+    )
+    .await;
     let pid = shard.id().unwrap();
-    assert!(
-        test_support::http::wait_healthy(port, Duration::from_secs(20)).await,
-        "ws-shard did not come up"
-    );
     let url = format!("ws://{port}/ws");
 
     let (mut held, mut refused) = (Vec::new(), 0u32);
@@ -95,22 +99,25 @@ async fn out_of_descriptors_a_shard_answers_503_and_does_not_spin() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_descriptor_table_is_grown_before_the_first_client() {
     let (port, admin) = (free_port(), free_port());
-    let mut shard = Command::new("prlimit")
-        .arg("--nofile=5000:5000")
-        .arg("--")
-        .arg(env!("CARGO_BIN_EXE_ws-shard"))
-        .args(["--shards", "1", "--base-port", &port.port().to_string()])
-        .args(["--admin-addr", &admin.to_string()])
-        .args(["--max-connections", "2000"])
-        .args(["--log-level", "error"])
-        .kill_on_drop(true)
-        .spawn()
-        .expect("prlimit (util-linux) and the ws-shard binary");
+    let mut shard = spawn_binary(
+        env!("CARGO_BIN_EXE_ws-shard"),
+        &[
+            "--shards",
+            "1",
+            "--base-port",
+            &port.port().to_string(),
+            "--admin-addr",
+            &admin.to_string(),
+            "--max-connections",
+            "2000",
+            "--log-level",
+            "error",
+        ],
+        Some(5000),
+        port,
+    )
+    .await;
     let pid = shard.id().unwrap();
-    assert!(
-        test_support::http::wait_healthy(port, Duration::from_secs(20)).await,
-        "ws-shard did not come up"
-    );
     let entries = net_core::limits::descriptor_table_size(Some(pid)).unwrap_or(0);
     assert!((2064..5000 * 2).contains(&entries), "FDSize {entries}");
     shard.kill().await.unwrap();

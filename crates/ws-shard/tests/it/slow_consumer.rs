@@ -89,21 +89,33 @@ async fn a_closing_slow_consumer_does_not_spin() {
         test_support::servers::free_port(),
         test_support::servers::free_port(),
     );
-    let mut shard = tokio::process::Command::new(env!("CARGO_BIN_EXE_ws-shard"))
-        .args(["--shards", "1", "--base-port", &port.port().to_string()])
-        .args(["--admin-addr", &admin.to_string()])
-        .args(["--client-rate", "0", "--outbound-queue", "8"])
-        .args(["--socket-send-buffer", "4096"])
-        .args(["--ping-interval", "1s", "--close-timeout", "6s"])
-        .args(["--log-level", "error"])
-        .kill_on_drop(true)
-        .spawn()
-        .expect("ws-shard binary");
+    let mut shard = test_support::spawn_binary(
+        env!("CARGO_BIN_EXE_ws-shard"),
+        &[
+            "--shards",
+            "1",
+            "--base-port",
+            &port.port().to_string(),
+            "--admin-addr",
+            &admin.to_string(),
+            "--client-rate",
+            "0",
+            "--outbound-queue",
+            "8",
+            "--socket-send-buffer",
+            "4096",
+            "--ping-interval",
+            "1s",
+            "--close-timeout",
+            "6s",
+            "--log-level",
+            "error",
+        ],
+        None,
+        port,
+    )
+    .await;
     let pid = shard.id().unwrap();
-    assert!(
-        test_support::http::wait_healthy(port, Duration::from_secs(20)).await,
-        "ws-shard did not come up"
-    );
     let channel = "trades.SPIN";
     let slow = raw_subscriber(port, channel, 4096).await.unwrap();
     let page = || async {
