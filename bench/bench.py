@@ -115,10 +115,10 @@ def start_lb(procs, shard_ports, name="lb", port=None, admin=None, extra=(), bin
     return p, port, admin
 
 
-def loadtest(url, connections, rate, hold, extra=(), name="run"):
+def loadtest(url, connections, rate, hold, extra=(), name="run", source_ips="127.0.0.2-127.0.0.9"):
     out = Path(tempfile.mkdtemp()) / "report.json"
     args = [str(LT), "--url", url, "--connections", str(connections), "--rate", str(rate), "--hold", str(hold),
-            "--source-ips", "127.0.0.2-127.0.0.9", "--json", str(out), "--quiet", *extra]
+            "--source-ips", source_ips, "--json", str(out), "--quiet", *extra]
     r = subprocess.run(args, capture_output=True, text=True, timeout=3600)
     if not out.exists():
         print(r.stdout[-3000:], r.stderr[-3000:])
@@ -428,16 +428,10 @@ def cpu_run(url, proxy, connections, rate, lifetime, hold=0):
     pids = [proxy.pid] if proxy else []
     cpu0 = Sampler(pids).cpu() if pids else 0.0
     extra = ["--lifetime", lifetime] if lifetime else []
-    out = Path(tempfile.mkdtemp()) / "report.json"
-    args = [str(LT), "--url", url, "--connections", str(connections), "--rate", str(rate), "--hold", str(hold),
-            "--source-ips", SOURCE_IPS, "--json", str(out), "--quiet", *extra]
-    subprocess.run(args, capture_output=True, text=True, timeout=600)
-    if not out.exists():
-        raise SystemExit(f"loadtest produced no report ({url} at {rate}/s)")
+    rep = loadtest(url, connections, rate, hold, extra, name=f"{url} at {rate}/s", source_ips=SOURCE_IPS)
     # The connections still open when the generator exits close then; give the proxy that
     # second before reading its CPU time (a measurement window, not synchronisation).
     time.sleep(1.0)
-    rep = json.loads(out.read_text())
     row = summarize(rep)
     row["loadavg"] = load()
     row["proxy_cpu_us_per_conn"] = (Sampler(pids).cpu() - cpu0) * 1e6 / max(rep["counts"]["attempted"], 1) if pids else None

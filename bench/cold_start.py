@@ -16,7 +16,6 @@ Without `perf` the slow-call columns are empty. Result: bench/results/cold-start
 """
 
 import argparse
-import json
 import re
 import shutil
 import subprocess
@@ -40,16 +39,10 @@ def fd_size(pid: int) -> int:
 
 
 def ramp(url: str, connections: int, rate: int) -> dict:
-    out = Path(tempfile.mkdtemp()) / "report.json"
-    args = [str(bench.LT), "--url", url, "--connections", str(connections), "--rate", str(rate), "--hold", "1",
-            "--source-ips", bench.SOURCE_IPS, "--json", str(out), "--quiet"]
-    subprocess.run(args, capture_output=True, text=True, timeout=600)
-    r = json.loads(out.read_text())
-    h = r["handshake_us"]
-    return {"established": r["counts"]["established"], "attempted": r["counts"]["attempted"],
-            "p50_ms": h["p50"] / 1000, "p99_ms": h["p99"] / 1000,
-            "p99_per_second_ms": [round((t.get("handshake_p99_us") or 0) / 1000, 1) for t in r.get("timeline", [])],
-            "generator_lag_p99_ms": r["schedule"]["lag_us"]["p99"] / 1000, "command": args}
+    r = bench.loadtest(url, connections, rate, 1, source_ips=bench.SOURCE_IPS)
+    row = bench.summarize(r)
+    row["p99_per_second_ms"] = [round((t.get("handshake_p99_us") or 0) / 1000, 1) for t in r.get("timeline", [])]
+    return row
 
 
 def one(build: str, bin_dir: Path, a) -> dict:
@@ -84,6 +77,9 @@ def main():
     p.add_argument("--connections", type=int, default=6000)
     p.add_argument("--rate", type=int, default=1000)
     a = p.parse_args()
+    # The loadtest command line of every ramp (the servers' are in each run's "commands").
+    lt = [str(bench.LT), "--connections", str(a.connections), "--rate", str(a.rate), "--hold", "1",
+          "--source-ips", bench.SOURCE_IPS]
     builds = [("A", Path(a.a))] if a.a else []
     builds.append(("B", Path(a.b)))
     runs = []
@@ -94,8 +90,8 @@ def main():
             runs.append(run)
             slow = run.get("slow_calls")
             print(f"round {r + 1} {name}: fd table {run['lb_fd_table_at_start']}; first p50/p99 "
-                  f"{run['first']['p50_ms']:.2f}/{run['first']['p99_ms']:.2f} ms {run['first']['p99_per_second_ms']}; "
-                  f"warm {run['warm']['p50_ms']:.2f}/{run['warm']['p99_ms']:.2f} ms; slow accept4/socket "
+                  f"{run['first']['handshake_p50_ms']:.2f}/{run['first']['handshake_p99_ms']:.2f} ms {run['first']['p99_per_second_ms']}; "
+                  f"warm {run['warm']['handshake_p50_ms']:.2f}/{run['warm']['handshake_p99_ms']:.2f} ms; slow accept4/socket "
                   + ("-" if slow is None else f"{len(slow)}: " + ", ".join(f"{s['call']}->{s['returned_fd']} {s['ms']:.1f} ms" for s in slow)),
                   flush=True)
     print("\n| build | runs | first p99 (median) | warm p99 (median) | slow accept4/socket per first ramp (median) |")
@@ -103,10 +99,11 @@ def main():
     for name, _ in builds:
         mine = [r for r in runs if r["build"] == name]
         slow = [len(r["slow_calls"]) for r in mine if "slow_calls" in r]
-        print(f"| {name} | {len(mine)} | {bench.median([r['first']['p99_ms'] for r in mine]):.2f} ms | "
-              f"{bench.median([r['warm']['p99_ms'] for r in mine]):.2f} ms | {bench.median(slow) if slow else '-'} |")
+        print(f"| {name} | {len(mine)} | {bench.median([r['first']['handshake_p99_ms'] for r in mine]):.2f} ms | "
+              f"{bench.median([r['warm']['handshake_p99_ms'] for r in mine]):.2f} ms | {bench.median(slow) if slow else '-'} |")
     bench.save("cold-start", {"machine": bench.machine(), "command": " ".join(sys.argv), "runs": runs,
-                              "flags": {"connections": a.connections, "rate": a.rate, "rounds": a.rounds}})
+                              "flags": {"connections": a.connections, "rate": a.rate, "rounds": a.rounds},
+                              "loadtest": lt})
 
 
 if __name__ == "__main__":

@@ -27,8 +27,8 @@ pub const MAX_RESERVED_DESCRIPTORS: u64 = 1 << 20;
 ///
 /// Why: Linux doubles a process's descriptor table when a descriptor past its end is opened,
 /// and in a multi-threaded process each doubling waits for an RCU grace period
-/// (`expand_fdtable` → `synchronize_rcu`) while every other thread's `accept`/`socket` waits
-/// for it. Measured here at 6-18 ms per doubling in the first thousands of connections after
+/// (`expand_fdtable` → `synchronize_rcu`) while another thread's `accept`/`socket` past the
+/// old end waits for it. Measured here at 6-18 ms per doubling in the first thousands of connections after
 /// a start (`perf trace --duration 2` on ws-lb, `bench/cold_start.py`: `accept4` returning
 /// descriptor 256, 512, ... 8192 and `socket` returning 513, 2049, 4097 took 6.6-18.4 ms each)
 /// — the whole of ws-lb's slow first ramp. Call it before any thread is started: a single-threaded process grows

@@ -134,7 +134,7 @@ async fn at_the_descriptor_limit_new_clients_get_503_and_nothing_spins() {
 }
 
 /// ws-lb grows its descriptor table to what its clients will need before its runtime starts
-/// (in a multi-threaded process each growth later stalls every thread's `accept`/`socket`
+/// (in a multi-threaded process each growth later stalls the threads' `accept`/`socket`
 /// for an RCU grace period: the slow first ramp). With `RLIMIT_NOFILE` 5000 the default
 /// `max_clients` is (5000 - 64) / 2 = 2468, so 5000 entries; the same binary without it has 256 when idle.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
