@@ -57,8 +57,14 @@ pub struct SocketOptions {
 }
 
 impl SocketOptions {
-    fn apply(&self, stream: &TcpStream) {
-        let _ = stream.set_nodelay(true);
+    /// `nodelay`: set `TCP_NODELAY` on this socket (where the listener could not pass it on).
+    fn apply(&self, stream: &TcpStream, nodelay: bool) {
+        if nodelay {
+            let _ = stream.set_nodelay(true);
+        }
+        if self.keepalive.is_none() && self.send_buffer.is_none() {
+            return;
+        }
         let sock = socket2::SockRef::from(stream);
         if let Some(idle) = self.keepalive {
             let _ = sock.set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(idle));
@@ -67,6 +73,19 @@ impl SocketOptions {
             let _ = sock.set_send_buffer_size(size);
         }
     }
+}
+
+/// Whether every socket `listener` accepts starts with `TCP_NODELAY`: Linux copies a
+/// listener's socket options into the sockets it accepts, and `crate::bind` sets the option
+/// before `listen`, so no connection can be queued without it. That saves one `setsockopt`
+/// per connection (ws-lb makes ~21 system calls per relayed client; nginx does not set the
+/// option per connection either). A listener bound elsewhere, or another OS: false, and the
+/// option is set on each accepted socket.
+fn nodelay_inherited(listener: &TcpListener) -> bool {
+    cfg!(target_os = "linux")
+        && socket2::SockRef::from(listener)
+            .tcp_nodelay()
+            .unwrap_or(false)
 }
 
 /// Accepts connections on `listener` until `stop` is cancelled, calling `on_conn` for each
@@ -84,6 +103,7 @@ pub async fn accept_loop<F>(
         metrics::counter!(ACCEPT_ERRORS, "listener" => name, "kind" => kind).increment(0);
     }
     metrics::counter!(FD_REJECTS, "listener" => name).increment(0);
+    let nodelay_per_socket = !nodelay_inherited(&listener);
     let mut reserve = File::open("/dev/null").ok();
     let mut last_warn: Option<Instant> = None;
     loop {
@@ -93,7 +113,7 @@ pub async fn accept_loop<F>(
         };
         match accepted {
             Ok((stream, peer)) => {
-                opts.apply(&stream);
+                opts.apply(&stream, nodelay_per_socket);
                 on_conn(stream, peer);
             }
             Err(e) if fd_exhausted(&e) => {
@@ -134,5 +154,54 @@ pub async fn accept_loop<F>(
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn accepted_nodelay(listener: TcpListener) -> Vec<bool> {
+        let addr = listener.local_addr().unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(accept_loop(
+            listener,
+            "test",
+            SocketOptions::default(),
+            stop.clone(),
+            move |stream, _| {
+                let _ = tx.send(stream.nodelay().unwrap());
+            },
+        ));
+        let mut clients = Vec::new();
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            clients.push(TcpStream::connect(addr).await.unwrap());
+            seen.push(rx.recv().await.unwrap());
+        }
+        stop.cancel();
+        task.await.unwrap();
+        seen
+    }
+
+    /// Every accepted socket has `TCP_NODELAY`: inherited from a listener `bind` made (with
+    /// the first client queued before the accept loop runs), or set per socket for a listener
+    /// bound without it.
+    #[tokio::test]
+    async fn accepted_sockets_have_nodelay() {
+        let ours = crate::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            crate::ListenOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            socket2::SockRef::from(&ours).tcp_nodelay().unwrap(),
+            cfg!(target_os = "linux")
+        );
+        assert_eq!(accepted_nodelay(ours).await, [true; 3]);
+        let plain = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        assert!(!socket2::SockRef::from(&plain).tcp_nodelay().unwrap());
+        assert_eq!(accepted_nodelay(plain).await, [true; 3]);
     }
 }

@@ -37,6 +37,10 @@ pub fn bind(addr: SocketAddr, opts: ListenOptions) -> io::Result<TcpListener> {
         socket.set_reuse_port(true)?;
     }
     socket.set_nonblocking(true)?;
+    // Before `listen`: on Linux every accepted socket inherits it (`accept_loop` then skips
+    // the per-connection `setsockopt`).
+    #[cfg(target_os = "linux")]
+    socket.set_tcp_nodelay(true)?;
     socket.bind(&addr.into())?;
     socket.listen(i32::try_from(opts.backlog).unwrap_or(i32::MAX))?;
     TcpListener::from_std(socket.into())
