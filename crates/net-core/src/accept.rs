@@ -75,12 +75,12 @@ impl SocketOptions {
     }
 }
 
-/// Whether every socket `listener` accepts starts with `TCP_NODELAY`: Linux copies a
-/// listener's socket options into the sockets it accepts, and `crate::bind` sets the option
-/// before `listen`, so no connection can be queued without it. That saves one `setsockopt`
-/// per connection (ws-lb makes ~21 system calls per relayed client; nginx does not set the
-/// option per connection either). A listener bound elsewhere, or another OS: false, and the
-/// option is set on each accepted socket.
+/// Whether the sockets `listener` accepts start with `TCP_NODELAY`: true when the listener
+/// has it, because Linux copies a listener's options into the sockets it accepts. `crate::bind`
+/// sets it before `listen`, so none of its connections is ever queued without it. A listener
+/// without it (bound elsewhere), or another OS: false, and the option is set on each accepted
+/// socket. Saves one `setsockopt` per connection (of the ~21 system calls ws-lb makes per
+/// relayed client).
 fn nodelay_inherited(listener: &TcpListener) -> bool {
     cfg!(target_os = "linux")
         && socket2::SockRef::from(listener)
