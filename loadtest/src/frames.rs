@@ -323,6 +323,12 @@ mod tests {
             // Fast shape, other type: not a delivery.
             r#"{"type":"other","channel":"trades.A","epoch":"e1","seq":9,"data":{}}"#,
         ];
+        // Which frames the borrowed decode takes (the rest go through `ServerMessage`).
+        let fast: Vec<bool> = frames
+            .iter()
+            .map(|f| serde_json::from_slice::<Delivery<'_>>(f.as_bytes()).is_ok())
+            .collect();
+        assert_eq!(fast, [true, true, false, false, true]);
         let mut stream = Vec::new();
         for f in frames {
             stream.extend(encode_frame(OP_TEXT, f.as_bytes()).to_vec());

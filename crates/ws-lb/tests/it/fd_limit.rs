@@ -38,29 +38,43 @@ async fn try_client(url: &str, id: u64) -> Outcome {
     }
 }
 
+/// The real ws-lb binary (`spawn_binary`) on a free port in front of `backends`, with
+/// `--log-level error` and `extra`, under `RLIMIT_NOFILE` `open_files`. Returns it with its
+/// client and admin addresses.
+async fn spawn_lb(
+    backends: &str,
+    extra: &[&str],
+    open_files: Option<u32>,
+) -> (
+    tokio::process::Child,
+    std::net::SocketAddr,
+    std::net::SocketAddr,
+) {
+    let (listen, admin) = (free_port(), free_port());
+    let (listen_addr, admin_addr) = (listen.to_string(), admin.to_string());
+    let mut args = vec![
+        "--listen",
+        &listen_addr,
+        "--admin-addr",
+        &admin_addr,
+        "--backend-urls",
+        backends,
+        "--log-level",
+        "error",
+    ];
+    args.extend_from_slice(extra);
+    let child = spawn_binary(env!("CARGO_BIN_EXE_ws-lb"), &args, open_files, listen).await;
+    (child, listen, admin)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_the_descriptor_limit_new_clients_get_503_and_nothing_spins() {
     let shards = start_shards(2, |_| {}).await;
-    let (listen, admin) = (free_port(), free_port());
     let backends: Vec<String> = (0..2).map(|i| shards.ws_url(i)).collect();
-    let mut lb = spawn_binary(
-        env!("CARGO_BIN_EXE_ws-lb"),
-        &[
-            "--listen",
-            &listen.to_string(),
-            "--admin-addr",
-            &admin.to_string(),
-            "--backend-urls",
-            &backends.join(","),
-            "--per-ip-rate",
-            "0",
-            "--health-interval",
-            "200ms",
-            "--log-level",
-            "error",
-        ],
+    let (mut lb, listen, admin) = spawn_lb(
+        &backends.join(","),
+        &["--per-ip-rate", "0", "--health-interval", "200ms"],
         Some(96),
-        listen,
     )
     .await;
     let pid = lb.id().unwrap();
@@ -140,23 +154,7 @@ async fn at_the_descriptor_limit_new_clients_get_503_and_nothing_spins() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_descriptor_table_is_grown_before_the_first_client() {
     let shards = start_shards(1, |_| {}).await;
-    let (listen, admin) = (free_port(), free_port());
-    let mut lb = spawn_binary(
-        env!("CARGO_BIN_EXE_ws-lb"),
-        &[
-            "--listen",
-            &listen.to_string(),
-            "--admin-addr",
-            &admin.to_string(),
-            "--backend-urls",
-            &shards.ws_url(0),
-            "--log-level",
-            "error",
-        ],
-        Some(5000),
-        listen,
-    )
-    .await;
+    let (mut lb, _, _) = spawn_lb(&shards.ws_url(0), &[], Some(5000)).await;
     let pid = lb.id().unwrap();
     let entries = net_core::limits::descriptor_table_size(Some(pid)).unwrap_or(0);
     assert!(entries >= 5000, "FDSize {entries}");

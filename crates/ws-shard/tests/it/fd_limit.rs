@@ -6,32 +6,15 @@
 
 use std::time::Duration;
 
-use test_support::servers::{free_port, spawn_binary};
 use test_support::ws::{connect, next_event, send, Event};
 use tokio_tungstenite::tungstenite;
 use ws_protocol::ServerMessage;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_descriptors_a_shard_answers_503_and_does_not_spin() {
-    let (port, admin) = (free_port(), free_port());
-    let mut shard = spawn_binary(
-        env!("CARGO_BIN_EXE_ws-shard"),
-        &[
-            "--shards",
-            "1",
-            "--base-port",
-            &port.port().to_string(),
-            "--admin-addr",
-            &admin.to_string(),
-            "--max-connections",
-            "1000",
-            "--client-rate",
-            "0",
-            "--log-level",
-            "error",
-        ],
+    let (mut shard, port, _) = crate::spawn_shard(
+        &["--max-connections", "1000", "--client-rate", "0"],
         Some(64),
-        port,
     )
     .await;
     let pid = shard.id().unwrap();
@@ -98,25 +81,7 @@ async fn out_of_descriptors_a_shard_answers_503_and_does_not_spin() {
 /// wanted, under the 5000 limit; the same binary without it has 256 when idle.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_descriptor_table_is_grown_before_the_first_client() {
-    let (port, admin) = (free_port(), free_port());
-    let mut shard = spawn_binary(
-        env!("CARGO_BIN_EXE_ws-shard"),
-        &[
-            "--shards",
-            "1",
-            "--base-port",
-            &port.port().to_string(),
-            "--admin-addr",
-            &admin.to_string(),
-            "--max-connections",
-            "2000",
-            "--log-level",
-            "error",
-        ],
-        Some(5000),
-        port,
-    )
-    .await;
+    let (mut shard, _, _) = crate::spawn_shard(&["--max-connections", "2000"], Some(5000)).await;
     let pid = shard.id().unwrap();
     let entries = net_core::limits::descriptor_table_size(Some(pid)).unwrap_or(0);
     assert!((2064..5000 * 2).contains(&entries), "FDSize {entries}");

@@ -85,19 +85,8 @@ async fn slow_consumer_is_closed_and_never_slows_the_others() {
 /// a core until the close deadline; 200 such clients stalled everyone's deliveries.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closing_slow_consumer_does_not_spin() {
-    let (port, admin) = (
-        test_support::servers::free_port(),
-        test_support::servers::free_port(),
-    );
-    let mut shard = test_support::spawn_binary(
-        env!("CARGO_BIN_EXE_ws-shard"),
+    let (mut shard, port, admin) = crate::spawn_shard(
         &[
-            "--shards",
-            "1",
-            "--base-port",
-            &port.port().to_string(),
-            "--admin-addr",
-            &admin.to_string(),
             "--client-rate",
             "0",
             "--outbound-queue",
@@ -108,11 +97,8 @@ async fn a_closing_slow_consumer_does_not_spin() {
             "1s",
             "--close-timeout",
             "6s",
-            "--log-level",
-            "error",
         ],
         None,
-        port,
     )
     .await;
     let pid = shard.id().unwrap();
