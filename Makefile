@@ -25,6 +25,7 @@ build:
 # a package whose integration tests it builds), so this is free after test-rust.
 build-debug:
 	$(CARGO) test --workspace --no-run --locked -q
+	$(CARGO) build --locked -q -p delayline
 
 run: build
 	scripts/run-local.sh target/release $(SHARDS) $(BASE_PORT) $(LB_PORT)
@@ -107,7 +108,7 @@ bench-tools:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx haproxy)
 
 build-bench:
-	$(CARGO) build --release --locked -p ws-shard -p ws-lb -p loadtest
+	$(CARGO) build --release --locked -p ws-shard -p ws-lb -p loadtest -p delayline
 
 capacity: build-bench
 	python3 bench/bench.py capacity

@@ -1,8 +1,14 @@
 """The network of the local topology: one Linux network namespace per VM, each with one
-veth link to a bridge in the host namespace and its own address in 10.213.0.0/16, an
-address for the host on the bridge (the operator's machine: it reaches every VM), optional
-`tc netem` delay on every VM's egress (one-way latency between any two VMs), and a
-per-path cut used by the partition scenario.
+link to a bridge in the host namespace and its own address in 10.213.0.0/16, an
+address for the host on the bridge (the operator's machine: it reaches every VM), an
+optional delay on every VM's egress (one-way latency between any two VMs), and a per-path
+cut used by the partition scenario.
+
+The delay: `tc netem` on each VM's veth where the kernel has it (`CONFIG_NET_SCH_NETEM`);
+where it does not, each VM's link is a pair of TAP interfaces joined by a `delayline`
+process (crates/delayline) that holds every frame the VM sends for the delay — the same
+one-way latency, in user space. Either way the round trip between two VMs is measured at
+start and the start fails if the delay is not in effect.
 
 Everything created here carries the prefix `odinc` (namespaces `odinc-<vm>`, links
 `oc-<vm>`, bridge `odincbr0`), so `cleanup()` can remove the leftovers of a crashed run
@@ -11,7 +17,9 @@ without touching anything else on the machine.
 
 import ipaddress
 import os
+import statistics
 import subprocess
+import time
 from dataclasses import dataclass, field
 
 PREFIX = "odinc"
@@ -39,9 +47,33 @@ def namespaces():
     return [line.split()[0] for line in r.stdout.splitlines() if line.strip()]
 
 
+def _delayline_pids():
+    """delayline processes of this harness (their links are named `oc-*`), also a crashed
+    run's: they run in the host namespace, so `ip netns pids` does not list them."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"delayline") and b"--bridge-if" in argv:
+            i = argv.index(b"--bridge-if")
+            if i + 1 < len(argv) and argv[i + 1].startswith(b"oc-"):
+                out.append(int(entry))
+    return out
+
+
 def cleanup():
     """Removes every namespace and link of this harness (also those of a crashed run) and
-    kills whatever still runs inside those namespaces."""
+    kills whatever still runs inside those namespaces, and the delay lines."""
+    for pid in _delayline_pids():
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
     for ns in namespaces():
         if not ns.startswith(PREFIX + "-"):
             continue
@@ -85,23 +117,78 @@ class Vm:
         return "oc-" + self.name.replace("shard-", "sh").replace("lb-", "lb").replace("clients", "cli")[:12]
 
 
+# Frames a TAP interface queues towards its reader before dropping (the kernel's default is
+# 500, which a burst of a thousand handshakes through one VM overflows).
+TAP_QUEUE = 10_000
+
+
 class Network:
-    def __init__(self, delay_ms: float):
+    """`delay_mode`: `auto` (netem where the kernel has it, else delayline), `netem`,
+    `delayline`; `delayline` is the path of that binary."""
+
+    def __init__(self, delay_ms: float, delay_mode: str = "auto", delayline=None, log_dir=None):
         self.delay_ms = delay_ms
+        self.delay_mode = delay_mode
+        self.delayline = str(delayline) if delayline else None
+        self.log_dir = log_dir
         self.vms = {}
-        self.netem = None        # None = not tried, True = in effect, False = unavailable
+        self.mechanism = "none"  # none (delay 0) | netem | delayline
         self.netem_error = ""
+        self.lines = {}          # VM name -> its delayline process
+        self.rtt = {}            # "a->b" -> measured TCP connect round trip, ms (median)
         self.cuts = set()
 
     def create(self):
         sh("ip", "link", "add", BRIDGE, "type", "bridge")
         sh("ip", "addr", "add", f"{HOST_IP}/{NET.prefixlen}", "dev", BRIDGE)
         sh("ip", "link", "set", BRIDGE, "up")
+        self.mechanism = self._choose_mechanism()
+
+    def _choose_mechanism(self):
+        if self.delay_ms <= 0:
+            return "none"
+        if self.delay_mode in ("auto", "netem"):
+            # Probe on the bridge itself (removed at once): netem is either in the kernel or not.
+            r = sh("tc", "qdisc", "add", "dev", BRIDGE, "root", "netem", "delay", "1ms", check=False)
+            if r.returncode == 0:
+                sh("tc", "qdisc", "del", "dev", BRIDGE, "root", check=False)
+                return "netem"
+            self.netem_error = r.stderr.strip() or "tc failed"
+            if self.delay_mode == "netem":
+                raise TopologyError(f"--delay-mode netem: tc netem is not available here ({self.netem_error})")
+        if not self.delayline or not os.access(self.delayline, os.X_OK):
+            raise TopologyError(f"--delay-ms {self.delay_ms} needs tc netem (not in this kernel: {self.netem_error}) "
+                                f"or the delayline binary, not found at {self.delayline} "
+                                "(cargo build -p delayline; or --delay-ms 0)")
+        return "delayline"
+
+    def _link_up(self, vm: Vm):
+        """The VM's cable: a veth pair, or with `delayline` a TAP pair joined by that
+        process. Either way the host side is `vm.link` on the bridge, the VM side `eth0`."""
+        if self.mechanism != "delayline":
+            sh("ip", "link", "add", vm.link, "type", "veth", "peer", "name", "eth0", "netns", vm.ns)
+        else:
+            vm_side = "ov-" + vm.link[3:]
+            log = open(os.path.join(self.log_dir, f"delayline-{vm.name}.log"), "ab") if self.log_dir else subprocess.DEVNULL
+            p = subprocess.Popen([self.delayline, "--vm-if", vm_side, "--bridge-if", vm.link,
+                                  "--delay-us", str(round(self.delay_ms * 1000))],
+                                 stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL)
+            if log is not subprocess.DEVNULL:
+                log.close()
+            line = p.stdout.readline()
+            if line.strip() != b"ready":
+                p.kill()
+                p.wait()
+                raise TopologyError(f"delayline for {vm.name} did not start (see delayline-{vm.name}.log)")
+            self.lines[vm.name] = p
+            sh("ip", "link", "set", vm_side, "txqueuelen", TAP_QUEUE, "netns", vm.ns)
+            sh("ip", "link", "set", vm_side, "name", "eth0", ns=vm.ns)
+            sh("ip", "link", "set", vm.link, "txqueuelen", TAP_QUEUE)
+        sh("ip", "link", "set", vm.link, "master", BRIDGE, "up")
 
     def add_vm(self, vm: Vm, sysctls=None):
         sh("ip", "netns", "add", vm.ns)
-        sh("ip", "link", "add", vm.link, "type", "veth", "peer", "name", "eth0", "netns", vm.ns)
-        sh("ip", "link", "set", vm.link, "master", BRIDGE, "up")
+        self._link_up(vm)
         sh("ip", "link", "set", "lo", "up", ns=vm.ns)
         for ip in [vm.ip, *vm.extra_ips]:
             sh("ip", "addr", "add", f"{ip}/{NET.prefixlen}", "dev", "eth0", ns=vm.ns)
@@ -111,7 +198,8 @@ class Network:
             r = sh("sysctl", "-q", "-w", f"{key}={value}", ns=vm.ns, check=False)
             (applied if r.returncode == 0 else skipped)[key] = value
         self.vms[vm.name] = vm
-        self._delay(vm)
+        if self.mechanism == "netem":
+            sh("tc", "qdisc", "add", "dev", "eth0", "root", "netem", "delay", f"{self.delay_ms}ms", ns=vm.ns)
         return applied, skipped
 
     def remove_vm(self, name: str):
@@ -123,24 +211,61 @@ class Network:
                 os.kill(int(pid), 9)
             except (ProcessLookupError, ValueError):
                 pass
+        line = self.lines.pop(name, None)
+        if line is not None:
+            line.kill()
+            line.wait()
         sh("ip", "netns", "del", vm.ns, check=False)
         sh("ip", "link", "del", vm.link, check=False)
         self.cuts = {c for c in self.cuts if name not in c}
 
-    def _delay(self, vm):
-        if self.delay_ms <= 0 or self.netem is False:
-            return
-        r = sh("tc", "qdisc", "add", "dev", "eth0", "root", "netem", "delay", f"{self.delay_ms}ms",
-               ns=vm.ns, check=False)
-        if r.returncode != 0:
-            self.netem = False
-            self.netem_error = r.stderr.strip()
-        else:
-            self.netem = True
-
     @property
     def effective_delay_ms(self):
-        return self.delay_ms if self.netem else 0.0
+        return self.delay_ms if self.mechanism in ("netem", "delayline") else 0.0
+
+    def measure_rtt(self, a: str, b: str, samples: int = 30, port: int = 47999):
+        """Median TCP connect time (one round trip: SYN, SYN-ACK) from VM a to VM b, ms.
+        With a one-way delay D on every VM's egress it is at least 2 D."""
+        va, vb = self.vms[a], self.vms[b]
+        server = subprocess.Popen(
+            ["ip", "netns", "exec", vb.ns, "python3", "-c",
+             "import socket,sys,time\n"
+             f"s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);s.bind(('{vb.ip}',{port}));s.listen(1024)\n"
+             "print('listening',flush=True)\n"
+             "s.settimeout(0.2)\n"
+             "end=time.time()+60\n"
+             "while time.time()<end:\n"
+             "  try: s.accept()[0].close()\n"
+             "  except OSError: pass\n"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        try:
+            if server.stdout.readline().strip() != b"listening":
+                raise TopologyError(f"round-trip probe: no listener in {b}")
+            r = sh("python3", "-c",
+                   "import socket,time\n"
+                   "ts=[]\n"
+                   f"for i in range({samples}):\n"
+                   "  t=time.perf_counter()\n"
+                   f"  c=socket.create_connection(('{vb.ip}',{port}),timeout=5)\n"
+                   "  ts.append((time.perf_counter()-t)*1000)\n"
+                   "  c.close()\n"
+                   "print(' '.join(f'{x:.4f}' for x in ts))\n", ns=va.ns)
+            ts = [float(x) for x in r.stdout.split()]
+        finally:
+            server.kill()
+            server.wait()
+        self.rtt[f"{a}->{b}"] = {"median_ms": round(statistics.median(ts), 3), "min_ms": round(min(ts), 3),
+                                 "max_ms": round(max(ts), 3), "samples": len(ts)}
+        return statistics.median(ts)
+
+    def check_delay(self, a: str, b: str):
+        """Fails the start when the requested delay is not what the VMs see: the median
+        round trip between two VMs must be at least 1.9 x the one-way delay."""
+        rtt = self.measure_rtt(a, b)
+        if self.effective_delay_ms > 0 and rtt < 1.9 * self.effective_delay_ms:
+            raise TopologyError(f"delay not in effect: {a}->{b} round trip {rtt:.3f} ms, "
+                                f"expected >= 2 x {self.effective_delay_ms} ms ({self.mechanism})")
+        return rtt
 
     def cut(self, a: str, b: str):
         """100 % loss between VMs a and b, both directions, nothing else affected: each side's
@@ -163,4 +288,7 @@ class Network:
         return {"bridge": BRIDGE, "subnet": str(NET), "host": HOST_IP,
                 "vms": {n: {"ns": v.ns, "ip": v.ip, "extra_ips": len(v.extra_ips)} for n, v in self.vms.items()},
                 "delay_ms_requested": self.delay_ms, "delay_ms_in_effect": self.effective_delay_ms,
-                "netem": {None: "not used (delay 0)", True: "in effect", False: f"unavailable: {self.netem_error}"}[self.netem]}
+                "delay_mechanism": {"none": "none (delay 0)", "netem": "tc netem on each VM's eth0",
+                                    "delayline": "delayline (TAP pair per VM, user space; tc netem not in this kernel: "
+                                                 f"{self.netem_error})"}[self.mechanism],
+                "rtt_measured": self.rtt}
