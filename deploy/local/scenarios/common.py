@@ -15,6 +15,12 @@ import cluster as cl
 CHANNELS = "trades.K{0..9}"
 
 
+
+def capped(c, rate):
+    """A scenario's connection rate under `--max-rate` (recorded with the other
+    non-default flags in every result)."""
+    return min(rate, c.a.max_rate) if getattr(c.a, "max_rate", 0) else rate
+
 def channels_for(partitions):
     """The channels the clients subscribe to: one per partition that the producer feeds
     (`Producer` writes key K<i> to partition i), at most ten. A channel beyond the partition

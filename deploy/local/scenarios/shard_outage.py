@@ -5,7 +5,10 @@ clients keep arriving through the front (a probe every 200 ms), then started aga
 Checks: every new client during the outage opened a WebSocket through the front and was
 closed with 1012 and a reason (no HTTP 5xx from the front, no failed TLS or upgrade); no LB
 VM left the front (its /health stays 200: liveness) and none was recreated by the
-autohealer; every LB reported `no_shard_available` and `ws_lb_shards_available` 0; after
+autohealer; every LB reported `no_shard_available` and `ws_lb_shards_available` 0 once its
+health polls alone must have opened every breaker (`circuit_breaker_failure_threshold` ×
+`health_interval` + 5 s after the kill; before that an LB that has not yet seen enough
+failures rightly still says `ok`, and the time each LB first said so is recorded); after
 the shards' return every client was back within 30 s, with no gap, duplicate or
 recovered:false."""
 
@@ -46,8 +49,23 @@ class NewClients(threading.Thread):
         asyncio.run(loop())
 
 
+def detection_bound_s(c):
+    """Seconds after which ws-lb's health polls alone (one per `health_interval`, each
+    refused connect counting against the breaker) have opened a dead shard's breaker, plus
+    5 s for a loaded machine; from the LB arguments and environment the deploy gives."""
+    args, env = list(c.pv.lb_args), dict(c.pv.lb_env)
+
+    def arg(name, default):
+        return args[args.index(name) + 1] if name in args else default
+    threshold = int(env.get("CIRCUIT_BREAKER_FAILURE_THRESHOLD", arg("--circuit-breaker-failure-threshold", "10")))
+    interval = arg("--health-interval", "1s")
+    interval_s = float(interval[:-2]) / 1000 if interval.endswith("ms") else float(interval.rstrip("s"))
+    return threshold * interval_s + 5
+
+
 def run(c, full):
     conns, rate = (6000, 1000) if full else (1000, 250)
+    rate = common.capped(c, rate)
     outage = 60 if full else 20
     producer = common.Producer(c.a.partitions, 20)
     producer.start()
@@ -93,12 +111,16 @@ def run(c, full):
     http_5xx = front_after.get("hrsp_5xx", 0) - front_before.get("hrsp_5xx", 0)
     left_front = sorted({n for _, up, _ in samples for n in c.members if n not in up})
     not_live = sorted({n for _, _, hs in samples for n, st, _, _ in hs if st != 200})
-    statuses = sorted({bs for _, _, hs in samples[1:] for _, _, bs, _ in hs}, key=str)
+    detect = detection_bound_s(c)
+    statuses = sorted({bs for t, _, hs in samples if t >= stopped_at + detect for _, _, bs, _ in hs}, key=str)
+    first_said = {n: next((round(t - stopped_at, 1) for t, _, hs in samples
+                           for m, _, bs, _ in hs if m == n and bs == "no_shard_available"), None) for n in c.members}
     recycled = [(round(t - started, 1), n) for t, n in c.autohealer.recreated(since=started)]
     figures = {
         "clients": conns, "connected_before_the_outage": connected, "outage_s": outage, "new_clients_during_outage": len(during), "outcomes": outcomes,
         "close_reasons": reasons, "front_http_5xx": http_5xx, "lbs_that_left_the_front": left_front,
-        "lbs_not_200": not_live, "lb_health_statuses_during_outage": statuses,
+        "lbs_not_200": not_live, "lb_health_statuses_after_detection_bound": statuses,
+        "detection_bound_s": detect, "first_no_shard_available_s": first_said,
         "ws_lb_shards_available_during_outage": gauges, "recreated": recycled,
         "all_back_after_return_s": round(back_at - returned_at, 1) if back_at else None,
         "loadtest": s, "producer": producer.figures(),
@@ -110,7 +132,8 @@ def run(c, full):
         (f"the front answered no HTTP 5xx ({http_5xx})", http_5xx == 0),
         (f"no LB VM left the front ({left_front})", not left_front),
         (f"every LB's /health stayed 200 ({not_live})", not not_live),
-        (f"... saying no_shard_available ({statuses})", statuses == ["no_shard_available"]),
+        (f"... saying no_shard_available from {detect:.0f} s after the kill on ({statuses}; first at "
+         f"{sorted(set(first_said.values()), key=str)} s)", statuses == ["no_shard_available"]),
         (f"ws_lb_shards_available was 0 on every LB ({sorted(set(gauges.values()))})", set(gauges.values()) == {0.0}),
         (f"no LB VM recreated by the autohealer ({recycled})", not recycled),
         (f"all clients back within 30 s of the shards' return ({figures['all_back_after_return_s']} s)",
