@@ -17,8 +17,6 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
-use std::sync::{mpsc, Arc, Condvar, Mutex, PoisonError};
-use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -45,8 +43,9 @@ struct Args {
 /// leaves room for a larger MTU).
 const MAX_FRAME: usize = 65_536;
 
-/// Three threads on blocking descriptors: VM -> queue, queue -> bridge when due, bridge ->
-/// VM. A read failing (an interface gone) ends the process.
+/// One thread: `ppoll` on both interfaces with a timeout of the oldest held frame's due
+/// time (nanosecond precision), frames from the VM held for the delay, frames from the
+/// bridge forwarded at once. A read failing (an interface gone) ends the process.
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let vm = open_tap(&args.vm_if).with_context(|| format!("TAP interface {}", args.vm_if))?;
@@ -55,80 +54,41 @@ fn main() -> anyhow::Result<()> {
     exact_timers();
     println!("ready");
     io::stdout().flush()?;
-    let (vm, bridge) = (Arc::new(vm), Arc::new(bridge));
     let delay = Duration::from_micros(args.delay_us);
-    let shared = Arc::new((Mutex::new(Line::new(args.limit)), Condvar::new()));
-
-    let (done, stopped) = mpsc::channel::<anyhow::Error>();
-    {
-        let (vm, bridge, shared, name) = (vm.clone(), bridge.clone(), shared.clone(), args.vm_if);
-        let done = done.clone();
-        thread::spawn(move || {
-            let mut buf = vec![0u8; MAX_FRAME];
-            let mut direct = Line::new(0);
-            loop {
-                let n = match read_frame(&vm, &mut buf, &name) {
-                    Ok(n) => n,
-                    Err(e) => return done.send(e),
+    let mut line = Line::new(args.limit);
+    let mut direct = Line::new(0);
+    let mut buf = vec![0u8; MAX_FRAME];
+    loop {
+        let timeout = line
+            .next_due()
+            .map(|due| due.saturating_duration_since(Instant::now()));
+        let (vm_ready, bridge_ready) = wait_readable(&vm, &bridge, timeout)?;
+        if vm_ready {
+            for _ in 0..BATCH {
+                let Some(n) = read_frame(&vm, &mut buf, &args.vm_if)? else {
+                    break;
                 };
                 if delay.is_zero() {
-                    direct.forward(&mut &*bridge, &buf[..n]);
+                    direct.forward(&mut &bridge, &buf[..n]);
                 } else {
-                    let (line, wake) = &*shared;
-                    let mut line = line.lock().unwrap_or_else(PoisonError::into_inner);
-                    let was_empty = line.next_due().is_none();
                     line.hold(Instant::now() + delay, &buf[..n]);
-                    if was_empty {
-                        wake.notify_one();
-                    }
                 }
             }
-        });
-    }
-    if !delay.is_zero() {
-        let (bridge, shared) = (bridge.clone(), shared.clone());
-        thread::spawn(move || {
-            let (line, wake) = &*shared;
-            let mut line = line.lock().unwrap_or_else(PoisonError::into_inner);
-            loop {
-                let now = Instant::now();
-                match line.next_due() {
-                    None => line = wake.wait(line).unwrap_or_else(PoisonError::into_inner),
-                    Some(due) if due > now => {
-                        line = wake
-                            .wait_timeout(line, due - now)
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .0;
-                    }
-                    Some(_) => {
-                        // Frames due now are written with the lock held: writes to a TAP
-                        // interface do not block, and the reader only appends.
-                        line.release(now, &mut &*bridge);
-                    }
-                }
-            }
-        });
-    }
-    {
-        let name = args.bridge_if;
-        thread::spawn(move || {
-            let mut buf = vec![0u8; MAX_FRAME];
-            let mut direct = Line::new(0);
-            loop {
-                let n = match read_frame(&bridge, &mut buf, &name) {
-                    Ok(n) => n,
-                    Err(e) => return done.send(e),
+        }
+        if bridge_ready {
+            for _ in 0..BATCH {
+                let Some(n) = read_frame(&bridge, &mut buf, &args.bridge_if)? else {
+                    break;
                 };
-                direct.forward(&mut &*vm, &buf[..n]);
+                direct.forward(&mut &vm, &buf[..n]);
             }
-        });
-    }
-    // Whichever direction ends first ends the process (the other is blocked in a read).
-    match stopped.recv() {
-        Ok(e) => Err(e),
-        Err(_) => bail!("every direction stopped"),
+        }
+        line.release(Instant::now(), &mut &bridge);
     }
 }
+
+/// Frames read from one interface per wake-up before the other gets its turn.
+const BATCH: usize = 64;
 
 /// The frames in flight from the VM to the bridge, oldest first (one delay for all, so
 /// arrival order is due order), and the buffers of frames already sent, for reuse.
@@ -200,17 +160,59 @@ impl Line {
     }
 }
 
-/// One frame (blocking). An interface that went away (its namespace was deleted) is an
-/// error, which ends the process.
-fn read_frame(mut tap: &File, buf: &mut [u8], name: &str) -> anyhow::Result<usize> {
+/// One frame, `None` when none is waiting. An interface that went away (its namespace
+/// was deleted) is an error, which ends the process.
+fn read_frame(mut tap: &File, buf: &mut [u8], name: &str) -> anyhow::Result<Option<usize>> {
     loop {
         match tap.read(buf) {
             Ok(0) => bail!("{name}: interface gone"),
-            Ok(n) => return Ok(n),
+            Ok(n) => return Ok(Some(n)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(anyhow::Error::new(e).context(format!("{name}: read"))),
         }
     }
+}
+
+/// Waits until either interface has a frame or `timeout` (None: no limit) passes; which
+/// are readable. An error or hang-up on an interface counts as readable, so that the read
+/// reports it.
+#[allow(unsafe_code)]
+fn wait_readable(
+    vm: &File,
+    bridge: &File,
+    timeout: Option<Duration>,
+) -> anyhow::Result<(bool, bool)> {
+    let mut fds = [
+        libc::pollfd {
+            fd: vm.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: bridge.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    let ts = timeout.map(|t| libc::timespec {
+        tv_sec: t.as_secs() as libc::time_t,
+        tv_nsec: t.subsec_nanos() as libc::c_long,
+    });
+    let ts_ptr = ts
+        .as_ref()
+        .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    // SAFETY: `fds` is an array of two initialised pollfd structs that lives across the call,
+    // `ts_ptr` is null or points at `ts`, which does too; no signal mask is passed.
+    let rc = unsafe { libc::ppoll(fds.as_mut_ptr(), 2, ts_ptr, std::ptr::null()) };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok((false, false));
+        }
+        return Err(anyhow::Error::new(e).context("ppoll"));
+    }
+    Ok((fds[0].revents != 0, fds[1].revents != 0))
 }
 
 /// Timed waits of this process end when due, not up to 50 µs later (Linux's default timer
@@ -220,11 +222,14 @@ fn exact_timers() {
     // SAFETY: PR_SET_TIMERSLACK takes one integer argument and touches no memory.
     let rc = unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
     if rc != 0 {
-        eprintln!("delayline: PR_SET_TIMERSLACK failed: {}", io::Error::last_os_error());
+        eprintln!(
+            "delayline: PR_SET_TIMERSLACK failed: {}",
+            io::Error::last_os_error()
+        );
     }
 }
 
-/// Opens `/dev/net/tun` and attaches it to the TAP interface `name` (created
+/// Opens `/dev/net/tun` non-blocking and attaches it to the TAP interface `name` (created
 /// if absent; it lives while this descriptor is open). Frames carry no packet-information
 /// header and no offloads, so the kernel hands over whole Ethernet frames with checksums.
 #[allow(unsafe_code)]
@@ -235,7 +240,7 @@ fn open_tap(name: &str) -> anyhow::Result<File> {
     let file = OpenOptions::new()
         .read(true)
         .write(true)
-        .custom_flags(libc::O_CLOEXEC)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open("/dev/net/tun")
         .context("open /dev/net/tun (is the tun driver available?)")?;
     // SAFETY: `ifreq` is plain old data for which all-zero bytes are a valid value.
