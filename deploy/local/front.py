@@ -228,6 +228,8 @@ class Autohealer(threading.Thread):
     def run(self):
         while not self.stop_event.wait(self.check.interval_s):
             for name in list(self.cluster.lb_members()):
+                if self.stop_event.is_set():
+                    return      # the cluster is being torn down: its VMs go away, none is sick
                 with self.lock:
                     if time.time() < self.quiet_until.get(name, 0):
                         continue
@@ -236,7 +238,7 @@ class Autohealer(threading.Thread):
                 with self.lock:
                     self.failures[name] = 0 if ok else self.failures.get(name, 0) + 1
                     recreate = self.failures[name] >= self.check.unhealthy
-                if recreate and name in self.cluster.lb_members():
+                if recreate and name in self.cluster.lb_members() and not self.stop_event.is_set():
                     self.events.append((time.time(), name, "recreated"))
                     self.cluster.log(f"autohealer: {name} failed {self.check.unhealthy} checks, recreating it")
                     self.cluster.restart_lb(name, reason="autoheal")

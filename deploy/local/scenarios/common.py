@@ -50,11 +50,12 @@ def wait_for(cond, timeout, interval=0.25):
     return None
 
 
-def ramp_done(c, conns, timeout=60):
-    """The number of clients connected once a ramp is over: all `conns`, or as many as there
-    are when the count has not grown for 5 s (handshakes that timed out on a loaded machine
-    are the load generator's to report, and the scenario then judges the clients that did
-    connect)."""
+def ramp_done(c, conns, rate):
+    """The number of clients connected once a ramp of `conns` at `rate`/s is over: all
+    `conns`, or as many as there are when the count has not grown for 5 s (handshakes that
+    timed out on a loaded machine are the load generator's to report, and the scenario then
+    judges the clients that did connect). Bounded: the ramp's own length + 60 s."""
+    timeout = conns / rate + 60
     deadline = time.time() + timeout
     last, changed = -1, time.time()
     while time.time() < deadline:
@@ -66,7 +67,7 @@ def ramp_done(c, conns, timeout=60):
         elif n > 0 and time.time() - changed >= 5:
             return n
         time.sleep(0.5)
-    raise RuntimeError(f"the ramp of {conns} clients did not end within {timeout} s ({last} connected)")
+    raise RuntimeError(f"the ramp of {conns} clients did not end within {timeout:.0f} s ({last} connected)")
 
 
 # ---- the load generator ----------------------------------------------------------------

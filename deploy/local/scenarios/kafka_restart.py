@@ -51,7 +51,7 @@ def run(c, full):
         raise RuntimeError(f"the shards did not read {warm} records within 60 s: {trades_records(c)}")
     lt = common.Loadtest(c, "kafka-restart", conns, rate, conns / rate + down + 30, reconnect=True)
     try:
-        common.ramp_done(c, conns)
+        common.ramp_done(c, conns, rate)
         # Every client in (the ramp's end does not wait for the slowest handshakes).
         all_in = common.wait_for(lambda: c.lb_active() >= conns, 60)
         time.sleep(3)

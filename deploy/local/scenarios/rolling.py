@@ -124,7 +124,7 @@ def run(c, full):
     est = len(batches) * (hc.interval_s * (hc.healthy + 1) + lb_window + 8) + len(shard_vms) * (shard_window + 10)
     lt = common.Loadtest(c, "rolling", conns, rate, round(conns / rate + est * 1.2 + 10), reconnect=True)
     try:
-        connected = common.ramp_done(c, conns)
+        connected = common.ramp_done(c, conns, rate)
         probes = common.Probes(c, 100, channel="trades.K2", source_ip=cl.HOST_CLIENT_IPS[3])
         lbs = roll_lbs(c, batches, lb_window, probes)
         probes.close()

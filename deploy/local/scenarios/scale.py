@@ -200,7 +200,7 @@ def run(c, full):
     arrivals, sampler = Arrivals(c, arrival_rate), Sampler(c)
     events = {}
     try:
-        connected = common.ramp_done(c, held)
+        connected = common.ramp_done(c, held, ramp_rate)
         arrivals.start()
         sampler.start()
         time.sleep(3)  # a few seconds of the 7-VM tier in the per-second record

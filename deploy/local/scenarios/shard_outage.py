@@ -74,7 +74,7 @@ def run(c, full):
     lt = common.Loadtest(c, "shard-outage", conns, rate, conns / rate + outage + 40, reconnect=True)
     samples = []          # (t, lbs UP in every front process, [(lb, status, body status, available)])
     try:
-        connected = common.ramp_done(c, conns)
+        connected = common.ramp_done(c, conns, rate)
         probes = NewClients(c)
         probes.start()
         time.sleep(2)
