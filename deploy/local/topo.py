@@ -5,10 +5,11 @@ optional delay on every VM's egress (one-way latency between any two VMs), and a
 cut used by the partition scenario.
 
 The delay: `tc netem` on each VM's veth where the kernel has it (`CONFIG_NET_SCH_NETEM`);
-where it does not, each VM's link is a pair of TAP interfaces joined by a `delayline`
-process (crates/delayline) that holds every frame the VM sends for the delay — the same
-one-way latency, in user space. Either way the round trip between two VMs is measured at
-start and the start fails if the delay is not in effect.
+where it does not, a `tc` filter on the bridge side of each VM's veth redirects every frame
+the VM sends to a TAP interface, whose `delayline` process (crates/delayline) writes it into
+the bridge the delay later — the same one-way latency, in user space, for the frames a VM
+sends only (frames towards a VM stay in the kernel). Either way the round trip between two
+VMs is measured at start and the start fails if the delay is not in effect.
 
 Everything created here carries the prefix `odinc` (namespaces `odinc-<vm>`, links
 `oc-<vm>`, bridge `odincbr0`), so `cleanup()` can remove the leftovers of a crashed run
@@ -48,8 +49,8 @@ def namespaces():
 
 
 def _delayline_pids():
-    """delayline processes of this harness (their links are named `oc-*`), also a crashed
-    run's: they run in the host namespace, so `ip netns pids` does not list them."""
+    """delayline processes of this harness (their TAP interfaces are named `od-*`), also a
+    crashed run's: they run in the host namespace, so `ip netns pids` does not list them."""
     out = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -59,9 +60,9 @@ def _delayline_pids():
                 argv = f.read().split(b"\0")
         except OSError:
             continue
-        if argv and argv[0].endswith(b"delayline") and b"--bridge-if" in argv:
-            i = argv.index(b"--bridge-if")
-            if i + 1 < len(argv) and argv[i + 1].startswith(b"oc-"):
+        if argv and argv[0].endswith(b"delayline") and b"--tap" in argv:
+            i = argv.index(b"--tap")
+            if i + 1 < len(argv) and argv[i + 1].startswith(b"od-"):
                 out.append(int(entry))
     return out
 
@@ -87,7 +88,7 @@ def cleanup():
     links = sh("ip", "-o", "link", "show", check=False).stdout
     for line in links.splitlines():
         name = line.split(":")[1].strip().split("@")[0]
-        if name.startswith("oc-") or name == BRIDGE:
+        if name.startswith(("oc-", "od-")) or name == BRIDGE:
             sh("ip", "link", "del", name, check=False)
 
 
@@ -120,6 +121,15 @@ class Vm:
 # Frames a TAP interface queues towards its reader before dropping (the kernel's default is
 # 500, which a burst of a thousand handshakes through one VM overflows).
 TAP_QUEUE = 10_000
+# Classic BPF for cls_bpf: "return -1", i.e. every frame matches (this kernel has cls_bpf
+# and mirred but neither matchall nor u32).
+MATCH_ALL = "1,6 0 0 4294967295"
+
+
+def vm_mac(ip: str) -> str:
+    """A VM's MAC address, fixed from its address (locally administered): the bridge
+    forwards to it by a static entry, and its delayline passes only frames from it."""
+    return "02:00:" + ":".join(f"{int(b):02x}" for b in ip.split("."))
 
 
 class Network:
@@ -163,14 +173,17 @@ class Network:
         return "delayline"
 
     def _link_up(self, vm: Vm):
-        """The VM's cable: a veth pair, or with `delayline` a TAP pair joined by that
-        process. Either way the host side is `vm.link` on the bridge, the VM side `eth0`."""
-        if self.mechanism != "delayline":
-            sh("ip", "link", "add", vm.link, "type", "veth", "peer", "name", "eth0", "netns", vm.ns)
-        else:
-            vm_side = "ov-" + vm.link[3:]
+        """The VM's cable: a veth pair, `eth0` in the VM and `vm.link` on the bridge. With
+        `delayline`, frames arriving on `vm.link` from the VM are redirected (tc mirred, before
+        the bridge sees them) to the TAP interface `od-…`, whose delayline process writes
+        them into the bridge — a port with learning and flooding off — after the delay; the
+        bridge reaches the VM through a static entry for its MAC on `vm.link`."""
+        mac = vm_mac(vm.ip)
+        sh("ip", "link", "add", vm.link, "type", "veth", "peer", "name", "eth0", "address", mac, "netns", vm.ns)
+        if self.mechanism == "delayline":
+            tap = "od-" + vm.link[3:]
             log = open(os.path.join(self.log_dir, f"delayline-{vm.name}.log"), "ab") if self.log_dir else subprocess.DEVNULL
-            p = subprocess.Popen([self.delayline, "--vm-if", vm_side, "--bridge-if", vm.link,
+            p = subprocess.Popen([self.delayline, "--tap", tap, "--vm-mac", mac,
                                   "--delay-us", str(round(self.delay_ms * 1000))],
                                  stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL)
             if log is not subprocess.DEVNULL:
@@ -181,10 +194,21 @@ class Network:
                 p.wait()
                 raise TopologyError(f"delayline for {vm.name} did not start (see delayline-{vm.name}.log)")
             self.lines[vm.name] = p
-            sh("ip", "link", "set", vm_side, "txqueuelen", TAP_QUEUE, "netns", vm.ns)
-            sh("ip", "link", "set", vm_side, "name", "eth0", ns=vm.ns)
-            sh("ip", "link", "set", vm.link, "txqueuelen", TAP_QUEUE)
+            sh("ip", "link", "set", tap, "txqueuelen", TAP_QUEUE, "master", BRIDGE)
+            sh("bridge", "link", "set", "dev", tap, "learning", "off", "flood", "off", "mcast_flood", "off",
+               "bcast_flood", "off")
+            sh("ip", "link", "set", tap, "up")
         sh("ip", "link", "set", vm.link, "master", BRIDGE, "up")
+        if self.mechanism == "delayline":
+            sh("bridge", "fdb", "replace", mac, "dev", vm.link, "master", "static")
+            sh("tc", "qdisc", "add", "dev", vm.link, "clsact")
+            sh("tc", "filter", "add", "dev", vm.link, "ingress", "bpf", "bytecode", MATCH_ALL,
+               "action", "mirred", "egress", "redirect", "dev", tap)
+            # The VM's own broadcasts come back to it through the bridge (the TAP port is not
+            # its veth port); harmless for ARP, but IPv6 duplicate-address detection would
+            # fail, and nothing here uses IPv6.
+            for key in ("net.ipv6.conf.all.disable_ipv6", "net.ipv6.conf.default.disable_ipv6"):
+                sh("sysctl", "-q", "-w", f"{key}=1", ns=vm.ns)
 
     def add_vm(self, vm: Vm, sysctls=None):
         sh("ip", "netns", "add", vm.ns)
@@ -289,6 +313,6 @@ class Network:
                 "vms": {n: {"ns": v.ns, "ip": v.ip, "extra_ips": len(v.extra_ips)} for n, v in self.vms.items()},
                 "delay_ms_requested": self.delay_ms, "delay_ms_in_effect": self.effective_delay_ms,
                 "delay_mechanism": {"none": "none (delay 0)", "netem": "tc netem on each VM's eth0",
-                                    "delayline": "delayline (TAP pair per VM, user space; tc netem not in this kernel: "
+                                    "delayline": "delayline (frames from each VM redirected to a TAP, held in user space; tc netem not in this kernel: "
                                                  f"{self.netem_error})"}[self.mechanism],
                 "rtt_measured": self.rtt}

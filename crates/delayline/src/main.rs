@@ -1,16 +1,17 @@
-//! `delayline`: one VM's network cable, with a one-way delay, for the local production
-//! topology (`deploy/local/topo.py`) on kernels built without `tc netem`.
+//! `delayline`: the one-way delay of one VM's link, for the local production topology
+//! (`deploy/local/topo.py`) on kernels built without `tc netem`.
 //!
-//! It opens two TAP interfaces: `--vm-if` (the harness moves it into the VM's network
-//! namespace and names it `eth0`) and `--bridge-if` (the harness makes it a port of the
-//! topology's bridge). Every frame the VM sends is written to the bridge `--delay-us`
-//! microseconds after it was read, in order; every frame the bridge sends towards the VM is
-//! written to the VM at once. That is what `tc qdisc add dev eth0 root netem delay D` on each
-//! VM gives: one-way latency D between any two VMs (each frame crosses one sender's cable),
-//! RTT 2D. Frames waiting beyond `--limit` are dropped and counted, as netem's `limit` does.
+//! The VM keeps its veth link to the bridge. A `tc` filter on the bridge side of that link
+//! redirects every frame the VM sends to a TAP interface instead of the bridge; this process
+//! reads each from the TAP interface and writes it back `--delay-us` microseconds later, in
+//! order — written to a TAP interface, a frame enters the bridge (the TAP interface is a
+//! port of it) and is forwarded as if it had come from the VM. Frames towards the VM never
+//! pass here. That is what `tc qdisc add dev eth0 root netem delay D` on each VM gives:
+//! one-way latency D between any two VMs (each frame is delayed once, at its sender), RTT 2D.
+//! Frames waiting beyond `--limit` are dropped and counted, as netem's `limit` does.
 //!
-//! Not shipped: a test-harness tool. It prints `ready` on stdout once both interfaces exist,
-//! and exits when either interface disappears (the VM's namespace deleted).
+//! Not shipped: a test-harness tool. It prints `ready` on stdout once the interface exists,
+//! and exits when the interface disappears.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
@@ -23,15 +24,17 @@ use anyhow::{bail, Context};
 use clap::Parser;
 
 #[derive(Debug, Parser)]
-#[command(about = "A VM's network cable with a one-way delay (TAP pair), for deploy/local")]
+#[command(about = "Delays every frame a VM sends (TAP), for deploy/local")]
 struct Args {
-    /// TAP interface towards the VM (moved into its namespace by the harness).
+    /// TAP interface that the VM's frames are redirected to (tc mirred) and that writes
+    /// them, delayed, into the bridge (a port of it).
     #[arg(long)]
-    vm_if: String,
-    /// TAP interface towards the bridge.
-    #[arg(long)]
-    bridge_if: String,
-    /// Delay of every frame from the VM to the bridge, in microseconds (0 = none).
+    tap: String,
+    /// The VM's MAC address: frames from any other source are dropped (a safety net
+    /// against loops; the bridge floods nothing to the TAP port).
+    #[arg(long, value_parser = parse_mac)]
+    vm_mac: [u8; 6],
+    /// Delay of every frame, in microseconds (0 = none).
     #[arg(long, default_value_t = 250)]
     delay_us: u64,
     /// Frames waiting at most; beyond it new frames are dropped and counted.
@@ -42,53 +45,61 @@ struct Args {
 /// Largest frame a TAP interface delivers without offloads (MTU 1500 + headers; 64 KiB
 /// leaves room for a larger MTU).
 const MAX_FRAME: usize = 65_536;
+/// Frames read per wake-up before the due ones are written.
+const BATCH: usize = 64;
 
-/// One thread: `ppoll` on both interfaces with a timeout of the oldest held frame's due
-/// time (nanosecond precision), frames from the VM held for the delay, frames from the
-/// bridge forwarded at once. A read failing (an interface gone) ends the process.
+/// One thread: `ppoll` on the TAP interface with a timeout of the oldest held frame's due
+/// time (nanosecond precision); each frame read is written back to the same interface (into
+/// the bridge) `delay` later. A read failing (the interface gone) ends the process.
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let vm = open_tap(&args.vm_if).with_context(|| format!("TAP interface {}", args.vm_if))?;
-    let bridge =
-        open_tap(&args.bridge_if).with_context(|| format!("TAP interface {}", args.bridge_if))?;
+    let tap = open_tap(&args.tap).with_context(|| format!("TAP interface {}", args.tap))?;
     exact_timers();
     println!("ready");
     io::stdout().flush()?;
     let delay = Duration::from_micros(args.delay_us);
     let mut line = Line::new(args.limit);
-    let mut direct = Line::new(0);
     let mut buf = vec![0u8; MAX_FRAME];
+    let mut foreign = 0u64;
     loop {
         let timeout = line
             .next_due()
             .map(|due| due.saturating_duration_since(Instant::now()));
-        let (vm_ready, bridge_ready) = wait_readable(&vm, &bridge, timeout)?;
-        if vm_ready {
+        if wait_readable(&tap, timeout)? {
             for _ in 0..BATCH {
-                let Some(n) = read_frame(&vm, &mut buf, &args.vm_if)? else {
+                let Some(n) = read_frame(&tap, &mut buf, &args.tap)? else {
                     break;
                 };
-                if delay.is_zero() {
-                    direct.forward(&mut &bridge, &buf[..n]);
-                } else {
-                    line.hold(Instant::now() + delay, &buf[..n]);
+                if !from_vm(&buf[..n], &args.vm_mac) {
+                    foreign += 1;
+                    if foreign == 1 || foreign % 10_000 == 0 {
+                        eprintln!("delayline: {foreign} frame(s) not from the VM dropped");
+                    }
+                    continue;
                 }
+                line.hold(Instant::now() + delay, &buf[..n]);
             }
         }
-        if bridge_ready {
-            for _ in 0..BATCH {
-                let Some(n) = read_frame(&bridge, &mut buf, &args.bridge_if)? else {
-                    break;
-                };
-                direct.forward(&mut &vm, &buf[..n]);
-            }
-        }
-        line.release(Instant::now(), &mut &bridge);
+        line.release(Instant::now(), &mut &tap);
     }
 }
 
-/// Frames read from one interface per wake-up before the other gets its turn.
-const BATCH: usize = 64;
+/// Whether an Ethernet frame's source address is the VM's.
+fn from_vm(frame: &[u8], vm_mac: &[u8; 6]) -> bool {
+    frame.get(6..12) == Some(&vm_mac[..])
+}
+
+fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let mut mac = [0u8; 6];
+    if parts.len() != 6 {
+        return Err(format!("{s}: expected six hex bytes separated by ':'"));
+    }
+    for (byte, part) in mac.iter_mut().zip(parts) {
+        *byte = u8::from_str_radix(part, 16).map_err(|e| format!("{s}: {e}"))?;
+    }
+    Ok(mac)
+}
 
 /// The frames in flight from the VM to the bridge, oldest first (one delay for all, so
 /// arrival order is due order), and the buffers of frames already sent, for reuse.
@@ -174,27 +185,15 @@ fn read_frame(mut tap: &File, buf: &mut [u8], name: &str) -> anyhow::Result<Opti
     }
 }
 
-/// Waits until either interface has a frame or `timeout` (None: no limit) passes; which
-/// are readable. An error or hang-up on an interface counts as readable, so that the read
-/// reports it.
+/// Waits until the interface has a frame or `timeout` (None: no limit) passes; whether it
+/// is readable. An error or hang-up counts as readable, so that the read reports it.
 #[allow(unsafe_code)]
-fn wait_readable(
-    vm: &File,
-    bridge: &File,
-    timeout: Option<Duration>,
-) -> anyhow::Result<(bool, bool)> {
-    let mut fds = [
-        libc::pollfd {
-            fd: vm.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: bridge.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
+fn wait_readable(tap: &File, timeout: Option<Duration>) -> anyhow::Result<bool> {
+    let mut fds = [libc::pollfd {
+        fd: tap.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    }];
     let ts = timeout.map(|t| libc::timespec {
         tv_sec: t.as_secs() as libc::time_t,
         tv_nsec: t.subsec_nanos() as libc::c_long,
@@ -202,17 +201,17 @@ fn wait_readable(
     let ts_ptr = ts
         .as_ref()
         .map_or(std::ptr::null(), |t| t as *const libc::timespec);
-    // SAFETY: `fds` is an array of two initialised pollfd structs that lives across the call,
-    // `ts_ptr` is null or points at `ts`, which does too; no signal mask is passed.
-    let rc = unsafe { libc::ppoll(fds.as_mut_ptr(), 2, ts_ptr, std::ptr::null()) };
+    // SAFETY: `fds` is an initialised pollfd array that lives across the call, `ts_ptr` is
+    // null or points at `ts`, which does too; no signal mask is passed.
+    let rc = unsafe { libc::ppoll(fds.as_mut_ptr(), 1, ts_ptr, std::ptr::null()) };
     if rc < 0 {
         let e = io::Error::last_os_error();
         if e.kind() == io::ErrorKind::Interrupted {
-            return Ok((false, false));
+            return Ok(false);
         }
         return Err(anyhow::Error::new(e).context("ppoll"));
     }
-    Ok((fds[0].revents != 0, fds[1].revents != 0))
+    Ok(fds[0].revents != 0)
 }
 
 /// Timed waits of this process end when due, not up to 50 µs later (Linux's default timer
@@ -293,6 +292,21 @@ mod tests {
         line.release(at(5_000), &mut out);
         assert_eq!(out.0, vec![b"first".to_vec(), b"second".to_vec()]);
         assert_eq!(line.next_due(), None);
+    }
+
+    #[test]
+    fn only_the_vm_s_frames_pass_and_macs_parse() {
+        let mac = parse_mac("02:00:0a:d5:01:0a").unwrap_or_default();
+        assert_eq!(mac, [0x02, 0x00, 0x0a, 0xd5, 0x01, 0x0a]);
+        assert!(parse_mac("02:00:0a:d5:01").is_err());
+        assert!(parse_mac("02:00:0a:d5:01:zz").is_err());
+        let mut frame = vec![0xffu8; 6];
+        frame.extend_from_slice(&mac);
+        frame.extend_from_slice(&[0x08, 0x06, 0, 1]);
+        assert!(from_vm(&frame, &mac));
+        frame[11] = 0x0b;
+        assert!(!from_vm(&frame, &mac));
+        assert!(!from_vm(&frame[..10], &mac), "a runt frame is not the VM's");
     }
 
     #[test]
