@@ -52,9 +52,11 @@ def wait_for(cond, timeout, interval=0.25):
 
 def ramp_done(c, conns, rate):
     """The number of clients connected once a ramp of `conns` at `rate`/s is over: all
-    `conns`, or as many as there are when the count has not grown for 5 s (handshakes that
-    timed out on a loaded machine are the load generator's to report, and the scenario then
-    judges the clients that did connect). Bounded: the ramp's own length + 60 s."""
+    `conns`, or as many as there are when the count has not grown for 5 s, or at the latest
+    the ramp's own length + 60 s after the start (on a saturated machine the count keeps
+    moving: handshakes time out while reconnects land). Clients that did not connect are
+    the load generator's to report; the scenario then judges the ones that did. Fails only
+    if none connected."""
     timeout = conns / rate + 60
     deadline = time.time() + timeout
     last, changed = -1, time.time()
@@ -67,7 +69,10 @@ def ramp_done(c, conns, rate):
         elif n > 0 and time.time() - changed >= 5:
             return n
         time.sleep(0.5)
-    raise RuntimeError(f"the ramp of {conns} clients did not end within {timeout:.0f} s ({last} connected)")
+    if last > 0:
+        c.log(f"the ramp of {conns} clients did not settle within {timeout:.0f} s; going on with {last} connected")
+        return last
+    raise RuntimeError(f"no client of a ramp of {conns} connected within {timeout:.0f} s")
 
 
 # ---- the load generator ----------------------------------------------------------------
