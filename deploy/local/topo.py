@@ -167,9 +167,9 @@ class Network:
             if self.delay_mode == "netem":
                 raise TopologyError(f"--delay-mode netem: tc netem is not available here ({self.netem_error})")
         if not self.delayline or not os.access(self.delayline, os.X_OK):
-            raise TopologyError(f"--delay-ms {self.delay_ms} needs tc netem (not in this kernel: {self.netem_error}) "
-                                f"or the delayline binary, not found at {self.delayline} "
-                                "(cargo build -p delayline; or --delay-ms 0)")
+            why = f"tc netem (not in this kernel: {self.netem_error}) or " if self.netem_error else ""
+            raise TopologyError(f"--delay-ms {self.delay_ms} needs {why}the delayline binary, not found at "
+                                f"{self.delayline} (cargo build -p delayline; or --delay-ms 0)")
         return "delayline"
 
     def _link_up(self, vm: Vm):
@@ -189,6 +189,7 @@ class Network:
             if log is not subprocess.DEVNULL:
                 log.close()
             line = p.stdout.readline()
+            p.stdout.close()    # it writes nothing after "ready"; no descriptor kept per VM start
             if line.strip() != b"ready":
                 p.kill()
                 p.wait()
@@ -313,6 +314,7 @@ class Network:
                 "vms": {n: {"ns": v.ns, "ip": v.ip, "extra_ips": len(v.extra_ips)} for n, v in self.vms.items()},
                 "delay_ms_requested": self.delay_ms, "delay_ms_in_effect": self.effective_delay_ms,
                 "delay_mechanism": {"none": "none (delay 0)", "netem": "tc netem on each VM's eth0",
-                                    "delayline": "delayline (frames from each VM redirected to a TAP, held in user space; tc netem not in this kernel: "
-                                                 f"{self.netem_error})"}[self.mechanism],
+                                    "delayline": "delayline (frames from each VM redirected to a TAP, held in user space; "
+                                                 + (f"tc netem not in this kernel: {self.netem_error})" if self.netem_error
+                                                    else "chosen by --delay-mode)")}[self.mechanism],
                 "rtt_measured": self.rtt}

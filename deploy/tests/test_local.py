@@ -102,8 +102,24 @@ def test_member_updater_against_the_stand_in():
         api.stop()
 
 
+def test_delay_choice_offline():
+    """What the topology does with a delay before it touches the kernel: no delay needs no
+    mechanism; `--delay-mode delayline` without the binary is one clear error; VMs' MAC
+    addresses (the bridge's static entries, the delay line's filter) follow their address."""
+    eq("delay 0: no mechanism", topo.Network(0)._choose_mechanism(), "none")
+    try:
+        topo.Network(0.25, "delayline", "/nonexistent/delayline")._choose_mechanism()
+        check("a missing delayline binary is an error", False)
+    except topo.TopologyError as e:
+        check("a missing delayline binary is an error naming it and the way out",
+              "/nonexistent/delayline" in str(e) and "--delay-ms 0" in str(e) and "netem (not" not in str(e), str(e))
+    eq("a VM's MAC follows its address", topo.vm_mac("10.213.1.10"), "02:00:0a:d5:01:0a")
+    eq("distinct VMs, distinct MACs", len({topo.vm_mac(f"10.213.2.{i}") for i in range(10, 20)}), 10)
+
+
 def main():
-    return run("test_local", (test_values, test_haproxy_config, test_member_updater_against_the_stand_in))
+    return run("test_local", (test_values, test_haproxy_config, test_member_updater_against_the_stand_in,
+                              test_delay_choice_offline))
 
 
 if __name__ == "__main__":
