@@ -156,8 +156,8 @@ impl Line {
     }
 
     /// A write to a TAP interface injects one frame whole; it fails only while the
-    /// interface is down (e.g. before the harness brings the VM's side up), and then the
-    /// frame is lost, as on a cable without carrier.
+    /// interface is down (before the harness brings it up), and then the frame is lost, as
+    /// on a cable without carrier.
     fn forward(&mut self, out: &mut impl Write, frame: &[u8]) {
         if out.write(frame).is_err() {
             self.write_errors += 1;
@@ -171,8 +171,8 @@ impl Line {
     }
 }
 
-/// One frame, `None` when none is waiting. An interface that went away (its namespace
-/// was deleted) is an error, which ends the process.
+/// One frame, `None` when none is waiting. An interface that went away (deleted) is an
+/// error, which ends the process.
 fn read_frame(mut tap: &File, buf: &mut [u8], name: &str) -> anyhow::Result<Option<usize>> {
     loop {
         match tap.read(buf) {
