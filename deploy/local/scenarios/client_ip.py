@@ -70,8 +70,8 @@ def per_ip_rejections(c, members=None):
 
 def lb_limits(c):
     args = c.pv.lb_args
-    rate = int(args[args.index("--per-ip-rate") + 1]) if "--per-ip-rate" in args else 100
-    burst_ = int(args[args.index("--per-ip-burst") + 1]) if "--per-ip-burst" in args else 200
+    rate = int(common.arg(args, "--per-ip-rate", "100"))
+    burst_ = int(common.arg(args, "--per-ip-burst", "200"))
     return rate, burst_
 
 

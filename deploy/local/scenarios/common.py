@@ -19,7 +19,22 @@ CHANNELS = "trades.K{0..9}"
 def capped(c, rate):
     """A scenario's connection rate under `--max-rate` (recorded with the other
     non-default flags in every result)."""
-    return min(rate, c.a.max_rate) if getattr(c.a, "max_rate", 0) else rate
+    return min(rate, c.a.max_rate) if c.a.max_rate else rate
+
+
+def arg(args, flag, default):
+    """The value of `flag` in a process's arguments as the deploy gives them (`c.pv.lb_args`,
+    `c.pv.shard_args`), else `default` (the binary's own default)."""
+    return args[args.index(flag) + 1] if flag in args else default
+
+
+def seconds(text):
+    """A duration as the deploy and the binaries write them ("10s", "200ms", "2m"), in
+    seconds."""
+    for unit, factor in (("ms", 0.001), ("s", 1.0), ("m", 60.0)):
+        if text.endswith(unit):
+            return float(text[:-len(unit)]) * factor
+    return float(text)
 
 def channels_for(partitions):
     """The channels the clients subscribe to: one per partition that the producer feeds

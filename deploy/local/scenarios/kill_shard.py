@@ -51,7 +51,7 @@ def run(c, full):
         back_at = time.time()
         # Breakers half-open after circuit_breaker_timeout and close on successful trials,
         # which the reconnecting and ramping clients provide.
-        cb_timeout = float(c.pv.lb_env.get("CIRCUIT_BREAKER_TIMEOUT", "30s").rstrip("s"))
+        cb_timeout = common.seconds(c.pv.lb_env.get("CIRCUIT_BREAKER_TIMEOUT", "30s"))
         def all_closed_again():
             done = (transitions(c, "half_open", "closed", shard_ids) - before[("half_open", "closed")]
                     >= transitions(c, "closed", "open", shard_ids) - before[("closed", "open")] > 0)

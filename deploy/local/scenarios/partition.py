@@ -56,7 +56,7 @@ def run(c, full):
         relayed = (cl.metric(c.lb_metrics(lb), "ws_lb_client_connections_total", 'result="relayed"') or 0) - relayed_before
         c.net.heal(lb, f"shard-{j}")
         healed = True
-        cb_timeout = float(c.pv.lb_env.get("CIRCUIT_BREAKER_TIMEOUT", "30s").rstrip("s"))
+        cb_timeout = common.seconds(c.pv.lb_env.get("CIRCUIT_BREAKER_TIMEOUT", "30s"))
         t_heal = time.time()
 
         def closed_again():

@@ -29,11 +29,6 @@ import cluster as cl  # noqa: E402
 import common  # noqa: E402
 
 
-def drain_window_s(args):
-    v = args[args.index("--drain-window") + 1] if "--drain-window" in args else "10s"
-    return float(v.rstrip("s"))
-
-
 def spread(closed, t0, window):
     """The probes closed within the drain window (+5 s) after `t0`: delays and codes."""
     ds = sorted(round(t - t0, 2) for t, code, _ in closed if t0 <= t <= t0 + window + 5)
@@ -57,11 +52,6 @@ def spread_ok(rolled, window):
     # about 1 in 50,000 (and with 10, 1 in 100): fewer are not evidence either way.
     ok = len(ds) >= 20 and codes == {1012} and summary["spread_s"] >= window / 2
     return ok, summary
-
-
-def close_timeout_s(args):
-    v = args[args.index("--close-timeout") + 1] if "--close-timeout" in args else "5s"
-    return float(v.rstrip("s"))
 
 
 def roll_lbs(c, batches, window, probes):
@@ -114,7 +104,10 @@ def run(c, full):
     conns, rate = (6000, 1000) if full else (1000, 250)
     rate = common.capped(c, rate)
     started = time.time()
-    lb_window, shard_window = drain_window_s(c.pv.lb_args), drain_window_s(c.pv.shard_args)
+    lb_window, shard_window = (common.seconds(common.arg(a, "--drain-window", "10s"))
+                               for a in (c.pv.lb_args, c.pv.shard_args))
+    lb_close, shard_close = (common.seconds(common.arg(a, "--close-timeout", "5s"))
+                             for a in (c.pv.lb_args, c.pv.shard_args))
     old = list(c.members)
     surge = c.values.max_surge
     batches = [old[i:i + surge] for i in range(0, len(old), surge)]
@@ -163,8 +156,8 @@ def run(c, full):
         # passed: within the drain window + that + 2 s for signal delivery on a busy machine.
         (f"... within the drain window + close_timeout + 2 s (LB batches {[b['exited_after_s'] for b in lbs]} s, "
          f"shard VMs {[v['exited_after_s'] for v in shards]} s)",
-         all(b["exited_after_s"] <= lb_window + close_timeout_s(c.pv.lb_args) + 2 for b in lbs)
-         and all(v["exited_after_s"] <= shard_window + close_timeout_s(c.pv.shard_args) + 2 for v in shards)),
+         all(b["exited_after_s"] <= lb_window + lb_close + 2 for b in lbs)
+         and all(v["exited_after_s"] <= shard_window + shard_close + 2 for v in shards)),
         ("nothing lost, nothing duplicated, no recovered:false",
          s["gaps"] == 0 and s["duplicates"] == 0 and s["recovered_false"] == 0),
         (f"every client back ({s['active_end_of_hold']}/{s['established']} established of {conns})",

@@ -43,11 +43,6 @@ import common  # noqa: E402
 UPDATER_PERIOD_S = 10      # ws-lb-startup.sh update_shard_members: `sleep 10`
 
 
-def flag_s(args, flag, default):
-    v = args[args.index(flag) + 1] if flag in args else default
-    return float(v.rstrip("s"))
-
-
 class Arrivals(threading.Thread):
     """~`rate` new clients per second through the front, from the clients VM: back-to-back
     runs of loadtest, each `batch_s` seconds of arrivals (TLS, upgrade, subscribe) closed
@@ -185,8 +180,8 @@ def run(c, full):
     victims = before[-2:]          # two original VMs, holding their share of the held clients
     per_vm = c.pv.shards_per_vm
     ports = c.shard_ports()
-    slow_start = flag_s(c.pv.lb_args, "--slow-start", "30s")
-    drain = flag_s(c.pv.shard_args, "--drain-window", "10s")
+    slow_start = common.seconds(common.arg(c.pv.lb_args, "--slow-start", "30s"))
+    drain = common.seconds(common.arg(c.pv.shard_args, "--drain-window", "10s"))
     urls = {j: [f"ws://{cl.shard_ip(j)}:{p}/ws" for p in ports] for j in range(max(new) + 1)}
     started = time.time()
     # Scale-out (VM start, listing, admission, slow start) and scale-in (listing, drain).

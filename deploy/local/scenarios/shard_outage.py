@@ -53,14 +53,10 @@ def detection_bound_s(c):
     """Seconds after which ws-lb's health polls alone (one per `health_interval`, each
     refused connect counting against the breaker) have opened a dead shard's breaker, plus
     5 s for a loaded machine; from the LB arguments and environment the deploy gives."""
-    args, env = list(c.pv.lb_args), dict(c.pv.lb_env)
-
-    def arg(name, default):
-        return args[args.index(name) + 1] if name in args else default
-    threshold = int(env.get("CIRCUIT_BREAKER_FAILURE_THRESHOLD", arg("--circuit-breaker-failure-threshold", "10")))
-    interval = arg("--health-interval", "1s")
-    interval_s = float(interval[:-2]) / 1000 if interval.endswith("ms") else float(interval.rstrip("s"))
-    return threshold * interval_s + 5
+    args = c.pv.lb_args
+    threshold = int(c.pv.lb_env.get("CIRCUIT_BREAKER_FAILURE_THRESHOLD",
+                                    common.arg(args, "--circuit-breaker-failure-threshold", "10")))
+    return threshold * common.seconds(common.arg(args, "--health-interval", "1s")) + 5
 
 
 def run(c, full):
