@@ -348,15 +348,19 @@ impl Drop for BlackHole {
     }
 }
 
-/// A release-or-debug server binary (`env!("CARGO_BIN_EXE_…")`) started as a child process,
-/// killed when dropped, returned once `GET /health` on `health` answers 200 (20 s limit).
-/// With `open_files`, it runs under that `RLIMIT_NOFILE` (util-linux `prlimit`).
+/// A release-or-debug server binary (`env!("CARGO_BIN_EXE_…")`: ws-lb or ws-shard) started
+/// as a child process with `args` (which put its client listener on `client`), its admin
+/// listener on a free port and `--log-level error`; killed when dropped, returned once
+/// `GET /health` on `client` answers 200 (20 s limit), with the admin address. With
+/// `open_files`, it runs under that `RLIMIT_NOFILE` (util-linux `prlimit`).
 pub async fn spawn_binary(
     bin: &str,
     args: &[&str],
     open_files: Option<u32>,
-    health: SocketAddr,
-) -> tokio::process::Child {
+    client: SocketAddr,
+) -> (tokio::process::Child, SocketAddr) {
+    let admin = free_port();
+    let admin_arg = admin.to_string();
     let mut cmd = match open_files {
         Some(n) => {
             let mut c = tokio::process::Command::new("prlimit");
@@ -367,12 +371,13 @@ pub async fn spawn_binary(
     };
     let child = cmd
         .args(args)
+        .args(["--admin-addr", &admin_arg, "--log-level", "error"])
         .kill_on_drop(true)
         .spawn()
         .unwrap_or_else(|e| panic!("starting {bin} (prlimit is util-linux): {e}"));
     assert!(
-        crate::http::wait_healthy(health, Duration::from_secs(20)).await,
+        crate::http::wait_healthy(client, Duration::from_secs(20)).await,
         "{bin} did not come up"
     );
-    child
+    (child, admin)
 }

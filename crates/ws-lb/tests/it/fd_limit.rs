@@ -39,8 +39,8 @@ async fn try_client(url: &str, id: u64) -> Outcome {
 }
 
 /// The real ws-lb binary (`spawn_binary`) on a free port in front of `backends`, with
-/// `--log-level error` and `extra`, under `RLIMIT_NOFILE` `open_files`. Returns it with its
-/// client and admin addresses.
+/// `extra`, under `RLIMIT_NOFILE` `open_files`. Returns it with its client and admin
+/// addresses.
 async fn spawn_lb(
     backends: &str,
     extra: &[&str],
@@ -50,20 +50,11 @@ async fn spawn_lb(
     std::net::SocketAddr,
     std::net::SocketAddr,
 ) {
-    let (listen, admin) = (free_port(), free_port());
-    let (listen_addr, admin_addr) = (listen.to_string(), admin.to_string());
-    let mut args = vec![
-        "--listen",
-        &listen_addr,
-        "--admin-addr",
-        &admin_addr,
-        "--backend-urls",
-        backends,
-        "--log-level",
-        "error",
-    ];
+    let listen = free_port();
+    let listen_addr = listen.to_string();
+    let mut args = vec!["--listen", &listen_addr, "--backend-urls", backends];
     args.extend_from_slice(extra);
-    let child = spawn_binary(env!("CARGO_BIN_EXE_ws-lb"), &args, open_files, listen).await;
+    let (child, admin) = spawn_binary(env!("CARGO_BIN_EXE_ws-lb"), &args, open_files, listen).await;
     (child, listen, admin)
 }
 

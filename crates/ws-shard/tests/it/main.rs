@@ -11,9 +11,9 @@ mod pubsub;
 mod slots;
 mod slow_consumer;
 
-/// The real ws-shard binary (`spawn_binary`) with one shard on a free port, its admin
-/// listener on another, `--log-level error` and `extra`, under `RLIMIT_NOFILE` `open_files`
-/// when given. Returns it with its client and admin addresses.
+/// The real ws-shard binary (`spawn_binary`) with one shard on a free port and `extra`,
+/// under `RLIMIT_NOFILE` `open_files` when given. Returns it with its client and admin
+/// addresses.
 async fn spawn_shard(
     extra: &[&str],
     open_files: Option<u32>,
@@ -22,20 +22,11 @@ async fn spawn_shard(
     std::net::SocketAddr,
     std::net::SocketAddr,
 ) {
-    let (port, admin) = (test_support::free_port(), test_support::free_port());
-    let (base_port, admin_addr) = (port.port().to_string(), admin.to_string());
-    let mut args = vec![
-        "--shards",
-        "1",
-        "--base-port",
-        &base_port,
-        "--admin-addr",
-        &admin_addr,
-        "--log-level",
-        "error",
-    ];
+    let port = test_support::free_port();
+    let base_port = port.port().to_string();
+    let mut args = vec!["--shards", "1", "--base-port", &base_port];
     args.extend_from_slice(extra);
-    let child =
+    let (child, admin) =
         test_support::spawn_binary(env!("CARGO_BIN_EXE_ws-shard"), &args, open_files, port).await;
     (child, port, admin)
 }
