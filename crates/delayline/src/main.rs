@@ -275,12 +275,18 @@ mod tests {
         }
     }
 
+    /// A line holding at most `limit` frames, an output, and a clock: `at(us)` is `us`
+    /// microseconds after one fixed instant.
+    fn setup(limit: usize) -> (Line, Frames, impl Fn(u64) -> Instant) {
+        let t = Instant::now();
+        (Line::new(limit), Frames::default(), move |us| {
+            t + Duration::from_micros(us)
+        })
+    }
+
     #[test]
     fn frames_leave_in_order_once_due_and_not_before() {
-        let t = Instant::now();
-        let at = |us| t + Duration::from_micros(us);
-        let mut line = Line::new(10);
-        let mut out = Frames::default();
+        let (mut line, mut out, at) = setup(10);
         line.hold(at(1_000), b"first");
         line.hold(at(1_500), b"second");
         line.release(at(999), &mut out);
@@ -311,10 +317,7 @@ mod tests {
 
     #[test]
     fn frames_beyond_the_limit_are_dropped_and_counted() {
-        let t = Instant::now();
-        let at = |us| t + Duration::from_micros(us);
-        let mut line = Line::new(2);
-        let mut out = Frames::default();
+        let (mut line, mut out, at) = setup(2);
         for (i, frame) in [b"a", b"b", b"c"].iter().enumerate() {
             line.hold(at(i as u64), *frame);
         }
