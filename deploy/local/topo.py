@@ -67,6 +67,20 @@ def _delayline_pids():
     return out
 
 
+def _cpu_s(pid):
+    """User + system CPU seconds of a process so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def busy_cpu_s():
+    """CPU seconds the whole machine has spent busy (all but idle and iowait) since boot."""
+    with open("/proc/stat") as f:
+        xs = [int(x) for x in f.readline().split()[1:]]
+    return (sum(xs) - xs[3] - xs[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def cleanup():
     """Removes every namespace and link of this harness (also those of a crashed run) and
     kills whatever still runs inside those namespaces, and the delay lines."""
@@ -145,6 +159,7 @@ class Network:
         self.mechanism = "none"  # none (delay 0) | netem | delayline
         self.netem_error = ""
         self.lines = {}          # VM name -> its delayline process
+        self.removed_lines_cpu_s = 0.0   # CPU of the lines of VMs removed since the start
         self.rtt = {}            # "a->b" -> measured TCP connect round trip, ms (median)
         self.cuts = set()
 
@@ -238,11 +253,25 @@ class Network:
                 pass
         line = self.lines.pop(name, None)
         if line is not None:
+            try:
+                self.removed_lines_cpu_s += _cpu_s(line.pid)
+            except OSError:
+                pass
             line.kill()
             line.wait()
         sh("ip", "netns", "del", vm.ns, check=False)
         sh("ip", "link", "del", vm.link, check=False)
         self.cuts = {c for c in self.cuts if name not in c}
+
+    def lines_cpu_s(self):
+        """CPU seconds every delay line of this network has used so far (0 without them)."""
+        total = self.removed_lines_cpu_s
+        for line in self.lines.values():
+            try:
+                total += _cpu_s(line.pid)
+            except OSError:
+                pass
+        return total
 
     @property
     def effective_delay_ms(self):

@@ -44,6 +44,7 @@ def cannot_run(c, name):
 
 def run_one(c, name, full):
     import common
+    import topo
     started = time.time()
     print(f"--- {name} ({'full' if full else 'short'})", flush=True)
     why = cannot_run(c, name)
@@ -51,12 +52,15 @@ def run_one(c, name, full):
         print(f"NOT RUN {name}: {why}", flush=True)
         return None
     common.HANDSHAKE_TIMEOUT = None if full else "30s"
+    cpu0 = (c.net.lines_cpu_s(), topo.busy_cpu_s())
     try:
         c.settle()
         figures, checks = module(name).run(c, full)
     except Exception as e:  # a scenario that cannot run is a failure, reported as such
         figures, checks = {"error": repr(e), "traceback": traceback.format_exc()[-3000:]}, [("scenario ran", False)]
-    path, ok = common.save(name, c, full, figures, checks, started)
+    # What the delay lines cost during the scenario, next to what the whole machine spent.
+    cpu = {"delay_lines": round(c.net.lines_cpu_s() - cpu0[0], 1), "machine_busy": round(topo.busy_cpu_s() - cpu0[1], 1)}
+    path, ok = common.save(name, c, full, figures, checks, started, extra={"cpu_s": cpu})
     print(f"{'PASS' if ok else 'FAIL'} {name} ({time.time() - started:.0f} s)  {path.name}")
     for label, v in checks:
         print(f"    {'ok ' if v else 'BAD'} {label}")
