@@ -114,7 +114,7 @@ def run(c, full):
     if not full:
         batches = batches[:1]
     shard_vms = list(range(c.a.shards)) if full else [0]
-    producer = common.Producer(c.a.partitions, 20)
+    producer = common.Producer(c.a.partitions, common.producer_rate(c, 20))
     producer.start()
     front_before = c.front.totals()
     # Per LB batch: new VMs up in the front (2 checks 5 s apart) and the old ones drained;
@@ -124,10 +124,13 @@ def run(c, full):
     lt = common.Loadtest(c, "rolling", conns, rate, round(conns / rate + est * 1.2 + 10), reconnect=True)
     try:
         connected = common.ramp_done(c, conns, rate)
-        probes = common.Probes(c, 100, channel="trades.K2", source_ip=cl.HOST_CLIENT_IPS[3])
+        # Enough probes that the rolled VMs hold the 20 closes `spread_ok` needs whatever the
+        # placement: the short run rolls 3 of 10 LB VMs and 1 of 7 shard VMs, so 200 and 400
+        # probes put ~60 and ~57 there (with 100 and 200, ~30 and ~29: CI met 18 once).
+        probes = common.Probes(c, 200, channel="trades.K2", source_ip=cl.HOST_CLIENT_IPS[3])
         lbs = roll_lbs(c, batches, lb_window, probes)
         probes.close()
-        probes = common.Probes(c, 200, channel="trades.K3", source_ip=cl.HOST_CLIENT_IPS[4])
+        probes = common.Probes(c, 400, channel="trades.K3", source_ip=cl.HOST_CLIENT_IPS[4])
         shards = roll_shards(c, shard_vms, shard_window, probes)
         probes.close()
         back = common.wait_for(lambda: c.lb_active() >= connected, 60, interval=0.5)
