@@ -715,7 +715,7 @@ class Cluster:
 # ---- the command line -----------------------------------------------------------------
 
 DEFAULTS = {"lbs": 10, "shards": 7, "delay_ms": 0.25, "delay_mode": "auto", "front_procs": 2, "front_maxconn": 9500, "client_ips": 64,
-            "partitions": 10, "kafka_storage": "memory", "max_rate": 0}
+            "partitions": 10, "kafka_storage": "memory", "max_rate": 0, "producer_rate": 0}
 
 
 def parser():
@@ -740,6 +740,10 @@ def parser():
     p.add_argument("--max-rate", type=int, default=DEFAULTS["max_rate"],
                    help="cap every scenario's connection rate at this many per second (0 = the scenario's own): "
                         "the full client counts at a rate this machine's TLS front can carry (docs/topology.md)")
+    p.add_argument("--producer-rate", type=float, default=DEFAULTS["producer_rate"],
+                   help="cap the Kafka producer of every scenario that runs one at this many records per second "
+                        "(0 = the scenario's own: 20/s, kafka-restart 50/s; with 10 partitions every subscribed client "
+                        "receives a tenth of it): the fan-out the full client counts push through the TLS front")
     p.add_argument("--bin-dir", default=str(REPO / "target" / "release"))
     p.add_argument("--tansu", default=os.environ.get("TANSU") or (subprocess.run(["bash", "-c", "command -v tansu"],
                    capture_output=True, text=True).stdout.strip() or str(Path.home() / ".cargo/bin/tansu")))

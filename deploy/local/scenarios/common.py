@@ -22,6 +22,12 @@ def capped(c, rate):
     return min(rate, c.a.max_rate) if c.a.max_rate else rate
 
 
+def producer_rate(c, rate):
+    """A scenario's Kafka producer rate under `--producer-rate` (recorded with the other
+    non-default flags in every result)."""
+    return min(rate, c.a.producer_rate) if c.a.producer_rate else rate
+
+
 def arg(args, flag, default):
     """The value of `flag` in a process's arguments as the deploy gives them (`c.pv.lb_args`,
     `c.pv.shard_args`), else `default` (the binary's own default)."""

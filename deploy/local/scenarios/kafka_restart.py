@@ -40,7 +40,7 @@ def run(c, full):
     conns, rate = (6000, 1000) if full else (1000, 250)
     rate = common.capped(c, rate)
     down = 10 if full else 5
-    producer = common.Producer(c.a.partitions, 50)
+    producer = common.Producer(c.a.partitions, common.producer_rate(c, 50))
     producer.start()
     # The topics start empty. A channel whose partition has no record yet has no generation
     # (epoch) yet, and a client subscribed then sees the epoch set by the first record: an

@@ -38,7 +38,7 @@ def run(c, full):
         c.log(f"kill-lb: waiting {quiet_until - time.time():.0f} s for {victim}'s autoheal initial delay to end")
         if common.wait_for(lambda: time.time() >= quiet_until, quiet_until - time.time() + 5) is None:
             raise RuntimeError(f"{victim} still inside the autoheal initial delay")
-    producer = common.Producer(c.a.partitions, 20)
+    producer = common.Producer(c.a.partitions, common.producer_rate(c, 20))
     producer.start()
     started = time.time()
     hc, ah = c.values.backend_check, c.values.autoheal_check

@@ -36,7 +36,7 @@ def run(c, full):
     victim = f"shard-{j}"
     per_vm = c.pv.shards_per_vm
     shard_ids = list(range(j * per_vm, (j + 1) * per_vm))      # the LBs' indices of its shards
-    producer = common.Producer(c.a.partitions, 20)
+    producer = common.Producer(c.a.partitions, common.producer_rate(c, 20))
     producer.start()
     probes = common.Probes(c, 150, channel="trades.K1", source_ip=cl.HOST_CLIENT_IPS[2])
     before = {k: transitions(c, *k, shard_ids) for k in [("closed", "open"), ("half_open", "closed")]}

@@ -189,7 +189,7 @@ def run(c, full):
     hold = round(est * 1.3 + 20)
     errors_before = {lb: cl.metric(c.lb_metrics(lb), "ws_lb_membership_source_errors_total") or 0 for lb in c.members}
     front_before = c.front.totals()
-    producer = common.Producer(c.a.partitions, 20)
+    producer = common.Producer(c.a.partitions, common.producer_rate(c, 20))
     producer.start()
     lt = common.Loadtest(c, "scale", held, ramp_rate, hold, reconnect=True)
     arrivals, sampler = Arrivals(c, arrival_rate), Sampler(c)

@@ -63,7 +63,7 @@ def run(c, full):
     conns, rate = (6000, 1000) if full else (1000, 250)
     rate = common.capped(c, rate)
     outage = 60 if full else 20
-    producer = common.Producer(c.a.partitions, 20)
+    producer = common.Producer(c.a.partitions, common.producer_rate(c, 20))
     producer.start()
     started = time.time()
     front_before = c.front.totals()
