@@ -298,18 +298,22 @@ class Probes:
         import websockets
         self.ws_mod = websockets
         self.url, self.ctx, self.channel, self.source = c.url(), ssl_context(c), channel, source_ip
-        self.closed, self.conns = [], []
+        self.closed, self.conns, self.connect_failures = [], [], []
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, daemon=True, name="probes").start()
-        asyncio.run_coroutine_threadsafe(self.connect_all(n), self.loop).result(timeout=120)
+        asyncio.run_coroutine_threadsafe(self.connect_all(n), self.loop).result(timeout=max(120, n / 2))
 
     async def one(self):
         kw = {"ssl": self.ctx, "open_timeout": 10}
         if self.source:
             kw["local_addr"] = (self.source, 0)
         ws = await self.ws_mod.connect(self.url, **kw)
-        await ws.send(json.dumps({"type": "subscribe", "channels": [self.channel]}))
-        await asyncio.wait_for(ws.recv(), 10)
+        try:
+            await ws.send(json.dumps({"type": "subscribe", "channels": [self.channel]}))
+            await asyncio.wait_for(ws.recv(), 10)
+        except BaseException:
+            await ws.close()
+            raise
         self.conns.append(ws)
 
         async def watch():
@@ -322,8 +326,18 @@ class Probes:
         asyncio.ensure_future(watch())
 
     async def connect_all(self, n):
+        # A probe whose connect fails (on a loaded machine a TLS handshake through the front
+        # can take over `open_timeout`) is tried again, up to 3 times; the failures are kept.
         for _ in range(n):
-            await self.one()
+            for attempt in range(3):
+                try:
+                    await self.one()
+                    break
+                except (OSError, asyncio.TimeoutError, self.ws_mod.exceptions.WebSocketException) as e:
+                    self.connect_failures.append(repr(e)[:200])
+                    if attempt == 2:
+                        raise
+                    await asyncio.sleep(1)
 
     def close(self):
         async def close_all():

@@ -72,6 +72,7 @@ def run(c, full):
     ok_pct = round(100 * s["established"] / max(s["attempted"] - in_flight, 1), 3)
     figures = {
         "victim": victim, "shard_ids": shard_ids, "loadtest": s, "probes": len(probes.conns),
+        "probe_connect_failures": probes.connect_failures,
         "probes_closed_after_kill": len(after_kill), "probe_close_codes": codes,
         "probe_close_reasons": sorted({r for _, _, r in after_kill if r}),
         "probe_max_close_delay_s": round(max((d for d, _, _ in after_kill), default=0), 3),

@@ -130,9 +130,11 @@ def run(c, full):
         probes = common.Probes(c, 200, channel="trades.K2", source_ip=cl.HOST_CLIENT_IPS[3])
         lbs = roll_lbs(c, batches, lb_window, probes)
         probes.close()
+        probe_connect_failures = probes.connect_failures
         probes = common.Probes(c, 400, channel="trades.K3", source_ip=cl.HOST_CLIENT_IPS[4])
         shards = roll_shards(c, shard_vms, shard_window, probes)
         probes.close()
+        probe_connect_failures += probes.connect_failures
         back = common.wait_for(lambda: c.lb_active() >= connected, 60, interval=0.5)
         rep = lt.finish()
     finally:
@@ -149,6 +151,7 @@ def run(c, full):
     lb_ok, lb_sum = spread_ok(lbs, lb_window)
     shard_ok, shard_sum = spread_ok(shards, shard_window)
     figures["lb_probe_closes"], figures["shard_probe_closes"] = lb_sum, shard_sum
+    figures["probe_connect_failures"] = probe_connect_failures
     checks = [
         (f"clients saw only 1012 ({s['disconnects']})", not bare and s["disconnects"].get("close_1012", 0) > 0),
         (f"LB batches: probes closed with 1012 over the drain window ({lb_sum})", lb_ok),
