@@ -197,6 +197,7 @@ async function scenario(makeClient, label) {
       return count(client.events.slice(overloadStart), (e) => e.event === 'disconnected' && e.code === 1013) >= 3;
     }, 30_000, `${label}: three 1013 closes`);
     await flood.stop();
+    console.error(`${label}: overload flood: ${flood.sent} upgrades in ${((Date.now() - flood.started) / 1000).toFixed(1)} s`);
     await caughtUp('after the overload');
 
     mark('two processes');
@@ -253,6 +254,9 @@ async function scenario(makeClient, label) {
     ok = false;
     await client.poll().catch(() => undefined);
     console.error(`${label}: last events:`, JSON.stringify(client.events.slice(-40)));
+    // Every event but the messages, with the phase marks: what the client met, in order.
+    console.error(`${label}: phases (from = index of the first event) and every other event than a message:`,
+      JSON.stringify({ phases, events: client.events.map((e, i) => ({ i, ...e })).filter((e) => e.event !== 'message').slice(-80) }));
     throw e;
   } finally {
     await pub.stop();

@@ -3,7 +3,7 @@
 // clients under test (the TypeScript client in headless Chromium, ws-tail on the Rust crate).
 // Everything binds ports from the OS, waits by polling with deadlines, and is killed at the end.
 import { spawn } from 'node:child_process';
-import { createReadStream, existsSync, mkdtempSync, openSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { createReadStream, existsSync, mkdtempSync, openSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
 import os from 'node:os';
@@ -38,20 +38,36 @@ function listenOn(port) {
   });
 }
 
-/** A free port from the OS; with `span` > 1, the first of that many consecutive free ports. */
+function ephemeralLow() {
+  try {
+    return Number(readFileSync('/proc/sys/net/ipv4/ip_local_port_range', 'utf8').trim().split(/\s+/)[0]) || 32768;
+  } catch {
+    return 32768;
+  }
+}
+
+const handedOut = new Set();
+
+/**
+ * A port nothing listens on, below the kernel's ephemeral range; with `span` > 1, the first
+ * of that many consecutive free ports. Each port is handed out once per process.
+ *
+ * Not port 0: the kernel's pick comes from the ephemeral range, where outgoing connections
+ * take their local ports — the overload flood leaves tens of thousands of them in TIME_WAIT
+ * (without SO_REUSEADDR, so nothing can bind them), and a CI run lost the next scenario on
+ * "no free port range" that way. Ports below the range are never autobound (the same rule as
+ * tests/pylib/odin.py's free_port).
+ */
 export async function freePort(span = 1) {
-  for (let i = 0; i < 50; i++) {
-    const port = await new Promise((resolve, reject) => {
-      const s = net.createServer();
-      s.once('error', reject);
-      s.listen(0, '127.0.0.1', () => {
-        const p = s.address().port;
-        s.close(() => resolve(p));
-      });
-    });
+  const low = Math.max(ephemeralLow(), 11000);
+  for (let i = 0; i < 2000; i++) {
+    const port = 10000 + Math.floor(Math.random() * (low - 10000 - span));
     let ok = true;
-    for (let k = 1; k < span && ok; k++) ok = await listenOn(port + k);
-    if (ok) return port;
+    for (let k = 0; k < span && ok; k++) ok = !handedOut.has(port + k) && (await listenOn(port + k));
+    if (ok) {
+      for (let k = 0; k < span; k++) handedOut.add(port + k);
+      return port;
+    }
   }
   throw new Error('no free port range');
 }
@@ -269,15 +285,20 @@ export class Publisher {
 
 /** Keeps ws-lb's admission queue full with raw upgrade requests until stopped. */
 export class Flood {
-  constructor(port, concurrency = 4) {
+  constructor(port, concurrency = 4, limitMs = 90_000) {
     this.port = port;
     this.stopped = false;
     this.sent = 0;
+    // Bounded by time, not by a count: on a quiet machine refused upgrades take well under a
+    // millisecond, and a bound of 100,000 attempts ran out within seconds, before the client
+    // under test had met its third 1013 (CI at 19:39 on 2026-11-29: it got a place instead).
+    this.started = Date.now();
+    this.until = this.started + limitMs;
     this.workers = Array.from({ length: concurrency }, () => this.worker());
   }
 
   async worker() {
-    while (!this.stopped && this.sent < 100_000) {
+    while (!this.stopped && Date.now() < this.until) {
       this.sent += 1;
       await new Promise((resolve) => {
         const s = net.connect(this.port, '127.0.0.1');
