@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 PREFIX = "odinc"
 BRIDGE = "odincbr0"
@@ -72,6 +73,13 @@ def _cpu_s(pid):
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _tap_drops(tap):
+    try:
+        return int(Path(f"/sys/class/net/{tap}/statistics/tx_dropped").read_text())
+    except (OSError, ValueError):
+        return 0
 
 
 def busy_cpu_s():
@@ -160,6 +168,7 @@ class Network:
         self.netem_error = ""
         self.lines = {}          # VM name -> its delayline process
         self.removed_lines_cpu_s = 0.0   # CPU of the lines of VMs removed since the start
+        self.removed_tap_drops = 0       # frames their TAP interfaces dropped
         self.rtt = {}            # "a->b" -> measured TCP connect round trip, ms (median)
         self.cuts = set()
 
@@ -257,11 +266,18 @@ class Network:
                 self.removed_lines_cpu_s += _cpu_s(line.pid)
             except OSError:
                 pass
+            self.removed_tap_drops += _tap_drops("od-" + vm.link[3:])
             line.kill()
             line.wait()
         sh("ip", "netns", "del", vm.ns, check=False)
         sh("ip", "link", "del", vm.link, check=False)
         self.cuts = {c for c in self.cuts if name not in c}
+
+    def tap_drops(self):
+        """Frames the kernel dropped so far because a delay line did not read its TAP
+        interface in time (its queue of `TAP_QUEUE` frames full): lost on the emulated wire,
+        which TCP then retransmits. 0 without delay lines."""
+        return self.removed_tap_drops + sum(_tap_drops("od-" + self.vms[n].link[3:]) for n in self.lines if n in self.vms)
 
     def lines_cpu_s(self):
         """CPU seconds every delay line of this network has used so far (0 without them)."""

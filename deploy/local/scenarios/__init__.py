@@ -53,6 +53,7 @@ def run_one(c, name, full):
         return None
     common.HANDSHAKE_TIMEOUT = None if full else "30s"
     cpu0 = (c.net.lines_cpu_s(), topo.busy_cpu_s())
+    drops0 = c.net.tap_drops()
     try:
         c.settle()
         figures, checks = module(name).run(c, full)
@@ -60,7 +61,9 @@ def run_one(c, name, full):
         figures, checks = {"error": repr(e), "traceback": traceback.format_exc()[-3000:]}, [("scenario ran", False)]
     # What the delay lines cost during the scenario, next to what the whole machine spent.
     cpu = {"delay_lines": round(c.net.lines_cpu_s() - cpu0[0], 1), "machine_busy": round(topo.busy_cpu_s() - cpu0[1], 1)}
-    path, ok = common.save(name, c, full, figures, checks, started, extra={"cpu_s": cpu})
+    # Frames the emulated wire lost because a delay line fell behind (TCP retransmits them).
+    drops = c.net.tap_drops() - drops0
+    path, ok = common.save(name, c, full, figures, checks, started, extra={"cpu_s": cpu, "delay_line_tap_drops": drops})
     print(f"{'PASS' if ok else 'FAIL'} {name} ({time.time() - started:.0f} s)  {path.name}")
     for label, v in checks:
         print(f"    {'ok ' if v else 'BAD'} {label}")
