@@ -233,7 +233,7 @@ class Cluster:
         shard_ips = [shard_ip(j) for j in range(a.shards)]
         self.pv = deploy_values.process_values(shard_ips, f"{KAFKA_IP}:{KAFKA_PORT}")
         self.sysctls = deploy_values.startup_sysctls()
-        self.net = topo.Network(a.delay_ms, a.delay_mode, self.bin / "delayline", str(self.run_dir))
+        self.net = topo.Network(a.delay_ms, a.delay_mode, self.bin / "delayline", str(self.run_dir), a.delay_line_priority)
         self.procs = {}
         self.members = []           # LB VMs in the instance group, in order
         self.shard_vms = []         # shard VMs in the shard group (indices j), in order
@@ -715,7 +715,8 @@ class Cluster:
 # ---- the command line -----------------------------------------------------------------
 
 DEFAULTS = {"lbs": 10, "shards": 7, "delay_ms": 0.25, "delay_mode": "auto", "front_procs": 2, "front_maxconn": 9500, "client_ips": 64,
-            "partitions": 10, "kafka_storage": "memory", "max_rate": 0, "producer_rate": 0}
+            "partitions": 10, "kafka_storage": "memory", "max_rate": 0, "producer_rate": 0,
+            "delay_line_priority": "normal"}
 
 
 def parser():
@@ -728,6 +729,9 @@ def parser():
     p.add_argument("--delay-mode", choices=["auto", "netem", "delayline"], default=DEFAULTS["delay_mode"],
                    help="how the delay is made: tc netem on each VM's link, or delayline (a user-space TAP cable "
                         "per VM, crates/delayline, for kernels without netem); auto: netem if the kernel has it")
+    p.add_argument("--delay-line-priority", choices=["normal", "rt"], default=DEFAULTS["delay_line_priority"],
+                   help="scheduling of the delay lines: normal, or rt (SCHED_FIFO 1: a saturated machine cannot starve "
+                        "the emulated wire into dropping frames, at the price of more CPU; docs/topology.md)")
     p.add_argument("--front-procs", type=int, default=DEFAULTS["front_procs"], help="HAProxy processes on the front VM")
     p.add_argument("--front-maxconn", type=int, default=DEFAULTS["front_maxconn"], help="clients per HAProxy process")
     p.add_argument("--client-ips", type=int, default=DEFAULTS["client_ips"], help="source addresses of the clients VM")

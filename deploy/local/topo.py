@@ -18,6 +18,7 @@ without touching anything else on the machine.
 
 import ipaddress
 import os
+import shutil
 import statistics
 import subprocess
 import time
@@ -158,7 +159,7 @@ class Network:
     """`delay_mode`: `auto` (netem where the kernel has it, else delayline), `netem`,
     `delayline`; `delayline` is the path of that binary."""
 
-    def __init__(self, delay_ms: float, delay_mode: str = "auto", delayline=None, log_dir=None):
+    def __init__(self, delay_ms: float, delay_mode: str = "auto", delayline=None, log_dir=None, line_priority="normal"):
         self.delay_ms = delay_ms
         self.delay_mode = delay_mode
         self.delayline = str(delayline) if delayline else None
@@ -169,6 +170,18 @@ class Network:
         self.lines = {}          # VM name -> its delayline process
         self.removed_lines_cpu_s = 0.0   # CPU of the lines of VMs removed since the start
         self.removed_tap_drops = 0       # frames their TAP interfaces dropped
+        # `line_priority` "rt": the lines run at SCHED_FIFO 1 (bounded by the kernel's RT
+        # throttling), so the wire does not wait for the VMs' CPU. A line the scheduler starves
+        # on a saturated machine lets its TAP queue overflow, and the frames lost there stall
+        # TCP for retransmission timeouts (a short kill-lb with three CPU hogs beside it, load
+        # 21: 46,359 frames lost at normal priority, 0 at rt). The price: every frame is then
+        # forwarded at once instead of in the batches a starved line reads, which costs the
+        # whole machine more CPU (docs/topology.md).
+        self.rt = []
+        if line_priority == "rt":
+            if not shutil.which("chrt") or subprocess.run(["chrt", "-f", "1", "true"], capture_output=True).returncode:
+                raise TopologyError("--delay-line-priority rt needs chrt and the right to use SCHED_FIFO")
+            self.rt = ["chrt", "-f", "1"]
         self.rtt = {}            # "a->b" -> measured TCP connect round trip, ms (median)
         self.cuts = set()
 
@@ -207,7 +220,7 @@ class Network:
         if self.mechanism == "delayline":
             tap = "od-" + vm.link[3:]
             log = open(os.path.join(self.log_dir, f"delayline-{vm.name}.log"), "ab") if self.log_dir else subprocess.DEVNULL
-            p = subprocess.Popen([self.delayline, "--tap", tap, "--vm-mac", mac,
+            p = subprocess.Popen([*self.rt, self.delayline, "--tap", tap, "--vm-mac", mac,
                                   "--delay-us", str(round(self.delay_ms * 1000))],
                                  stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL)
             if log is not subprocess.DEVNULL:
@@ -362,4 +375,5 @@ class Network:
                                     "delayline": "delayline (frames from each VM redirected to a TAP, held in user space; "
                                                  + (f"tc netem not in this kernel: {self.netem_error})" if self.netem_error
                                                     else "chosen by --delay-mode)")}[self.mechanism],
-                "rtt_measured": self.rtt}
+                "rtt_measured": self.rtt,
+                "delay_line_priority": ("SCHED_FIFO 1 (chrt)" if self.rt else "normal") if self.mechanism == "delayline" else None}
