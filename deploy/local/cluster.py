@@ -716,7 +716,7 @@ class Cluster:
 
 DEFAULTS = {"lbs": 10, "shards": 7, "delay_ms": 0.25, "delay_mode": "auto", "front_procs": 2, "front_maxconn": 9500, "client_ips": 64,
             "partitions": 10, "kafka_storage": "memory", "max_rate": 0, "producer_rate": 0,
-            "delay_line_priority": "normal"}
+            "delay_line_priority": "normal", "client_backoff": ""}
 
 
 def parser():
@@ -748,6 +748,9 @@ def parser():
                    help="cap the Kafka producer of every scenario that runs one at this many records per second "
                         "(0 = the scenario's own: 20/s, kafka-restart 50/s; with 10 partitions every subscribed client "
                         "receives a tenth of it): the fan-out the full client counts push through the TLS front")
+    p.add_argument("--client-backoff", default=DEFAULTS["client_backoff"], metavar="MIN,MAX",
+                   help="the reconnecting clients' backoff, first and largest delay (e.g. 500ms,30s: the client "
+                        "libraries' defaults); empty: loadtest's own (100ms,5s)")
     p.add_argument("--bin-dir", default=str(REPO / "target" / "release"))
     p.add_argument("--tansu", default=os.environ.get("TANSU") or (subprocess.run(["bash", "-c", "command -v tansu"],
                    capture_output=True, text=True).stdout.strip() or str(Path.home() / ".cargo/bin/tansu")))
@@ -771,6 +774,8 @@ def install_signal_handlers():
 
 def main(argv=None):
     a = parser().parse_intermixed_args(argv)
+    if a.client_backoff and len(a.client_backoff.split(",")) != 2:
+        parser().error(f"--client-backoff takes MIN,MAX (e.g. 500ms,30s), got {a.client_backoff!r}")
     install_signal_handlers()
     if a.command == "down":
         topo.cleanup()

@@ -85,6 +85,14 @@ pub struct RunArgs {
     /// Re-dial with backoff after a disconnect, resubscribing with `since`.
     #[arg(long, env = "LOADTEST_RECONNECT")]
     pub reconnect: bool,
+    /// With --reconnect: the first re-dial's delay; it doubles per failed attempt (each
+    /// jittered to 50-100 %).
+    #[arg(long, env = "LOADTEST_RECONNECT_MIN_DELAY", default_value = "100ms")]
+    pub reconnect_min_delay: String,
+    /// With --reconnect: the largest delay between re-dials (the client libraries' `maxDelay`
+    /// is 30s; this default is harsher).
+    #[arg(long, env = "LOADTEST_RECONNECT_MAX_DELAY", default_value = "5s")]
+    pub reconnect_max_delay: String,
     /// No progress line (the summary is still printed).
     #[arg(long, env = "LOADTEST_QUIET")]
     pub quiet: bool,

@@ -44,6 +44,8 @@ pub struct RunConfig {
     /// How many source addresses were given in total, for the report.
     pub source_ip_count: usize,
     pub reconnect: bool,
+    /// Re-dial backoff: first and largest delay.
+    pub reconnect_delay: (Duration, Duration),
     pub max_message: usize,
     /// Publishing during the hold, if asked for.
     pub publish: Option<PublishConfig>,
@@ -93,12 +95,24 @@ pub struct ConfigEcho {
     pub settle_ms: u64,
     pub source_ips: usize,
     pub reconnect: bool,
+    /// Re-dial backoff, first and largest delay in ms (recorded when --reconnect is on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reconnect_delay_ms: Option<(u64, u64)>,
     pub publish_url: Option<String>,
     pub publish_rate: f64,
     pub workers: u32,
     /// How connections authenticate (never the token or the key itself).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens: Option<String>,
+}
+
+/// `--reconnect-min-delay` and `--reconnect-max-delay`: both positive, min ≤ max.
+fn reconnect_delay(min: &str, max: &str) -> anyhow::Result<(Duration, Duration)> {
+    let (lo, hi) = (parse_duration(min)?, parse_duration(max)?);
+    if lo.is_zero() || lo > hi {
+        bail!("--reconnect-min-delay must be positive and at most --reconnect-max-delay, got {min} and {max}");
+    }
+    Ok((lo, hi))
 }
 
 fn positive_rate(rate: f64, what: &str) -> anyhow::Result<f64> {
@@ -170,6 +184,7 @@ impl RunConfig {
                 .unwrap_or_default(),
             source_ip_count: 0,
             reconnect: a.reconnect,
+            reconnect_delay: reconnect_delay(&a.reconnect_min_delay, &a.reconnect_max_delay)?,
             max_message: a.max_message.max(1024),
             publish,
             slot,
@@ -201,6 +216,10 @@ impl RunConfig {
             settle_ms: u64::try_from(self.settle.as_millis()).unwrap_or(u64::MAX),
             source_ips: self.source_ip_count,
             reconnect: self.reconnect,
+            reconnect_delay_ms: self.reconnect.then(|| {
+                let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+                (ms(self.reconnect_delay.0), ms(self.reconnect_delay.1))
+            }),
             publish_url: self
                 .publish
                 .as_ref()
@@ -361,6 +380,36 @@ mod tests {
         assert!(
             RunConfig::from_args(&args(&["--worker-index", "3", "--worker-count", "3"])).is_err()
         );
+    }
+
+    #[test]
+    fn reconnect_backoff_is_configurable_and_recorded() {
+        let c = RunConfig::from_args(&args(&["--reconnect"])).unwrap();
+        assert_eq!(
+            c.reconnect_delay,
+            (Duration::from_millis(100), Duration::from_secs(5))
+        );
+        assert_eq!(c.echo(1).reconnect_delay_ms, Some((100, 5000)));
+        let lib = ["--reconnect", "--reconnect-min-delay", "500ms"];
+        let c = RunConfig::from_args(&args(
+            &[&lib[..], &["--reconnect-max-delay", "30s"]].concat(),
+        ))
+        .unwrap();
+        assert_eq!(c.echo(1).reconnect_delay_ms, Some((500, 30_000)));
+        assert_eq!(
+            RunConfig::from_args(&args(&[]))
+                .unwrap()
+                .echo(1)
+                .reconnect_delay_ms,
+            None
+        );
+        for bad in [
+            ["--reconnect-min-delay", "0s"],
+            ["--reconnect-max-delay", "50ms"],
+        ] {
+            let err = RunConfig::from_args(&args(&bad)).unwrap_err().to_string();
+            assert!(err.contains("--reconnect-min-delay"), "{err}");
+        }
     }
 
     #[test]

@@ -28,11 +28,6 @@ use crate::stats::Stats;
 use crate::stream::Stream;
 use crate::token::{AttemptTokens, TokenPlace};
 
-/// First and largest reconnect delay; jittered so a mass disconnect does not come back as a
-/// synchronized reconnect storm.
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
-
 /// Everything a connection task needs, shared by all of them.
 #[derive(Debug)]
 pub struct Ctx {
@@ -50,6 +45,9 @@ pub struct Ctx {
     pub handshake_timeout: Duration,
     pub settle: Duration,
     pub reconnect: bool,
+    /// First and largest re-dial delay (`--reconnect-min-delay`, `--reconnect-max-delay`);
+    /// each jittered so a mass disconnect does not come back as a synchronized storm.
+    pub reconnect_delay: (Duration, Duration),
     /// Each connection closes itself this long after it was first established (churn).
     pub lifetime: Option<Duration>,
     pub max_message: usize,
@@ -361,7 +359,7 @@ async fn reconnect(
     sess: &mut Session,
     stop: &mut watch::Receiver<bool>,
 ) -> Option<Conn> {
-    let mut backoff = BACKOFF_MIN;
+    let (mut backoff, backoff_max) = ctx.reconnect_delay;
     loop {
         let jittered = backoff.mul_f64(rand::rng().random_range(0.5..=1.0));
         tokio::select! {
@@ -378,7 +376,7 @@ async fn reconnect(
             Err(EstError::Failed(f)) => ctx.stats.reconnect_failed(&f),
             Err(EstError::Stopped) => return None,
         }
-        backoff = (backoff * 2).min(BACKOFF_MAX);
+        backoff = (backoff * 2).min(backoff_max);
     }
 }
 
@@ -448,6 +446,7 @@ mod tests {
             handshake_timeout: Duration::from_secs(1),
             settle: Duration::from_millis(10),
             reconnect: true,
+            reconnect_delay: (Duration::from_millis(100), Duration::from_secs(5)),
             lifetime: None,
             max_message: 1 << 16,
             tokens: None,

@@ -93,6 +93,7 @@ pub async fn run(cfg: &RunConfig, progress: &Progress) -> anyhow::Result<Report>
         handshake_timeout: cfg.handshake_timeout,
         settle: cfg.settle,
         reconnect: cfg.reconnect,
+        reconnect_delay: cfg.reconnect_delay,
         lifetime: cfg.lifetime,
         max_message: cfg.max_message,
         tokens,

@@ -112,6 +112,8 @@ class Loadtest:
                      *(["--ca-file", str(c.front.ca)] if ca else []),
                      *(["--channels", channels_for(c.a.partitions)] if channels else []),
                      *(["--reconnect"] if reconnect else []),
+                     *(["--reconnect-min-delay", c.a.client_backoff.split(",")[0],
+                        "--reconnect-max-delay", c.a.client_backoff.split(",")[1]] if reconnect and c.a.client_backoff else []),
                      *(["--handshake-timeout", HANDSHAKE_TIMEOUT] if HANDSHAKE_TIMEOUT else []), *extra]
         self.log = open(c.run_dir / f"loadtest-{name}.log", "w")
         self.p = subprocess.Popen(["ip", "netns", "exec", c.net.vms["clients"].ns, *self.args],
