@@ -21,9 +21,13 @@ import os
 import shutil
 import statistics
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+from bench import proc_cpu_s  # noqa: E402  (one reader of /proc/<pid>/stat for every harness)
 
 PREFIX = "odinc"
 BRIDGE = "odincbr0"
@@ -69,16 +73,14 @@ def _delayline_pids():
     return out
 
 
-def _cpu_s(pid):
-    """User + system CPU seconds of a process so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def _tap(vm):
+    """The TAP interface of `vm`'s delay line (`od-…`, next to its bridge link `oc-…`)."""
+    return "od-" + vm.link[3:]
 
 
-def _tap_drops(tap):
+def _tap_drops(vm):
     try:
-        return int(Path(f"/sys/class/net/{tap}/statistics/tx_dropped").read_text())
+        return int(Path(f"/sys/class/net/{_tap(vm)}/statistics/tx_dropped").read_text())
     except (OSError, ValueError):
         return 0
 
@@ -169,14 +171,13 @@ class Network:
         self.netem_error = ""
         self.lines = {}          # VM name -> its delayline process
         self.removed_lines_cpu_s = 0.0   # CPU of the lines of VMs removed since the start
-        self.removed_tap_drops = 0       # frames their TAP interfaces dropped
+        self.removed_tap_drops = {}      # VM name -> frames its removed TAP interfaces dropped
         # `line_priority` "rt": the lines run at SCHED_FIFO 1 (bounded by the kernel's RT
         # throttling), so the wire does not wait for the VMs' CPU. A line the scheduler starves
         # on a saturated machine lets its TAP queue overflow, and the frames lost there stall
         # TCP for retransmission timeouts (a short kill-lb with three CPU hogs beside it, load
-        # 21: 46,359 frames lost at normal priority, 0 at rt). The price: every frame is then
-        # forwarded at once instead of in the batches a starved line reads, which costs the
-        # whole machine more CPU (docs/topology.md).
+        # 21: 46,359 frames lost at normal priority, 0 at rt). The price: the lines use 1.2-1.8x
+        # the CPU in the short suite (docs/topology.md, "Delay-line priority").
         self.rt = []
         if line_priority == "rt":
             if not shutil.which("chrt") or subprocess.run(["chrt", "-f", "1", "true"], capture_output=True).returncode:
@@ -218,7 +219,7 @@ class Network:
         mac = vm_mac(vm.ip)
         sh("ip", "link", "add", vm.link, "type", "veth", "peer", "name", "eth0", "address", mac, "netns", vm.ns)
         if self.mechanism == "delayline":
-            tap = "od-" + vm.link[3:]
+            tap = _tap(vm)
             log = open(os.path.join(self.log_dir, f"delayline-{vm.name}.log"), "ab") if self.log_dir else subprocess.DEVNULL
             p = subprocess.Popen([*self.rt, self.delayline, "--tap", tap, "--vm-mac", mac,
                                   "--delay-us", str(round(self.delay_ms * 1000))],
@@ -276,10 +277,10 @@ class Network:
         line = self.lines.pop(name, None)
         if line is not None:
             try:
-                self.removed_lines_cpu_s += _cpu_s(line.pid)
+                self.removed_lines_cpu_s += proc_cpu_s(line.pid)
             except OSError:
                 pass
-            self.removed_tap_drops += _tap_drops("od-" + vm.link[3:])
+            self.removed_tap_drops[name] = self.removed_tap_drops.get(name, 0) + _tap_drops(vm)
             line.kill()
             line.wait()
         sh("ip", "netns", "del", vm.ns, check=False)
@@ -287,17 +288,20 @@ class Network:
         self.cuts = {c for c in self.cuts if name not in c}
 
     def tap_drops(self):
-        """Frames the kernel dropped so far because a delay line did not read its TAP
-        interface in time (its queue of `TAP_QUEUE` frames full): lost on the emulated wire,
-        which TCP then retransmits. 0 without delay lines."""
-        return self.removed_tap_drops + sum(_tap_drops("od-" + self.vms[n].link[3:]) for n in self.lines if n in self.vms)
+        """Per VM, the frames the kernel dropped so far because its delay line did not read
+        the TAP interface in time (its queue of `TAP_QUEUE` frames full): lost on the
+        emulated wire, which TCP then retransmits. Empty without delay lines."""
+        out = dict(self.removed_tap_drops)
+        for n in self.lines:
+            out[n] = out.get(n, 0) + _tap_drops(self.vms[n])
+        return out
 
     def lines_cpu_s(self):
         """CPU seconds every delay line of this network has used so far (0 without them)."""
         total = self.removed_lines_cpu_s
         for line in self.lines.values():
             try:
-                total += _cpu_s(line.pid)
+                total += proc_cpu_s(line.pid)
             except OSError:
                 pass
         return total

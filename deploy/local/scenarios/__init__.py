@@ -61,9 +61,12 @@ def run_one(c, name, full):
         figures, checks = {"error": repr(e), "traceback": traceback.format_exc()[-3000:]}, [("scenario ran", False)]
     # What the delay lines cost during the scenario, next to what the whole machine spent.
     cpu = {"delay_lines": round(c.net.lines_cpu_s() - cpu0[0], 1), "machine_busy": round(topo.busy_cpu_s() - cpu0[1], 1)}
-    # Frames the emulated wire lost because a delay line fell behind (TCP retransmits them).
-    drops = c.net.tap_drops() - drops0
-    path, ok = common.save(name, c, full, figures, checks, started, extra={"cpu_s": cpu, "delay_line_tap_drops": drops})
+    # Frames the emulated wire lost because a delay line fell behind (TCP retransmits them):
+    # the total, and per VM where any.
+    per_vm = {n: d - drops0.get(n, 0) for n, d in c.net.tap_drops().items() if d > drops0.get(n, 0)}
+    path, ok = common.save(name, c, full, figures, checks, started,
+                           extra={"cpu_s": cpu, "delay_line_tap_drops": sum(per_vm.values()),
+                                  "delay_line_tap_drops_by_vm": per_vm})
     print(f"{'PASS' if ok else 'FAIL'} {name} ({time.time() - started:.0f} s)  {path.name}")
     for label, v in checks:
         print(f"    {'ok ' if v else 'BAD'} {label}")
