@@ -719,6 +719,17 @@ DEFAULTS = {"lbs": 10, "shards": 7, "delay_ms": 0.25, "delay_mode": "auto", "fro
             "delay_line_priority": "normal", "client_backoff": ""}
 
 
+def backoff_pair(text):
+    """`--client-backoff`: "MIN,MAX" as loadtest's `--reconnect-min-delay` and
+    `--reconnect-max-delay` take them ("" = loadtest's own)."""
+    if not text:
+        return ""
+    parts = text.split(",")
+    if len(parts) != 2 or not all(parts):
+        raise argparse.ArgumentTypeError(f"takes MIN,MAX (e.g. 500ms,30s), got {text!r}")
+    return text
+
+
 def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["up", "test", "bench", "down"])
@@ -748,7 +759,7 @@ def parser():
                    help="cap the Kafka producer of every scenario that runs one at this many records per second "
                         "(0 = the scenario's own: 20/s, kafka-restart 50/s; with 10 partitions every subscribed client "
                         "receives a tenth of it): the fan-out the full client counts push through the TLS front")
-    p.add_argument("--client-backoff", default=DEFAULTS["client_backoff"], metavar="MIN,MAX",
+    p.add_argument("--client-backoff", type=backoff_pair, default=DEFAULTS["client_backoff"], metavar="MIN,MAX",
                    help="the reconnecting clients' backoff, first and largest delay (e.g. 500ms,30s: the client "
                         "libraries' defaults); empty: loadtest's own (100ms,5s)")
     p.add_argument("--bin-dir", default=str(REPO / "target" / "release"))
@@ -774,8 +785,6 @@ def install_signal_handlers():
 
 def main(argv=None):
     a = parser().parse_intermixed_args(argv)
-    if a.client_backoff and len(a.client_backoff.split(",")) != 2:
-        parser().error(f"--client-backoff takes MIN,MAX (e.g. 500ms,30s), got {a.client_backoff!r}")
     install_signal_handlers()
     if a.command == "down":
         topo.cleanup()

@@ -28,6 +28,14 @@ def producer_rate(c, rate):
     return min(rate, c.a.producer_rate) if c.a.producer_rate else rate
 
 
+def backoff_args(backoff):
+    """loadtest's flags for `--client-backoff` "MIN,MAX" (none when it is not given)."""
+    if not backoff:
+        return []
+    lo, hi = backoff.split(",")
+    return ["--reconnect-min-delay", lo, "--reconnect-max-delay", hi]
+
+
 def arg(args, flag, default):
     """The value of `flag` in a process's arguments as the deploy gives them (`c.pv.lb_args`,
     `c.pv.shard_args`), else `default` (the binary's own default)."""
@@ -112,8 +120,7 @@ class Loadtest:
                      *(["--ca-file", str(c.front.ca)] if ca else []),
                      *(["--channels", channels_for(c.a.partitions)] if channels else []),
                      *(["--reconnect"] if reconnect else []),
-                     *(["--reconnect-min-delay", c.a.client_backoff.split(",")[0],
-                        "--reconnect-max-delay", c.a.client_backoff.split(",")[1]] if reconnect and c.a.client_backoff else []),
+                     *(backoff_args(c.a.client_backoff) if reconnect else []),
                      *(["--handshake-timeout", HANDSHAKE_TIMEOUT] if HANDSHAKE_TIMEOUT else []), *extra]
         self.log = open(c.run_dir / f"loadtest-{name}.log", "w")
         self.p = subprocess.Popen(["ip", "netns", "exec", c.net.vms["clients"].ns, *self.args],
