@@ -96,9 +96,9 @@ cluster: build-bench cluster-tools
 
 # Short version of every scenario on the debug binaries that test-e2e built (~7 minutes; part
 # of `make test`; docs/topology.md). Needs root (network namespaces).
-# In make test without the added delay (--delay-ms 0): on 2 cores the delay lines' extra
-# load made the short kill-lb fail 2 of 2 CI runs (docs/topology.md); override with
-# CLUSTER_TEST_DELAY=0.25.
+# In make test without the added delay (--delay-ms 0): on 2 cores a saturated delay line
+# loses frames (its TAP queue overflows), which failed the short kill-lb in 2 of 2 CI runs
+# (docs/topology.md, "In make test"); override with CLUSTER_TEST_DELAY=0.25.
 CLUSTER_TEST_DELAY ?= 0
 cluster-test: build-debug cluster-tools
 	python3 deploy/local/cluster.py test --bin-dir target/debug --delay-ms $(CLUSTER_TEST_DELAY) $(CLUSTER_FLAGS)
