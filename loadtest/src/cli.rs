@@ -90,9 +90,14 @@ pub struct RunArgs {
     #[arg(long, env = "LOADTEST_RECONNECT_MIN_DELAY", default_value = "100ms")]
     pub reconnect_min_delay: String,
     /// With --reconnect: the largest delay between re-dials (the client libraries' `maxDelay`
-    /// is 30s; this default is harsher).
+    /// is 20s; this default is harsher).
     #[arg(long, env = "LOADTEST_RECONNECT_MAX_DELAY", default_value = "5s")]
     pub reconnect_max_delay: String,
+    /// With --reconnect over wss://: every re-dial is a full TLS handshake (by default a
+    /// client resumes its own earlier session, as a browser does; a first connection never
+    /// resumes).
+    #[arg(long, env = "LOADTEST_NO_TLS_RESUME")]
+    pub no_tls_resume: bool,
     /// No progress line (the summary is still printed).
     #[arg(long, env = "LOADTEST_QUIET")]
     pub quiet: bool,

@@ -44,6 +44,8 @@ pub struct RunConfig {
     /// How many source addresses were given in total, for the report.
     pub source_ip_count: usize,
     pub reconnect: bool,
+    /// Re-dials resume the client's own TLS session (`--no-tls-resume` turns it off).
+    pub tls_resume: bool,
     /// Re-dial backoff: first and largest delay.
     pub reconnect_delay: (Duration, Duration),
     pub max_message: usize,
@@ -98,6 +100,9 @@ pub struct ConfigEcho {
     /// Re-dial backoff, first and largest delay in ms (recorded when --reconnect is on).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reconnect_delay_ms: Option<(u64, u64)>,
+    /// Whether re-dials resume the client's own TLS session (recorded when --reconnect is on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_resume: Option<bool>,
     pub publish_url: Option<String>,
     pub publish_rate: f64,
     pub workers: u32,
@@ -184,6 +189,7 @@ impl RunConfig {
                 .unwrap_or_default(),
             source_ip_count: 0,
             reconnect: a.reconnect,
+            tls_resume: !a.no_tls_resume,
             reconnect_delay: reconnect_delay(&a.reconnect_min_delay, &a.reconnect_max_delay)?,
             max_message: a.max_message.max(1024),
             publish,
@@ -220,6 +226,7 @@ impl RunConfig {
                 let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
                 (ms(self.reconnect_delay.0), ms(self.reconnect_delay.1))
             }),
+            tls_resume: self.reconnect.then_some(self.tls_resume),
             publish_url: self
                 .publish
                 .as_ref()

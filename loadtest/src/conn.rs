@@ -45,6 +45,8 @@ pub struct Ctx {
     pub handshake_timeout: Duration,
     pub settle: Duration,
     pub reconnect: bool,
+    /// With `reconnect`: each client resumes its own TLS session when it re-dials.
+    pub tls_resume: bool,
     /// First and largest re-dial delay (`--reconnect-min-delay`, `--reconnect-max-delay`);
     /// each jittered so a mass disconnect does not come back as a synchronized storm.
     pub reconnect_delay: (Duration, Duration),
@@ -126,6 +128,7 @@ pub async fn run_connection(ctx: Arc<Ctx>, id: u64, due: Instant) {
         received: 0,
         subscribed: 0,
         error_reply: false,
+        tls: None,
     };
     let mut conn = match Box::pin(establish(&ctx, &mut sess, &mut stop, false)).await {
         Ok(c) => {
@@ -191,16 +194,26 @@ async fn establish(
         Some((TokenPlace::Query, t)) => Some(t),
         _ => None,
     };
+    let target = ctx.target_for(sess.id);
+    if ctx.reconnect && ctx.tls_resume && sess.tls.is_none() {
+        sess.tls = target.tls.as_ref().map(crate::stream::Tls::own_config);
+    }
     let started = Instant::now();
     let up = dial(
-        ctx.target_for(sess.id),
+        target,
         query_token,
         ctx.source_for(sess.id),
         started + ctx.handshake_timeout,
+        sess.tls.as_ref(),
     )
     .await
     .map_err(EstError::Failed)?;
     let upgraded_at = Instant::now();
+    match up.stream.tls_resumed() {
+        Some(true) => ctx.stats.c.tls_resumed.fetch_add(1, Relaxed),
+        Some(false) => ctx.stats.c.tls_full.fetch_add(1, Relaxed),
+        None => 0,
+    };
     ctx.stats.handshake_done(upgraded_at - started);
     let decoder = Decoder::new(Role::Client, Limits::new(ctx.max_message));
     let mut conn = Conn {
@@ -446,6 +459,7 @@ mod tests {
             handshake_timeout: Duration::from_secs(1),
             settle: Duration::from_millis(10),
             reconnect: true,
+            tls_resume: true,
             reconnect_delay: (Duration::from_millis(100), Duration::from_secs(5)),
             lifetime: None,
             max_message: 1 << 16,

@@ -44,6 +44,9 @@ pub struct Session {
     pub subscribed: u32,
     /// An `error` reply arrived since the last subscribe was sent.
     pub error_reply: bool,
+    /// The client's own TLS configuration (its session cache), made at its first `wss://`
+    /// dial when it may re-dial and resumption is on.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// What a batch of frames asks the connection to do next.
@@ -263,6 +266,7 @@ mod tests {
             received: 0,
             subscribed: 0,
             error_reply: false,
+            tls: None,
         }
     }
 

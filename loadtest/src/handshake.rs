@@ -59,12 +59,14 @@ fn socket_for(addr: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpSocket>
 
 /// Connects, runs the TLS handshake (`wss://`) and upgrades, all before `deadline`. Time
 /// spent in TCP connect counts as `connect_timeout`, time after it as `handshake_timeout`.
-/// A `query_token` goes into the request as `token=` (added to the target's query).
+/// A `query_token` goes into the request as `token=` (added to the target's query);
+/// `own_tls` is the client's own TLS configuration, if it keeps one (`Tls::own_config`).
 pub async fn dial(
     target: &Target,
     query_token: Option<&str>,
     source: Option<IpAddr>,
     deadline: Instant,
+    own_tls: Option<&std::sync::Arc<rustls::ClientConfig>>,
 ) -> Result<Upgraded, Failure> {
     let socket = socket_for(target.addr, source).map_err(|e| Failure::from_io(&e))?;
     let stream = match tokio::time::timeout_at(deadline, socket.connect(target.addr)).await {
@@ -73,7 +75,7 @@ pub async fn dial(
         Ok(Ok(s)) => s,
     };
     let secured = async {
-        let stream = Stream::connect(stream, target.tls.as_ref())
+        let stream = Stream::connect(stream, target.tls.as_ref(), own_tls)
             .await
             .map_err(|e| match e.kind() {
                 io::ErrorKind::InvalidData => Failure::Tls,

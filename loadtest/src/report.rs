@@ -69,6 +69,11 @@ pub struct Counts {
     pub server_errors: u64,
     pub undecodable: u64,
     pub pings_answered: u64,
+    /// `wss://` handshakes that were full / resumed an earlier session of the same client.
+    #[serde(default)]
+    pub tls_full_handshakes: u64,
+    #[serde(default)]
+    pub tls_resumed_handshakes: u64,
 }
 
 impl Counts {
@@ -91,6 +96,8 @@ impl Counts {
         self.server_errors += o.server_errors;
         self.undecodable += o.undecodable;
         self.pings_answered += o.pings_answered;
+        self.tls_full_handshakes += o.tls_full_handshakes;
+        self.tls_resumed_handshakes += o.tls_resumed_handshakes;
     }
 }
 

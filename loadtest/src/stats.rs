@@ -70,6 +70,8 @@ pub struct Counters {
     pub server_errors: AtomicU64,
     pub undecodable: AtomicU64,
     pub pings_answered: AtomicU64,
+    pub tls_full: AtomicU64,
+    pub tls_resumed: AtomicU64,
 }
 
 /// All measurements of one process's run.

@@ -5,13 +5,19 @@
 //! TLS is rustls' sans-I/O `ClientConnection` fed from the non-blocking socket. After every
 //! read the plaintext rustls holds is drained completely, so socket readiness stays the only
 //! signal the task waits for (no plaintext can sit in the TLS layer unnoticed).
+//!
+//! Session resumption is per client, as with browsers: a client's first connection is always
+//! a full handshake (the shared config has no session cache, so no client can use a ticket
+//! another client received), and with `--reconnect` each client keeps its own one-entry cache
+//! ([`Tls::own_config`]) so its re-dials resume its own earlier session.
 
 use std::io::{self, Read as _, Write as _};
 use std::sync::Arc;
 
+use rustls::client::{ClientSessionMemoryCache, Resumption};
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, ServerName};
-use rustls::{ClientConfig, ClientConnection, RootCertStore};
+use rustls::{ClientConfig, ClientConnection, HandshakeKind, RootCertStore};
 use tokio::net::TcpStream;
 
 /// Where the trusted roots for `wss://` come from when `--ca-file` is not given.
@@ -20,6 +26,7 @@ const SYSTEM_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 /// TLS settings of a run, built once.
 #[derive(Debug, Clone)]
 pub struct Tls {
+    /// For first connections: no session cache (see the module comment).
     pub config: Arc<ClientConfig>,
     pub server_name: ServerName<'static>,
 }
@@ -46,16 +53,31 @@ impl Tls {
             anyhow::bail!("no certificate in {}", path.display());
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = ClientConfig::builder_with_provider(provider)
+        let mut config = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
             .with_root_certificates(roots)
             .with_no_client_auth();
+        // rustls' default cache is shared by every connection of the config: a new client
+        // would resume a session (or TLS 1.3 ticket) another client got, which no real new
+        // client can, and which makes the server's TLS look cheaper than it is.
+        config.resumption = Resumption::disabled();
         let server_name = ServerName::try_from(host.trim_matches(['[', ']']).to_owned())
             .with_context(|| format!("{host:?} is not a valid TLS server name"))?;
         Ok(Self {
             config: Arc::new(config),
             server_name,
         })
+    }
+}
+
+impl Tls {
+    /// One client's own configuration: the shared one with a cache for one server's
+    /// sessions, so this client's later connections resume its own earlier session (as a
+    /// browser's do) and never another client's.
+    pub fn own_config(&self) -> Arc<ClientConfig> {
+        let mut config = (*self.config).clone();
+        config.resumption = Resumption::store(Arc::new(ClientSessionMemoryCache::new(1)));
+        Arc::new(config)
     }
 }
 
@@ -98,13 +120,18 @@ fn tls_error(e: rustls::Error) -> io::Error {
 }
 
 impl Stream {
-    /// Runs the TLS handshake over `tcp` when `tls` is given.
-    pub async fn connect(tcp: TcpStream, tls: Option<&Tls>) -> io::Result<Self> {
+    /// Runs the TLS handshake over `tcp` when `tls` is given, with the client's `own`
+    /// configuration ([`Tls::own_config`]) when it has one.
+    pub async fn connect(
+        tcp: TcpStream,
+        tls: Option<&Tls>,
+        own: Option<&Arc<ClientConfig>>,
+    ) -> io::Result<Self> {
         let Some(tls) = tls else {
             return Ok(Self::Plain(tcp));
         };
-        let conn = ClientConnection::new(tls.config.clone(), tls.server_name.clone())
-            .map_err(tls_error)?;
+        let config = own.unwrap_or(&tls.config).clone();
+        let conn = ClientConnection::new(config, tls.server_name.clone()).map_err(tls_error)?;
         let mut s = TlsStream { tcp, conn };
         while s.conn.is_handshaking() {
             s.flush().await?;
@@ -123,6 +150,14 @@ impl Stream {
         }
         s.flush().await?;
         Ok(Self::Tls(Box::new(s)))
+    }
+
+    /// For TLS, whether the handshake resumed an earlier session; `None` for plain TCP.
+    pub fn tls_resumed(&self) -> Option<bool> {
+        match self {
+            Self::Plain(_) => None,
+            Self::Tls(t) => Some(t.conn.handshake_kind() == Some(HandshakeKind::Resumed)),
+        }
     }
 
     /// Waits until the socket has something to read.

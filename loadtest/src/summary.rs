@@ -96,6 +96,16 @@ pub fn render(r: &Report) -> String {
         );
     }
     row(&mut out, "handshake latency", percentiles(&r.handshake_us));
+    if c.tls_full_handshakes + c.tls_resumed_handshakes > 0 {
+        row(
+            &mut out,
+            "tls handshakes",
+            format!(
+                "{} full, {} resumed",
+                c.tls_full_handshakes, c.tls_resumed_handshakes
+            ),
+        );
+    }
     let s = &r.schedule;
     row(
         &mut out,

@@ -166,6 +166,8 @@ def summary(rep):
         "recovered_false": c["recovered_false"], "gaps": c["gaps"], "gap_messages": c["gap_messages"],
         "duplicates": c["duplicates"], "epoch_changes": c["epoch_changes"], "deliveries": c["deliveries"],
         "active_end_of_hold": c["active_end_of_hold"],
+        # wss:// handshakes: full, or a re-dial resuming the client's own session.
+        "tls_handshakes": {"full": c.get("tls_full_handshakes", 0), "resumed": c.get("tls_resumed_handshakes", 0)},
         "handshake_ms": {k: round(rep["handshake_us"][k] / 1000, 2) for k in ("p50", "p99", "p999", "max")},
         "generator": {"behind": rep["schedule"]["generator_behind"], "achieved_rate": round(rep["schedule"]["achieved_rate"], 1),
                       "lag_p99_ms": round(rep["schedule"]["lag_us"]["p99"] / 1000, 2)},

@@ -43,6 +43,12 @@ fn acceptor() -> TlsAcceptor {
 
 /// A TLS WebSocket server: echoes, or (with `close`) closes with that code at once.
 async fn wss_server(close: Option<u16>) -> SocketAddr {
+    wss_server_closing_after(close, std::time::Duration::ZERO).await
+}
+
+/// Like [`wss_server`], closing with `close` only after `after` (rustls' server defaults:
+/// it resumes TLS 1.3 sessions from its own 256-entry cache).
+async fn wss_server_closing_after(close: Option<u16>, after: std::time::Duration) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let acceptor = acceptor();
@@ -57,6 +63,7 @@ async fn wss_server(close: Option<u16>) -> SocketAddr {
                     return;
                 };
                 if let Some(code) = close {
+                    tokio::time::sleep(after).await;
                     let frame = CloseFrame {
                         code: CloseCode::from(code),
                         reason: "go away".into(),
@@ -106,6 +113,14 @@ async fn a_wss_ramp_establishes_every_connection_and_verifies_the_server() {
         assert_eq!(r.counts.active_end_of_hold, 200);
         assert!(r.handshake_us.count == 200 && r.handshake_us.p50 > 0);
         assert!(r.disconnects.is_empty(), "{:?}", r.disconnects);
+        // New clients never resume: not even a session another client of the run got.
+        assert_eq!(
+            (
+                r.counts.tls_full_handshakes,
+                r.counts.tls_resumed_handshakes
+            ),
+            (200, 0)
+        );
 
         // The name in the certificate is checked: localhost is in it too, so verifying as
         // localhost works, while a CA that did not sign it fails every attempt as `tls`.
@@ -142,6 +157,53 @@ async fn close_frames_arrive_through_tls() {
         .await;
         assert_eq!(r.counts.established, 0);
         assert_eq!(r.failures.get("closed_1012"), Some(&20), "{:?}", r.failures);
+    })
+    .await;
+}
+
+/// A client that re-dials resumes its own TLS session (as a browser does); its first
+/// connection, and every connection with `--no-tls-resume`, is a full handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn re_dials_resume_the_clients_own_tls_session() {
+    bounded(90, async {
+        // Every connection is closed with 1012 500 ms after its upgrade (past the 100 ms
+        // settle that makes it established), so each client re-dials during the hold.
+        let addr =
+            wss_server_closing_after(Some(1012), std::time::Duration::from_millis(500)).await;
+        let url = format!("wss://{addr}/ws");
+        let args = [
+            "--connections",
+            "20",
+            "--rate",
+            "200",
+            "--hold",
+            "3",
+            "--reconnect",
+            "--reconnect-min-delay",
+            "50ms",
+            "--reconnect-max-delay",
+            "200ms",
+        ];
+        let r = run(&url, "ca.pem", &args).await;
+        let c = &r.counts;
+        assert_eq!(c.established, 20, "{:?}", r.failures);
+        assert!(
+            c.reconnects >= 20,
+            "every client re-dialled at least once: {c:?}"
+        );
+        assert_eq!(r.config.tls_resume, Some(true));
+        // One full handshake per client (its first); every later one resumed.
+        assert_eq!(c.tls_full_handshakes, 20, "{c:?}");
+        assert!(c.tls_resumed_handshakes >= c.reconnects, "{c:?}");
+
+        let mut off = args.to_vec();
+        off.push("--no-tls-resume");
+        let r = run(&url, "ca.pem", &off).await;
+        let c = &r.counts;
+        assert!(c.reconnects >= 20, "{c:?}");
+        assert_eq!(r.config.tls_resume, Some(false));
+        assert_eq!(c.tls_resumed_handshakes, 0, "{c:?}");
+        assert!(c.tls_full_handshakes >= 20 + c.reconnects, "{c:?}");
     })
     .await;
 }
