@@ -726,7 +726,7 @@ def backoff_pair(text):
         return ""
     parts = text.split(",")
     if len(parts) != 2 or not all(parts):
-        raise argparse.ArgumentTypeError(f"takes MIN,MAX (e.g. 500ms,30s), got {text!r}")
+        raise argparse.ArgumentTypeError(f"takes MIN,MAX (e.g. 500ms,20s), got {text!r}")
     return text
 
 
@@ -760,7 +760,7 @@ def parser():
                         "(0 = the scenario's own: 20/s, kafka-restart 50/s; with 10 partitions every subscribed client "
                         "receives a tenth of it): the fan-out the full client counts push through the TLS front")
     p.add_argument("--client-backoff", type=backoff_pair, default=DEFAULTS["client_backoff"], metavar="MIN,MAX",
-                   help="the reconnecting clients' backoff, first and largest delay (e.g. 500ms,30s: the client "
+                   help="the reconnecting clients' backoff, first and largest delay (e.g. 500ms,20s: the client "
                         "libraries' defaults); empty: loadtest's own (100ms,5s)")
     p.add_argument("--bin-dir", default=str(REPO / "target" / "release"))
     p.add_argument("--tansu", default=os.environ.get("TANSU") or (subprocess.run(["bash", "-c", "command -v tansu"],

@@ -6,7 +6,7 @@
 export interface ReconnectOptions {
   /** Base of the backoff, and the window a prompt reconnect is spread over. Default 500. */
   minDelay?: number;
-  /** Cap of every backoff. Default 30000. */
+  /** Cap of every backoff. Default 20000 (as centrifuge-js): a client is back at most ~20 s after its server is. */
   maxDelay?: number;
   /** Base of the backoff after an overload close (1013, 4003). Default 2000. */
   overloadDelay?: number;
@@ -23,7 +23,7 @@ export type ResolvedReconnect = Required<ReconnectOptions>;
 export function resolveReconnect(o: ReconnectOptions | undefined): ResolvedReconnect {
   const r = {
     minDelay: o?.minDelay ?? 500,
-    maxDelay: o?.maxDelay ?? 30_000,
+    maxDelay: o?.maxDelay ?? 20_000,
     overloadDelay: o?.overloadDelay ?? 2_000,
     factor: o?.factor ?? 2,
     jitter: o?.jitter ?? 0.5,

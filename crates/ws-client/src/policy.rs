@@ -11,7 +11,8 @@ use std::time::Duration;
 pub struct Reconnect {
     /// Base of the backoff, and the window a prompt reconnect is spread over (500 ms).
     pub min_delay: Duration,
-    /// Cap of every backoff (30 s).
+    /// Cap of every backoff (20 s, as centrifuge-js: a client is back at most ~20 s after
+    /// its server is).
     pub max_delay: Duration,
     /// Base of the backoff after an overload close, 1013 or 4003 (2 s).
     pub overload_delay: Duration,
@@ -27,7 +28,7 @@ impl Default for Reconnect {
     fn default() -> Self {
         Self {
             min_delay: Duration::from_millis(500),
-            max_delay: Duration::from_secs(30),
+            max_delay: Duration::from_secs(20),
             overload_delay: Duration::from_secs(2),
             factor: 2.0,
             jitter: 0.5,
@@ -143,7 +144,7 @@ mod tests {
         let seq: Vec<_> = (1..=8)
             .map(|n| ms(reconnect_delay(CloseAction::Overload, n, &o, 0.0)))
             .collect();
-        assert_eq!(seq, [2000, 4000, 8000, 16000, 30000, 30000, 30000, 30000]);
+        assert_eq!(seq, [2000, 4000, 8000, 16000, 20000, 20000, 20000, 20000]);
         let lost: Vec<_> = (1..=4)
             .map(|n| ms(reconnect_delay(CloseAction::Reconnect, n, &o, 0.0)))
             .collect();
@@ -156,7 +157,7 @@ mod tests {
         );
         assert_eq!(
             bounds(CloseAction::Overload, 100, &o),
-            (Duration::from_secs(15), Duration::from_secs(30))
+            (Duration::from_secs(10), Duration::from_secs(20))
         );
     }
 
