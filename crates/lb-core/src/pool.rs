@@ -178,7 +178,12 @@ pub struct ShardSnapshot {
     pub reported: Reported,
     /// Whether the last `/health` poll succeeded.
     pub health_ok: bool,
-    /// Whether a new client could be sent there now.
+    /// Whether the shard counts as available: it takes new clients, its breaker would admit
+    /// one now, and — unless the breaker is closed — its last `/health` poll succeeded. A
+    /// breaker whose open timeout ran out on a shard that does not answer its polls still
+    /// lets a trial through, but is not counted: otherwise `/health` and
+    /// `ws_lb_shards_available` said `ok` / 1 between the timeout and the next failed trial
+    /// while every shard was down.
     pub admits: bool,
 }
 
@@ -210,6 +215,12 @@ pub struct Lease<'a, T> {
     counted: bool,
     /// Granted past an open breaker because every breaker was open (see [`ShardPool::select`]).
     panic: bool,
+}
+
+/// The availability rule of [`ShardSnapshot::admits`]: a closed breaker counts; one that is
+/// open past its timeout or half-open counts only while the shard answers its polls.
+fn counts_as_available(breaker: &CircuitBreaker, health_ok: bool, now: Instant) -> bool {
+    breaker.would_admit(now) && (breaker.state() == BreakerState::Closed || health_ok)
 }
 
 /// One unit of a shard's live relay count, held for as long as a relay runs.
@@ -591,7 +602,8 @@ impl<T> ShardPool<T> {
         }
     }
 
-    /// Whether any shard would take a new client now (for the LB's own `/health`).
+    /// Whether any shard counts as available now (for the LB's own `/health`; see
+    /// [`ShardSnapshot::admits`]).
     pub fn any_admits(&self, now: Instant) -> bool {
         self.assigned().any(|(_, slot)| {
             let s = slot.state.lock();
@@ -599,7 +611,7 @@ impl<T> ShardPool<T> {
                 s.listed
                     && s.admitted.is_some()
                     && s.reported.takes_clients()
-                    && s.breaker.would_admit(now)
+                    && counts_as_available(&s.breaker, s.health_ok, now)
             })
         })
     }
@@ -637,7 +649,7 @@ impl<T> ShardPool<T> {
                     health_ok: s.health_ok,
                     admits: member.takes_clients()
                         && s.reported.takes_clients()
-                        && s.breaker.would_admit(now),
+                        && counts_as_available(&s.breaker, s.health_ok, now),
                 })
             })
             .collect()
@@ -999,10 +1011,14 @@ mod tests {
         assert_eq!(snap[0].breaker, BreakerState::Open);
         assert!(!snap[0].admits && !snap[0].health_ok);
         assert_eq!(snap[1].breaker, BreakerState::Closed);
-        // Open: probes change nothing; after the timeout the next client is the trial.
+        // Open: probes change nothing; after the timeout the next client is the trial, but
+        // a shard that does not answer its polls is not reported available meanwhile.
         tokio::time::advance(Duration::from_secs(30)).await;
         p.probe_unreachable(0, Instant::now());
-        assert!(p.snapshot(Instant::now())[0].admits);
+        assert!(!p.snapshot(Instant::now())[0].admits);
+        p.set_health(0, 0.0, 100, Reported::Ok, Instant::now());
+        assert!(p.snapshot(Instant::now())[0].admits, "answering again: available");
+        p.probe_unreachable(0, Instant::now());
         let trial = p
             .select(Tried::default(), Instant::now(), &mut rng)
             .unwrap();
