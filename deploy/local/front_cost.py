@@ -14,6 +14,12 @@ process's CPU seconds (utime + stime from /proc) across
 Variants (one config line each, added to `global`) are measured alternately, `--rounds`
 times, so the machine's load hits them alike. Writes bench/results/front-tls-cost-<time>.json.
 
+`--haproxy-root DIR` (repeatable) adds another HAProxy build: a Debian package tree with
+`usr/sbin/haproxy` and its libraries in `usr/lib/x86_64-linux-gnu` (run with
+LD_LIBRARY_PATH there), measured alternately with the installed one on every variant.
+`fetch_old_haproxy.sh DIR` makes such a tree from Debian 11's HAProxy 2.2 and OpenSSL 1.1.1w,
+to see what the TLS stack costs (docs/topology.md, "OpenSSL 1.1.1 is not the fix").
+
     python3 deploy/local/front_cost.py --bin-dir target/debug [--connections 1000 --rate 200 --rounds 2]
 """
 
@@ -78,11 +84,30 @@ def wait(cond, timeout, what):
     raise RuntimeError(f"timed out waiting for {what}")
 
 
-def measure(cfg_path, mode, a, tmp):
+def builds(roots):
+    """[(label, argv0, env)]: the installed HAProxy, then one per package tree."""
+    out = [("installed", "haproxy", None)]
+    for root in roots:
+        root = Path(root).resolve()
+        binary = root / "usr/sbin/haproxy"
+        if not binary.is_file():
+            raise SystemExit(f"--haproxy-root {root}: no usr/sbin/haproxy in it")
+        out.append((str(root), str(binary), {**os.environ, "LD_LIBRARY_PATH": str(root / "usr/lib/x86_64-linux-gnu")}))
+    return out
+
+
+def version(build):
+    _, argv0, env = build
+    vv = subprocess.run([argv0, "-vv"], capture_output=True, text=True, env=env).stdout.splitlines()
+    ssl = next((x.split(":", 1)[1].strip() for x in vv if x.startswith("Running on OpenSSL version")), "?")
+    return f"{vv[0] if vv else '?'} / {ssl}"
+
+
+def measure(cfg_path, mode, a, tmp, build):
     if listening(PORT):
         raise RuntimeError(f"port {PORT} is already in use")
-    hp = subprocess.Popen(["haproxy", "-f", str(cfg_path), "-db"], stdout=open(tmp / "haproxy.log", "a"),
-                          stderr=subprocess.STDOUT, start_new_session=True)
+    hp = subprocess.Popen([build[1], "-f", str(cfg_path), "-db"], stdout=open(tmp / "haproxy.log", "a"),
+                          stderr=subprocess.STDOUT, start_new_session=True, env=build[2])
     try:
         wait(lambda: listening(PORT), 10, "haproxy")
         time.sleep(1)  # its first health check of the LB
@@ -116,7 +141,10 @@ def main():
     p.add_argument("--tls-seconds", type=int, default=6)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--haproxy-root", action="append", default=[], metavar="DIR",
+                   help="another HAProxy build to measure beside the installed one (a Debian package tree)")
     a = p.parse_args()
+    hps = builds(a.haproxy_root)
     a.bin = Path(a.bin_dir).resolve()
     names = [v for v in a.variants.split(",") if v]
     tmp = Path(tempfile.mkdtemp(prefix="odin-front-cost-"))
@@ -137,15 +165,21 @@ def main():
             procs.append(subprocess.Popen(argv, stdout=open(tmp / f"{log}.log", "w"), stderr=subprocess.STDOUT,
                                           start_new_session=True))
         wait(lambda: listening(LB_PORT) and listening(SHARD_PORT), 30, "ws-lb and ws-shard")
-        results = {n: {"wss": [], "tls": []} for n in names}
+        # One result key per variant and build: the variant's name alone for the installed
+        # HAProxy (as before), "<variant> @ <root>" for another build.
+        keys = [(n, b, n if b[0] == "installed" else f"{n} @ {b[0]}") for n in names for b in hps]
+        results = {k: {"wss": [], "tls": []} for _, _, k in keys}
         for r in range(a.rounds):
-            for n in names:
+            for n, b, k in keys:
                 path = tmp / f"haproxy-{names.index(n)}.cfg"
-                path.write_text(config(base, VARIANTS[n]))
+                text = config(base, VARIANTS[n])
+                if b[0] != "installed":  # HAProxy before 2.3 has no "iso" log format
+                    text = text.replace(" format iso ", " format raw ")
+                path.write_text(text)
                 for mode in ("wss", "tls"):
-                    m = measure(path, mode, a, tmp)
-                    results[n][mode].append(m)
-                    print(f"round {r + 1} {n:22s} {mode}: {m['clients']:5d} clients, {m['cpu_s']:5.2f} CPU-s, "
+                    m = measure(path, mode, a, tmp, b)
+                    results[k][mode].append(m)
+                    print(f"round {r + 1} {k:22s} {mode}: {m['clients']:5d} clients, {m['cpu_s']:5.2f} CPU-s, "
                           f"{m['ms_per_client']:.3f} ms each (load {m['loadavg']})", flush=True)
     finally:
         for pr in procs:
@@ -158,7 +192,7 @@ def main():
     out.write_text(json.dumps({
         "what": "HAProxy front CPU per new client (wss: whole WebSocket client; tls: TLS handshake only)",
         "commit": bench.commit_of(bench.REPO), "machine": load0, "loadavg_at_end": bench.load(),
-        "haproxy": hv, "openssl": ov, "bin_dir": str(a.bin), "flags": {"connections": a.connections, "rate": a.rate,
+        "haproxy": hv, "openssl": ov, "haproxy_builds": {b[0]: version(b) for b in hps}, "bin_dir": str(a.bin), "flags": {"connections": a.connections, "rate": a.rate,
                                                                         "tls_seconds": a.tls_seconds, "rounds": a.rounds},
         "variants": {n: VARIANTS[n] for n in names}, "results": results, "seconds": round(time.time() - started, 1),
     }, indent=1))

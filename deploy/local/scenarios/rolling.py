@@ -136,6 +136,7 @@ def run(c, full):
         probes.close()
         probe_connect_failures += probes.connect_failures
         back = common.wait_for(lambda: c.lb_active() >= connected, 60, interval=0.5)
+        active_by_vm = {n: cl.metric(c.lb_metrics(n), "ws_lb_active_connections") for n in c.members}
         rep = lt.finish()
     finally:
         lt.kill()
@@ -146,7 +147,8 @@ def run(c, full):
     bare = {k: v for k, v in s["disconnects"].items() if k != "close_1012"}
     figures = {"lb_batches": lbs, "shard_vms": shards, "lb_drain_window_s": lb_window, "shard_drain_window_s": shard_window,
                "loadtest": s, "front_http_5xx": http_5xx, "recreated": recycled, "producer": producer.figures(),
-               "members_after": list(c.members), "connected_before_the_roll": connected}
+               "members_after": list(c.members), "connected_before_the_roll": connected,
+               "lb_active_by_vm_after_the_roll": active_by_vm}
 
     lb_ok, lb_sum = spread_ok(lbs, lb_window)
     shard_ok, shard_sum = spread_ok(shards, shard_window)
