@@ -1017,7 +1017,10 @@ mod tests {
         p.probe_unreachable(0, Instant::now());
         assert!(!p.snapshot(Instant::now())[0].admits);
         p.set_health(0, 0.0, 100, Reported::Ok, Instant::now());
-        assert!(p.snapshot(Instant::now())[0].admits, "answering again: available");
+        assert!(
+            p.snapshot(Instant::now())[0].admits,
+            "answering again: available"
+        );
         p.probe_unreachable(0, Instant::now());
         let trial = p
             .select(Tried::default(), Instant::now(), &mut rng)
