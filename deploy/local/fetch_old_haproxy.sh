@@ -1,4 +1,4 @@
-#!/usr/bin/env bash
+#!/bin/bash
 # Unpacks Debian 11's HAProxy 2.2 and OpenSSL 1.1.1w (libssl1.1) into DIR, without
 # installing them, so `front_cost.py --haproxy-root DIR` can measure the front on
 # OpenSSL 1.1.1 beside the installed HAProxy 2.6 on OpenSSL 3.0. The newest versions are
