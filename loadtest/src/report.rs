@@ -69,7 +69,8 @@ pub struct Counts {
     pub server_errors: u64,
     pub undecodable: u64,
     pub pings_answered: u64,
-    /// `wss://` handshakes that were full / resumed an earlier session of the same client.
+    /// `wss://` connections that upgraded after a full TLS handshake / after resuming an
+    /// earlier session of the same client (a TLS handshake whose upgrade failed is in neither).
     #[serde(default)]
     pub tls_full_handshakes: u64,
     #[serde(default)]
