@@ -209,11 +209,9 @@ async fn establish(
     .await
     .map_err(EstError::Failed)?;
     let upgraded_at = Instant::now();
-    match up.stream.tls_resumed() {
-        Some(true) => ctx.stats.c.tls_resumed.fetch_add(1, Relaxed),
-        Some(false) => ctx.stats.c.tls_full.fetch_add(1, Relaxed),
-        None => 0,
-    };
+    if let Some(resumed) = up.stream.tls_resumed() {
+        ctx.stats.tls_handshake(resumed);
+    }
     ctx.stats.handshake_done(upgraded_at - started);
     let decoder = Decoder::new(Role::Client, Limits::new(ctx.max_message));
     let mut conn = Conn {

@@ -185,6 +185,16 @@ impl Stats {
         let _ = h.1.record(us);
     }
 
+    /// A `wss://` connection upgraded after a full TLS handshake or a resumed one.
+    pub fn tls_handshake(&self, resumed: bool) {
+        let counter = if resumed {
+            &self.c.tls_resumed
+        } else {
+            &self.c.tls_full
+        };
+        counter.fetch_add(1, Relaxed);
+    }
+
     pub fn established(&self) {
         self.c.established.fetch_add(1, Relaxed);
         self.c.active.fetch_add(1, Relaxed);
