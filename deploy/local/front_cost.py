@@ -65,11 +65,6 @@ def config(base, lines):
     return cfg
 
 
-def cpu_ticks(pid):
-    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(f[11]) + int(f[12])
-
-
 def listening(port):
     r = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True)
     return bool(r.stdout.strip())
@@ -111,7 +106,7 @@ def measure(cfg_path, mode, a, tmp, build):
     try:
         wait(lambda: listening(PORT), 10, "haproxy")
         time.sleep(1)  # its first health check of the LB
-        t0 = cpu_ticks(hp.pid)
+        t0 = bench.proc_cpu_s(hp.pid)
         if mode == "wss":
             out = tmp / "lt.json"
             subprocess.run([str(a.bin / "loadtest"), "--url", f"wss://127.0.0.1:{PORT}/ws", "--ca-file", str(tmp / "ca.pem"),
@@ -124,12 +119,11 @@ def measure(cfg_path, mode, a, tmp, build):
                                capture_output=True, text=True, timeout=120)
             line = next(x for x in r.stdout.splitlines() if "connections in" in x)
             n = int(line.split()[0])
-        ticks = cpu_ticks(hp.pid) - t0
+        cpu = bench.proc_cpu_s(hp.pid) - t0
     finally:
         hp.send_signal(signal.SIGKILL)
         hp.wait()
-    hz = os.sysconf("SC_CLK_TCK")
-    return {"clients": n, "cpu_s": round(ticks / hz, 2), "ms_per_client": round(ticks / hz / max(n, 1) * 1000, 3),
+    return {"clients": n, "cpu_s": round(cpu, 2), "ms_per_client": round(cpu / max(n, 1) * 1000, 3),
             "loadavg": round(os.getloadavg()[0], 1)}
 
 
