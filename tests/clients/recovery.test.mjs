@@ -194,8 +194,8 @@ async function scenario(makeClient, label) {
     lb = lbOver;
     const overloadStart = client.events.length;
     // The client can still win a place now and then: the pacer opens one every 500 ms and the
-    // first upgrade to arrive takes it, the client's as well as the flood's (CI met it twice
-    // in ~50 runs, on a busy machine whose slow event loop slowed the flood). That is correct
+    // first upgrade to arrive takes it, the client's as well as the flood's (CI met it twice,
+    // at a2afc15 and 3d6c785; presumably a busy machine slowing the flood's event loop). That is correct
     // behaviour, but a client with a place never sees a 1013 again; so when it got one, the
     // LB is replaced by an identical one (1012: a prompt reconnect, back into the flood).
     let won = -1;
