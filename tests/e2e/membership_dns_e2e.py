@@ -380,6 +380,9 @@ async def inside(shard_bin, lb_bin):
         assert all(h.closed is None for h in held), "a held client was closed"
         print(f"ok: 2 A records: s1, s2 removed; 0 of {arrivals.ok - ok0} arrivals went to them; their "
               f"{held_on['s1'] + held_on['s2']} held clients untouched and still receiving")
+        # s3's slow start ends on its own clock (warming -> active): let it end first, so
+        # that `listed` is a set no DNS answer or failure should change from here on.
+        await until(lambda: "warming" not in states().values(), SLOW_START + 15, "no member warming")
         updates = metric(await asyncio.to_thread(lb_page), "ws_lb_membership_updates_total")
         listed = await asyncio.to_thread(states)
 
