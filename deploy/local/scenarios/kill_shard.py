@@ -71,7 +71,7 @@ def run(c, full):
     in_flight = s["failures"].get("closed_1012", 0)
     ok_pct = round(100 * s["established"] / max(s["attempted"] - in_flight, 1), 3)
     figures = {
-        "victim": victim, "shard_ids": shard_ids, "loadtest": s, "probes": len(probes.conns),
+        "victim": victim, "shard_ids": shard_ids, "loadtest": s, "probes": probes.figures(),
         "probe_connect_failures": probes.connect_failures,
         "probes_closed_after_kill": len(after_kill), "probe_close_codes": codes,
         "probe_close_reasons": sorted({r for _, _, r in after_kill if r}),
@@ -80,6 +80,7 @@ def run(c, full):
         "producer": producer.figures(),
     }
     checks = [
+        (f"probes opened ({len(probes.conns)} of {probes.wanted}, >= 95 %)", probes.opened_ok()),
         (f"probes of the killed VM closed with 1012 ({len(after_kill)} closed, codes {codes})",
          bool(after_kill) and codes == [1012]),
         (f"... within 1 s ({figures['probe_max_close_delay_s']} s)", bool(after_kill) and figures["probe_max_close_delay_s"] < 1.0),

@@ -131,6 +131,8 @@ def run(c, full):
         lbs = roll_lbs(c, batches, lb_window, probes)
         probes.close()
         probe_connect_failures = probes.connect_failures
+        probe_sets = {"lb_roll": probes.figures()}
+        probes_ok = probes.opened_ok()
         # The shard tier is rolled from a settled LB tier (as an operator would): every client
         # the LB roll moved is back first, so the shard probes do not meet the reconnect burst
         # through the front (at full size it made a probe's TLS handshake miss 10 s, 3 times).
@@ -141,6 +143,8 @@ def run(c, full):
         shards = roll_shards(c, shard_vms, shard_window, probes)
         probes.close()
         probe_connect_failures += probes.connect_failures
+        probe_sets["shard_roll"] = probes.figures()
+        probes_ok = probes_ok and probes.opened_ok()
         back = common.wait_for(lambda: c.lb_active() >= connected, 60, interval=0.5)
         active_by_vm = {n: cl.metric(c.lb_metrics(n), "ws_lb_active_connections") for n in c.members}
         rep = lt.finish()
@@ -161,7 +165,9 @@ def run(c, full):
     shard_ok, shard_sum = spread_ok(shards, shard_window)
     figures["lb_probe_closes"], figures["shard_probe_closes"] = lb_sum, shard_sum
     figures["probe_connect_failures"] = probe_connect_failures
+    figures["probes"] = probe_sets
     checks = [
+        (f"probes opened, >= 95 % of each set ({probe_sets})", probes_ok),
         (f"clients saw only 1012 ({s['disconnects']})", not bare and s["disconnects"].get("close_1012", 0) > 0),
         (f"LB batches: probes closed with 1012 over the drain window ({lb_sum})", lb_ok),
         (f"shard VMs: probes closed with 1012 over the drain window ({shard_sum})", shard_ok),

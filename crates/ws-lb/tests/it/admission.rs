@@ -124,6 +124,7 @@ async fn per_ip_limit_answers_429_before_upgrading() {
     })
     .await;
     let mut statuses = Vec::new();
+    let t0 = std::time::Instant::now();
     for _ in 0..12 {
         let (_, head) =
             test_support::ws::raw_upgrade(lb.addr, &test_support::ws::upgrade_request("/ws"))
@@ -131,21 +132,26 @@ async fn per_ip_limit_answers_429_before_upgrading() {
                 .unwrap();
         statuses.push(test_support::ws::status_of(&head));
     }
+    // The burst of 5, plus one more per second the 12 upgrades took (each 101 dials the
+    // shard; on a loaded machine that can take a second).
+    let refill = t0.elapsed().as_secs() as usize;
+    let upgraded = statuses.iter().filter(|s| **s == 101).count();
+    assert!(
+        (5..=5 + refill).contains(&upgraded),
+        "{upgraded} upgraded in {refill} s: {statuses:?}"
+    );
+    let limited = statuses.iter().filter(|s| **s == 429).count();
+    assert!(
+        limited == 12 - upgraded && limited >= 6 - refill.min(6),
+        "{statuses:?}"
+    );
     assert_eq!(
-        statuses.iter().filter(|s| **s == 101).count(),
-        5,
-        "{statuses:?}"
-    );
-    assert!(
-        statuses.iter().filter(|s| **s == 429).count() >= 6,
-        "{statuses:?}"
-    );
-    assert!(
         metric(
             &lb.metrics().await,
             "ws_lb_admission_rejections_total",
             &["reason=\"per_ip\""]
-        ) >= 6.0
+        ),
+        limited as f64
     );
     // /health is not rate limited.
     assert_eq!(get(lb.addr, "/health").await.unwrap().status, 200);

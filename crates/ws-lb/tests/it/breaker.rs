@@ -42,7 +42,9 @@ async fn failing_shard_opens_is_avoided_half_opens_and_closes_on_recovery() {
         }
     });
     let lb = start_lb(vec![good.ws_url(0), format!("ws://{flaky}/ws")], |c| {
-        c.breaker = BreakerConfig::try_new(3, Duration::from_secs(1), 2, 2).unwrap();
+        // Open for 5 s: the 20 clients below must all meet the open breaker, and on a
+        // loaded machine 20 debug-build round trips can take more than 1 s.
+        c.breaker = BreakerConfig::try_new(3, Duration::from_secs(5), 2, 2).unwrap();
     })
     .await;
     assert!(
@@ -59,6 +61,7 @@ async fn failing_shard_opens_is_avoided_half_opens_and_closes_on_recovery() {
         n += 1;
         assert!(n < 20, "breaker never opened");
     }
+    let opened = tokio::time::Instant::now();
     let page = lb.metrics().await;
     let attempts_before = metric(&page, "ws_handshake_attempts_total", &["shard_id=\"1\""]);
     assert_eq!(attempts_before, 3.0, "threshold of consecutive failures");
@@ -92,7 +95,7 @@ async fn failing_shard_opens_is_avoided_half_opens_and_closes_on_recovery() {
     hangup.abort();
     let _ = hangup.await;
     let revived = start_shards_at(vec![flaky], |_| {}).await;
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    tokio::time::sleep_until(opened + Duration::from_millis(5100)).await;
     let mut probes = Vec::new();
     for _ in 0..5 {
         let mut ws = connect(&lb.ws_url()).await.unwrap();
