@@ -631,7 +631,11 @@ class Cluster:
         return {name for name, sts in self.front.status().items() if all(s.startswith("UP") for s in sts)}
 
     def lb_health(self, name):
-        status, body = get_any(f"http://{self.net.vms[name].ip}:{self.pv.lb_port}/health", 2)
+        # Within the front's own check timeout (the backend service's `timeout_sec`): an LB
+        # slower than that would fail a check of the GCP LB too; one merely slower than an
+        # arbitrary 2 s on a loaded machine would not.
+        status, body = get_any(f"http://{self.net.vms[name].ip}:{self.pv.lb_port}/health",
+                               self.values.backend_check.timeout_s)
         try:
             return status, json.loads(body)
         except (ValueError, TypeError):
@@ -716,7 +720,7 @@ class Cluster:
 
 DEFAULTS = {"lbs": 10, "shards": 7, "delay_ms": 0.25, "delay_mode": "auto", "front_procs": 2, "front_maxconn": 9500, "client_ips": 64,
             "partitions": 10, "kafka_storage": "memory", "max_rate": 0, "producer_rate": 0,
-            "delay_line_priority": "normal", "client_backoff": ""}
+            "delay_line_priority": "normal", "client_backoff": "", "client_handshake_timeout": ""}
 
 
 def backoff_pair(text):
@@ -762,6 +766,9 @@ def parser():
     p.add_argument("--client-backoff", type=backoff_pair, default=DEFAULTS["client_backoff"], metavar="MIN,MAX",
                    help="the reconnecting clients' backoff, first and largest delay (e.g. 500ms,20s: the client "
                         "libraries' defaults); empty: loadtest's own (100ms,5s)")
+    p.add_argument("--client-handshake-timeout", default=DEFAULTS["client_handshake_timeout"], metavar="DURATION",
+                   help="the load generator's handshake deadline (e.g. 10s: the client libraries' connectTimeout); "
+                        "empty: loadtest's own 5 s at full size, 30 s in the short versions")
     p.add_argument("--bin-dir", default=str(REPO / "target" / "release"))
     p.add_argument("--tansu", default=os.environ.get("TANSU") or (subprocess.run(["bash", "-c", "command -v tansu"],
                    capture_output=True, text=True).stdout.strip() or str(Path.home() / ".cargo/bin/tansu")))
