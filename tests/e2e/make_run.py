@@ -20,6 +20,7 @@ import os
 import signal
 import socket
 import subprocess
+import tempfile
 import sys
 import time
 import urllib.request
@@ -116,8 +117,18 @@ async def client():
 
 
 def start_make(root, env=None):
-    return subprocess.Popen(["make", "run"], cwd=root, start_new_session=True, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    """`make run` with its output in a file (`make.out`): a pipe nobody reads while it runs
+    would fill (a cold release build prints a lot) and block it."""
+    out = tempfile.TemporaryFile(mode="w+")
+    make = subprocess.Popen(["make", "run"], cwd=root, start_new_session=True, env=env,
+                            stdout=out, stderr=subprocess.STDOUT, text=True)
+    make.out = out
+    return make
+
+
+def output(make):
+    make.out.seek(0)
+    return make.out.read()
 
 
 def stop_group(make, pgid):
@@ -127,12 +138,13 @@ def stop_group(make, pgid):
     except ProcessLookupError:
         pass
     try:
-        out, _ = make.communicate(timeout=30)
+        make.wait(timeout=30)
     except subprocess.TimeoutExpired:
         os.killpg(pgid, signal.SIGKILL)
-        out, _ = make.communicate()
+        make.wait()
+        print(output(make)[-4000:])
         raise SystemExit("FAIL: `make run` did not exit within 30 s of SIGINT")
-    return out
+    return output(make)
 
 
 def check_all_gone(pgid, started, what):
@@ -190,10 +202,11 @@ def main():
     try:
         make = start_make(root)
         try:
-            out, _ = make.communicate(timeout=120)
+            make.wait(timeout=120)
         except subprocess.TimeoutExpired:
             os.killpg(make.pid, signal.SIGKILL)
             raise SystemExit("FAIL: `make run` kept running although ws-lb could not bind")
+        out = output(make)
         assert make.returncode != 0, f"make run exited 0 although ws-lb failed:\n{out[-2000:]}"
     finally:
         blocker.close()

@@ -113,9 +113,10 @@ async fn overload_backs_off_exponentially_to_the_cap() {
         if i > 0 {
             waits.push(last.elapsed());
         }
+        // Before the close is sent: the client's wait starts when it reads it, later.
+        last = Instant::now();
         c.close(1013, "Server temporarily overloaded, please retry")
             .await;
-        last = Instant::now();
     }
     // Expected 100, 200, 400, 400 ms; a timer never fires early, and a loaded machine may
     // add latency, so the check is [expected, expected + 1 s).
@@ -168,11 +169,13 @@ async fn a_dead_path_is_found_by_ping_and_left_promptly() {
     let mut ev = client.events();
     let mut sub = client.subscribe("trades.SOL-USD").await.unwrap();
     let mut c = srv.accept().await;
+    // Before anything the client could arm its ping timer on: the wait measured from here
+    // is never shorter than the client's.
+    let t0 = Instant::now();
     c.handshake().await;
     c.subscribed("trades.SOL-USD", "e", 7, false).await;
     let _ = next(&mut sub).await;
     // From now on the server reads but never answers: a path that died silently.
-    let t0 = Instant::now();
     let silent = tokio::spawn(async move {
         use futures_util::StreamExt;
         while let Some(Ok(_)) = c.ws.next().await {}

@@ -187,7 +187,18 @@ async fn every_documented_series_is_exported() {
             clients.push(ws);
         }
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Polled: the score and the breaker follow the health polls.
+    let settled = test_support::http::wait_until(Duration::from_secs(10), || async {
+        let page = lb.metrics().await;
+        metric(&page, "ws_shard_health_score", &["shard_id=\"0\""]) > 0.5
+            && metric(
+                &page,
+                "ws_circuit_breaker_state",
+                &["shard_id=\"1\"", "state=\"open\""],
+            ) == 1.0
+    })
+    .await;
+    assert!(settled, "shard 0 scored and shard 1's breaker open");
     let page = lb.metrics().await;
     for name in ws_lb::metrics::ALL {
         assert!(

@@ -231,8 +231,10 @@ async fn publish_endpoint_validates_input() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_peers_are_pinged_then_closed() {
     let srv = start_shards(1, |c| {
+        // The ping is due at 200 ms; the idle timeout leaves a loaded machine's timers
+        // 1.8 s to send it before the connection counts as dead without one.
         c.session.ping_interval = Duration::from_millis(200);
-        c.session.idle_timeout = Duration::from_millis(600);
+        c.session.idle_timeout = Duration::from_millis(2000);
         c.session.close_timeout = Duration::from_millis(300);
     })
     .await;
