@@ -174,6 +174,11 @@ async function scenario(makeClient, label) {
 
     mark('restart ws-lb');
     await lb.stop();
+    // Messages published while no LB runs: the client must get them replayed. Waited for,
+    // not assumed: a quick restart on a busy machine once fell between two publishes (CI,
+    // 2026-11-30: nothing to replay, and the check below failed).
+    const downAt = pub.n;
+    await until(() => pub.n >= downAt + 2, 10_000, 'two messages published while the LB is down');
     lb = await new Lb(port).start(A.urls(), lbFlags);
     await caughtUp('after the LB restart');
 
