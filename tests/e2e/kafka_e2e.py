@@ -63,17 +63,8 @@ def metrics(port: int) -> str:
     return odin.http_get(f"http://127.0.0.1:{port}/metrics")[1]
 
 
-async def wait(cond, timeout: float, what: str):
-    """Polls a blocking condition off the event loop (the proxy runs on the loop)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if await asyncio.to_thread(cond):
-                return
-        except OSError:
-            pass
-        await asyncio.sleep(0.1)
-    raise SystemExit(f"timed out waiting for {what}")
+# Polls a blocking condition off the event loop (the proxy runs on the loop).
+wait = odin.until
 
 
 class KafkaProxy:

@@ -199,19 +199,7 @@ def url(name):
     return f"ws://{SHARD_IPS[name]}:{SHARD_PORT}/ws"
 
 
-async def until(cond, timeout, what):
-    """Polls `cond` (run in a thread) until true; fails after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = await asyncio.to_thread(cond)
-            if last:
-                return last
-        except OSError as e:
-            last = e
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
+until = odin.until
 
 
 class Held:
@@ -240,60 +228,6 @@ class Held:
             self.closed = e.rcvd.code if e.rcvd else None
             return
         self.closed = "ended"
-
-
-class Arrivals:
-    """~rate new connections per second through ws-lb: connect, subscribe, close."""
-
-    def __init__(self, lb_url, rate):
-        self.lb_url, self.rate = lb_url, rate
-        self.ok = 0
-        self.failed = []
-        self.stop = False
-        self.tasks = set()
-
-    async def settle(self, timeout=30.0):
-        """Until every arrival begun so far has ended (bounded): a handshake leased to a
-        shard just before it was removed completes after the removal, and is not new."""
-        if self.tasks:
-            await asyncio.wait(set(self.tasks), timeout=timeout)
-
-    async def one(self, channel):
-        import websockets
-        try:
-            async with websockets.connect(self.lb_url, open_timeout=20) as ws:
-                await ws.send(json.dumps({"type": "subscribe", "channels": [channel]}))
-                while json.loads(await asyncio.wait_for(ws.recv(), 20))["type"] != "subscribed":
-                    pass
-            self.ok += 1
-        except Exception as e:  # noqa: BLE001 - every failure is a test failure, kept
-            self.failed.append(repr(e))
-
-    async def run(self):
-        tasks = self.tasks
-        start, n = time.monotonic(), 0
-        while not self.stop:
-            due = start + n / self.rate
-            now = time.monotonic()
-            if due > now:
-                await asyncio.sleep(due - now)
-            elif now - due > 2:
-                start, n = now, 0  # fell behind (a loaded machine): no burst to catch up
-            t = asyncio.create_task(self.one(CHANNELS[n % len(CHANNELS)]))
-            tasks.add(t)
-            t.add_done_callback(tasks.discard)
-            n += 1
-        if tasks:
-            await asyncio.wait(tasks, timeout=30)
-
-    async def pass_(self, n, timeout=30.0):
-        """Until `n` more arrivals succeeded (bounded)."""
-        target = self.ok + n
-        deadline = time.monotonic() + timeout
-        while self.ok < target:
-            assert not self.failed, f"arrivals failed: {self.failed[:3]}"
-            assert time.monotonic() < deadline, f"arrivals stalled at {self.ok} of {target}"
-            await asyncio.sleep(0.05)
 
 
 async def inside(shard_bin, lb_bin):
@@ -334,7 +268,7 @@ async def inside(shard_bin, lb_bin):
         held_on = {n: await asyncio.to_thread(shard_connections, n) for n in first}
         assert sum(held_on.values()) == HELD and min(held_on.values()) > 0, held_on
         print(f"ok: {HELD} clients held through ws-lb: {held_on}")
-        arrivals = Arrivals(lb_url, ARRIVAL_RATE)
+        arrivals = odin.Arrivals(lb_url, ARRIVAL_RATE, CHANNELS)
         arr_task = asyncio.create_task(arrivals.run())
         await arrivals.pass_(ARRIVAL_RATE // 2)
 

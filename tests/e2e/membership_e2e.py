@@ -114,61 +114,6 @@ class Held:
             ws = await self.subscribe(since)
 
 
-async def arrivals_pass(arrivals, n, timeout=30.0):
-    """Until `n` more arrivals succeeded (bounded)."""
-    target = arrivals.ok + n
-    deadline = time.monotonic() + timeout
-    while arrivals.ok < target:
-        assert time.monotonic() < deadline, f"arrivals stalled at {arrivals.ok} of {target} ({arrivals.failed[:3]})"
-        await asyncio.sleep(0.1)
-
-
-class Arrivals:
-    """~rate new connections per second through ws-lb: connect, subscribe, close."""
-
-    def __init__(self, url, rate):
-        self.url, self.rate = url, rate
-        self.ok = 0
-        self.failed = []
-        self.stop = False
-        self.tasks = set()
-
-    async def settle(self, timeout=30.0):
-        """Until every arrival begun so far has ended (bounded): a handshake leased to a
-        shard just before it was removed completes after the removal, and is not new."""
-        if self.tasks:
-            await asyncio.wait(set(self.tasks), timeout=timeout)
-
-    async def one(self, channel):
-        try:
-            async with websockets.connect(self.url, open_timeout=20) as ws:
-                await ws.send(json.dumps({"type": "subscribe", "channels": [channel]}))
-                while True:
-                    m = json.loads(await asyncio.wait_for(ws.recv(), 20))
-                    if m["type"] == "subscribed":
-                        break
-            self.ok += 1
-        except Exception as e:  # noqa: BLE001 - every failure is a test failure, kept
-            self.failed.append(repr(e))
-
-    async def run(self):
-        tasks = self.tasks
-        start, n = time.monotonic(), 0
-        while not self.stop:
-            due = start + n / self.rate
-            now = time.monotonic()
-            if due > now:
-                await asyncio.sleep(due - now)
-            elif now - due > 2:
-                start, n = now, 0  # fell behind (a loaded machine): no burst to catch up
-            t = asyncio.create_task(self.one(f"{TOPIC}.{KEYS[n % len(KEYS)]}"))
-            tasks.add(t)
-            t.add_done_callback(tasks.discard)
-            n += 1
-        if tasks:
-            await asyncio.wait(tasks, timeout=30)
-
-
 async def handshakes(lb_admin):
     """ws_handshake_success_total per shard_id, from ws-lb."""
     text = await asyncio.to_thread(page, lb_admin)
@@ -268,7 +213,7 @@ async def main():
 
         closers.append(lambda: producer.p.close(timeout=5))
         prod_task = asyncio.create_task(produce())
-        arrivals = Arrivals(lb_url, ARRIVAL_RATE)
+        arrivals = odin.Arrivals(lb_url, ARRIVAL_RATE, [f"{TOPIC}.{k}" for k in KEYS])
         arr_task = asyncio.create_task(arrivals.run())
 
         # 2a. A fourth shard joins.
@@ -321,16 +266,16 @@ async def main():
         await arrivals.settle()
         a0 = (await handshakes(lb_admin)).get(s1, 0)
         ok0 = arrivals.ok
-        await arrivals_pass(arrivals, 2 * ARRIVAL_RATE)
+        await arrivals.pass_(2 * ARRIVAL_RATE)
         assert (await handshakes(lb_admin)).get(s1, 0) == a0, "a removed shard got new clients"
         # Arrivals placed on s1 before its removal close by themselves; the shard counts a
         # close when it has read it: polled (bounded), never below the held clients.
-        still, deadline = None, time.time() + 10
-        while still != s1_held and time.time() < deadline:
-            still = await asyncio.to_thread(lambda: get_json(f"http://127.0.0.1:{shard_ports['s1'][0]}/health")["connections"])
-            assert still >= s1_held, f"ws-lb cut relays of a removed shard: {s1_held} -> {still}"
-            await asyncio.sleep(0.1)
-        assert still == s1_held, f"s1 holds {still} connections, its held clients are {s1_held}"
+        def s1_holds_its_held_clients():
+            n = get_json(f"http://127.0.0.1:{shard_ports['s1'][0]}/health")["connections"]
+            assert n >= s1_held, f"ws-lb cut relays of a removed shard: {s1_held} -> {n}"
+            return n == s1_held
+        await odin.until(s1_holds_its_held_clients, 10, f"s1 to hold exactly its {s1_held} held clients")
+        still = s1_held
         print(f"ok: s1 removed: no new connection in {arrivals.ok - ok0} arrivals; its {still} held clients untouched")
         procs.signal("s1", signal.SIGTERM)
         await asyncio.to_thread(procs.wait, "s1", 40)
@@ -358,7 +303,7 @@ async def main():
         await wait(lambda: metric(page(lb_admin), "ws_lb_membership_source_errors_total", 'reason="empty"') >= 1, 10, "empty counted")
         listed = {u for u, s in (await members(lb_port)).items() if s["member"] != "removed"}
         assert listed == {url["s0"], url["s2"], url["s3"]}, listed
-        await arrivals_pass(arrivals, ARRIVAL_RATE)
+        await arrivals.pass_(ARRIVAL_RATE)
         write_members(members_file, [url[n] for n in ("s0", "s2", "s3")])
         print("ok: invalid and empty files counted as source errors; the last good set stayed")
 

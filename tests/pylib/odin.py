@@ -10,6 +10,7 @@ A script imports it with
 (N: how many directories the script is below the repository root).
 """
 
+import asyncio
 import json
 import os
 from signal import SIGKILL, SIGTERM
@@ -254,3 +255,75 @@ class Procs:
                 p.wait()
         self.procs = {}
         self.started = []
+
+
+async def until(cond, timeout: float, what: str):
+    """Polls a blocking `cond()` off the event loop (run in a thread, so servers or clients on
+    the loop keep running) every 0.05 s until it returns something true, which is returned; an
+    OSError (nothing answers yet) counts as false. AssertionError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = await asyncio.to_thread(cond)
+            if last:
+                return last
+        except OSError as e:
+            last = e
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
+
+
+class Arrivals:
+    """~`rate` new WebSocket clients per second to `url` (`run()` as a task): each connects,
+    subscribes to the next of `channels`, waits for `subscribed` and closes. `ok` counts the
+    ones that did, `failed` keeps every failure."""
+
+    def __init__(self, url: str, rate: float, channels):
+        self.url, self.rate, self.channels = url, rate, list(channels)
+        self.ok = 0
+        self.failed = []
+        self.stop = False
+        self.tasks = set()
+
+    async def one(self, channel):
+        import websockets
+        try:
+            async with websockets.connect(self.url, open_timeout=20) as ws:
+                await ws.send(json.dumps({"type": "subscribe", "channels": [channel]}))
+                while json.loads(await asyncio.wait_for(ws.recv(), 20))["type"] != "subscribed":
+                    pass
+            self.ok += 1
+        except Exception as e:  # noqa: BLE001 - every failure is a test failure, kept
+            self.failed.append(repr(e))
+
+    async def run(self):
+        start, n = time.monotonic(), 0
+        while not self.stop:
+            due = start + n / self.rate
+            now = time.monotonic()
+            if due > now:
+                await asyncio.sleep(due - now)
+            elif now - due > 2:
+                start, n = now, 0  # fell behind (a loaded machine): no burst to catch up
+            t = asyncio.create_task(self.one(self.channels[n % len(self.channels)]))
+            self.tasks.add(t)
+            t.add_done_callback(self.tasks.discard)
+            n += 1
+        if self.tasks:
+            await asyncio.wait(set(self.tasks), timeout=30)
+
+    async def settle(self, timeout: float = 30.0):
+        """Until every arrival begun so far has ended (bounded): a handshake leased to a
+        shard just before it was removed completes after the removal, and is not new."""
+        if self.tasks:
+            await asyncio.wait(set(self.tasks), timeout=timeout)
+
+    async def pass_(self, n: int, timeout: float = 30.0):
+        """Until `n` more arrivals succeeded (bounded); fails at the first failed arrival."""
+        target = self.ok + n
+        deadline = time.monotonic() + timeout
+        while self.ok < target:
+            assert not self.failed, f"arrivals failed: {self.failed[:3]}"
+            assert time.monotonic() < deadline, f"arrivals stalled at {self.ok} of {target}"
+            await asyncio.sleep(0.05)

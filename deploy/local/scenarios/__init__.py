@@ -51,7 +51,7 @@ def run_one(c, name, full):
     if why:
         print(f"NOT RUN {name}: {why}", flush=True)
         return None
-    common.HANDSHAKE_TIMEOUT = getattr(c.a, "client_handshake_timeout", "") or (None if full else "30s")
+    common.HANDSHAKE_TIMEOUT = c.a.client_handshake_timeout or (None if full else "30s")
     cpu0 = (c.net.lines_cpu_s(), topo.busy_cpu_s())
     drops0 = c.net.tap_drops()
     try:

@@ -140,11 +140,9 @@ async fn per_ip_limit_answers_429_before_upgrading() {
         (5..=5 + refill).contains(&upgraded),
         "{upgraded} upgraded in {refill} s: {statuses:?}"
     );
+    // Every upgrade the limiter did not let through got a 429 (and was counted).
     let limited = statuses.iter().filter(|s| **s == 429).count();
-    assert!(
-        limited == 12 - upgraded && limited >= 6 - refill.min(6),
-        "{statuses:?}"
-    );
+    assert_eq!(limited, 12 - upgraded, "{statuses:?}");
     assert_eq!(
         metric(
             &lb.metrics().await,
