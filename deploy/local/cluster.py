@@ -719,7 +719,7 @@ class Cluster:
 # ---- the command line -----------------------------------------------------------------
 
 DEFAULTS = {"lbs": 10, "shards": 7, "delay_ms": 0.25, "delay_mode": "auto", "front_procs": 2, "front_maxconn": 9500, "client_ips": 64,
-            "partitions": 10, "kafka_storage": "memory", "max_rate": 0, "producer_rate": 0,
+            "partitions": 10, "kafka_storage": "memory", "max_rate": 0, "max_clients": 0, "producer_rate": 0,
             "delay_line_priority": "normal", "client_backoff": "", "client_handshake_timeout": ""}
 
 
@@ -759,6 +759,9 @@ def parser():
     p.add_argument("--max-rate", type=int, default=DEFAULTS["max_rate"],
                    help="cap every scenario's connection rate at this many per second (0 = the scenario's own): "
                         "the full client counts at a rate this machine's TLS front can carry (docs/topology.md)")
+    p.add_argument("--max-clients", type=int, default=DEFAULTS["max_clients"],
+                   help="cap every scenario's client count at this many (0 = the scenario's own): where a full "
+                        "size fails on this machine, the count at which it passes (docs/topology.md)")
     p.add_argument("--producer-rate", type=float, default=DEFAULTS["producer_rate"],
                    help="cap the Kafka producer of every scenario that runs one at this many records per second "
                         "(0 = the scenario's own: 20/s, kafka-restart 50/s; with 10 partitions every subscribed client "

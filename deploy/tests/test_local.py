@@ -117,9 +117,27 @@ def test_delay_choice_offline():
     eq("distinct VMs, distinct MACs", len({topo.vm_mac(f"10.213.2.{i}") for i in range(10, 20)}), 10)
 
 
+def test_caps_are_recorded():
+    """`--max-rate` / `--max-clients` cap what a scenario asks for, never raise it, and every
+    result records them (`non_default_flags`); the defaults leave the scenarios' own sizes."""
+    sys.path.insert(0, str(DEPLOY / "local" / "scenarios"))
+    import cluster
+    import common
+
+    class C:
+        def __init__(self, argv):
+            self.a = cluster.parser().parse_args(["bench", *argv])
+    default, capped = C([]), C(["--max-clients", "3000", "--max-rate", "100"])
+    eq("defaults: the scenario's own", (common.clients(default, 6000), common.capped(default, 1000)), (6000, 1000))
+    eq("caps lower", (common.clients(capped, 6000), common.capped(capped, 1000)), (3000, 100))
+    eq("caps never raise", (common.clients(capped, 1000), common.capped(capped, 50)), (1000, 50))
+    eq("recorded", cluster.non_default_flags(capped.a), {"max_clients": 3000, "max_rate": 100})
+    eq("defaults record nothing", cluster.non_default_flags(default.a), {})
+
+
 def main():
     return run("test_local", (test_values, test_haproxy_config, test_member_updater_against_the_stand_in,
-                              test_delay_choice_offline))
+                              test_delay_choice_offline, test_caps_are_recorded))
 
 
 if __name__ == "__main__":

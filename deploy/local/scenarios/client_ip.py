@@ -76,7 +76,7 @@ def lb_limits(c):
 
 
 def run(c, full):
-    n = 6000 if full else 3000
+    n = common.clients(c, 6000 if full else 3000)
     rate, allowance = lb_limits(c)
     before = per_ip_rejections(c)
     out = {}

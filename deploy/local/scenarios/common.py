@@ -22,6 +22,12 @@ def capped(c, rate):
     return min(rate, c.a.max_rate) if c.a.max_rate else rate
 
 
+def clients(c, n):
+    """A scenario's client count under `--max-clients` (recorded with the other non-default
+    flags in every result)."""
+    return min(n, c.a.max_clients) if c.a.max_clients else n
+
+
 def producer_rate(c, rate):
     """A scenario's Kafka producer rate under `--producer-rate` (recorded with the other
     non-default flags in every result)."""

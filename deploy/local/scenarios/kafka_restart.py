@@ -38,6 +38,7 @@ def trades_records(c):
 
 def run(c, full):
     conns, rate = (6000, 1000) if full else (1000, 250)
+    conns = common.clients(c, conns)
     rate = common.capped(c, rate)
     down = 10 if full else 5
     producer = common.Producer(c.a.partitions, common.producer_rate(c, 50))

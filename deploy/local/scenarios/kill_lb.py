@@ -28,6 +28,7 @@ import common  # noqa: E402
 def run(c, full):
     conns, rate = (12000, 1000) if full else (1500, 250)
     after_conns, after_rate = (3000, 1000) if full else (500, 250)
+    conns, after_conns = common.clients(c, conns), common.clients(c, after_conns)
     rate, after_rate = common.capped(c, rate), common.capped(c, after_rate)
     victim = c.members[len(c.members) // 2]
     # The instance group ignores a VM's checks for `initial_delay_sec` after it (re)started: a

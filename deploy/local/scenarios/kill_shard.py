@@ -31,6 +31,7 @@ def transitions(c, frm, to, shard_ids):
 
 def run(c, full):
     conns, rate = (12000, 1000) if full else (1000, 250)
+    conns = common.clients(c, conns)
     rate = common.capped(c, rate)
     j = 1
     victim = f"shard-{j}"

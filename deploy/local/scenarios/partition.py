@@ -27,6 +27,7 @@ def successes(page, ids):
 
 def run(c, full):
     conns, rate = (6000, 500) if full else (1000, 200)
+    conns = common.clients(c, conns)
     rate = common.capped(c, rate)
     # Not shard-1: kill-shard uses it, and its recent failures still lower its score for a
     # minute (score_window), which would starve it of clients here.

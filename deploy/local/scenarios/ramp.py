@@ -81,7 +81,7 @@ def lb_spread(c):
 
 def run(c, full):
     plan = [(1000, 12000), (100, 12000)] if full else [(250, 1000), (100, 300)]
-    plan = [(common.capped(c, r), n) for r, n in plan]
+    plan = [(common.capped(c, r), common.clients(c, n)) for r, n in plan]
     rounds = 2 if full else 1
     hold = 30 if full else 2
     loop = Loopback(c)

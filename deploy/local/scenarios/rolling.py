@@ -102,6 +102,7 @@ def roll_shards(c, vms, window, probes):
 
 def run(c, full):
     conns, rate = (6000, 1000) if full else (1000, 250)
+    conns = common.clients(c, conns)
     rate = common.capped(c, rate)
     started = time.time()
     lb_window, shard_window = (common.seconds(common.arg(a, "--drain-window", "10s"))

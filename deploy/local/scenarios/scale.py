@@ -174,6 +174,7 @@ class Sampler(threading.Thread):
 def run(c, full):
     held, ramp_rate, arrival_rate = (1000, 250, 200) if full else (300, 150, 100)
     ramp_rate, arrival_rate = common.capped(c, ramp_rate), common.capped(c, arrival_rate)
+    held = common.clients(c, held)
     before = sorted(c.shard_vms)
     assert len(before) == 7, f"scale needs the 7-VM shard tier (has {before})"
     new = [max(before) + 1, max(before) + 2]

@@ -61,6 +61,7 @@ def detection_bound_s(c):
 
 def run(c, full):
     conns, rate = (6000, 1000) if full else (1000, 250)
+    conns = common.clients(c, conns)
     rate = common.capped(c, rate)
     outage = 60 if full else 20
     producer = common.Producer(c.a.partitions, common.producer_rate(c, 20))
