@@ -24,6 +24,7 @@ markdown table on stdout. Use `--runs N` to repeat and report medians.
 import argparse
 import json
 import os
+import resource
 import shlex
 import shutil
 import statistics
@@ -104,13 +105,15 @@ def start_shards(procs, shards=3, max_conn=6000, extra=(), bin_dir=None, default
     return p, [base + i for i in range(shards)], admin
 
 
-def start_lb(procs, shard_ports, name="lb", port=None, admin=None, extra=(), bin_dir=None, defaults=False):
+def start_lb(procs, shard_ports, name="lb", port=None, admin=None, extra=(), bin_dir=None, defaults=False, env=None,
+             preexec_fn=None):
     port = port or free_port()
     admin = admin or free_port()
     urls = ",".join(f"ws://127.0.0.1:{p}/ws" for p in shard_ports)
     p = procs.start(name, [str((bin_dir or BIN) / "ws-lb"), "--listen", f"127.0.0.1:{port}", "--admin-addr", f"127.0.0.1:{admin}",
                            "--backend-urls", urls, *([] if defaults else LB_BENCH_FLAGS_OFF),
-                           "--log-level", "warn", "--drain-window", "1s", *extra])
+                           "--log-level", "warn", "--drain-window", "1s", *extra],
+                    **({"env": {**os.environ, **env}} if env else {}), preexec_fn=preexec_fn)
     wait_http(f"http://127.0.0.1:{port}/health")
     return p, port, admin
 
@@ -399,17 +402,31 @@ def start_haproxy(procs, shard_ports, workers=2):
     return p, port
 
 
+X2_ENV = {"TOKIO_WORKER_THREADS": "1"}
+
+
 def start_target(procs, target):
     """Fresh shards (3, one process, documented defaults) and, in front, `target`: ws-lb with
-    its documented defaults, ws-lb with pacing off (`ws-lb-unpaced`), nginx (2 workers),
-    HAProxy (2 threads; ws-lb runs 2 runtime threads) or none (`direct`, the shards' ports).
-    Returns (shard process, proxy process or None, url)."""
+    its documented defaults, ws-lb with pacing off (`ws-lb-unpaced`), two ws-lb processes
+    (`ws-lb-x2`), nginx (2 workers), HAProxy (2 threads; ws-lb runs 2 runtime threads) or
+    none (`direct`, the shards' ports). Returns (shard process, proxy process(es) or None, url)."""
     shard, shard_ports, _ = start_shards(procs, shards=3, max_conn=20000, defaults=True)
     proxy = None
     if target == "ws-lb":
         proxy, port, _ = start_lb(procs, shard_ports, defaults=True)
     elif target == "ws-lb-unpaced":
         proxy, port, _ = start_lb(procs, shard_ports, defaults=True, extra=["--admission-rate", "0"])
+    elif target in ("ws-lb-x2", "ws-lb-x2-half"):
+        # nginx's shape: two processes, one thread each, sharing the port (SO_REUSEPORT), each
+        # with its own descriptor limit. Not the issue's "one ws-lb process": it shows what
+        # the per-process descriptor limit (20,000 here, hard) costs one process at 5,000/s.
+        # `-half`: each process limited to 10,000 descriptors, the one process's budget in
+        # total (same shape, same descriptors as `ws-lb`).
+        port = free_port()
+        limit = {"preexec_fn": lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (10000, 10000))} \
+            if target.endswith("-half") else {}
+        proxy = [start_lb(procs, shard_ports, name=f"lb{i}", port=port, defaults=True, extra=["--reuse-port"],
+                          env=X2_ENV, **limit)[0] for i in range(2)]
     elif target == "nginx":
         proxy, port = start_nginx(procs, shard_ports)
     elif target == "haproxy":
@@ -425,7 +442,7 @@ def cpu_run(url, proxy, connections, rate, lifetime, hold=0):
     """One ramp (each connection closes itself after `lifetime`; 0: held until the end) with
     the proxy's CPU seconds (user + system, every process of it) over the ramp, hold and
     closes, per attempted connection."""
-    pids = [proxy.pid] if proxy else []
+    pids = [x.pid for x in (proxy if isinstance(proxy, list) else [proxy])] if proxy else []
     cpu0 = Sampler(pids).cpu() if pids else 0.0
     extra = ["--lifetime", lifetime] if lifetime else []
     rep = loadtest(url, connections, rate, hold, extra, name=f"{url} at {rate}/s", source_ips=SOURCE_IPS)
@@ -454,6 +471,9 @@ def cmd_compare(a):
             try:
                 shard, proxy, url = start_target(procs, target)
                 row = {"processes": [[str(x) for x in p.args] for p in procs.started]}
+                if target.startswith("ws-lb-x2"):
+                    row["ws_lb_env"] = X2_ENV
+                    row["ws_lb_nofile"] = 10000 if target.endswith("-half") else "inherited"
                 row["first"] = cpu_run(url, proxy, a.connections, 1000, None, hold=1)
                 row["warm"] = cpu_run(url, proxy, a.connections, 1000, None, hold=1)
                 for rate in a.rates:
@@ -614,7 +634,8 @@ def main():
     c.add_argument("--keep-reports", action="store_true", help="keep each run's raw loadtest report")
     c = sub.add_parser("compare")
     c.add_argument("--targets", nargs="+", default=["ws-lb", "nginx", "haproxy"],
-                   help="of ws-lb, ws-lb-unpaced (--admission-rate 0), nginx, haproxy, direct")
+                   help="of ws-lb, ws-lb-unpaced (--admission-rate 0), ws-lb-x2 (two ws-lb processes of one thread "
+                        "each sharing the port, as nginx's two workers; ws-lb-x2-half: each with 10,000 descriptors), nginx, haproxy, direct")
     # 6,000 held at once: every proxy holds them in one process (two descriptors per relayed
     # client, 20,000 descriptors per process on these machines).
     c.add_argument("--connections", type=int, default=6000, help="connections of the first and the warm ramp (1,000/s)")
