@@ -86,19 +86,23 @@ pub enum UpgradeRejection {
     Full,
     /// The shard is draining (503).
     Draining,
+    /// The shard is still re-reading its history at start (503).
+    Starting,
     /// Not a valid WebSocket upgrade request (400).
     BadRequest,
 }
 
 impl UpgradeRejection {
     /// Every reason, in index order.
-    pub const ALL: [UpgradeRejection; 3] = [Self::Full, Self::Draining, Self::BadRequest];
+    pub const ALL: [UpgradeRejection; 4] =
+        [Self::Full, Self::Draining, Self::Starting, Self::BadRequest];
 
     /// The `reason` label value.
     pub fn label(self) -> &'static str {
         match self {
             Self::Full => "full",
             Self::Draining => "draining",
+            Self::Starting => "starting",
             Self::BadRequest => "bad_request",
         }
     }

@@ -31,6 +31,10 @@ fn bearer_token(req: &Request<Body>) -> Option<&str> {
     })
 }
 
+/// How long an upgrade waits for the Kafka history warm-up to end before the shard refuses it
+/// with 503: under ws-lb's default `attempt_timeout` (2 s), so the LB gets the answer in time.
+const STARTING_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 pub(crate) async fn handle(
     State(shard): State<Arc<Shard>>,
     mut req: Request<Body>,
@@ -44,6 +48,15 @@ pub(crate) async fn handle(
     if shard.ctx.drain.is_cancelled() {
         m.rejected(UpgradeRejection::Draining);
         return refuse(StatusCode::SERVICE_UNAVAILABLE, "shard draining");
+    }
+    // Its `/health` says `starting`, so ws-lb places no client here — but a load balancer
+    // learns that only at its next poll (a breaker's trial can arrive first) and a client
+    // may dial directly: a subscribe with `since` now would be told `recovered: false` for
+    // history still being re-read. A warm-up about to end is waited for (a refused trial
+    // would keep ws-lb's breaker open); a longer one is refused: another shard can take it.
+    if !shard.source.wait_ready(STARTING_WAIT).await {
+        m.rejected(UpgradeRejection::Starting);
+        return refuse(StatusCode::SERVICE_UNAVAILABLE, "shard starting");
     }
     let Some(slot) = shard.slots.try_acquire() else {
         m.rejected(UpgradeRejection::Full);

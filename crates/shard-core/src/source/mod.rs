@@ -36,6 +36,8 @@ pub struct SourceStatus {
     connected: AtomicBool,
     /// Whether the source has read what it set out to read at start (history warm-up).
     ready: AtomicBool,
+    /// Wakes [`SourceStatus::wait_ready`] when `ready` turns true.
+    became_ready: tokio::sync::Notify,
     lag: AtomicU64,
     has_lag: bool,
 }
@@ -47,6 +49,7 @@ impl SourceStatus {
             kind,
             connected: AtomicBool::new(!has_lag),
             ready: AtomicBool::new(true),
+            became_ready: tokio::sync::Notify::new(),
             lag: AtomicU64::new(0),
             has_lag,
         })
@@ -63,12 +66,31 @@ impl SourceStatus {
     /// with `since` could be told `recovered: false` for what is about to be re-read, so the
     /// shard reports itself `starting` and load balancers place no client on it.
     pub fn set_ready(&self, ready: bool) {
-        self.ready.store(ready, Ordering::Relaxed);
+        self.ready.store(ready, Ordering::Release);
+        if ready {
+            self.became_ready.notify_waiters();
+        }
+    }
+
+    /// Waits until the warm-up is over, at most `limit`; whether it is.
+    pub async fn wait_ready(&self, limit: std::time::Duration) -> bool {
+        if self.ready() {
+            return true;
+        }
+        let notified = self.became_ready.notified();
+        tokio::pin!(notified);
+        // Registered before the second look: a `set_ready(true)` between the two still wakes it.
+        notified.as_mut().enable();
+        if self.ready() {
+            return true;
+        }
+        let _ = tokio::time::timeout(limit, notified).await;
+        self.ready()
     }
 
     /// Whether the start-up warm-up is over (always, for a source without one).
     pub fn ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
+        self.ready.load(Ordering::Acquire)
     }
 
     /// Records the total lag behind the input.
@@ -102,4 +124,36 @@ pub trait MessageSource: Send + 'static {
         hub: Arc<Hub>,
         shutdown: CancellationToken,
     ) -> impl Future<Output = Result<(), SourceError>> + Send;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test(start_paused = true)]
+    async fn wait_ready_ends_with_the_warm_up_or_at_its_limit() {
+        let s = SourceStatus::new("kafka", true);
+        assert!(
+            s.wait_ready(Duration::from_secs(1)).await,
+            "ready from the start"
+        );
+        s.set_ready(false);
+        let started = tokio::time::Instant::now();
+        assert!(!s.wait_ready(Duration::from_secs(1)).await);
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_secs(1),
+            "waited the limit"
+        );
+        let waiter = {
+            let s = s.clone();
+            tokio::spawn(async move { s.wait_ready(Duration::from_secs(10)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let at = tokio::time::Instant::now();
+        s.set_ready(true);
+        assert!(waiter.await.unwrap(), "woken by the end of the warm-up");
+        assert_eq!(at.elapsed(), Duration::ZERO, "at once, not at the limit");
+    }
 }

@@ -361,6 +361,59 @@ async fn a_warming_shard_reports_starting_until_its_history_is_read() {
     srv.kill();
 }
 
+/// While it is `starting` a shard refuses upgrades (503 "shard starting", counted) instead
+/// of taking a client it could only tell `recovered: false`: its `/health` keeps ws-lb away,
+/// but a breaker's trial or a direct client can dial before anyone has polled it. (Before,
+/// the upgrade succeeded: six clients of a whole-tier restart through ws-lb got
+/// `recovered: false`, `cluster-shard-outage-20261130T050326.json`.)
+#[tokio::test]
+async fn a_starting_shard_refuses_upgrades() {
+    let dead = test_support::free_port();
+    let srv = start_shards(1, |c| {
+        let mut k = kafka(&dead.to_string(), StartPosition::Back(1000));
+        if let ws_shard::SourceConfig::Kafka(cfg) = &mut k {
+            // No broker: the warm-up cannot finish, and lasts past this test.
+            cfg.warmup_timeout = Duration::from_secs(600);
+        }
+        c.source = k;
+    })
+    .await;
+    assert_eq!(shard_status(&srv).await, (503, "starting".to_owned()));
+    let (mut stream, head) =
+        test_support::ws::raw_upgrade(srv.shards[0], &test_support::ws::upgrade_request("/ws"))
+            .await
+            .unwrap();
+    assert_eq!(test_support::ws::status_of(&head), 503, "{head}");
+    // The reason is the body; read until it has arrived (or the shard closed, or 10 s).
+    let mut body = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buf = [0u8; 256];
+        while !String::from_utf8_lossy(&body).contains("shard starting") {
+            match tokio::io::AsyncReadExt::read(&mut stream, &mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => body.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.contains("shard starting"), "{body:?}");
+    let page = srv.metrics().await;
+    assert_eq!(
+        metric(
+            &page,
+            "ws_shard_connections_rejected_total",
+            &["reason=\"starting\""]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(&page, "ws_shard_connections_accepted_total", &[]),
+        0.0
+    );
+    srv.kill();
+}
+
 /// A warm-up that cannot finish (no broker) holds the shard in `starting` only for
 /// `kafka_warmup_timeout`; then it takes clients.
 #[tokio::test]
@@ -388,5 +441,7 @@ async fn a_warmup_that_cannot_finish_ends_at_its_timeout() {
     );
     // The timer starts after `started`: the first `ok` cannot come sooner.
     assert!(started.elapsed() >= Duration::from_millis(1500));
+    // ... and the upgrades it refused while starting now succeed.
+    connect(&srv.ws_url(0)).await.unwrap();
     srv.kill();
 }
