@@ -361,6 +361,20 @@ async fn a_warming_shard_reports_starting_until_its_history_is_read() {
     srv.kill();
 }
 
+/// One shard warming its history (`back:1000`) from a broker that is not there, for at
+/// most `warmup_timeout`.
+async fn without_broker(warmup_timeout: Duration) -> test_support::TestShards {
+    let dead = test_support::free_port();
+    start_shards(1, |c| {
+        let mut k = kafka(&dead.to_string(), StartPosition::Back(1000));
+        if let ws_shard::SourceConfig::Kafka(cfg) = &mut k {
+            cfg.warmup_timeout = warmup_timeout;
+        }
+        c.source = k;
+    })
+    .await
+}
+
 /// While it is `starting` a shard refuses upgrades (503 "shard starting", counted) instead
 /// of taking a client it could only tell `recovered: false`: its `/health` keeps ws-lb away,
 /// but a breaker's trial or a direct client can dial before anyone has polled it. (Before,
@@ -368,16 +382,8 @@ async fn a_warming_shard_reports_starting_until_its_history_is_read() {
 /// `recovered: false`, `cluster-shard-outage-20261130T050326.json`.)
 #[tokio::test]
 async fn a_starting_shard_refuses_upgrades() {
-    let dead = test_support::free_port();
-    let srv = start_shards(1, |c| {
-        let mut k = kafka(&dead.to_string(), StartPosition::Back(1000));
-        if let ws_shard::SourceConfig::Kafka(cfg) = &mut k {
-            // No broker: the warm-up cannot finish, and lasts past this test.
-            cfg.warmup_timeout = Duration::from_secs(600);
-        }
-        c.source = k;
-    })
-    .await;
+    // The warm-up cannot finish, and lasts past this test.
+    let srv = without_broker(Duration::from_secs(600)).await;
     assert_eq!(shard_status(&srv).await, (503, "starting".to_owned()));
     let (mut stream, head) =
         test_support::ws::raw_upgrade(srv.shards[0], &test_support::ws::upgrade_request("/ws"))
@@ -418,16 +424,8 @@ async fn a_starting_shard_refuses_upgrades() {
 /// `kafka_warmup_timeout`; then it takes clients.
 #[tokio::test]
 async fn a_warmup_that_cannot_finish_ends_at_its_timeout() {
-    let dead = test_support::free_port();
     let started = std::time::Instant::now();
-    let srv = start_shards(1, |c| {
-        let mut k = kafka(&dead.to_string(), StartPosition::Back(1000));
-        if let ws_shard::SourceConfig::Kafka(cfg) = &mut k {
-            cfg.warmup_timeout = Duration::from_millis(1500);
-        }
-        c.source = k;
-    })
-    .await;
+    let srv = without_broker(Duration::from_millis(1500)).await;
     let (code, status) = shard_status(&srv).await;
     // Polled at once: well inside the timeout unless this machine stalled for a second.
     if started.elapsed() < Duration::from_millis(1000) {
