@@ -63,10 +63,6 @@ def metrics(port: int) -> str:
     return odin.http_get(f"http://127.0.0.1:{port}/metrics")[1]
 
 
-# Polls a blocking condition off the event loop (the proxy runs on the loop).
-wait = odin.until
-
-
 class KafkaProxy:
     """TCP proxy that can cut the connections of one Kafka client id."""
 
@@ -320,7 +316,7 @@ async def main():
         procs.start("tansu", [tansu, "broker", "--listener-url", f"tcp://127.0.0.1:{broker}",
                               "--advertised-listener-url", f"tcp://127.0.0.1:{proxy_port}",
                               "--storage-engine", "memory://tansu/"])
-        await wait(lambda: socket.create_connection(("127.0.0.1", broker), 1).close() or True, 20, "tansu")
+        await odin.until(lambda: socket.create_connection(("127.0.0.1", broker), 1).close() or True, 20, "tansu")
         for topic, partitions in ((TOPIC, 3), (QUIET, 1)):
             out = await asyncio.to_thread(subprocess.run, [tansu, "topic", "create", topic, "--partitions", str(partitions),
                                   "--broker", f"tcp://127.0.0.1:{broker}"], capture_output=True, text=True, timeout=30)
@@ -336,11 +332,11 @@ async def main():
         start_shard("shard-a", shard_a, admin_a)
         start_shard("shard-b", shard_b, admin_b)
         for port in (shard_a, shard_b):
-            await wait(lambda: http_json(f"http://127.0.0.1:{port}/health")["source"]["connected"], 30, f"shard {port} consuming")
+            await odin.until(lambda: http_json(f"http://127.0.0.1:{port}/health")["source"]["connected"], 30, f"shard {port} consuming")
         procs.start("lb", [lb_bin, "--listen", f"127.0.0.1:{lb_port}", "--admin-addr", f"127.0.0.1:{lb_admin}",
                            "--backend-urls", f"ws://127.0.0.1:{shard_a}/ws,ws://127.0.0.1:{shard_b}/ws",
                            "--per-ip-rate", "0", "--health-interval", "200ms"])
-        await wait(lambda: http_json(f"http://127.0.0.1:{lb_port}/health")["status"] == "ok", 20, "ws-lb")
+        await odin.until(lambda: http_json(f"http://127.0.0.1:{lb_port}/health")["status"] == "ok", 20, "ws-lb")
         lb_url = f"ws://127.0.0.1:{lb_port}/ws"
         await quiet_topic([lb_url, f"ws://127.0.0.1:{shard_a}/ws", f"ws://127.0.0.1:{shard_b}/ws"], proxy_port)
         producer = await asyncio.to_thread(Producer, proxy_port)
@@ -368,7 +364,7 @@ async def main():
         print(f"ok: 10,000 records (1 invalid), {len(sample)} channels through ws-lb exact, in order, seq == offset")
         print("ok: both shard processes delivered identical (epoch, seq)")
         for port in (admin_a, admin_b):
-            await wait(lambda: metric(metrics(port), "ws_kafka_invalid_records_total", 'reason="invalid_json"') >= 1,
+            await odin.until(lambda: metric(metrics(port), "ws_kafka_invalid_records_total", 'reason="invalid_json"') >= 1,
                        20, "the invalid record to be counted")
             page = await asyncio.to_thread(metrics, port)
             assert metric(page, "ws_kafka_invalid_records_total", 'reason="invalid_json"') == 1, page
@@ -390,13 +386,13 @@ async def main():
         assert len(children) == 1, f"shard B's consumer processes: {children}"
         quiet_before = metric(await asyncio.to_thread(metrics, admin_b), "ws_kafka_records_total", f'topic="{QUIET}"')
         os.kill(int(children[0]), signal.SIGKILL)
-        await wait(lambda: metric(metrics(admin_b), "ws_kafka_consumer_restarts_total", 'reason="crashed"') == 1,
+        await odin.until(lambda: metric(metrics(admin_b), "ws_kafka_consumer_restarts_total", 'reason="crashed"') == 1,
                    20, "shard B to restart its consumer")
-        await wait(lambda: http_json(f"http://127.0.0.1:{shard_b}/health")["source"]["connected"], 30,
+        await odin.until(lambda: http_json(f"http://127.0.0.1:{shard_b}/health")["source"]["connected"], 30,
                    "shard B consuming again")
         await asyncio.to_thread(lambda: producer.p.send(QUIET, key=b"k1", value=b'{"n":-1}').get(timeout=30))
         # Records of a partition arrive in order: a replay of the quiet log would come first.
-        await wait(lambda: metric(metrics(admin_b), "ws_kafka_records_total", f'topic="{QUIET}"') > quiet_before,
+        await odin.until(lambda: metric(metrics(admin_b), "ws_kafka_records_total", f'topic="{QUIET}"') > quiet_before,
                    20, "the record produced after the consumer restart")
         page = await asyncio.to_thread(metrics, admin_b)
         quiet_after = metric(page, "ws_kafka_records_total", f'topic="{QUIET}"')

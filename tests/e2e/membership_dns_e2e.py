@@ -199,9 +199,6 @@ def url(name):
     return f"ws://{SHARD_IPS[name]}:{SHARD_PORT}/ws"
 
 
-until = odin.until
-
-
 class Held:
     """A client held through ws-lb, subscribed to one channel, counting messages."""
 
@@ -247,14 +244,14 @@ async def inside(shard_bin, lb_bin):
         for n in first:
             start_shard(n)
         for n in first:
-            await until(lambda n=n: odin.get_json(f"http://{SHARD_IPS[n]}:{SHARD_PORT}/health")["status"] == "ok",
+            await odin.until(lambda n=n: odin.get_json(f"http://{SHARD_IPS[n]}:{SHARD_PORT}/health")["status"] == "ok",
                         30, f"{n} healthy")
         procs.start("lb", [lb_bin, "--listen", f"127.0.0.1:{LB_PORT}", "--admin-addr", f"127.0.0.1:{LB_ADMIN}",
                            "--backend-dns", f"ws://{NAME}:{SHARD_PORT}/ws",
                            "--membership-interval", f"{int(INTERVAL * 1000)}ms",
                            "--slow-start", f"{SLOW_START}s", "--health-interval", "300ms",
                            "--per-ip-rate", "0", "--handshake-deadline", "10s"])
-        await until(lambda: set(states().values()) == {"active"} and set(states()) == {url(n) for n in first},
+        await odin.until(lambda: set(states().values()) == {"active"} and set(states()) == {url(n) for n in first},
                     30, "ws-lb up with the 3 shards of the DNS answer")
         sid = {u: s["shard_id"] for u, s in (await asyncio.to_thread(members)).items()}
         print(f"ok: {NAME} answered 3 A records; ws-lb started with {sorted(sid)}")
@@ -274,7 +271,7 @@ async def inside(shard_bin, lb_bin):
 
         # 2. A fourth address, before its shard runs: pending, no client.
         dns.mode = [SHARD_IPS[n] for n in ("s0", "s1", "s2", "s3")]
-        await until(lambda: states().get(url("s3")) == "pending", 10, "s3 listed pending")
+        await odin.until(lambda: states().get(url("s3")) == "pending", 10, "s3 listed pending")
         s3 = (await asyncio.to_thread(members))[url("s3")]["shard_id"]
         ok0 = arrivals.ok
         await arrivals.pass_(ARRIVAL_RATE)
@@ -283,7 +280,7 @@ async def inside(shard_bin, lb_bin):
         print(f"ok: 4 A records: s3 listed pending while nothing listens there; "
               f"0 of {arrivals.ok - ok0} arrivals went to it")
         start_shard("s3")
-        await until(lambda: states()[url("s3")] in ("warming", "active"), 30, "s3 admitted once healthy")
+        await odin.until(lambda: states()[url("s3")] in ("warming", "active"), 30, "s3 admitted once healthy")
         admitted = time.monotonic()
         shares, fair_at = [], None
         prev = await asyncio.to_thread(handshakes)
@@ -303,7 +300,7 @@ async def inside(shard_bin, lb_bin):
 
         # 3. Two addresses: s1 and s2 leave.
         dns.mode = [SHARD_IPS[n] for n in ("s0", "s3")]
-        await until(lambda: states()[url("s1")] == states()[url("s2")] == "removed", 10, "s1, s2 removed")
+        await odin.until(lambda: states()[url("s1")] == states()[url("s2")] == "removed", 10, "s1, s2 removed")
         gone = {n: sid[url(n)] for n in ("s1", "s2")}
         await arrivals.settle()  # handshakes begun before the removal have ended
         before = await asyncio.to_thread(handshakes)
@@ -314,16 +311,16 @@ async def inside(shard_bin, lb_bin):
         for n, i in gone.items():
             assert after.get(i, 0) == before.get(i, 0), f"removed {n} got new clients"
         for n in gone:
-            await until(lambda n=n: shard_connections(n) == held_on[n], 10,
+            await odin.until(lambda n=n: shard_connections(n) == held_on[n], 10,
                         f"removed {n} to hold exactly its {held_on[n]} held clients")
-        await until(lambda: all(h.messages > c for h, c in zip(held, counts)), 15,
+        await odin.until(lambda: all(h.messages > c for h, c in zip(held, counts)), 15,
                     "every held client to receive messages after the removal")
         assert all(h.closed is None for h in held), "a held client was closed"
         print(f"ok: 2 A records: s1, s2 removed; 0 of {arrivals.ok - ok0} arrivals went to them; their "
               f"{held_on['s1'] + held_on['s2']} held clients untouched and still receiving")
         # s3's slow start ends on its own clock (warming -> active): let it end first, so
         # that `listed` is a set no DNS answer or failure should change from here on.
-        await until(lambda: "warming" not in states().values(), SLOW_START + 15, "no member warming")
+        await odin.until(lambda: "warming" not in states().values(), SLOW_START + 15, "no member warming")
         updates = metric(await asyncio.to_thread(lb_page), "ws_lb_membership_updates_total")
         listed = await asyncio.to_thread(states)
 
@@ -332,7 +329,7 @@ async def inside(shard_bin, lb_bin):
         dns.mode = "silent"
         q0, since = dns.queries, time.monotonic()
         ok0 = arrivals.ok
-        await until(lambda: source_errors("dns_timeout") >= t0 + 8, 30, "dns_timeout counted")
+        await odin.until(lambda: source_errors("dns_timeout") >= t0 + 8, 30, "dns_timeout counted")
         await arrivals.pass_(ARRIVAL_RATE)
         silent_for, queries = time.monotonic() - since, dns.queries - q0
         # One lookup (an A and an AAAA query) per resolver timeout at most, plus the one
@@ -348,7 +345,7 @@ async def inside(shard_bin, lb_bin):
         for mode in ("nxdomain", "nodata"):
             e0 = await asyncio.to_thread(source_errors, "empty")
             dns.mode = mode
-            await until(lambda e0=e0: source_errors("empty") >= e0 + 2, RESOLVER_TIMEOUT + 15, f"{mode} counted as empty")
+            await odin.until(lambda e0=e0: source_errors("empty") >= e0 + 2, RESOLVER_TIMEOUT + 15, f"{mode} counted as empty")
             assert await asyncio.to_thread(states) == listed, f"the set changed on {mode}"
             await arrivals.pass_(ARRIVAL_RATE // 2)
             print(f"ok: {mode}: counted as empty; set kept; arrivals ok")
@@ -356,7 +353,7 @@ async def inside(shard_bin, lb_bin):
         # 6. The good answer again: nothing to change.
         last = metric(await asyncio.to_thread(lb_page), "ws_lb_membership_last_update_timestamp_seconds")
         dns.mode = [SHARD_IPS[n] for n in ("s0", "s3")]
-        await until(lambda: metric(lb_page(), "ws_lb_membership_last_update_timestamp_seconds") > last, 15,
+        await odin.until(lambda: metric(lb_page(), "ws_lb_membership_last_update_timestamp_seconds") > last, 15,
                     "the source good again")
         page = await asyncio.to_thread(lb_page)
         assert metric(page, "ws_lb_membership_updates_total") == updates, "a failure changed the set"

@@ -43,7 +43,7 @@ import websockets
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "pylib"))
 import odin  # noqa: E402
-from kafka_e2e import KEYS, TOPIC, Producer, wait  # noqa: E402
+from kafka_e2e import KEYS, TOPIC, Producer  # noqa: E402
 from odin import free_port, metric  # noqa: E402
 
 HELD = 1000
@@ -146,7 +146,7 @@ async def main():
         procs.start("tansu", [tansu, "broker", "--listener-url", f"tcp://127.0.0.1:{broker}",
                               "--advertised-listener-url", f"tcp://127.0.0.1:{broker}",
                               "--storage-engine", "memory://tansu/"])
-        await wait(lambda: socket.create_connection(("127.0.0.1", broker), 1).close() or True, 20, "tansu")
+        await odin.until(lambda: socket.create_connection(("127.0.0.1", broker), 1).close() or True, 20, "tansu")
         out = await asyncio.to_thread(subprocess.run, [tansu, "topic", "create", TOPIC, "--partitions", "3",
                                                        "--broker", f"tcp://127.0.0.1:{broker}"],
                                       capture_output=True, text=True, timeout=30)
@@ -161,7 +161,7 @@ async def main():
 
         async def shard_ready(name):
             port = shard_ports[name][0]
-            await wait(lambda: get_json(f"http://127.0.0.1:{port}/health")["status"] == "ok", 60, f"{name} ok")
+            await odin.until(lambda: get_json(f"http://127.0.0.1:{port}/health")["status"] == "ok", 60, f"{name} ok")
 
         for n in ("s0", "s1", "s2"):
             start_shard(n)
@@ -172,7 +172,7 @@ async def main():
                            "--backend-file", members_file, "--membership-interval", "200ms",
                            "--slow-start", f"{SLOW_START}s", "--health-interval", "500ms",
                            "--per-ip-rate", "0", "--handshake-deadline", "10s"])
-        await wait(lambda: get_json(f"http://127.0.0.1:{lb_port}/health")["status"] == "ok", 20, "ws-lb")
+        await odin.until(lambda: get_json(f"http://127.0.0.1:{lb_port}/health")["status"] == "ok", 20, "ws-lb")
         sid = {u: s["shard_id"] for u, s in (await members(lb_port)).items()}
         name_of = {sid[url[n]]: n for n in ("s0", "s1", "s2")}
 
@@ -275,8 +275,7 @@ async def main():
             assert n >= s1_held, f"ws-lb cut relays of a removed shard: {s1_held} -> {n}"
             return n == s1_held
         await odin.until(s1_holds_its_held_clients, 10, f"s1 to hold exactly its {s1_held} held clients")
-        still = s1_held
-        print(f"ok: s1 removed: no new connection in {arrivals.ok - ok0} arrivals; its {still} held clients untouched")
+        print(f"ok: s1 removed: no new connection in {arrivals.ok - ok0} arrivals; its {s1_held} held clients untouched")
         procs.signal("s1", signal.SIGTERM)
         await asyncio.to_thread(procs.wait, "s1", 40)
         print(f"ok: s1 drained on SIGTERM and exited ({s1_held} clients had it)")
@@ -298,9 +297,9 @@ async def main():
 
         # 2d. A broken file, then an empty one: the last good set stays.
         members_file.write_text("ws://127.0.0.1:1/ws this is not a URL list\n")
-        await wait(lambda: metric(page(lb_admin), "ws_lb_membership_source_errors_total", 'reason="invalid"') >= 1, 10, "invalid counted")
+        await odin.until(lambda: metric(page(lb_admin), "ws_lb_membership_source_errors_total", 'reason="invalid"') >= 1, 10, "invalid counted")
         write_members(members_file, [])
-        await wait(lambda: metric(page(lb_admin), "ws_lb_membership_source_errors_total", 'reason="empty"') >= 1, 10, "empty counted")
+        await odin.until(lambda: metric(page(lb_admin), "ws_lb_membership_source_errors_total", 'reason="empty"') >= 1, 10, "empty counted")
         listed = {u for u, s in (await members(lb_port)).items() if s["member"] != "removed"}
         assert listed == {url["s0"], url["s2"], url["s3"]}, listed
         await arrivals.pass_(ARRIVAL_RATE)
@@ -347,10 +346,10 @@ async def main():
         lb2, lb2_admin = free_port(), free_port()
         procs.start("lb-hup", [lb_bin, "--listen", f"127.0.0.1:{lb2}", "--admin-addr", f"127.0.0.1:{lb2_admin}",
                                "--backend-file", hup_file, "--membership-interval", "1h", "--per-ip-rate", "0"])
-        await wait(lambda: get_json(f"http://127.0.0.1:{lb2}/health")["status"] == "ok", 20, "ws-lb (SIGHUP)")
+        await odin.until(lambda: get_json(f"http://127.0.0.1:{lb2}/health")["status"] == "ok", 20, "ws-lb (SIGHUP)")
         write_members(hup_file, [url["s0"], url["s2"]])
         procs.signal("lb-hup", signal.SIGHUP)
-        await wait(lambda: url["s2"] in {s["url"] for s in get_json(f"http://127.0.0.1:{lb2}/health")["shards"]}, 10,
+        await odin.until(lambda: url["s2"] in {s["url"] for s in get_json(f"http://127.0.0.1:{lb2}/health")["shards"]}, 10,
                    "SIGHUP to apply the file")
         assert procs["lb-hup"].poll() is None, "SIGHUP stopped ws-lb"
         print("ok: SIGHUP made ws-lb re-read its membership file at once")

@@ -260,7 +260,9 @@ class Procs:
 async def until(cond, timeout: float, what: str):
     """Polls a blocking `cond()` off the event loop (run in a thread, so servers or clients on
     the loop keep running) every 0.05 s until it returns something true, which is returned; an
-    OSError (nothing answers yet) counts as false. AssertionError after `timeout` seconds."""
+    OSError (nothing answers yet) counts as false. AssertionError after `timeout` seconds.
+    The 0.05 s is the poll interval over state in other processes (metrics, `/health`),
+    bounded by the deadline: a slow machine only makes it poll fewer times."""
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
@@ -285,6 +287,7 @@ class Arrivals:
         self.failed = []
         self.stop = False
         self.tasks = set()
+        self.ended = asyncio.Event()  # set whenever an arrival ends (for `pass_`)
 
     async def one(self, channel):
         import websockets
@@ -296,6 +299,7 @@ class Arrivals:
             self.ok += 1
         except Exception as e:  # noqa: BLE001 - every failure is a test failure, kept
             self.failed.append(repr(e))
+        self.ended.set()
 
     async def run(self):
         start, n = time.monotonic(), 0
@@ -325,5 +329,9 @@ class Arrivals:
         deadline = time.monotonic() + timeout
         while self.ok < target:
             assert not self.failed, f"arrivals failed: {self.failed[:3]}"
-            assert time.monotonic() < deadline, f"arrivals stalled at {self.ok} of {target}"
-            await asyncio.sleep(0.05)
+            self.ended.clear()
+            try:
+                await asyncio.wait_for(self.ended.wait(), deadline - time.monotonic())
+            except asyncio.TimeoutError:
+                raise AssertionError(f"arrivals stalled at {self.ok} of {target}") from None
+        assert not self.failed, f"arrivals failed: {self.failed[:3]}"
