@@ -409,13 +409,14 @@ def start_target(procs, target):
     """Fresh shards (3, one process, documented defaults) and, in front, `target`: ws-lb with
     its documented defaults, ws-lb with pacing off (`ws-lb-unpaced`), two ws-lb processes
     (`ws-lb-x2`), nginx (2 workers), HAProxy (2 threads; ws-lb runs 2 runtime threads) or
-    none (`direct`, the shards' ports). Returns (shard process, proxy process(es) or None, url)."""
+    none (`direct`, the shards' ports). Returns (shard process, the proxy's processes, url)."""
     shard, shard_ports, _ = start_shards(procs, shards=3, max_conn=20000, defaults=True)
-    proxy = None
     if target == "ws-lb":
-        proxy, port, _ = start_lb(procs, shard_ports, defaults=True)
+        lb, port, _ = start_lb(procs, shard_ports, defaults=True)
+        proxies = [lb]
     elif target == "ws-lb-unpaced":
-        proxy, port, _ = start_lb(procs, shard_ports, defaults=True, extra=["--admission-rate", "0"])
+        lb, port, _ = start_lb(procs, shard_ports, defaults=True, extra=["--admission-rate", "0"])
+        proxies = [lb]
     elif target in ("ws-lb-x2", "ws-lb-x2-half"):
         # nginx's shape: two processes, one thread each, sharing the port (SO_REUSEPORT), each
         # with its own descriptor limit. Not the issue's "one ws-lb process": it shows what
@@ -425,24 +426,26 @@ def start_target(procs, target):
         port = free_port()
         limit = {"preexec_fn": lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (10000, 10000))} \
             if target.endswith("-half") else {}
-        proxy = [start_lb(procs, shard_ports, name=f"lb{i}", port=port, defaults=True, extra=["--reuse-port"],
+        proxies = [start_lb(procs, shard_ports, name=f"lb{i}", port=port, defaults=True, extra=["--reuse-port"],
                           env=X2_ENV, **limit)[0] for i in range(2)]
     elif target == "nginx":
-        proxy, port = start_nginx(procs, shard_ports)
+        nginx, port = start_nginx(procs, shard_ports)
+        proxies = [nginx]
     elif target == "haproxy":
-        proxy, port = start_haproxy(procs, shard_ports)
+        haproxy, port = start_haproxy(procs, shard_ports)
+        proxies = [haproxy]
     elif target == "direct":
-        return shard, None, ",".join(f"ws://127.0.0.1:{p}/ws" for p in shard_ports)
+        return shard, [], ",".join(f"ws://127.0.0.1:{p}/ws" for p in shard_ports)
     else:
         raise SystemExit(f"unknown target {target}")
-    return shard, proxy, f"ws://127.0.0.1:{port}/ws"
+    return shard, proxies, f"ws://127.0.0.1:{port}/ws"
 
 
-def cpu_run(url, proxy, connections, rate, lifetime, hold=0):
+def cpu_run(url, proxies, connections, rate, lifetime, hold=0):
     """One ramp (each connection closes itself after `lifetime`; 0: held until the end) with
     the proxy's CPU seconds (user + system, every process of it) over the ramp, hold and
     closes, per attempted connection."""
-    pids = [x.pid for x in (proxy if isinstance(proxy, list) else [proxy])] if proxy else []
+    pids = [x.pid for x in proxies]
     cpu0 = Sampler(pids).cpu() if pids else 0.0
     extra = ["--lifetime", lifetime] if lifetime else []
     rep = loadtest(url, connections, rate, hold, extra, name=f"{url} at {rate}/s", source_ips=SOURCE_IPS)
@@ -469,15 +472,15 @@ def cmd_compare(a):
         for target in order:
             procs = odin.Procs("bench")
             try:
-                shard, proxy, url = start_target(procs, target)
+                shard, proxies, url = start_target(procs, target)
                 row = {"processes": [[str(x) for x in p.args] for p in procs.started]}
                 if target.startswith("ws-lb-x2"):
                     row["ws_lb_env"] = X2_ENV
                     row["ws_lb_nofile"] = 10000 if target.endswith("-half") else "inherited"
-                row["first"] = cpu_run(url, proxy, a.connections, 1000, None, hold=1)
-                row["warm"] = cpu_run(url, proxy, a.connections, 1000, None, hold=1)
+                row["first"] = cpu_run(url, proxies, a.connections, 1000, None, hold=1)
+                row["warm"] = cpu_run(url, proxies, a.connections, 1000, None, hold=1)
                 for rate in a.rates:
-                    row[str(rate)] = cpu_run(url, proxy, rate * a.seconds, rate, "1s")
+                    row[str(rate)] = cpu_run(url, proxies, rate * a.seconds, rate, "1s")
             finally:
                 procs.stop()
             runs[target] = row
