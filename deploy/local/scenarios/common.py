@@ -16,22 +16,25 @@ CHANNELS = "trades.K{0..9}"
 
 
 
+def _cap(value, limit):
+    """`value` lowered to a `--max-*` limit (0 = no limit); never raised. Every limit given is
+    recorded with the other non-default flags in every result."""
+    return min(value, limit) if limit else value
+
+
 def capped(c, rate):
-    """A scenario's connection rate under `--max-rate` (recorded with the other
-    non-default flags in every result)."""
-    return min(rate, c.a.max_rate) if c.a.max_rate else rate
+    """A scenario's connection rate under `--max-rate`."""
+    return _cap(rate, c.a.max_rate)
 
 
 def clients(c, n):
-    """A scenario's client count under `--max-clients` (recorded with the other non-default
-    flags in every result)."""
-    return min(n, c.a.max_clients) if c.a.max_clients else n
+    """A scenario's client count under `--max-clients`."""
+    return _cap(n, c.a.max_clients)
 
 
 def producer_rate(c, rate):
-    """A scenario's Kafka producer rate under `--producer-rate` (recorded with the other
-    non-default flags in every result)."""
-    return min(rate, c.a.producer_rate) if c.a.producer_rate else rate
+    """A scenario's Kafka producer rate under `--producer-rate`."""
+    return _cap(rate, c.a.producer_rate)
 
 
 def backoff_args(backoff):
