@@ -87,7 +87,7 @@ ROWS = [
         ts("Handshake retries by attempt", [q(f"sum by (attempt) (rate(ws_handshake_retry_count{{{LB}}}[{RI}]))", "attempt {{attempt}}")],
            unit="ops", description="Attempts made as the N-th try for one client."),
         ts("Failed attempts by kind", [q(f"sum by (kind) (rate(ws_lb_attempt_errors_total{{{LB}}}[{RI}]))", "{{kind}}")],
-           unit="ops", description="refused = shard down, handshake_timeout = hung or overloaded, http_503 = full or draining."),
+           unit="ops", description="refused = shard down, handshake_timeout = hung or overloaded, http_503 = full, not_ready = draining or starting."),
         ts("Shard /health poll failures", [q(f"sum by (shard_id) (rate(ws_lb_health_poll_failures_total{{{LB}}}[{RI}]))", "shard {{shard_id}}")],
            unit="ops"),
     ]),

@@ -133,6 +133,8 @@ async fn upgrade(
 fn failure(e: &HandshakeError) -> Failure {
     match e {
         HandshakeError::Status(code) => Failure::Http(*code),
+        // A shard dialled directly while draining or starting: counted as the 503 it is.
+        HandshakeError::NotReady(_) => Failure::Http(503),
         HandshakeError::TooLarge | HandshakeError::Malformed(_) | HandshakeError::BadAccept => {
             Failure::BadHandshake
         }

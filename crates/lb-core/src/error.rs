@@ -5,6 +5,8 @@
 
 use std::time::Duration;
 
+use crate::pool::Reported;
+
 /// One failed attempt to open a WebSocket to a shard.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AttemptError {
@@ -17,9 +19,15 @@ pub enum AttemptError {
     /// Connected, but the WebSocket handshake did not finish in time.
     #[error("handshake timed out after {0:?}")]
     HandshakeTimeout(Duration),
-    /// The shard answered the upgrade with a non-101 status (503 = full or draining).
+    /// The shard answered the upgrade with a non-101 status (503 = full).
     #[error("shard answered HTTP {0}")]
     HttpStatus(u16),
+    /// The shard answered 503 saying it is draining or starting (ws-protocol's
+    /// `SHARD_STATUS_HEADER`): alive and not full, just not taking clients yet or any more.
+    /// Not held against its breaker or score; the pool takes the status as if a `/health`
+    /// poll had said it (see [`crate::pool::ShardPool`]).
+    #[error("shard is {}", .0.as_str())]
+    NotReady(Reported),
     /// The connection broke during the handshake (reset, EOF).
     #[error("connection lost during handshake: {0}")]
     ConnectionLost(String),
@@ -50,6 +58,7 @@ impl AttemptError {
             Self::ConnectTimeout(_) => AttemptKind::ConnectTimeout,
             Self::HandshakeTimeout(_) => AttemptKind::HandshakeTimeout,
             Self::HttpStatus(503) => AttemptKind::Http503,
+            Self::NotReady(_) => AttemptKind::NotReady,
             Self::HttpStatus(_) => AttemptKind::HttpOther,
             Self::ConnectionLost(_) => AttemptKind::ConnectionLost,
             Self::Protocol(_) => AttemptKind::Protocol,
@@ -59,9 +68,17 @@ impl AttemptError {
 
     /// Every failure the shard caused counts against its breaker and score: a full shard
     /// that keeps answering 503 should be skipped for a while just like a dead one. Running
-    /// out of descriptors here says nothing about the shard.
+    /// out of descriptors here says nothing about the shard, and a shard that says it is
+    /// draining or starting is neither broken nor full: a refused half-open trial would
+    /// otherwise keep its breaker open another `circuit_breaker_timeout` after it is ready.
     pub fn counts_against_shard(&self) -> bool {
-        !matches!(self, Self::LocalResources(_))
+        !matches!(self, Self::LocalResources(_) | Self::NotReady(_))
+    }
+
+    /// Whether this process, not the shard, failed (out of descriptors or ports): every
+    /// other shard would fail the same way.
+    pub fn is_local(&self) -> bool {
+        matches!(self, Self::LocalResources(_))
     }
 }
 
@@ -76,11 +93,12 @@ pub enum AttemptKind {
     ConnectionLost,
     Protocol,
     LocalResources,
+    NotReady,
 }
 
 impl AttemptKind {
     /// Every kind, in label order (index with `as usize`).
-    pub const ALL: [AttemptKind; 8] = [
+    pub const ALL: [AttemptKind; 9] = [
         Self::Refused,
         Self::ConnectTimeout,
         Self::HandshakeTimeout,
@@ -89,6 +107,7 @@ impl AttemptKind {
         Self::ConnectionLost,
         Self::Protocol,
         Self::LocalResources,
+        Self::NotReady,
     ];
 
     /// The `kind` label value.
@@ -102,6 +121,7 @@ impl AttemptKind {
             Self::ConnectionLost => "connection_lost",
             Self::Protocol => "protocol",
             Self::LocalResources => "local_resources",
+            Self::NotReady => "not_ready",
         }
     }
 }
@@ -126,8 +146,8 @@ pub const UNAVAILABLE: FinalClose = FinalClose {
 
 impl FinalClose {
     /// Decides the close for a client whose attempts all failed. No attempt at all (every
-    /// breaker open, every shard draining) or only "down" failures → 1012; any sign of
-    /// overload, or the handshake deadline running out → 1013.
+    /// breaker open, every shard draining) or only "down" and "not ready" failures → 1012;
+    /// any sign of overload, or the handshake deadline running out → 1013.
     pub fn decide(errors: &[AttemptError], deadline_expired: bool) -> FinalClose {
         if deadline_expired || errors.iter().any(AttemptError::is_overload) {
             OVERLOADED
@@ -168,5 +188,15 @@ mod tests {
             OVERLOADED
         );
         assert_eq!(FinalClose::decide(&down, true), OVERLOADED);
+        // Shards that say they are restarting: reconnect (1012), not back off.
+        let restarting = [
+            AttemptError::NotReady(Reported::Starting),
+            AttemptError::NotReady(Reported::Draining),
+            AttemptError::ConnectRefused("x".into()),
+        ];
+        assert_eq!(FinalClose::decide(&restarting, false), UNAVAILABLE);
+        assert!(!restarting[0].counts_against_shard() && !restarting[0].is_local());
+        assert_eq!(restarting[1].to_string(), "shard is draining");
+        assert_eq!(restarting[0].kind().label(), "not_ready");
     }
 }

@@ -57,8 +57,13 @@ struct ShardState<T> {
     capacity: u64,
     /// This LB's live relay count when `utilization` was measured.
     polled_relays: usize,
-    /// What the shard's last `/health` answer said (`Ok` until the first answer).
+    /// What the shard's last `/health` answer said (`Ok` until the first answer), or what
+    /// it answered an upgrade with since (`draining` / `starting`, see `told_by_upgrade`).
     reported: Reported,
+    /// `reported` came from an upgrade's 503 rather than a poll: the next poll replaces it,
+    /// and a failed poll drops it (back to `Ok`, the breaker deciding), so that a shard
+    /// whose health endpoint broke while it was starting is not kept out for good.
+    told_by_upgrade: bool,
     health_ok: bool,
     /// Whether the last failure counted against this shard was a timeout (connect or
     /// handshake): what an overloaded LB sees from every shard at once. Panic routing
@@ -83,6 +88,7 @@ impl<T> ShardState<T> {
             capacity: 0,
             polled_relays: 0,
             reported: Reported::Ok,
+            told_by_upgrade: false,
             health_ok: true,
             timed_out: false,
             listed: true,
@@ -105,6 +111,15 @@ impl<T> ShardState<T> {
                 MemberState::Warming
             }
             (true, Some(_)) => MemberState::Active,
+        }
+    }
+
+    /// A `/health` poll failed (no answer, or no connection).
+    fn poll_failed(&mut self) {
+        self.health_ok = false;
+        if self.told_by_upgrade {
+            self.told_by_upgrade = false;
+            self.reported = Reported::Ok;
         }
     }
 
@@ -152,6 +167,15 @@ impl Reported {
     pub fn takes_clients(self) -> bool {
         self == Reported::Ok
     }
+
+    /// The status as `/health` writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Draining => "draining",
+            Self::Starting => "starting",
+        }
+    }
 }
 
 /// A point-in-time view of one shard, for `/health` and metrics.
@@ -173,8 +197,9 @@ pub struct ShardSnapshot {
     pub relays: usize,
     pub recent_failures: usize,
     pub failure_rate: f64,
-    /// The status of the shard's last `/health` answer: `ok`, `draining` (shutting down) or
-    /// `starting` (re-reading its history); only `ok` takes new clients.
+    /// The status of the shard's last `/health` answer, or of an upgrade's 503 since: `ok`,
+    /// `draining` (shutting down) or `starting` (re-reading its history); only `ok` takes
+    /// new clients.
     pub reported: Reported,
     /// Whether the last `/health` poll succeeded.
     pub health_ok: bool,
@@ -559,6 +584,7 @@ impl<T> ShardPool<T> {
             s.capacity = capacity;
             s.polled_relays = slot.relays.load(Ordering::Relaxed);
             s.reported = reported;
+            s.told_by_upgrade = false;
             s.health_ok = true;
             if s.listed && s.admitted.is_none() && reported.takes_clients() {
                 s.admitted = Some((!self.settings.slow_start.is_zero()).then_some(now));
@@ -567,11 +593,12 @@ impl<T> ShardPool<T> {
     }
 
     /// Records that a `/health` poll failed. The breaker is left to handshake outcomes; the
-    /// shard stays selectable so that a broken health endpoint alone never empties the pool.
+    /// shard stays selectable so that a broken health endpoint alone never empties the pool
+    /// (a `draining` / `starting` learnt from an upgrade's answer is dropped too).
     pub fn set_health_unreachable(&self, index: usize) {
         if let Some(slot) = self.slots.get(index) {
             if let Some(s) = slot.state.lock().as_mut() {
-                s.health_ok = false;
+                s.poll_failed();
             }
         }
     }
@@ -590,7 +617,7 @@ impl<T> ShardPool<T> {
         let transition = self.slots.get(index).and_then(|slot| {
             let mut s = slot.state.lock();
             let s = s.as_mut()?;
-            s.health_ok = false;
+            s.poll_failed();
             if s.breaker.state() != BreakerState::Closed {
                 return None;
             }
@@ -666,6 +693,15 @@ impl<T> ShardPool<T> {
                 None => {
                     s.window.record(now, false);
                     s.breaker.on_success(ticket)
+                }
+                // The shard said it is draining or starting: as if a poll had said so (no
+                // new client until a poll says `ok`), and nothing held against it — a
+                // half-open trial just gives its slot back.
+                Some(AttemptError::NotReady(status)) => {
+                    s.reported = *status;
+                    s.told_by_upgrade = true;
+                    s.breaker.on_cancel(ticket);
+                    None
                 }
                 Some(e) if e.counts_against_shard() => {
                     s.timed_out = matches!(
@@ -895,6 +931,59 @@ mod tests {
             .select(Tried::default(), Instant::now(), &mut rng)
             .unwrap();
         assert!(lease.is_trial() && !lease.is_panic());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shard_that_answers_not_ready_is_skipped_until_a_poll_not_held_against_it() {
+        let p = pool(2, Arc::new(NoObserver));
+        let mut rng = StdRng::seed_from_u64(3);
+        let mut only0 = Tried::default();
+        only0.insert(1);
+        // A closed breaker: a `starting` answer counts no failure (three would open it).
+        for _ in 0..3 {
+            p.set_health(0, 0.0, 100, Reported::Ok, Instant::now());
+            let lease = p.select(only0, Instant::now(), &mut rng).unwrap();
+            lease.fail(&AttemptError::NotReady(Reported::Starting));
+            let s = &p.snapshot(Instant::now())[0];
+            assert_eq!(
+                (s.breaker, s.reported, s.recent_failures),
+                (BreakerState::Closed, Reported::Starting, 0)
+            );
+            // ... and no client is sent there until a poll says `ok`.
+            assert!(p.select(only0, Instant::now(), &mut rng).is_none());
+        }
+        // A half-open trial refused as `draining` gives its slot back: the breaker stays
+        // half-open, and the next trial comes as soon as a poll says `ok`.
+        p.set_health(0, 0.0, 100, Reported::Ok, Instant::now());
+        open(&p, 0, &mut rng);
+        tokio::time::advance(Duration::from_secs(30)).await;
+        let trial = p.select(only0, Instant::now(), &mut rng).unwrap();
+        assert!(trial.is_trial());
+        trial.fail(&AttemptError::NotReady(Reported::Draining));
+        let s = &p.snapshot(Instant::now())[0];
+        assert_eq!(
+            (s.breaker, s.reported),
+            (BreakerState::HalfOpen, Reported::Draining)
+        );
+        assert!(p.select(only0, Instant::now(), &mut rng).is_none());
+        p.set_health(0, 0.0, 100, Reported::Ok, Instant::now());
+        for _ in 0..2 {
+            let trial = p.select(only0, Instant::now(), &mut rng).unwrap();
+            assert!(trial.is_trial());
+            drop(trial.succeed());
+        }
+        assert_eq!(p.snapshot(Instant::now())[0].breaker, BreakerState::Closed);
+        // What an upgrade said is dropped by a failed poll (a broken health endpoint alone
+        // never keeps a shard out); what a poll said stays until the next poll.
+        let lease = p.select(only0, Instant::now(), &mut rng).unwrap();
+        lease.fail(&AttemptError::NotReady(Reported::Starting));
+        p.set_health_unreachable(0);
+        assert_eq!(p.snapshot(Instant::now())[0].reported, Reported::Ok);
+        assert!(p.select(only0, Instant::now(), &mut rng).is_some());
+        p.set_health(0, 0.0, 100, Reported::Starting, Instant::now());
+        p.set_health_unreachable(0);
+        p.probe_unreachable(0, Instant::now());
+        assert_eq!(p.snapshot(Instant::now())[0].reported, Reported::Starting);
     }
 
     #[tokio::test(start_paused = true)]

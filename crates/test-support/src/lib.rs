@@ -8,8 +8,8 @@ pub mod servers;
 pub mod ws;
 
 pub use servers::{
-    free_port, spawn_binary, start_lb, start_shards, start_shards_at, BlackHole, IsolatedShards,
-    TestLb, TestShards,
+    free_port, spawn_binary, start_lb, start_shards, start_shards_at, start_warming_shard_at,
+    BlackHole, IsolatedShards, TestLb, TestShards,
 };
 
 /// CPU seconds (user + system) process `pid` has used so far, from `/proc/<pid>/stat`

@@ -112,6 +112,23 @@ pub async fn start_shards_at(
     }
 }
 
+/// One shard at `addr` (port 0: any) that re-reads its Kafka history (`back:1000`) from a
+/// broker that is not there: it says `starting` (and refuses upgrades) for `warmup_timeout`,
+/// then takes clients.
+pub async fn start_warming_shard_at(addr: SocketAddr, warmup_timeout: Duration) -> TestShards {
+    let dead = free_port();
+    start_shards_at(vec![addr], |c| {
+        c.source = ws_shard::SourceConfig::Kafka(kafka_source::KafkaConfig {
+            brokers: dead.to_string(),
+            topics: vec!["trades".into()],
+            start: kafka_source::StartPosition::Back(1000),
+            warmup_timeout,
+            ..kafka_source::KafkaConfig::default()
+        });
+    })
+    .await
+}
+
 /// A running ws-lb stand-in.
 #[derive(Debug)]
 pub struct TestLb {

@@ -12,6 +12,8 @@ use tokio::net::TcpStream;
 use tokio::time::{timeout_at, Instant};
 use ws_protocol::handshake::{self, HandshakeError, Response, MAX_RESPONSE_HEAD};
 
+use crate::health::reported;
+
 /// A backend URL that cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("backend url {url:?}: {problem}")]
@@ -135,6 +137,9 @@ impl Backend {
                     return Ok((stream, rest));
                 }
                 Err(HandshakeError::Status(s)) => return Err(AttemptError::HttpStatus(s)),
+                Err(HandshakeError::NotReady(status)) => {
+                    return Err(AttemptError::NotReady(reported(status)))
+                }
                 Err(e) => return Err(AttemptError::Protocol(e.to_string())),
             }
         }

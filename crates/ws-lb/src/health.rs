@@ -98,11 +98,7 @@ pub(crate) async fn poll_loop(lb: Arc<Lb>) {
                     i,
                     h.utilization(),
                     h.max_connections,
-                    match h.status {
-                        ShardStatus::Ok => Reported::Ok,
-                        ShardStatus::Draining => Reported::Draining,
-                        ShardStatus::Starting => Reported::Starting,
-                    },
+                    reported(h.status),
                     Instant::now(),
                 ),
                 Poll::Unreachable => {
@@ -169,4 +165,14 @@ pub(crate) async fn lb_health(State(lb): State<Arc<Lb>>) -> Response {
         StatusCode::OK
     };
     (code, Json(body)).into_response()
+}
+
+/// A shard's status (from its `/health`, or the header of an upgrade's 503) as the pool
+/// keeps it.
+pub(crate) fn reported(status: ShardStatus) -> Reported {
+    match status {
+        ShardStatus::Ok => Reported::Ok,
+        ShardStatus::Draining => Reported::Draining,
+        ShardStatus::Starting => Reported::Starting,
+    }
 }

@@ -384,14 +384,16 @@ async fn connect(lb: &Lb, client_ip: IpAddr, token: Option<&str>) -> Result<Conn
             Err(e) => {
                 h.attempt_error(e.kind());
                 lease.fail(&e);
-                if !e.counts_against_shard() {
+                if e.is_local() {
                     // Out of descriptors or ports here: every other shard would fail the
                     // same way, and none of them is to blame. The client hears 1013 at once.
                     tracing::warn!(shard_id = idx, error = %e, "cannot dial a shard: local resources exhausted");
                     return Err(OVERLOADED);
                 }
                 h.failures.increment(1);
-                h.breaker_failures.increment(1);
+                if e.counts_against_shard() {
+                    h.breaker_failures.increment(1);
+                }
                 tracing::debug!(shard_id = idx, error = %e, "shard handshake failed");
                 attempts.fail(e);
                 match attempts.next_start(Instant::now()) {

@@ -5,6 +5,8 @@
 use base64::Engine;
 use sha1::{Digest, Sha1};
 
+use crate::health::{ShardStatus, SHARD_STATUS_HEADER};
+
 /// The GUID every server appends to the client key (RFC 6455 §1.3).
 const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 /// Largest response head accepted from a server.
@@ -43,6 +45,10 @@ pub fn client_request(path: &str, host: &str, key: &str, extra: &[(&str, &str)])
 pub enum HandshakeError {
     #[error("server answered HTTP {0}")]
     Status(u16),
+    /// A 503 from a shard that says it is `draining` or `starting`
+    /// ([`crate::health::SHARD_STATUS_HEADER`]): not ready, rather than full.
+    #[error("server answered HTTP 503: shard {}", .0.as_str())]
+    NotReady(ShardStatus),
     #[error("response head exceeds {MAX_RESPONSE_HEAD} bytes")]
     TooLarge,
     #[error("malformed response: {0}")]
@@ -72,16 +78,24 @@ pub fn parse_response(buf: &[u8], key: &str) -> Result<Response, HandshakeError>
         Ok(httparse::Status::Partial) => return Ok(Response::Partial),
         Err(e) => return Err(HandshakeError::Malformed(e.to_string())),
     };
-    let code = resp.code.unwrap_or(0);
-    if code != 101 {
-        return Err(HandshakeError::Status(code));
-    }
     let header = |name: &str| {
         resp.headers
             .iter()
             .find(|h| h.name.eq_ignore_ascii_case(name))
             .map(|h| h.value)
     };
+    let code = resp.code.unwrap_or(0);
+    if code == 503 {
+        let not_ready = header(SHARD_STATUS_HEADER)
+            .and_then(ShardStatus::from_header)
+            .filter(|s| *s != ShardStatus::Ok);
+        if let Some(status) = not_ready {
+            return Err(HandshakeError::NotReady(status));
+        }
+    }
+    if code != 101 {
+        return Err(HandshakeError::Status(code));
+    }
     let has_token = |name: &str, token: &str| {
         header(name)
             .and_then(|v| std::str::from_utf8(v).ok())
@@ -120,6 +134,29 @@ mod tests {
         assert_eq!(parse_response(&ok[..20], key), Ok(Response::Partial));
         let full = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n";
         assert_eq!(parse_response(full, key), Err(HandshakeError::Status(503)));
+        let starting = b"HTTP/1.1 503 Service Unavailable\r\nX-Odin-Shard-Status: starting\r\nContent-Length: 0\r\n\r\n";
+        assert_eq!(
+            parse_response(starting, key),
+            Err(HandshakeError::NotReady(ShardStatus::Starting))
+        );
+        let draining = b"HTTP/1.1 503 Service Unavailable\r\nx-odin-shard-status: Draining\r\n\r\n";
+        assert_eq!(
+            parse_response(draining, key),
+            Err(HandshakeError::NotReady(ShardStatus::Draining))
+        );
+        // `ok`, an unknown value, or the header on another status: the status decides.
+        for head in [
+            b"HTTP/1.1 503 Service Unavailable\r\nX-Odin-Shard-Status: ok\r\n\r\n".as_slice(),
+            b"HTTP/1.1 503 Service Unavailable\r\nX-Odin-Shard-Status: later\r\n\r\n",
+            b"HTTP/1.1 500 Internal Server Error\r\nX-Odin-Shard-Status: starting\r\n\r\n",
+        ] {
+            let code = if head.starts_with(b"HTTP/1.1 500") {
+                500
+            } else {
+                503
+            };
+            assert_eq!(parse_response(head, key), Err(HandshakeError::Status(code)));
+        }
         let wrong = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: nope\r\n\r\n";
         assert_eq!(parse_response(wrong, key), Err(HandshakeError::BadAccept));
         assert!(matches!(

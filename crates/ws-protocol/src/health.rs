@@ -14,9 +14,35 @@ pub enum ShardStatus {
     /// Shutting down: refuses new connections and is closing existing ones with 1012.
     Draining,
     /// Just started: its message source is still re-reading the recent history that
-    /// reconnecting clients ask for with `since`. Accepts connections, but load balancers
-    /// place no new client on it until it turns `ok` (HTTP 503 until then).
+    /// reconnecting clients ask for with `since`. Load balancers place no new client on it
+    /// until it turns `ok` (HTTP 503 until then); an upgrade that arrives anyway waits up to
+    /// a second for the warm-up to end, then is refused (503, [`SHARD_STATUS_HEADER`]).
     Starting,
+}
+
+/// The header a shard adds to the 503 it answers an upgrade with while it is `draining` or
+/// `starting` (the value is that status, as in `/health`). It tells a load balancer "this
+/// shard is not ready: try another, and hold nothing against it" apart from a plain 503
+/// ("full"), without waiting for its next `/health` poll.
+pub const SHARD_STATUS_HEADER: &str = "x-odin-shard-status";
+
+impl ShardStatus {
+    /// The status as written in `/health` and in [`SHARD_STATUS_HEADER`].
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Draining => "draining",
+            Self::Starting => "starting",
+        }
+    }
+
+    /// Reads a [`SHARD_STATUS_HEADER`] value (exact, case-insensitive); `None` for anything
+    /// else.
+    pub fn from_header(value: &[u8]) -> Option<Self> {
+        [Self::Ok, Self::Draining, Self::Starting]
+            .into_iter()
+            .find(|s| value.eq_ignore_ascii_case(s.as_str().as_bytes()))
+    }
 }
 
 /// State of the process's message source (embedded bus or Kafka consumer).
@@ -58,6 +84,27 @@ impl ShardHealth {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_header_values_round_trip_and_match_the_json() {
+        for s in [
+            ShardStatus::Ok,
+            ShardStatus::Draining,
+            ShardStatus::Starting,
+        ] {
+            assert_eq!(ShardStatus::from_header(s.as_str().as_bytes()), Some(s));
+            assert_eq!(
+                serde_json::to_string(&s).unwrap(),
+                format!("\"{}\"", s.as_str())
+            );
+        }
+        assert_eq!(
+            ShardStatus::from_header(b"Starting"),
+            Some(ShardStatus::Starting)
+        );
+        assert_eq!(ShardStatus::from_header(b"start"), None);
+        assert_eq!(ShardStatus::from_header(b""), None);
+    }
 
     #[test]
     fn round_trips_and_computes_utilization() {

@@ -10,6 +10,8 @@ use axum::response::Response;
 use net_core::upgrade::{check_request, into_axum, into_raw, refuse};
 use shard_core::metrics::UpgradeRejection;
 use shard_core::session::{self, Admission, Mode};
+use ws_protocol::health::SHARD_STATUS_HEADER;
+use ws_protocol::ShardStatus;
 
 use crate::Shard;
 
@@ -35,6 +37,18 @@ fn bearer_token(req: &Request<Body>) -> Option<&str> {
 /// with 503: under ws-lb's default `attempt_timeout` (2 s), so the LB gets the answer in time.
 const STARTING_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// The 503 of a shard that is draining or starting: the reason in the body, the status in
+/// [`SHARD_STATUS_HEADER`] so that ws-lb tries another shard without holding the refusal
+/// against this one's breaker (it is not full, and not broken).
+fn not_ready(status: ShardStatus, reason: &'static str) -> Response {
+    let mut r = refuse(StatusCode::SERVICE_UNAVAILABLE, reason);
+    r.headers_mut().insert(
+        SHARD_STATUS_HEADER,
+        axum::http::HeaderValue::from_static(status.as_str()),
+    );
+    r
+}
+
 pub(crate) async fn handle(
     State(shard): State<Arc<Shard>>,
     mut req: Request<Body>,
@@ -47,16 +61,16 @@ pub(crate) async fn handle(
     }
     if shard.ctx.drain.is_cancelled() {
         m.rejected(UpgradeRejection::Draining);
-        return refuse(StatusCode::SERVICE_UNAVAILABLE, "shard draining");
+        return not_ready(ShardStatus::Draining, "shard draining");
     }
     // Its `/health` says `starting`, so ws-lb places no client here — but a load balancer
     // learns that only at its next poll (a breaker's trial can arrive first) and a client
     // may dial directly: a subscribe with `since` now would be told `recovered: false` for
-    // history still being re-read. A warm-up about to end is waited for (a refused trial
-    // would keep ws-lb's breaker open); a longer one is refused: another shard can take it.
+    // history still being re-read. A warm-up about to end is waited for (the client gets in
+    // here instead of going elsewhere); a longer one is refused: another shard can take it.
     if !shard.source.wait_ready(STARTING_WAIT).await {
         m.rejected(UpgradeRejection::Starting);
-        return refuse(StatusCode::SERVICE_UNAVAILABLE, "shard starting");
+        return not_ready(ShardStatus::Starting, "shard starting");
     }
     let Some(slot) = shard.slots.try_acquire() else {
         m.rejected(UpgradeRejection::Full);

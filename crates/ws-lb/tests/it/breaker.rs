@@ -4,9 +4,10 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use lb_core::BreakerConfig;
+use lb_core::error::UNAVAILABLE;
+use lb_core::{BreakerConfig, RetryConfig};
 use test_support::http::{metric, wait_until};
-use test_support::ws::{connect, subscribe};
+use test_support::ws::{connect, next_event, subscribe, Event};
 use test_support::{free_port, start_lb, start_shards, start_shards_at, BlackHole};
 
 fn transitions(page: &str, shard: &str, from: &str, to: &str) -> f64 {
@@ -233,4 +234,74 @@ async fn a_shard_the_lb_cannot_connect_to_opens_its_breaker_without_any_client()
     );
     assert_eq!(h["shards"][1]["health_ok"], false);
     good.kill();
+}
+
+/// A half-open trial that meets a shard still re-reading its history (503 with
+/// `x-odin-shard-status: starting`) is no failure: the breaker stays half-open, the shard
+/// counts as `starting` until a poll says `ok`, and the client hears 1012 (reconnect), not
+/// 1013 (back off). Before, the refusal re-opened the breaker for another
+/// `circuit_breaker_timeout`: in a whole-tier restart whose warm-up outlasts the shard's 1 s
+/// wait, shards stayed out that long after they were ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trial_refused_by_a_starting_shard_leaves_the_breaker_half_open() {
+    let addr = free_port();
+    let lb = start_lb(vec![format!("ws://{addr}/ws")], |c| {
+        c.breaker = BreakerConfig::try_new(1, Duration::from_secs(1), 1, 1).unwrap();
+        // One poll, at start, while nothing listens: it opens the breaker. None after it,
+        // so only the trial's answer can tell this LB that the shard is starting.
+        c.health_interval = Duration::from_secs(3600);
+        // The shard holds the upgrade 1 s before it refuses: room for a slow machine.
+        c.retry = RetryConfig::try_new(
+            Duration::from_millis(10),
+            Duration::from_secs(10),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    })
+    .await;
+    assert!(
+        wait_until(Duration::from_secs(5), || async {
+            lb.health().await["shards"][0]["breaker"] == "open"
+        })
+        .await
+    );
+    let shard = test_support::start_warming_shard_at(addr, Duration::from_secs(600)).await;
+    let attempts = |page: &str| metric(page, "ws_handshake_attempts_total", &["shard_id=\"0\""]);
+    // Until the open timeout has run out, clients are refused without an attempt (1012);
+    // the first one after it is the breaker's trial.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let trial_close = loop {
+        let mut ws = connect(&lb.ws_url()).await.unwrap();
+        let close = next_event(&mut ws, Duration::from_secs(15)).await.unwrap();
+        if attempts(&lb.metrics().await) > 0.0 {
+            break close;
+        }
+        assert_eq!(close, Event::Close(1012, UNAVAILABLE.reason.into()));
+        assert!(tokio::time::Instant::now() < deadline, "no trial in 20 s");
+        // A poll interval over state in another task, not synchronisation.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(trial_close, Event::Close(1012, UNAVAILABLE.reason.into()));
+    let page = lb.metrics().await;
+    assert_eq!(attempts(&page), 1.0);
+    assert_eq!(
+        metric(
+            &page,
+            "ws_lb_attempt_errors_total",
+            &["shard_id=\"0\"", "kind=\"not_ready\""]
+        ),
+        1.0
+    );
+    assert_eq!(transitions(&page, "0", "half_open", "open"), 0.0);
+    let h = lb.health().await;
+    assert_eq!(h["shards"][0]["breaker"], "half_open", "{h}");
+    assert_eq!(h["shards"][0]["reported"], "starting", "{h}");
+    // The next client is not sent there (no attempt) until a poll says `ok`.
+    let mut ws = connect(&lb.ws_url()).await.unwrap();
+    assert_eq!(
+        next_event(&mut ws, Duration::from_secs(15)).await.unwrap(),
+        Event::Close(1012, UNAVAILABLE.reason.into())
+    );
+    assert_eq!(attempts(&lb.metrics().await), 1.0);
+    shard.kill();
 }

@@ -26,6 +26,18 @@ async fn drain_closes_every_client_with_1012_and_exits_in_time() {
     assert!(h.body.contains("draining"));
     // Liveness (the shard VMs' autohealing check) stays 200: a drain is no reason to recreate.
     assert_eq!(get(srv.shards[0], "/live").await.unwrap().status, 200);
+    // An upgrade gets 503 with the status in the header ws-lb reads (so it holds the
+    // refusal against no breaker).
+    let (_, head) =
+        test_support::ws::raw_upgrade(srv.shards[1], &test_support::ws::upgrade_request("/ws"))
+            .await
+            .unwrap();
+    assert_eq!(test_support::ws::status_of(&head), 503, "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("\r\nx-odin-shard-status: draining\r\n"),
+        "{head}"
+    );
     let waits: Vec<_> = clients
         .into_iter()
         .map(|mut ws| {

@@ -361,18 +361,10 @@ async fn a_warming_shard_reports_starting_until_its_history_is_read() {
     srv.kill();
 }
 
-/// One shard warming its history (`back:1000`) from a broker that is not there, for at
-/// most `warmup_timeout`.
+/// One shard warming its history from a broker that is not there, for at most
+/// `warmup_timeout`.
 async fn without_broker(warmup_timeout: Duration) -> test_support::TestShards {
-    let dead = test_support::free_port();
-    start_shards(1, |c| {
-        let mut k = kafka(&dead.to_string(), StartPosition::Back(1000));
-        if let ws_shard::SourceConfig::Kafka(cfg) = &mut k {
-            cfg.warmup_timeout = warmup_timeout;
-        }
-        c.source = k;
-    })
-    .await
+    test_support::start_warming_shard_at(([127, 0, 0, 1], 0).into(), warmup_timeout).await
 }
 
 /// While it is `starting` a shard refuses upgrades (503 "shard starting", counted) instead
@@ -390,6 +382,11 @@ async fn a_starting_shard_refuses_upgrades() {
             .await
             .unwrap();
     assert_eq!(test_support::ws::status_of(&head), 503, "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("\r\nx-odin-shard-status: starting\r\n"),
+        "{head}"
+    );
     // The reason is the body; read until it has arrived (or the shard closed, or 10 s).
     let mut body = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(10), async {
