@@ -164,6 +164,20 @@ pub fn status_of(head: &str) -> u16 {
         .unwrap_or(0)
 }
 
+/// Sends an upgrade to the shard at `addr` and checks it is refused as not ready: 503 with
+/// `X-Odin-Shard-Status: <status>` (what ws-lb reads to hold the refusal against no
+/// breaker). Returns the connection, positioned at the body.
+pub async fn refused_as_not_ready(addr: SocketAddr, status: &str) -> TcpStream {
+    let (stream, head) = raw_upgrade(addr, &upgrade_request("/ws")).await.unwrap();
+    assert_eq!(status_of(&head), 503, "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains(&format!("\r\nx-odin-shard-status: {status}\r\n")),
+        "{head}"
+    );
+    stream
+}
+
 /// Closes `s` with an RST instead of a FIN.
 pub fn reset(s: TcpStream) {
     let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));

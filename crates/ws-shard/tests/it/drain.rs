@@ -28,16 +28,7 @@ async fn drain_closes_every_client_with_1012_and_exits_in_time() {
     assert_eq!(get(srv.shards[0], "/live").await.unwrap().status, 200);
     // An upgrade gets 503 with the status in the header ws-lb reads (so it holds the
     // refusal against no breaker).
-    let (_, head) =
-        test_support::ws::raw_upgrade(srv.shards[1], &test_support::ws::upgrade_request("/ws"))
-            .await
-            .unwrap();
-    assert_eq!(test_support::ws::status_of(&head), 503, "{head}");
-    assert!(
-        head.to_ascii_lowercase()
-            .contains("\r\nx-odin-shard-status: draining\r\n"),
-        "{head}"
-    );
+    test_support::ws::refused_as_not_ready(srv.shards[1], "draining").await;
     let waits: Vec<_> = clients
         .into_iter()
         .map(|mut ws| {
