@@ -27,6 +27,7 @@ import os
 import resource
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -441,11 +442,38 @@ def start_target(procs, target):
     return shard, proxies, f"ws://127.0.0.1:{port}/ws"
 
 
-def cpu_run(url, proxies, connections, rate, lifetime, hold=0):
+def perf_stat(pids):
+    """`perf stat` counting every syscall (and context switches) of `pids` and their threads
+    until `counts()` is called."""
+    out = Path(tempfile.mkdtemp()) / "perf.csv"
+    proc = subprocess.Popen(["perf", "stat", "-x,", "-o", str(out), "-e",
+                             "syscalls:sys_enter_*,context-switches,cpu-migrations",
+                             "-p", ",".join(str(p) for p in pids)], stderr=subprocess.DEVNULL)
+
+    def counts():
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+        found = {}
+        for line in out.read_text().splitlines():
+            f = line.split(",")
+            if len(f) > 2 and f[0].replace(".", "", 1).isdigit():
+                found[f[2].replace("syscalls:sys_enter_", "")] = float(f[0])
+        return found
+    # perf attaches to every thread before it counts: give it that moment (not synchronisation
+    # of the servers; a syscall missed here is missed in every target alike).
+    time.sleep(0.5)
+    return counts
+
+
+def cpu_run(url, proxies, connections, rate, lifetime, hold=0, syscalls=False):
     """One ramp (each connection closes itself after `lifetime`; 0: held until the end) with
     the proxy's CPU seconds (user + system, every process of it) over the ramp, hold and
-    closes, per attempted connection."""
+    closes, per attempted connection. `syscalls`: also the proxy's syscalls per attempted
+    connection, by name, counted by `perf stat` (whose tracing slows the proxy: such a run's
+    CPU and latency are not comparable with runs without it)."""
     pids = [x.pid for x in proxies]
+    # Every process of the proxy (nginx's and HAProxy's workers are the master's children).
+    counts = perf_stat(sorted({q for p in pids for q in tree_pids(p)})) if syscalls and pids else None
     cpu0 = Sampler(pids).cpu() if pids else 0.0
     extra = ["--lifetime", lifetime] if lifetime else []
     rep = loadtest(url, connections, rate, hold, extra, name=f"{url} at {rate}/s", source_ips=SOURCE_IPS)
@@ -453,6 +481,12 @@ def cpu_run(url, proxies, connections, rate, lifetime, hold=0):
     # second before reading its CPU time (a measurement window, not synchronisation).
     time.sleep(1.0)
     row = summarize(rep)
+    if counts:
+        n = max(rep["counts"]["attempted"], 1)
+        found = counts()
+        row["per_conn"] = {k: round(v / n, 3) for k, v in sorted(found.items(), key=lambda kv: -kv[1]) if v}
+        row["syscalls_per_conn"] = round(sum(v for k, v in found.items()
+                                             if k not in ("context-switches", "cpu-migrations")) / n, 2)
     row["loadavg"] = load()
     row["proxy_cpu_us_per_conn"] = (Sampler(pids).cpu() - cpu0) * 1e6 / max(rep["counts"]["attempted"], 1) if pids else None
     row["sustained"] = row["success_pct"] >= 99.9 and row["handshake_p99_ms"] <= 50.0
@@ -480,7 +514,7 @@ def cmd_compare(a):
                 row["first"] = cpu_run(url, proxies, a.connections, 1000, None, hold=1)
                 row["warm"] = cpu_run(url, proxies, a.connections, 1000, None, hold=1)
                 for rate in a.rates:
-                    row[str(rate)] = cpu_run(url, proxies, rate * a.seconds, rate, "1s")
+                    row[str(rate)] = cpu_run(url, proxies, rate * a.seconds, rate, "1s", syscalls=a.syscalls)
             finally:
                 procs.stop()
             runs[target] = row
@@ -488,7 +522,8 @@ def cmd_compare(a):
                 x = row[str(r)]
                 cpu = x["proxy_cpu_us_per_conn"]
                 return (f"{r}/s {x['success_pct']:.2f}% p99 {x['handshake_p99_ms']:.1f} ms"
-                        + ("" if cpu is None else f" {cpu:.0f} us/conn"))
+                        + ("" if cpu is None else f" {cpu:.0f} us/conn")
+                        + (f" {x['syscalls_per_conn']} syscalls/conn" if "syscalls_per_conn" in x else ""))
             rates = ", ".join(cell(r) for r in a.rates)
             print(f"round {rnd + 1} {target}: first p50/p99 {row['first']['handshake_p50_ms']:.2f}/{row['first']['handshake_p99_ms']:.2f} ms, "
                   f"warm {row['warm']['handshake_p50_ms']:.2f}/{row['warm']['handshake_p99_ms']:.2f} ms; {rates} "
@@ -518,6 +553,18 @@ def cmd_compare(a):
         return out
 
     results["medians_all_rounds"] = table(results["rounds"], f"Medians of {a.rounds} rounds (first = the first ramp after each fresh start):")
+    if a.syscalls:
+        print("\nProxy syscalls per connection, medians (perf stat slows the proxies: compare the counts, not the CPU):\n")
+        results["syscalls_medians"] = {}
+        for t in a.targets:
+            for r in a.rates:
+                rows = [rr[t][str(r)]["per_conn"] for rr in results["rounds"] if "per_conn" in rr[t][str(r)]]
+                names = {k for x in rows for k in x}
+                meds = {k: median([x.get(k, 0.0) for x in rows]) for k in names}
+                total = median([rr[t][str(r)]["syscalls_per_conn"] for rr in results["rounds"] if "per_conn" in rr[t][str(r)]] or [0])
+                results["syscalls_medians"][f"{t} {r}/s"] = {"total": total, **meds}
+                top = ", ".join(f"{k} {v:.2f}" for k, v in sorted(meds.items(), key=lambda kv: -kv[1]) if v >= 0.05)
+                print(f"- {t} at {r}/s: {total:.1f} syscalls/conn: {top}")
     save("compare", results)
 
 
@@ -645,6 +692,9 @@ def main():
     c.add_argument("--rates", type=int, nargs="+", default=[3000, 5000, 7000], help="sustained rates (1 s lifetimes)")
     c.add_argument("--seconds", type=int, default=10, help="how long each sustained rate is held")
     c.add_argument("--rounds", type=int, default=3, help="rounds; the targets alternate, fresh servers each time")
+    c.add_argument("--syscalls", action="store_true",
+                   help="count the proxies' syscalls per connection at the sustained rates (perf stat; slows them: "
+                        "CPU and latency of such a run are not comparable with runs without it)")
     c = sub.add_parser("fanout")
     c.add_argument("--shapes", nargs="*", default=[], help="wide and/or dense (default both)")
     c.add_argument("--hold", type=int, default=12)
@@ -659,6 +709,8 @@ def main():
     c.add_argument("--shard-procs", type=int, default=8)
     c.add_argument("--workers", type=int, default=8)
     a = ap.parse_args()
+    if a.cmd == "compare" and a.syscalls and not shutil.which("perf"):
+        raise SystemExit("--syscalls needs perf (apt-get install -y linux-perf)")
     for tool in (["nginx", "haproxy"] if a.cmd == "compare" else []):
         if not shutil.which(tool):
             raise SystemExit(f"{tool} is missing: make bench-compare installs it (apt-get install -y {tool})")
