@@ -21,18 +21,6 @@ pub const ACCEPT_ERRORS: &str = "ws_accept_errors_total";
 /// Counter: connections refused with 503 because descriptors ran out, label `listener`.
 pub const FD_REJECTS: &str = "ws_accept_fd_exhausted_rejects_total";
 
-/// Connections accepted in a row before the loop yields to the runtime's other tasks.
-///
-/// `accept` on a ready listener does not yield by itself until tokio's cooperative budget
-/// (128 operations) runs out, so a loaded process accepted up to 128 connections per turn
-/// however far its connection tasks were behind: at 5,000 new connections/s (1 s lives)
-/// ws-lb's run queue reached ~7,000 tasks and ~4,500 accepted connections waited for their
-/// first poll, each holding a descriptor that no `max_clients` permit counted, until shard
-/// dials failed with `EMFILE` (1013) and clients gave up mid-handshake. Yielding every 16
-/// leaves the rest in the kernel's accept queue (FIFO, no descriptor, no CPU) while the
-/// runtime is busy — nginx accepts one per event-loop turn (`multi_accept off`) for the same
-/// reason — and changes nothing while it is idle: the task runs again at once.
-const ACCEPT_BURST: u32 = 16;
 const REJECT: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 1\r\nConnection: close\r\n\r\n";
 
 fn fd_exhausted(e: &io::Error) -> bool {
@@ -101,8 +89,7 @@ fn nodelay_inherited(listener: &TcpListener) -> bool {
 }
 
 /// Accepts connections on `listener` until `stop` is cancelled, calling `on_conn` for each
-/// (with `TCP_NODELAY` and `opts` applied), yielding to other tasks every [`ACCEPT_BURST`]
-/// connections. `name` labels metrics and logs.
+/// (with `TCP_NODELAY` and `opts` applied). `name` labels metrics and logs.
 pub async fn accept_loop<F>(
     listener: TcpListener,
     name: &'static str,
@@ -119,7 +106,6 @@ pub async fn accept_loop<F>(
     let nodelay_per_socket = !nodelay_inherited(&listener);
     let mut reserve = File::open("/dev/null").ok();
     let mut last_warn: Option<Instant> = None;
-    let mut burst = 0u32;
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
@@ -129,11 +115,6 @@ pub async fn accept_loop<F>(
             Ok((stream, peer)) => {
                 opts.apply(&stream, nodelay_per_socket);
                 on_conn(stream, peer);
-                burst += 1;
-                if burst >= ACCEPT_BURST {
-                    burst = 0;
-                    tokio::task::yield_now().await;
-                }
             }
             Err(e) if fd_exhausted(&e) => {
                 metrics::counter!(ACCEPT_ERRORS, "listener" => name, "kind" => "fd_exhausted")
@@ -202,56 +183,6 @@ mod tests {
         stop.cancel();
         task.await.unwrap();
         seen
-    }
-
-    /// With many connections queued, the loop hands the runtime back every `ACCEPT_BURST`
-    /// accepts: another ready task runs between two bursts (before, one poll accepted up to
-    /// tokio's budget of 128 while everything else waited).
-    #[tokio::test(flavor = "current_thread")]
-    async fn accepting_a_queue_lets_other_tasks_run_between_bursts() {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        use std::sync::Arc;
-        let listener = crate::bind(
-            "127.0.0.1:0".parse().unwrap(),
-            crate::ListenOptions::default(),
-        )
-        .unwrap();
-        let addr = listener.local_addr().unwrap();
-        // Queued in the kernel before the loop first runs (the connect completes there).
-        let clients: Vec<_> = (0..64)
-            .map(|_| std::net::TcpStream::connect(addr).unwrap())
-            .collect();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let stop = CancellationToken::new();
-        let (count, done) = (accepted.clone(), stop.clone());
-        let task = tokio::spawn(accept_loop(
-            listener,
-            "test",
-            SocketOptions::default(),
-            stop.clone(),
-            move |_, _| {
-                if count.fetch_add(1, Ordering::SeqCst) + 1 == 64 {
-                    done.cancel();
-                }
-            },
-        ));
-        // Another task, always ready: what it sees between its turns is how far the loop got.
-        let mut seen = Vec::new();
-        while !stop.is_cancelled() {
-            seen.push(accepted.load(Ordering::SeqCst));
-            tokio::task::yield_now().await;
-        }
-        task.await.unwrap();
-        drop(clients);
-        assert_eq!(accepted.load(Ordering::SeqCst), 64);
-        assert!(
-            seen.iter().any(|&n| n > 0 && n < 64),
-            "no turn of another task between the first and the last accept: {seen:?}"
-        );
-        assert!(
-            seen.iter().all(|&n| n % ACCEPT_BURST as usize == 0),
-            "turns only between bursts: {seen:?}"
-        );
     }
 
     /// Every accepted socket has `TCP_NODELAY`: inherited from a listener `bind` made (with
