@@ -65,6 +65,10 @@ struct ShardState<T> {
     /// whose health endpoint broke while it was starting is not kept out for good.
     told_by_upgrade: bool,
     health_ok: bool,
+    /// Whether the last `/health` poll could not even connect (refused, or the connect timed
+    /// out): the shard is down or cut off from this LB. A poll that connected but got no
+    /// answer in time is not this (a hung shard, or this LB too busy to read the answer).
+    poll_unreachable: bool,
     /// Whether the last failure counted against this shard was a timeout (connect or
     /// handshake): what an overloaded LB sees from every shard at once. Panic routing
     /// only passes breakers opened this way, never one opened by refusals or errors.
@@ -90,6 +94,7 @@ impl<T> ShardState<T> {
             reported: Reported::Ok,
             told_by_upgrade: false,
             health_ok: true,
+            poll_unreachable: false,
             timed_out: false,
             listed: true,
             removed_at: None,
@@ -101,6 +106,13 @@ impl<T> ShardState<T> {
     /// this LB's own overload rather than the shard's (see [`ShardPool::panic_select`]).
     fn refused_by_own_overload(&self) -> bool {
         self.health_ok && self.timed_out && self.breaker.state() != BreakerState::Closed
+    }
+
+    /// Refused by a breaker that timeouts opened on a shard this LB can still connect to
+    /// (its polls pass, or connect and time out): busy or hung, or this LB overloaded — not
+    /// down or cut off. The client should back off (1013).
+    fn refused_as_overloaded(&self) -> bool {
+        !self.poll_unreachable && self.timed_out && self.breaker.state() != BreakerState::Closed
     }
 
     fn member(&self, now: Instant, slow_start: Duration) -> MemberState {
@@ -536,16 +548,20 @@ impl<T> ShardPool<T> {
         self.slots.iter().take(used).enumerate()
     }
 
-    /// Whether some shard not in `tried` that would take clients and passes its health polls
-    /// is refused by a breaker that timeouts opened: the sign of this LB's own overload (see
-    /// [`Self::panic_select`]). A client refused for that reason should back off (1013),
-    /// not reconnect at once as after a restart (1012).
+    /// Whether some shard not in `tried` that would take clients is refused by a breaker
+    /// that timeouts opened while this LB can still connect to it (its polls pass, or
+    /// connect and then time out): busy or hung shards, or this LB's own overload (see
+    /// [`Self::panic_select`]), not shards that are down or cut off. A client refused for
+    /// that reason should back off (1013), not reconnect at once as after a restart (1012)
+    /// — the same close it got while the timeouts were still attempts of its own. (Before,
+    /// polls had to pass: when this LB's polls timed out too, clients went from 1013 to 1012
+    /// the moment the breakers opened.)
     pub fn refused_by_timeouts(&self, tried: Tried) -> bool {
         self.assigned()
             .filter(|(i, _)| !tried.contains(*i))
             .any(|(_, slot)| {
                 slot.state.lock().as_ref().is_some_and(|s| {
-                    s.listed && s.reported.takes_clients() && s.refused_by_own_overload()
+                    s.listed && s.reported.takes_clients() && s.refused_as_overloaded()
                 })
             })
     }
@@ -586,6 +602,7 @@ impl<T> ShardPool<T> {
             s.reported = reported;
             s.told_by_upgrade = false;
             s.health_ok = true;
+            s.poll_unreachable = false;
             if s.listed && s.admitted.is_none() && reported.takes_clients() {
                 s.admitted = Some((!self.settings.slow_start.is_zero()).then_some(now));
             }
@@ -599,6 +616,7 @@ impl<T> ShardPool<T> {
         if let Some(slot) = self.slots.get(index) {
             if let Some(s) = slot.state.lock().as_mut() {
                 s.poll_failed();
+                s.poll_unreachable = false;
             }
         }
     }
@@ -618,6 +636,7 @@ impl<T> ShardPool<T> {
             let mut s = slot.state.lock();
             let s = s.as_mut()?;
             s.poll_failed();
+            s.poll_unreachable = true;
             if s.breaker.state() != BreakerState::Closed {
                 return None;
             }
@@ -921,9 +940,17 @@ mod tests {
         assert!(p
             .select(Tried::default(), Instant::now(), &mut rng)
             .is_none());
+        // Polls that connect and time out (a hung shard, or this LB too busy to read the
+        // answer): no panic routing, but the client is still told to back off (1013), as
+        // while the timeouts were its own attempts.
+        assert!(p.refused_by_timeouts(Tried::default()));
+        // Polls that cannot connect: down or cut off, so 1012 (reconnect, elsewhere).
+        for i in 0..3 {
+            p.probe_unreachable(i, Instant::now());
+        }
         assert!(
             !p.refused_by_timeouts(Tried::default()),
-            "polls fail too: down or cut off, not this LB"
+            "polls cannot connect: down or cut off, not this LB"
         );
         // After the open timeout the breakers' own trials come first again.
         tokio::time::advance(Duration::from_secs(31)).await;

@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
-use test_support::http::metric;
+use lb_core::error::OVERLOADED;
+use lb_core::BreakerConfig;
+use test_support::http::{metric, wait_until};
 use test_support::ws::{connect, next_event, subscribe, Event};
 use test_support::{free_port, start_lb, start_shards, BlackHole, IsolatedShards};
 
@@ -113,6 +115,58 @@ async fn all_shards_down_closes_1012_and_all_timing_out_closes_1013() {
             &["kind=\"handshake_timeout\""]
         ),
         2.0
+    );
+}
+
+/// Shards that accept connections and never answer (hung, or this LB too busy to read them)
+/// time out every handshake and every poll. The first client's attempts time out: 1013. Once
+/// the breakers are open no attempt is left to time out, and the next clients must still
+/// hear 1013 (back off), as protocol.md promises for breakers opened by timeouts. Before,
+/// that rule also needed passing polls: clients went from 1013 to 1012 (reconnect at once)
+/// the moment the breakers opened (11,872 clients in one overload run of `bench/pacing.py`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn breakers_opened_by_timeouts_keep_clients_backing_off_while_polls_time_out() {
+    let (a, b) = (BlackHole::start().await, BlackHole::start().await);
+    let lb = start_lb(vec![a.ws_url(), b.ws_url()], |c| {
+        c.breaker = BreakerConfig::try_new(1, Duration::from_secs(600), 1, 1).unwrap();
+        c.retry = lb_core::RetryConfig::try_new(
+            Duration::from_millis(10),
+            Duration::from_secs(2),
+            Duration::from_millis(300),
+        )
+        .unwrap();
+    })
+    .await;
+    let overloaded = Event::Close(OVERLOADED.code, OVERLOADED.reason.into());
+    let mut ws = connect(&lb.ws_url()).await.unwrap();
+    assert_eq!(
+        next_event(&mut ws, Duration::from_secs(5)).await.unwrap(),
+        overloaded
+    );
+    // Both breakers open (threshold 1), and both shards' polls have timed out.
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            let h = lb.health().await;
+            (0..2).all(|i| {
+                h["shards"][i]["breaker"] == "open" && h["shards"][i]["health_ok"] == false
+            })
+        })
+        .await,
+        "{}",
+        lb.health().await
+    );
+    let attempts = metric(&lb.metrics().await, "ws_handshake_attempts_total", &[]);
+    for _ in 0..3 {
+        let mut ws = connect(&lb.ws_url()).await.unwrap();
+        assert_eq!(
+            next_event(&mut ws, Duration::from_secs(5)).await.unwrap(),
+            overloaded
+        );
+    }
+    // Refused by the open breakers, not by attempts of their own.
+    assert_eq!(
+        metric(&lb.metrics().await, "ws_handshake_attempts_total", &[]),
+        attempts
     );
 }
 
