@@ -123,7 +123,7 @@ async fn all_shards_down_closes_1012_and_all_timing_out_closes_1013() {
 /// the breakers are open no attempt is left to time out, and the next clients must still
 /// hear 1013 (back off), as protocol.md promises for breakers opened by timeouts. Before,
 /// that rule also needed passing polls: clients went from 1013 to 1012 (reconnect at once)
-/// the moment the breakers opened (11,872 clients in one overload run of `bench/pacing.py`).
+/// the moment the breakers opened (11,872 clients in one of twelve overload runs).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn breakers_opened_by_timeouts_keep_clients_backing_off_while_polls_time_out() {
     let (a, b) = (BlackHole::start().await, BlackHole::start().await);
