@@ -63,6 +63,16 @@ async fn refusing_and_full_shards_are_retried_transparently() {
     full.kill();
 }
 
+/// Attempts of 300 ms within a 2 s handshake deadline: black holes time out quickly.
+fn short_attempts() -> lb_core::RetryConfig {
+    lb_core::RetryConfig::try_new(
+        Duration::from_millis(10),
+        Duration::from_secs(2),
+        Duration::from_millis(300),
+    )
+    .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_shards_down_closes_1012_and_all_timing_out_closes_1013() {
     let lb = start_lb(
@@ -84,12 +94,7 @@ async fn all_shards_down_closes_1012_and_all_timing_out_closes_1013() {
 
     let (a, b) = (BlackHole::start().await, BlackHole::start().await);
     let lb = start_lb(vec![a.ws_url(), b.ws_url()], |c| {
-        c.retry = lb_core::RetryConfig::try_new(
-            Duration::from_millis(10),
-            Duration::from_secs(2),
-            Duration::from_millis(300),
-        )
-        .unwrap();
+        c.retry = short_attempts();
     })
     .await;
     let started = tokio::time::Instant::now();
@@ -129,12 +134,7 @@ async fn breakers_opened_by_timeouts_keep_clients_backing_off_while_polls_time_o
     let (a, b) = (BlackHole::start().await, BlackHole::start().await);
     let lb = start_lb(vec![a.ws_url(), b.ws_url()], |c| {
         c.breaker = BreakerConfig::try_new(1, Duration::from_secs(600), 1, 1).unwrap();
-        c.retry = lb_core::RetryConfig::try_new(
-            Duration::from_millis(10),
-            Duration::from_secs(2),
-            Duration::from_millis(300),
-        )
-        .unwrap();
+        c.retry = short_attempts();
     })
     .await;
     let overloaded = Event::Close(OVERLOADED.code, OVERLOADED.reason.into());
