@@ -64,11 +64,8 @@ struct ShardState<T> {
     /// and a failed poll drops it (back to `Ok`, the breaker deciding), so that a shard
     /// whose health endpoint broke while it was starting is not kept out for good.
     told_by_upgrade: bool,
-    health_ok: bool,
-    /// Whether the last `/health` poll could not even connect (refused, or the connect timed
-    /// out): the shard is down or cut off from this LB. A poll that connected but got no
-    /// answer in time is not this (a hung shard, or this LB too busy to read the answer).
-    poll_unreachable: bool,
+    /// How the last `/health` poll went (`Answered` until the first poll).
+    poll: PollOutcome,
     /// Whether the last failure counted against this shard was a timeout (connect or
     /// handshake): what an overloaded LB sees from every shard at once. Panic routing
     /// only passes breakers opened this way, never one opened by refusals or errors.
@@ -93,8 +90,7 @@ impl<T> ShardState<T> {
             polled_relays: 0,
             reported: Reported::Ok,
             told_by_upgrade: false,
-            health_ok: true,
-            poll_unreachable: false,
+            poll: PollOutcome::Answered,
             timed_out: false,
             listed: true,
             removed_at: None,
@@ -105,14 +101,20 @@ impl<T> ShardState<T> {
     /// Refused by a breaker that timeouts opened while its health polls pass: the sign of
     /// this LB's own overload rather than the shard's (see [`ShardPool::panic_select`]).
     fn refused_by_own_overload(&self) -> bool {
-        self.health_ok && self.timed_out && self.breaker.state() != BreakerState::Closed
+        self.health_ok() && self.timed_out && self.breaker.state() != BreakerState::Closed
+    }
+
+    fn health_ok(&self) -> bool {
+        self.poll == PollOutcome::Answered
     }
 
     /// Refused by a breaker that timeouts opened on a shard this LB can still connect to
     /// (its polls pass, or connect and time out): busy or hung, or this LB overloaded — not
     /// down or cut off. The client should back off (1013).
     fn refused_as_overloaded(&self) -> bool {
-        !self.poll_unreachable && self.timed_out && self.breaker.state() != BreakerState::Closed
+        self.poll != PollOutcome::Unreachable
+            && self.timed_out
+            && self.breaker.state() != BreakerState::Closed
     }
 
     fn member(&self, now: Instant, slow_start: Duration) -> MemberState {
@@ -126,9 +128,9 @@ impl<T> ShardState<T> {
         }
     }
 
-    /// A `/health` poll failed (no answer, or no connection).
-    fn poll_failed(&mut self) {
-        self.health_ok = false;
+    /// A `/health` poll failed (`NoAnswer` or `Unreachable`).
+    fn poll_failed(&mut self, outcome: PollOutcome) {
+        self.poll = outcome;
         if self.told_by_upgrade {
             self.told_by_upgrade = false;
             self.reported = Reported::Ok;
@@ -145,6 +147,16 @@ impl<T> ShardState<T> {
         let delta = relays as f64 - self.polled_relays as f64;
         (self.utilization + delta / self.capacity as f64).clamp(0.0, 1.0)
     }
+}
+
+/// How a shard's last `/health` poll went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PollOutcome {
+    Answered,
+    /// Connected, but no usable answer in time: a hung shard, or this LB too busy to read it.
+    NoAnswer,
+    /// Could not connect (refused, or the connect timed out): down or cut off from this LB.
+    Unreachable,
 }
 
 #[derive(Debug)]
@@ -601,8 +613,7 @@ impl<T> ShardPool<T> {
             s.polled_relays = slot.relays.load(Ordering::Relaxed);
             s.reported = reported;
             s.told_by_upgrade = false;
-            s.health_ok = true;
-            s.poll_unreachable = false;
+            s.poll = PollOutcome::Answered;
             if s.listed && s.admitted.is_none() && reported.takes_clients() {
                 s.admitted = Some((!self.settings.slow_start.is_zero()).then_some(now));
             }
@@ -615,8 +626,7 @@ impl<T> ShardPool<T> {
     pub fn set_health_unreachable(&self, index: usize) {
         if let Some(slot) = self.slots.get(index) {
             if let Some(s) = slot.state.lock().as_mut() {
-                s.poll_failed();
-                s.poll_unreachable = false;
+                s.poll_failed(PollOutcome::NoAnswer);
             }
         }
     }
@@ -635,8 +645,7 @@ impl<T> ShardPool<T> {
         let transition = self.slots.get(index).and_then(|slot| {
             let mut s = slot.state.lock();
             let s = s.as_mut()?;
-            s.poll_failed();
-            s.poll_unreachable = true;
+            s.poll_failed(PollOutcome::Unreachable);
             if s.breaker.state() != BreakerState::Closed {
                 return None;
             }
@@ -657,7 +666,7 @@ impl<T> ShardPool<T> {
                 s.listed
                     && s.admitted.is_some()
                     && s.reported.takes_clients()
-                    && counts_as_available(&s.breaker, s.health_ok, now)
+                    && counts_as_available(&s.breaker, s.health_ok(), now)
             })
         })
     }
@@ -692,10 +701,10 @@ impl<T> ShardPool<T> {
                     recent_failures: s.window.failures(now),
                     failure_rate,
                     reported: s.reported,
-                    health_ok: s.health_ok,
+                    health_ok: s.health_ok(),
                     admits: member.takes_clients()
                         && s.reported.takes_clients()
-                        && counts_as_available(&s.breaker, s.health_ok, now),
+                        && counts_as_available(&s.breaker, s.health_ok(), now),
                 })
             })
             .collect()

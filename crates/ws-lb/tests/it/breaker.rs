@@ -268,20 +268,25 @@ async fn a_trial_refused_by_a_starting_shard_leaves_the_breaker_half_open() {
     let shard = test_support::start_warming_shard_at(addr, Duration::from_secs(600)).await;
     let attempts = |page: &str| metric(page, "ws_handshake_attempts_total", &["shard_id=\"0\""]);
     // Until the open timeout has run out, clients are refused without an attempt (1012);
-    // the first one after it is the breaker's trial.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let trial_close = loop {
-        let mut ws = connect(&lb.ws_url()).await.unwrap();
-        let close = next_event(&mut ws, Duration::from_secs(15)).await.unwrap();
-        if attempts(&lb.metrics().await) > 0.0 {
-            break close;
-        }
-        assert_eq!(close, Event::Close(1012, UNAVAILABLE.reason.into()));
-        assert!(tokio::time::Instant::now() < deadline, "no trial in 20 s");
-        // A poll interval over state in another task, not synchronisation.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert_eq!(trial_close, Event::Close(1012, UNAVAILABLE.reason.into()));
+    // the first one after it is the breaker's trial. Each client is closed before the next.
+    let unavailable = Event::Close(1012, UNAVAILABLE.reason.into());
+    let trial_close = std::sync::Mutex::new(None);
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            let mut ws = connect(&lb.ws_url()).await.unwrap();
+            let close = next_event(&mut ws, Duration::from_secs(15)).await.unwrap();
+            if attempts(&lb.metrics().await) == 0.0 {
+                assert_eq!(close, unavailable, "refused by the open breaker");
+                return false;
+            }
+            *trial_close.lock().unwrap() = Some(close);
+            true
+        })
+        .await,
+        "no trial in 20 s"
+    );
+    let trial_close = trial_close.into_inner().unwrap().unwrap();
+    assert_eq!(trial_close, unavailable);
     let page = lb.metrics().await;
     assert_eq!(attempts(&page), 1.0);
     assert_eq!(
@@ -300,7 +305,7 @@ async fn a_trial_refused_by_a_starting_shard_leaves_the_breaker_half_open() {
     let mut ws = connect(&lb.ws_url()).await.unwrap();
     assert_eq!(
         next_event(&mut ws, Duration::from_secs(15)).await.unwrap(),
-        Event::Close(1012, UNAVAILABLE.reason.into())
+        unavailable
     );
     assert_eq!(attempts(&lb.metrics().await), 1.0);
     shard.kill();
