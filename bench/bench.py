@@ -443,14 +443,32 @@ def start_target(procs, target):
 
 
 def perf_stat(pids):
-    """`perf stat` counting every syscall (and context switches) of `pids` and their threads
-    until `counts()` is called."""
-    out = Path(tempfile.mkdtemp()) / "perf.csv"
-    proc = subprocess.Popen(["perf", "stat", "-x,", "-o", str(out), "-e",
-                             "syscalls:sys_enter_*,context-switches,cpu-migrations",
+    """`perf stat` counting every syscall (and context switches) of `pids` and their threads,
+    from when it has attached to every thread (its control FIFO acknowledges `enable`) until
+    `counts()` is called."""
+    tmp = Path(tempfile.mkdtemp())
+    out, ctl, ack = tmp / "perf.csv", tmp / "ctl", tmp / "ack"
+    os.mkfifo(ctl)
+    os.mkfifo(ack)
+    proc = subprocess.Popen(["perf", "stat", "-x,", "-o", str(out), "-D", "-1", "--control", f"fifo:{ctl},{ack}",
+                             "-e", "syscalls:sys_enter_*,context-switches,cpu-migrations",
                              "-p", ",".join(str(p) for p in pids)], stderr=subprocess.DEVNULL)
+    # perf opens its control FIFO once it is attached; until then opening the write end fails.
+    deadline = time.time() + 30
+    while True:
+        try:
+            fd = os.open(ctl, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                raise SystemExit("perf stat did not start (perf_event_paranoid? missing tracepoints?)")
+            time.sleep(0.01)
+    os.write(fd, b"enable\n")
+    with open(ack, "rb") as a:
+        a.readline()
 
     def counts():
+        os.close(fd)
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
         found = {}
@@ -459,9 +477,6 @@ def perf_stat(pids):
             if len(f) > 2 and f[0].replace(".", "", 1).isdigit():
                 found[f[2].replace("syscalls:sys_enter_", "")] = float(f[0])
         return found
-    # perf attaches to every thread before it counts: give it that moment (not synchronisation
-    # of the servers; a syscall missed here is missed in every target alike).
-    time.sleep(0.5)
     return counts
 
 
