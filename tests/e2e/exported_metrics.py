@@ -67,7 +67,7 @@ def main():
                            "--backend-urls", f"ws://127.0.0.1:{ports['shard']}/ws"])
         wait(f"http://127.0.0.1:{ports['lb']}/health", check=lambda b: '"status":"ok"' in b)
         asyncio.run(traffic(ports["lb"], ports["shard_admin"]))
-        # Kafka lag comes from librdkafka statistics, once a second.
+        # Kafka lag comes from the consumer's status tick (high-water marks), once a second.
         wait(f"http://127.0.0.1:{ports['kshard_admin']}/metrics", check=lambda b: "ws_kafka_consumer_lag" in b)
         exported = set()
         for key in ["shard_admin", "kshard_admin", "lb_admin"]:

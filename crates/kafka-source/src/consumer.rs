@@ -248,17 +248,47 @@ fn replaced_logs(
 
 /// Blocking: the high-water mark of every partition we read, `None` where the broker did not
 /// answer in time.
+///
+/// Asked on the probe, never on the fetching client: a broker answers one connection's
+/// requests in order, so a ListOffsets that is slow to answer (tansu reading its storage
+/// after a restart) held every fetch queued behind it on that connection, and a tick's
+/// requests that timed out on our side were still answered, in order, by the broker: the
+/// fetching connection's backlog grew tick after tick and a shard received no record for
+/// two minutes (librdkafka: "Timed out ListOffsetsRequest in flight ... possibly held back
+/// by preceeding FetchRequest"; found in CI's `kafka-restart` cluster scenario). One
+/// ListOffsets per broker for every partition (latest offset: timestamp -1), not two per
+/// partition, so that a slow broker gets one more request per tick, not 2 × partitions.
 fn survey(
-    consumer: &StreamConsumer<Ctx>,
+    probe: &BaseConsumer<Ctx>,
     next: &[(String, i32, i64)],
 ) -> Vec<((String, i32), i64, Option<i64>)> {
+    let mut ask = TopicPartitionList::new();
+    for (topic, partition, _) in next {
+        // For ListOffsets the "offset" is the timestamp asked for; -1 (END) is the latest.
+        let _ = ask.add_partition_offset(topic, *partition, Offset::End);
+    }
+    let marks: HashMap<(String, i32), i64> = if next.is_empty() {
+        HashMap::new()
+    } else {
+        probe
+            .offsets_for_times(ask, Duration::from_millis(800))
+            .map(|got| {
+                got.elements()
+                    .iter()
+                    .filter(|e| e.error().is_ok())
+                    .filter_map(|e| match e.offset() {
+                        Offset::Offset(h) => Some(((e.topic().to_owned(), e.partition()), h)),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
     next.iter()
         .map(|(topic, partition, next)| {
-            let high = consumer
-                .fetch_watermarks(topic, *partition, Duration::from_millis(800))
-                .ok()
-                .map(|(_, h)| h);
-            ((topic.clone(), *partition), *next, high)
+            let key = (topic.clone(), *partition);
+            let high = marks.get(&key).copied();
+            (key, *next, high)
         })
         .collect()
 }
@@ -290,14 +320,13 @@ struct TickReport {
 /// position twice in a row is then checked for (only where we know the log's first record:
 /// `known`; the others are kept).
 fn tick_check(
-    consumer: &StreamConsumer<Ctx>,
     probe: &BaseConsumer<Ctx>,
     topics: &[String],
     positions: &[(String, i32, i64)],
     suspects: &[(String, i32)],
     known: &HashMap<(String, i32), i64>,
 ) -> TickReport {
-    let marks = survey(consumer, positions);
+    let marks = survey(probe, positions);
     let now: Vec<(String, i32)> = marks
         .iter()
         .filter(|(_, next, h)| h.is_some_and(|h| h >= 0 && h < *next))
@@ -470,9 +499,9 @@ pub async fn run<W: AsyncWrite + Unpin>(
                     .iter()
                     .flat_map(|(t, ps)| ps.iter().filter_map(|(p, r)| Some(((t.clone(), *p), r.first_ms?))))
                     .collect();
-                let (c, p, topics, was) = (consumer.clone(), probe.clone(), cfg.topics.clone(), suspects.clone());
+                let (p, topics, was) = (probe.clone(), cfg.topics.clone(), suspects.clone());
                 checking = Some(tokio::task::spawn_blocking(move || {
-                    tick_check(&c, &p, &topics, &positions, &was, &known)
+                    tick_check(&p, &topics, &positions, &was, &known)
                 }));
                 continue;
             }

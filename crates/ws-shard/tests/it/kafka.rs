@@ -10,7 +10,7 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use test_support::http::{get, metric, wait_until};
 use test_support::start_shards;
-use test_support::ws::{connect, next_msg, send, subscribe, Client};
+use test_support::ws::{connect, next_event, next_msg, send, subscribe, Client, Event};
 use ws_protocol::ServerMessage;
 
 fn kafka(brokers: &str, start: StartPosition) -> ws_shard::SourceConfig {
@@ -216,6 +216,94 @@ async fn broker_loss_keeps_clients_and_resumes_without_gap_or_duplicate() {
         next_msg(&mut ws).await.unwrap(),
         ServerMessage::Pong { id: Some(1) },
         "the client stayed connected"
+    );
+    p.flush(Duration::from_secs(5)).unwrap();
+    srv.kill();
+}
+
+/// A broker slow to answer fetches must still deliver, and the shard must still see how far
+/// behind it is. The status tick asks for high-water marks every second with an 800 ms
+/// timeout; asked on the fetching client, that request queued on the fetching connection
+/// behind a slow fetch (a broker answers a connection's requests in order), timed out, and
+/// librdkafka drops a connection on a timed-out request (`socket.max.fails=1`), the fetch's
+/// answer with it: once fetches took longer than the tick's timeout, no fetch ever
+/// completed. Found in CI's `kafka-restart` cluster scenario (one shard got no record for
+/// two minutes after tansu's restart; librdkafka: "Timed out ListOffsetsRequest in flight
+/// ... possibly held back by preceeding FetchRequest"). Here the mock broker answers every
+/// fetch 6 s late; the lag must show the records produced meanwhile, and they must arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_slow_to_answer_fetches_still_delivers() {
+    use rdkafka::types::RDKafkaApiKey::Fetch;
+    let mock = test_support::kafka::MockKafka::new(1);
+    mock.cluster().create_topic("trades", 1, 1).unwrap();
+    let brokers = mock.bootstrap_servers();
+    let srv = start_shards(1, |c| c.source = kafka(&brokers, StartPosition::Latest)).await;
+    wait_source_connected(&srv).await;
+    let mut ws = connect(&srv.ws_url(0)).await.unwrap();
+    subscribe(&mut ws, &["trades.A"]).await.unwrap();
+    let p = producer(&brokers);
+    let first = produce(&p, "A", "0").await.1;
+    assert_eq!(messages(&mut ws, 1).await[0].1, first as u64);
+
+    // From here on every fetch is answered 6 s late (no error, just late).
+    const LATE: usize = 1000;
+    mock.answer_late(1, Fetch, LATE, Duration::from_secs(6));
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            mock.late_answers_left(1, Fetch) < LATE
+        })
+        .await,
+        "the consumer fetches"
+    );
+    // One batch (the mock answers a fetch with one batch), so that one late fetch brings all.
+    let batching: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("linger.ms", "100")
+        .create()
+        .unwrap();
+    let payloads: Vec<String> = (1..=5).map(|n: i32| n.to_string()).collect();
+    let pending: Vec<_> = payloads
+        .iter()
+        .map(|v| {
+            batching
+                .send_result(FutureRecord::to("trades").key("A").payload(v))
+                .map_err(|(e, _)| e)
+                .unwrap()
+        })
+        .collect();
+    let mut offsets = Vec::new();
+    for f in pending {
+        offsets.push(f.await.unwrap().map_err(|(e, _)| e).unwrap().offset as u64);
+    }
+    // Until the late fetch brings them (at least 6 s), the tick reports them as lag.
+    let lag = || async {
+        metric(
+            &srv.metrics().await,
+            kafka_source::LAG,
+            &["topic=\"trades\"", "partition=\"0\""],
+        )
+    };
+    assert!(
+        wait_until(Duration::from_secs(20), || async { lag().await == 5.0 }).await,
+        "the lag shows the 5 records a late fetch holds (last seen {})",
+        lag().await
+    );
+    let mut seqs = Vec::new();
+    while seqs.len() < offsets.len() {
+        match next_event(&mut ws, Duration::from_secs(30)).await {
+            Ok(Event::Msg(ServerMessage::Message { seq, .. })) => seqs.push(seq),
+            Ok(Event::Msg(_)) => {}
+            other => panic!(
+                "records produced while fetches are answered 6 s late did not arrive in 30 s \
+                 (got {seqs:?} of {offsets:?}; {other:?}): is a status request on the \
+                 fetching connection timing out and taking the fetch down with it?"
+            ),
+        }
+    }
+    assert_eq!(seqs, offsets, "no gap, no duplicate");
+    assert!(
+        wait_until(Duration::from_secs(20), || async { lag().await == 0.0 }).await,
+        "the lag is back to 0 once they are read"
     );
     p.flush(Duration::from_secs(5)).unwrap();
     srv.kill();

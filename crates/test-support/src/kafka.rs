@@ -1,0 +1,97 @@
+//! librdkafka's mock cluster (the real Kafka protocol over TCP, in this process) with the one
+//! control rdkafka's safe API lacks: a broker that answers one kind of request late, as a real
+//! broker slow at one thing (tansu reading its storage after a restart) does.
+
+use std::os::raw::c_int;
+use std::time::Duration;
+
+use rdkafka::bindings as rd;
+use rdkafka::config::ClientConfig;
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{BaseProducer, DefaultProducerContext, Producer};
+use rdkafka::types::RDKafkaApiKey;
+
+/// A mock cluster owned by a client (`test.mock.num.brokers`), so that its raw handle can be
+/// reached; dropped with it.
+pub struct MockKafka {
+    owner: BaseProducer,
+}
+
+impl std::fmt::Debug for MockKafka {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MockKafka")
+            .field("bootstrap", &self.bootstrap_servers())
+            .finish()
+    }
+}
+
+impl MockKafka {
+    /// A cluster of `brokers` brokers (ids 1..=brokers).
+    pub fn new(brokers: usize) -> Self {
+        let owner: BaseProducer = ClientConfig::new()
+            .set("test.mock.num.brokers", brokers.to_string())
+            .create()
+            .expect("mock cluster");
+        Self { owner }
+    }
+
+    /// rdkafka's safe handle on the cluster (topics, broker up/down, ...).
+    pub fn cluster(&self) -> MockCluster<'_, DefaultProducerContext> {
+        self.owner.client().mock_cluster().expect("a mock cluster")
+    }
+
+    pub fn bootstrap_servers(&self) -> String {
+        self.cluster().bootstrap_servers()
+    }
+
+    /// The next `count` requests of kind `api` that broker `broker` receives, on any
+    /// connection, are answered correctly but `delay` late. A broker answers a connection's
+    /// requests in order, and so does the mock: whatever follows a late answer on the same
+    /// connection waits for it.
+    pub fn answer_late(&self, broker: i32, api: RDKafkaApiKey, count: usize, delay: Duration) {
+        let rtt_ms = c_int::try_from(delay.as_millis()).unwrap_or(c_int::MAX);
+        for _ in 0..count {
+            let err = self.raw(|m| {
+                // SAFETY: `m` is the live cluster of `self.owner`; the variadic arguments are
+                // `count` (here 1) pairs of (rd_kafka_resp_err_t, int rtt_ms), as documented
+                // in rdkafka_mock.h.
+                #[allow(unsafe_code)]
+                unsafe {
+                    rd::rd_kafka_mock_broker_push_request_error_rtts(
+                        m,
+                        broker,
+                        i16::from(api),
+                        1,
+                        rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR as c_int,
+                        rtt_ms,
+                    )
+                }
+            });
+            assert_eq!(err, rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR);
+        }
+    }
+
+    /// How many of the late answers `answer_late` queued for `broker` and `api` are still to
+    /// be used by a request.
+    pub fn late_answers_left(&self, broker: i32, api: RDKafkaApiKey) -> usize {
+        let mut n = 0usize;
+        let err = self.raw(|m| {
+            // SAFETY: `m` is the live cluster of `self.owner`; `n` outlives the call.
+            #[allow(unsafe_code)]
+            unsafe {
+                rd::rd_kafka_mock_broker_error_stack_cnt(m, broker, i16::from(api), &mut n)
+            }
+        });
+        assert_eq!(err, rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR);
+        n
+    }
+
+    fn raw<T>(&self, f: impl FnOnce(*mut rd::rd_kafka_mock_cluster_t) -> T) -> T {
+        // SAFETY: the client is alive for the borrow of `self`; librdkafka returns its mock
+        // cluster (or null, checked below), which lives as long as the client.
+        #[allow(unsafe_code)]
+        let m = unsafe { rd::rd_kafka_handle_mock_cluster(self.owner.client().native_ptr()) };
+        assert!(!m.is_null(), "the client owns a mock cluster");
+        f(m)
+    }
+}
