@@ -72,11 +72,13 @@ const TICK: Duration = Duration::from_secs(1);
 /// Remembers an "all brokers down" error until the next status tick.
 struct Ctx {
     latest: Mutex<Option<Status>>,
+    /// Which of the two clients, in its log lines: `fetch` or `probe`.
+    client: &'static str,
 }
 
 impl ClientContext for Ctx {
     fn error(&self, error: KafkaError, reason: &str) {
-        tracing::warn!(%error, reason, "kafka client error");
+        tracing::warn!(%error, reason, client = self.client, "kafka client error");
         if matches!(
             error.rdkafka_error_code(),
             Some(rdkafka::types::RDKafkaErrorCode::AllBrokersDown)
@@ -120,9 +122,25 @@ fn client<C: FromClientConfigAndContext<Ctx>>(
         .map_err(|e| SourceError::Config(format!("kafka client: {e}")))
 }
 
-fn new_ctx() -> Ctx {
+fn new_ctx(client: &'static str) -> Ctx {
     Ctx {
         latest: Mutex::new(None),
+        client,
+    }
+}
+
+/// Blocking: serves what librdkafka queued for the probe since the last call, its log lines
+/// and errors. rust-rdkafka routes both through the client's queue (`log.queue`), which
+/// only a poll serves, and the probe is polled nowhere else but while it reads first
+/// records: unserved, they piled up for as long as the broker was unreachable (a
+/// ws-shard's consumer process grew by ~2.5 KiB/s during a broker outage).
+fn serve_events(probe: &BaseConsumer<Ctx>) {
+    // The probe is assigned nothing here, so a poll returns no record: `Some` is an error
+    // event (already handed to `Ctx::error`), `None` means nothing came within 1 ms.
+    for _ in 0..1000 {
+        if probe.poll(Duration::from_millis(1)).is_none() {
+            break;
+        }
     }
 }
 
@@ -326,6 +344,7 @@ fn tick_check(
     suspects: &[(String, i32)],
     known: &HashMap<(String, i32), i64>,
 ) -> TickReport {
+    serve_events(probe);
     let marks = survey(probe, positions);
     let now: Vec<(String, i32)> = marks
         .iter()
@@ -366,10 +385,15 @@ pub async fn run<W: AsyncWrite + Unpin>(
     // writer that holds bytes back until some later event (std's line-buffered stdout did,
     // until a newline byte happened to pass) delays the last record before a lull forever.
     let mut out = Events::new(out);
-    let probe: Arc<BaseConsumer<Ctx>> = Arc::new(client(&cfg, new_ctx())?);
+    let probe: Arc<BaseConsumer<Ctx>> = Arc::new(client(&cfg, new_ctx("probe"))?);
     let parts = loop {
         let (p, topics) = (probe.clone(), cfg.topics.clone());
-        match tokio::task::spawn_blocking(move || discover(&p, &topics)).await {
+        match tokio::task::spawn_blocking(move || {
+            serve_events(&p);
+            discover(&p, &topics)
+        })
+        .await
+        {
             Ok(Ok(parts)) => break parts,
             Ok(Err(e)) => tracing::warn!(error = %e, "kafka metadata not available yet; retrying"),
             Err(e) => return Err(SourceError::Fatal(e.to_string())),
@@ -472,7 +496,7 @@ pub async fn run<W: AsyncWrite + Unpin>(
         return Ok(ConsumerEnd::OutputClosed);
     }
 
-    let consumer: Arc<StreamConsumer<Ctx>> = Arc::new(client(&cfg, new_ctx())?);
+    let consumer: Arc<StreamConsumer<Ctx>> = Arc::new(client(&cfg, new_ctx("fetch"))?);
     consumer
         .assign(&tpl)
         .map_err(|e| SourceError::Fatal(format!("assign: {e}")))?;
