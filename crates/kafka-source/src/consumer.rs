@@ -61,6 +61,9 @@ pub enum ConsumerEnd {
     Shutdown,
     /// A partition's log is shorter than our position: start over with a fresh client.
     Recreated,
+    /// A topic has partitions we do not read (partitions were added to it): start over, so
+    /// that the new consumer assigns them too.
+    Repartitioned,
     /// Nobody reads the events any more.
     OutputClosed,
 }
@@ -205,6 +208,76 @@ fn probe_first_records(
     found
 }
 
+/// Where a partition (log from `low` to `high`, first record `first_record_ms`) is read from,
+/// and whether its log is not the one `resume` was read from (recreated).
+fn start_of(
+    cfg: &ConsumerConfig,
+    resume: Option<&Resume>,
+    topic: &str,
+    (low, high): (i64, i64),
+    first_record_ms: Option<i64>,
+) -> (i64, bool) {
+    match resume {
+        // A high-water mark below our position can be stale (see `replaced_logs`): the
+        // log is replaced only if its first record is not the one we knew.
+        Some(r)
+            if high < r.next
+                && (r.first_record_ms.is_none() || first_record_ms != r.first_record_ms) =>
+        {
+            (low, true)
+        }
+        Some(r) => (r.next, false),
+        // A partition of a topic an earlier consumer of this shard read, which that
+        // consumer did not have: added to the topic since. Everything in it was written
+        // after that consumer started, so all of it is new to our clients: from its start.
+        None if cfg.resume.iter().any(|r| r.topic == topic) => (low, false),
+        None => match cfg.start {
+            StartPosition::Latest => (high, false),
+            StartPosition::Back(n) => (
+                (high - i64::try_from(n).unwrap_or(i64::MAX)).max(low),
+                false,
+            ),
+        },
+    }
+}
+
+/// Blocking: the partitions of `topics` we do not read (`read`): partitions added to a
+/// topic since we assigned them. Manual assignment (no consumer group) means librdkafka
+/// never picks them up by itself, and a producer's partitioner sends some keys there.
+/// A topic whose metadata does not come back in time decides nothing.
+fn added_partitions(
+    probe: &BaseConsumer<Ctx>,
+    topics: &[String],
+    read: &[(String, i32, i64)],
+) -> Vec<(String, i32)> {
+    let mut added = Vec::new();
+    for topic in topics {
+        let Ok(md) = probe.fetch_metadata(Some(topic), Duration::from_millis(800)) else {
+            continue;
+        };
+        for t in md.topics().iter().filter(|t| t.error().is_none()) {
+            added.extend(unread(
+                t.name(),
+                t.partitions().iter().map(|p| p.id()),
+                read,
+            ));
+        }
+    }
+    added
+}
+
+/// Of `partitions` of `topic`, those not in `read`.
+fn unread(
+    topic: &str,
+    partitions: impl Iterator<Item = i32>,
+    read: &[(String, i32, i64)],
+) -> Vec<(String, i32)> {
+    partitions
+        .filter(|p| !read.iter().any(|(t, rp, _)| t == topic && rp == p))
+        .map(|p| (topic.to_owned(), p))
+        .collect()
+}
+
 /// What the consumer tracks of one partition it reads.
 struct Reading {
     /// Next offset to read.
@@ -330,7 +403,12 @@ struct TickReport {
     twice: Vec<(String, i32)>,
     /// Of those, the ones whose log is not the one we read.
     replaced: Vec<(String, i32)>,
+    /// Partitions of our topics we do not read (checked every `PARTITION_CHECK` ticks).
+    added: Vec<(String, i32)>,
 }
+
+/// Every how many ticks the topics' partition lists are checked for added partitions.
+const PARTITION_CHECK: u32 = 10;
 
 /// Blocking: one tick's round trips. High-water marks give the lag and tell whether the
 /// brokers answer; not every broker answers a fetch beyond the end of a recreated partition
@@ -343,6 +421,7 @@ fn tick_check(
     positions: &[(String, i32, i64)],
     suspects: &[(String, i32)],
     known: &HashMap<(String, i32), i64>,
+    check_partitions: bool,
 ) -> TickReport {
     serve_events(probe);
     let marks = survey(probe, positions);
@@ -365,11 +444,17 @@ fn tick_check(
     } else {
         replaced_logs(probe, topics, &ask)
     };
+    let added = if check_partitions {
+        added_partitions(probe, topics, positions)
+    } else {
+        Vec::new()
+    };
     TickReport {
         marks,
         now,
         twice,
         replaced,
+        added,
     }
 }
 
@@ -429,24 +514,13 @@ pub async fn run<W: AsyncWrite + Unpin>(
     let mut tpl = TopicPartitionList::new();
     for (topic, partition, low, high) in &parts {
         let first_record_ms = firsts.get(&(topic.clone(), *partition)).copied();
-        let (start, recreated) = match resume.get(&(topic.as_str(), *partition)) {
-            // A high-water mark below our position can be stale (see `replaced_logs`): the
-            // log is replaced only if its first record is not the one we knew.
-            Some(r)
-                if *high < r.next
-                    && (r.first_record_ms.is_none() || first_record_ms != r.first_record_ms) =>
-            {
-                (*low, true)
-            }
-            Some(r) => (r.next, false),
-            None => match cfg.start {
-                StartPosition::Latest => (*high, false),
-                StartPosition::Back(n) => (
-                    (*high - i64::try_from(n).unwrap_or(i64::MAX)).max(*low),
-                    false,
-                ),
-            },
-        };
+        let (start, recreated) = start_of(
+            &cfg,
+            resume.get(&(topic.as_str(), *partition)).copied(),
+            topic,
+            (*low, *high),
+            first_record_ms,
+        );
         tracing::info!(
             topic,
             partition,
@@ -511,6 +585,7 @@ pub async fn run<W: AsyncWrite + Unpin>(
     // Records came in since the last report: the brokers answer, however slowly the
     // watermark requests of a tick come back.
     let mut received = false;
+    let mut ticks: u32 = 0;
     loop {
         let frame = tokio::select! {
             _ = stop.cancelled() => return Ok(ConsumerEnd::Shutdown),
@@ -523,15 +598,17 @@ pub async fn run<W: AsyncWrite + Unpin>(
                     .iter()
                     .flat_map(|(t, ps)| ps.iter().filter_map(|(p, r)| Some(((t.clone(), *p), r.first_ms?))))
                     .collect();
+                ticks += 1;
+                let check_partitions = ticks % PARTITION_CHECK == 0;
                 let (p, topics, was) = (probe.clone(), cfg.topics.clone(), suspects.clone());
                 checking = Some(tokio::task::spawn_blocking(move || {
-                    tick_check(&p, &topics, &positions, &was, &known)
+                    tick_check(&p, &topics, &positions, &was, &known, check_partitions)
                 }));
                 continue;
             }
             report = async { checking.as_mut()?.await.ok() }, if checking.is_some() => {
                 checking = None;
-                let Some(TickReport { marks, now, twice, replaced }) = report else { continue };
+                let Some(TickReport { marks, now, twice, replaced, added }) = report else { continue };
                 let broker_down = consumer.context().latest.lock().take().is_some_and(|s| !s.connected);
                 let connected = !broker_down && answered(&marks, received);
                 received = false;
@@ -542,6 +619,10 @@ pub async fn run<W: AsyncWrite + Unpin>(
                 if !replaced.is_empty() {
                     tracing::warn!(partitions = ?replaced, "kafka partition log shorter than our position twice in a row and its first record changed: recreated");
                     return Ok(ConsumerEnd::Recreated);
+                }
+                if !added.is_empty() {
+                    tracing::warn!(partitions = ?added, "kafka topic has partitions we do not read (added since we assigned ours): restarting the consumer to read them from their start");
+                    return Ok(ConsumerEnd::Repartitioned);
                 }
                 if !twice.is_empty() {
                     tracing::debug!(partitions = ?twice, "kafka high-water mark below our position, same log: not recreated");
@@ -647,6 +728,8 @@ fn stdout_pipe() -> Option<tokio::net::unix::pipe::Sender> {
 
 /// Exit code of a consumer process that found a recreated partition.
 pub const EXIT_RECREATED: i32 = 3;
+/// Exit code of a consumer process that found partitions added to a topic.
+pub const EXIT_REPARTITIONED: i32 = 4;
 
 /// Entry point of the `ws-shard kafka-consumer` child process: reads its configuration as
 /// one JSON line on stdin, writes events to stdout, stops when stdin closes. Returns the
@@ -680,6 +763,7 @@ pub async fn child_main() -> i32 {
     };
     match result {
         Ok(ConsumerEnd::Recreated) => EXIT_RECREATED,
+        Ok(ConsumerEnd::Repartitioned) => EXIT_REPARTITIONED,
         Ok(_) => 0,
         Err(e) => {
             tracing::error!(error = %e, "kafka consumer failed");
@@ -690,7 +774,85 @@ pub async fn child_main() -> i32 {
 
 #[cfg(test)]
 mod tests {
-    use super::answered;
+    use super::{answered, start_of, unread, ConsumerConfig, Resume};
+    use crate::StartPosition;
+
+    fn cfg(start: StartPosition, resume: Vec<Resume>) -> ConsumerConfig {
+        ConsumerConfig {
+            brokers: String::new(),
+            topics: vec!["t".into(), "u".into()],
+            start,
+            resume,
+            fetch_wait_max_ms: 10,
+            properties: vec![],
+        }
+    }
+
+    fn resume(topic: &str, partition: i32, next: i64, first: Option<i64>) -> Resume {
+        Resume {
+            topic: topic.into(),
+            partition,
+            next,
+            first_record_ms: first,
+        }
+    }
+
+    #[test]
+    fn where_each_partition_is_read_from() {
+        // First start: the configured start position.
+        let first = cfg(StartPosition::Latest, vec![]);
+        assert_eq!(start_of(&first, None, "t", (5, 50), Some(1)), (50, false));
+        let back = cfg(StartPosition::Back(10), vec![]);
+        assert_eq!(start_of(&back, None, "t", (5, 50), Some(1)), (40, false));
+        assert_eq!(start_of(&back, None, "t", (45, 50), Some(1)), (45, false));
+
+        // A restart: known partitions resume where the last consumer was...
+        let known = resume("t", 0, 30, Some(1));
+        let again = cfg(StartPosition::Latest, vec![known.clone()]);
+        assert_eq!(
+            start_of(&again, Some(&known), "t", (5, 50), Some(1)),
+            (30, false)
+        );
+        // ...also under a stale (short) high-water mark of the same log...
+        assert_eq!(
+            start_of(&again, Some(&known), "t", (5, 20), Some(1)),
+            (30, false)
+        );
+        // ...but a shorter log with another first record is a new one: from its start.
+        assert_eq!(
+            start_of(&again, Some(&known), "t", (0, 20), Some(2)),
+            (0, true)
+        );
+
+        // A partition of a known topic that the last consumer did not have was added to the
+        // topic since: all of it is new, from its start (not `latest`: that would skip what
+        // was written to it before we noticed it).
+        assert_eq!(start_of(&again, None, "t", (0, 7), Some(3)), (0, false));
+        // A topic the last consumer had no partition of: the configured start.
+        assert_eq!(start_of(&again, None, "u", (0, 7), Some(3)), (7, false));
+    }
+
+    #[test]
+    fn partitions_not_read_are_found_per_topic() {
+        let read = vec![
+            ("t".to_owned(), 0, 5),
+            ("t".to_owned(), 1, 5),
+            ("u".to_owned(), 0, 1),
+        ];
+        assert!(unread("t", [0, 1].into_iter(), &read).is_empty());
+        assert_eq!(
+            unread("t", [0, 1, 2, 3].into_iter(), &read),
+            vec![("t".to_owned(), 2), ("t".to_owned(), 3)]
+        );
+        assert_eq!(
+            unread("u", [0, 1].into_iter(), &read),
+            vec![("u".to_owned(), 1)]
+        );
+        assert_eq!(
+            unread("v", [0].into_iter(), &read),
+            vec![("v".to_owned(), 0)]
+        );
+    }
 
     fn mark(h: Option<i64>) -> ((String, i32), i64, Option<i64>) {
         (("t".to_owned(), 0), 5, h)

@@ -513,7 +513,7 @@ impl MessageSource for KafkaSource {
                     .increment(0);
             }
         }
-        for reason in ["recreated", "exited", "crashed"] {
+        for reason in ["recreated", "repartitioned", "exited", "crashed"] {
             metrics::counter!(RESTARTS, "reason" => reason).increment(0);
         }
         let mut state = Partitions::new();
@@ -533,6 +533,7 @@ impl MessageSource for KafkaSource {
                     stop.cancel();
                     match task.await {
                         Ok(Ok(consumer::ConsumerEnd::Recreated)) => "recreated",
+                        Ok(Ok(consumer::ConsumerEnd::Repartitioned)) => "repartitioned",
                         Ok(Ok(_)) => "exited",
                         Ok(Err(e)) => return Err(e),
                         Err(_) => "crashed",
@@ -571,6 +572,9 @@ impl MessageSource for KafkaSource {
                     }
                     match tokio::time::timeout(Duration::from_secs(5), child.wait()).await {
                         Ok(Ok(s)) if s.code() == Some(consumer::EXIT_RECREATED) => "recreated",
+                        Ok(Ok(s)) if s.code() == Some(consumer::EXIT_REPARTITIONED) => {
+                            "repartitioned"
+                        }
                         Ok(Ok(s)) if s.success() => "exited",
                         Ok(Ok(s)) => {
                             tracing::error!(status = %s, "kafka consumer process died; restarting it");
@@ -586,7 +590,10 @@ impl MessageSource for KafkaSource {
                 reason,
                 "kafka consumer ended; starting a new one from the next offset of every partition"
             );
-            if started.elapsed() > Duration::from_secs(30) || reason == "recreated" {
+            if started.elapsed() > Duration::from_secs(30)
+                || reason == "recreated"
+                || reason == "repartitioned"
+            {
                 backoff = Duration::from_millis(100);
             }
             tokio::select! {
