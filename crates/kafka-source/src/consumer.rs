@@ -136,7 +136,8 @@ fn new_ctx(client: &'static str) -> Ctx {
 /// and errors. rust-rdkafka routes both through the client's queue (`log.queue`), which
 /// only a poll serves, and the probe is polled nowhere else but while it reads first
 /// records: unserved, they piled up for as long as the broker was unreachable (a
-/// ws-shard's consumer process grew by ~2.5 KiB/s during a broker outage).
+/// ws-shard's consumer process grew by 0.45-2.4 KiB/s during a broker outage; `make
+/// faults` scenario `broker-outage`).
 fn serve_events(probe: &BaseConsumer<Ctx>) {
     // The probe is assigned nothing here, so a poll returns no record: `Some` is an error
     // event (already handed to `Ctx::error`), `None` means nothing came within 1 ms.
@@ -341,14 +342,14 @@ fn replaced_logs(
 /// answer in time.
 ///
 /// Asked on the probe, never on the fetching client: a broker answers one connection's
-/// requests in order, so a ListOffsets that is slow to answer (tansu reading its storage
-/// after a restart) held every fetch queued behind it on that connection, and a tick's
-/// requests that timed out on our side were still answered, in order, by the broker: the
-/// fetching connection's backlog grew tick after tick and a shard received no record for
-/// two minutes (librdkafka: "Timed out ListOffsetsRequest in flight ... possibly held back
-/// by preceeding FetchRequest"; found in CI's `kafka-restart` cluster scenario). One
-/// ListOffsets per broker for every partition (latest offset: timestamp -1), not two per
-/// partition, so that a slow broker gets one more request per tick, not 2 × partitions.
+/// requests in order, so on the fetching connection this request waited behind a slow fetch
+/// (tansu reading its storage after a restart), timed out after 800 ms, and librdkafka
+/// drops a connection on a timed-out request (`socket.max.fails=1`), the fetch's answer with
+/// it: once fetches took longer than that, none completed and a shard received no record
+/// for two minutes (librdkafka: "Timed out ListOffsetsRequest in flight ... possibly held
+/// back by preceeding FetchRequest"; CI's `kafka-restart` cluster scenario; test
+/// `a_broker_slow_to_answer_fetches_still_delivers`). One ListOffsets per broker for every
+/// partition (latest offset: timestamp -1), not two per partition in sequence.
 fn survey(
     probe: &BaseConsumer<Ctx>,
     next: &[(String, i32, i64)],
