@@ -77,11 +77,53 @@ struct Ctx {
     latest: Mutex<Option<Status>>,
     /// Which of the two clients, in its log lines: `fetch` or `probe`.
     client: &'static str,
+    /// Error log lines held back, per error kind.
+    quiet: Mutex<Quiet>,
+}
+
+/// At most one log line per error kind and `QUIET_FOR`, with the count of those held back:
+/// librdkafka reports "all brokers down" about once a second per client while a broker is
+/// unreachable, which made ~2 warnings a second for the whole outage.
+#[derive(Default)]
+struct Quiet {
+    kinds: HashMap<String, (std::time::Instant, u64)>,
+}
+
+const QUIET_FOR: Duration = Duration::from_secs(10);
+
+impl Quiet {
+    /// Whether an error of `kind` at `now` is logged, and how many of its kind were held
+    /// back since the last one logged.
+    fn admit(&mut self, kind: &str, now: std::time::Instant) -> Option<u64> {
+        match self.kinds.get_mut(kind) {
+            Some((last, held)) if now.duration_since(*last) < QUIET_FOR => {
+                *held += 1;
+                None
+            }
+            Some((last, held)) => {
+                *last = now;
+                Some(std::mem::take(held))
+            }
+            None => {
+                // Kinds are error codes, a few dozen at most; bound it anyway.
+                if self.kinds.len() >= 64 {
+                    self.kinds.clear();
+                }
+                self.kinds.insert(kind.to_owned(), (now, 0));
+                Some(0)
+            }
+        }
+    }
 }
 
 impl ClientContext for Ctx {
     fn error(&self, error: KafkaError, reason: &str) {
-        tracing::warn!(%error, reason, client = self.client, "kafka client error");
+        let kind = error
+            .rdkafka_error_code()
+            .map_or_else(|| error.to_string(), |c| format!("{c:?}"));
+        if let Some(held_back) = self.quiet.lock().admit(&kind, std::time::Instant::now()) {
+            tracing::warn!(%error, reason, client = self.client, held_back, "kafka client error (one line per kind and 10 s; held_back: of this kind since the last)");
+        }
         if matches!(
             error.rdkafka_error_code(),
             Some(rdkafka::types::RDKafkaErrorCode::AllBrokersDown)
@@ -129,6 +171,7 @@ fn new_ctx(client: &'static str) -> Ctx {
     Ctx {
         latest: Mutex::new(None),
         client,
+        quiet: Mutex::new(Quiet::default()),
     }
 }
 
@@ -587,6 +630,7 @@ pub async fn run<W: AsyncWrite + Unpin>(
     // watermark requests of a tick come back.
     let mut received = false;
     let mut ticks: u32 = 0;
+    let mut consume_errors = Quiet::default();
     loop {
         let frame = tokio::select! {
             _ = stop.cancelled() => return Ok(ConsumerEnd::Shutdown),
@@ -637,7 +681,10 @@ pub async fn run<W: AsyncWrite + Unpin>(
                     record_frame(&m, &mut read)
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "kafka consume error");
+                    let kind = e.rdkafka_error_code().map_or_else(|| e.to_string(), |c| format!("{c:?}"));
+                    if let Some(held_back) = consume_errors.admit(&kind, std::time::Instant::now()) {
+                        tracing::warn!(error = %e, held_back, "kafka consume error (one line per kind and 10 s; held_back: of this kind since the last)");
+                    }
                     tokio::select! {
                         _ = stop.cancelled() => return Ok(ConsumerEnd::Shutdown),
                         _ = tokio::time::sleep(Duration::from_millis(100)) => {}
@@ -775,8 +822,9 @@ pub async fn child_main() -> i32 {
 
 #[cfg(test)]
 mod tests {
-    use super::{answered, start_of, unread, ConsumerConfig, Resume};
+    use super::{answered, start_of, unread, ConsumerConfig, Quiet, Resume};
     use crate::StartPosition;
+    use std::time::Duration;
 
     fn cfg(start: StartPosition, resume: Vec<Resume>) -> ConsumerConfig {
         ConsumerConfig {
@@ -831,6 +879,22 @@ mod tests {
         assert_eq!(start_of(&again, None, "t", (0, 7), Some(3)), (0, false));
         // A topic the last consumer had no partition of: the configured start.
         assert_eq!(start_of(&again, None, "u", (0, 7), Some(3)), (7, false));
+    }
+
+    #[test]
+    fn a_repeated_client_error_is_logged_once_per_kind_and_interval() {
+        let mut q = Quiet::default();
+        let t0 = std::time::Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        assert_eq!(q.admit("AllBrokersDown", at(0)), Some(0));
+        assert_eq!(q.admit("AllBrokersDown", at(1_000)), None);
+        assert_eq!(q.admit("AllBrokersDown", at(2_000)), None);
+        // Another kind is not held back by the first.
+        assert_eq!(q.admit("BrokerTransportFailure", at(2_500)), Some(0));
+        // After the interval: logged, with the count held back meanwhile.
+        assert_eq!(q.admit("AllBrokersDown", at(10_000)), Some(2));
+        assert_eq!(q.admit("AllBrokersDown", at(10_500)), None);
+        assert_eq!(q.admit("AllBrokersDown", at(20_000)), Some(1));
     }
 
     #[test]
