@@ -322,11 +322,14 @@ def scenario_broker_outage(outage_s=150, settle_s=30):
         if len(children) != 1:
             raise RuntimeError(f"expected one consumer process under ws-shard, found {children}")
         child = int(children[0])
+        log = Path(procs.log_path("shard"))
+        lines_before = len(log.read_text(errors="replace").splitlines())
         procs.kill("tansu")
         t0, samples = time.time(), []
         while time.time() - t0 < outage_s:
             samples.append((time.time() - t0, rss_kib(child)))
-            time.sleep(5)
+            time.sleep(5)  # pacing: the sampling interval of a fixed-length outage, not a wait for an event
+        log_lines = len(log.read_text(errors="replace").splitlines()) - lines_before
         settled = [(t, y) for t, y in samples if t >= settle_s]
         growth = slope(settled)
         disconnected = not get_json(f"http://127.0.0.1:{port}/health")["source"]["connected"]
@@ -342,7 +345,7 @@ def scenario_broker_outage(outage_s=150, settle_s=30):
             pass
         figures = {"outage_s": outage_s, "rss_kib_first": samples[0][1], "rss_kib_last": samples[-1][1],
                    "rss_growth_kib_per_s": round(growth, 3), "samples": samples,
-                   "consumer_connected_again_after_s": back}
+                   "consumer_connected_again_after_s": back, "shard_log_lines_during_outage": log_lines}
         return figures, [
             ("the shard reported its consumer disconnected during the outage", disconnected),
             (f"consumer RSS growth over the outage after {settle_s} s: {growth:.3f} KiB/s (< 0.25)", growth < 0.25),
@@ -489,7 +492,8 @@ def main():
         for label, c in checks:
             print(f"    {'ok ' if c else 'BAD'} {label}")
         print("    " + json.dumps(figures))
-    results["_run"] = {"command": " ".join(sys.argv), "binaries": str(BIN), "commit": bench.commit_of(BIN),
+    results["commit"] = bench.commit_of(BIN)
+    results["_run"] = {"command": " ".join(sys.argv), "binaries": str(BIN), "non_default_flags": [],
                        "script_commit": bench.commit_of(REPO), "machine": bench.machine()}
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"faults-{time.strftime('%Y%m%dT%H%M%S')}.json"
