@@ -192,11 +192,17 @@ fn serve_events(probe: &BaseConsumer<Ctx>) {
 }
 
 /// Blocking: partitions and watermarks of every topic.
+///
+/// The marks of all partitions come in two ListOffsets requests per broker (earliest:
+/// timestamp -2, latest: -1), not two requests per partition one after the other
+/// (`fetch_watermarks`): with 64 partitions a start took 128 round trips to the broker
+/// before the first fetch.
 fn discover(
     consumer: &BaseConsumer<Ctx>,
     topics: &[String],
 ) -> Result<Vec<(String, i32, i64, i64)>, KafkaError> {
-    let mut out = Vec::new();
+    let (mut earliest, mut latest) = (TopicPartitionList::new(), TopicPartitionList::new());
+    let mut order = Vec::new();
     for topic in topics {
         let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(5))?;
         for t in md.topics() {
@@ -204,18 +210,46 @@ fn discover(
                 return Err(KafkaError::MetadataFetch(e.into()));
             }
             for p in t.partitions() {
-                let (low, high) =
-                    consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(5))?;
-                out.push((topic.clone(), p.id(), low, high));
+                // For ListOffsets the "offset" is the timestamp asked for.
+                earliest.add_partition_offset(topic, p.id(), Offset::Beginning)?;
+                latest.add_partition_offset(topic, p.id(), Offset::End)?;
+                order.push((topic.clone(), p.id()));
             }
         }
     }
-    if out.is_empty() {
+    if order.is_empty() {
         return Err(KafkaError::MetadataFetch(
             rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition,
         ));
     }
-    Ok(out)
+    let low = marks(consumer.offsets_for_times(earliest, Duration::from_secs(5))?)?;
+    let high = marks(consumer.offsets_for_times(latest, Duration::from_secs(5))?)?;
+    order
+        .into_iter()
+        .map(|key| match (low.get(&key), high.get(&key)) {
+            (Some(&l), Some(&h)) => Ok((key.0, key.1, l, h)),
+            // Every partition asked is in the answer; one missing is the broker's fault.
+            _ => Err(KafkaError::MetadataFetch(
+                rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition,
+            )),
+        })
+        .collect()
+}
+
+/// The offsets of a ListOffsets answer by partition; any partition's error is the answer's.
+fn marks(got: TopicPartitionList) -> Result<HashMap<(String, i32), i64>, KafkaError> {
+    got.elements()
+        .iter()
+        .map(|e| {
+            e.error()?;
+            match e.offset() {
+                Offset::Offset(o) => Ok(((e.topic().to_owned(), e.partition()), o)),
+                _ => Err(KafkaError::OffsetFetch(
+                    rdkafka::types::RDKafkaErrorCode::OffsetNotAvailable,
+                )),
+            }
+        })
+        .collect()
 }
 
 /// Blocking: the timestamp of the record at `low` in each non-empty partition.

@@ -1,6 +1,7 @@
 //! librdkafka's mock cluster (the real Kafka protocol over TCP, in this process) with the one
 //! control rdkafka's safe API lacks: a broker that answers one kind of request late, as a real
-//! broker slow at one thing (tansu reading its storage after a restart) does.
+//! broker slow at one thing (tansu reading its storage after a restart) does, and a record of
+//! the requests the brokers received.
 
 use std::os::raw::c_int;
 use std::time::Duration;
@@ -84,6 +85,41 @@ impl MockKafka {
         });
         assert_eq!(err, rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR);
         n
+    }
+
+    /// From now on the brokers record every request they receive (read with `requests`).
+    pub fn track_requests(&self) {
+        self.raw(|m| {
+            // SAFETY: `m` is the live cluster of `self.owner`.
+            #[allow(unsafe_code)]
+            unsafe {
+                rd::rd_kafka_mock_start_request_tracking(m)
+            }
+        });
+    }
+
+    /// The API keys of the requests received since `track_requests`, in the order the
+    /// brokers received them.
+    pub fn requests(&self) -> Vec<i16> {
+        self.raw(|m| {
+            let mut n = 0usize;
+            // SAFETY: `m` is the live cluster of `self.owner`; librdkafka returns an array
+            // of `n` request pointers that we own and free with its destroy function after
+            // reading each one's API key.
+            #[allow(unsafe_code)]
+            unsafe {
+                let reqs = rd::rd_kafka_mock_get_requests(m, &mut n);
+                if reqs.is_null() {
+                    return Vec::new();
+                }
+                let keys = std::slice::from_raw_parts(reqs, n)
+                    .iter()
+                    .map(|&r| rd::rd_kafka_mock_request_api_key(r))
+                    .collect();
+                rd::rd_kafka_mock_request_destroy_array(reqs, n);
+                keys
+            }
+        })
     }
 
     fn raw<T>(&self, f: impl FnOnce(*mut rd::rd_kafka_mock_cluster_t) -> T) -> T {

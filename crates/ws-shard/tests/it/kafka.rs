@@ -309,6 +309,42 @@ async fn a_broker_slow_to_answer_fetches_still_delivers() {
     srv.kill();
 }
 
+/// A start asks for every partition's watermarks at once: one ListOffsets request per kind
+/// (earliest, latest) and broker. It asked two per partition, one after the other
+/// (`fetch_watermarks`), so a 64-partition topic cost 128 round trips to the broker before
+/// the first fetch — seconds of `starting` per shard start where the broker is a few
+/// milliseconds away. Counted on the mock broker's request log, up to the consumer's first
+/// fetch (the status tick adds one ListOffsets per second after that, so the bound leaves
+/// room for a few ticks on a slow machine).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_asks_every_partitions_watermarks_at_once() {
+    use rdkafka::types::RDKafkaApiKey::{Fetch, ListOffsets};
+    let mock = test_support::kafka::MockKafka::new(1);
+    mock.cluster().create_topic("trades", 64, 1).unwrap();
+    let brokers = mock.bootstrap_servers();
+    mock.track_requests();
+    let srv = start_shards(1, |c| c.source = kafka(&brokers, StartPosition::Latest)).await;
+    wait_source_connected(&srv).await;
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            mock.requests().contains(&i16::from(Fetch))
+        })
+        .await,
+        "the consumer fetches"
+    );
+    let asked = mock
+        .requests()
+        .into_iter()
+        .take_while(|&k| k != i16::from(Fetch))
+        .filter(|&k| k == i16::from(ListOffsets))
+        .count();
+    assert!(
+        (2..=8).contains(&asked),
+        "ListOffsets requests before the first fetch: {asked} (two per partition would be 128)"
+    );
+    srv.kill();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processes_agree_and_history_warms_from_kafka() {
     let cluster = MockCluster::new(1).unwrap();
