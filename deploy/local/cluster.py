@@ -319,7 +319,8 @@ class Cluster:
         for name in self.members:
             self.wait_lb(name)
         lbs = [(name, self.net.vms[name].ip) for name in self.lb_slots]
-        self.front = Front(self.values, self.net.vms["front"], lbs, self.run_dir, self.a.front_procs, self.a.front_maxconn)
+        self.front = Front(self.values, self.net.vms["front"], lbs, self.run_dir, self.a.front_procs, self.a.front_maxconn,
+                           shared_tickets=self.a.front_ticket_keys == "shared")
         self.front.start()
         for name in self.lb_slots:
             if name not in self.members:
@@ -703,6 +704,7 @@ class Cluster:
             "shard_membership": f"group: member file {self.pv.members_file} kept by ws-lb-startup.sh "
                                 f"update-shard-members against a stand-in Compute API",
             "front_processes": self.a.front_procs, "front_maxconn": self.a.front_maxconn,
+            "front_ticket_keys": self.a.front_ticket_keys,
             "network": self.net.describe(), "kafka_storage": self.kafka_storage,
             "kafka_storage_skipped": self.kafka_storage_skipped,
             "kafka_partitions": self.a.partitions,
@@ -718,7 +720,8 @@ class Cluster:
 
 # ---- the command line -----------------------------------------------------------------
 
-DEFAULTS = {"lbs": 10, "shards": 7, "delay_ms": 0.25, "delay_mode": "auto", "front_procs": 2, "front_maxconn": 9500, "client_ips": 64,
+DEFAULTS = {"lbs": 10, "shards": 7, "delay_ms": 0.25, "delay_mode": "auto", "front_procs": 2, "front_maxconn": 9500,
+            "front_ticket_keys": "shared", "client_ips": 64,
             "partitions": 10, "kafka_storage": "memory", "max_rate": 0, "max_clients": 0, "producer_rate": 0,
             "delay_line_priority": "normal", "client_backoff": "", "client_handshake_timeout": ""}
 
@@ -749,6 +752,10 @@ def parser():
                         "the emulated wire into dropping frames, at the price of more CPU; docs/topology.md)")
     p.add_argument("--front-procs", type=int, default=DEFAULTS["front_procs"], help="HAProxy processes on the front VM")
     p.add_argument("--front-maxconn", type=int, default=DEFAULTS["front_maxconn"], help="clients per HAProxy process")
+    p.add_argument("--front-ticket-keys", choices=["shared", "per-process"], default=DEFAULTS["front_ticket_keys"],
+                   help="TLS session-ticket keys of the front's processes: shared (one key file, as Google's front ends "
+                        "share theirs: a re-dial resumes on any process) or per-process (each HAProxy makes its own: a "
+                        "re-dial landing on another process pays a full handshake; for comparison)")
     p.add_argument("--client-ips", type=int, default=DEFAULTS["client_ips"], help="source addresses of the clients VM")
     p.add_argument("--partitions", type=int, default=DEFAULTS["partitions"], help="partitions per Kafka topic")
     p.add_argument("--kafka-storage", choices=["auto", "s3", "sqlite", "memory"], default=DEFAULTS["kafka_storage"],

@@ -20,6 +20,11 @@ VM's address and the example domain). Like the Google front ends it
 GFE is many proxies: the front runs `procs` HAProxy processes on the same address and port
 (SO_REUSEPORT), each health-checking on its own like separate probers, each holding up to
 `maxconn` clients (this machine allows 20,000 descriptors per process, two per client).
+Like Google's front ends, which share their session-ticket keys across the fleet, every
+process encrypts and decrypts TLS session tickets with the same keys (`tls-ticket-keys`, a
+file made at start): a client re-dialling with its ticket resumes whichever process the
+kernel hands its connection to. Without it each process made its own keys and about half of
+the re-dials (those landing on the other process) paid a full handshake.
 
 Autohealer: every `check_interval_sec` of the autohealing check it asks each LB VM of the
 group for `/health`; after `unhealthy_threshold` consecutive failures it recreates the VM
@@ -27,8 +32,10 @@ group for `/health`; after `unhealthy_threshold` consecutive failures it recreat
 settings), then leaves the VM alone for `initial_delay_sec`, as the MIG does.
 """
 
+import base64
 import csv
 import io
+import os
 import socket
 import subprocess
 import threading
@@ -59,10 +66,22 @@ def make_cert(run_dir: Path, ip: str) -> tuple:
     return pem, ca
 
 
-def haproxy_config(values, front_ip, lbs, run_dir: Path, index: int, maxconn: int) -> str:
+def make_ticket_keys(run_dir: Path) -> Path:
+    """The session-ticket keys every front process shares: HAProxy's `tls-ticket-keys` file,
+    three base64 lines of 80 random bytes (AES-256 + HMAC keys); HAProxy encrypts new tickets
+    with the second-to-last and accepts all three."""
+    path = run_dir / "tickets.key"
+    path.write_text("".join(base64.b64encode(os.urandom(80)).decode() + "\n" for _ in range(3)))
+    path.chmod(0o600)
+    return path
+
+
+def haproxy_config(values, front_ip, lbs, run_dir: Path, index: int, maxconn: int, shared_tickets=True) -> str:
     """One HAProxy process's configuration. `lbs` is [(name, ip)] for every LB slot the
-    instance group may use (members and surge slots; `Front.set_state` says which serve)."""
+    instance group may use (members and surge slots; `Front.set_state` says which serve).
+    `shared_tickets`: the session-ticket keys of `make_ticket_keys` (else HAProxy's own)."""
     c = values.backend_check
+    tickets = f" tls-ticket-keys {run_dir}/tickets.key" if shared_tickets else ""
     servers = "\n".join(
         f"  server {name} {ip}:{c.port} check inter {c.interval_s}s fall {c.unhealthy} rise {c.healthy}"
         for name, ip in lbs)
@@ -92,7 +111,7 @@ defaults
   option redispatch 1
 
 frontend https
-  bind {front_ip}:{values.https_port} ssl crt {run_dir}/front.pem alpn http/1.1
+  bind {front_ip}:{values.https_port} ssl crt {run_dir}/front.pem{tickets} alpn http/1.1
   maxconn {maxconn}
   # GFE appends "<client-ip>,<load-balancer-ip>" to whatever X-Forwarded-For the client sent.
   http-request set-header X-Forwarded-For "%[req.fhdr(x-forwarded-for)],%[src],%[dst]" if {{ req.fhdr(x-forwarded-for) -m found }}
@@ -110,17 +129,19 @@ backend lb_mig
 
 
 class Front:
-    def __init__(self, values, vm, lbs, run_dir: Path, procs: int, maxconn: int):
+    def __init__(self, values, vm, lbs, run_dir: Path, procs: int, maxconn: int, shared_tickets=True):
         self.values, self.vm, self.lbs, self.run_dir = values, vm, lbs, run_dir
-        self.procs, self.maxconn = procs, maxconn
+        self.procs, self.maxconn, self.shared_tickets = procs, maxconn, shared_tickets
         self.p = []
         self.pem = self.ca = None
 
     def start(self):
         self.pem, self.ca = make_cert(self.run_dir, self.vm.ip)
+        make_ticket_keys(self.run_dir)
         for i in range(self.procs):
             cfg = self.run_dir / f"haproxy-{i}.cfg"
-            cfg.write_text(haproxy_config(self.values, self.vm.ip, self.lbs, self.run_dir, i, self.maxconn))
+            cfg.write_text(haproxy_config(self.values, self.vm.ip, self.lbs, self.run_dir, i, self.maxconn,
+                                          self.shared_tickets))
             r = subprocess.run(["haproxy", "-c", "-q", "-f", str(cfg)], capture_output=True, text=True)
             if r.returncode != 0:
                 raise RuntimeError(f"haproxy rejected {cfg}: {r.stderr.strip()}")

@@ -147,6 +147,7 @@ def main():
     load0 = bench.machine()
     try:
         front.make_cert(tmp, "127.0.0.1")
+        front.make_ticket_keys(tmp)
         v = deploy_values.front_values()
         base = front.haproxy_config(v, "127.0.0.1", [("lb-0", "127.0.0.1")], tmp, 0, 9000)
         base = base.replace(f"127.0.0.1:{v.https_port} ", f"127.0.0.1:{PORT} ")

@@ -56,16 +56,76 @@ def test_haproxy_config():
         cfg = front.haproxy_config(v, vm.ip, [("lb-0", "10.213.1.10"), ("lb-1", "10.213.1.11")], run, 0, 9500)
         for needle in ("bind 10.213.0.10:443 ssl crt", "inter 5s fall 2 rise 2", "timeout check 5s",
                        "timeout tunnel 86400s", "http-check send meth GET uri /health",
-                       "http-check expect status 200", '"%[src],%[dst]"', "option redispatch"):
+                       "http-check expect status 200", '"%[src],%[dst]"', "option redispatch",
+                       f"tls-ticket-keys {run}/tickets.key"):
             check(f"haproxy config has {needle!r}", needle in cfg)
+        check("per-process ticket keys leave the key file out",
+              "tls-ticket-keys" not in front.haproxy_config(v, vm.ip, [("lb-0", "10.213.1.10")], run, 0, 9500,
+                                                            shared_tickets=False))
         if shutil.which("haproxy") and shutil.which("openssl"):
             front.make_cert(run, vm.ip)
+            front.make_ticket_keys(run)
             (run / "h.cfg").write_text(cfg)
             r = subprocess.run(["haproxy", "-c", "-q", "-f", str(run / "h.cfg")], capture_output=True, text=True)
             eq("haproxy -c accepts the generated configuration", (r.returncode, r.stderr.strip()), (0, ""))
             r = subprocess.run(["openssl", "verify", "-CAfile", str(run / "ca.pem"), str(run / "front.crt")],
                                capture_output=True, text=True)
             eq("the front's certificate verifies against the CA clients get", r.returncode, 0)
+
+
+def test_front_processes_resume_each_others_sessions():
+    """The front's processes share their session-ticket keys (as Google's front ends do): a
+    session one process handed out resumes on another. One process at a time on the same
+    port, so which one answers is not up to the kernel's SO_REUSEPORT choice."""
+    if not (shutil.which("haproxy") and shutil.which("openssl")):
+        print("  (skipped: haproxy or openssl not installed)")
+        return
+    import socket
+    import time
+    v = deploy_values.front_values()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as d:
+        run = Path(d)
+        front.make_cert(run, "127.0.0.1")
+        front.make_ticket_keys(run)
+
+        def serve(index, shared):
+            cfg = front.haproxy_config(v, "127.0.0.1", [("lb-0", "127.0.0.1")], run, index, 100, shared)
+            cfg = cfg.replace(f"127.0.0.1:{v.https_port} ", f"127.0.0.1:{port} ")
+            (run / f"h{index}.cfg").write_text(cfg)
+            p = subprocess.Popen(["haproxy", "-db", "-f", str(run / f"h{index}.cfg")],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.time() + 10
+            while time.time() < deadline:       # polls for the listener, bounded
+                with socket.socket() as c:
+                    if c.connect_ex(("127.0.0.1", port)) == 0:
+                        return p
+                time.sleep(0.05)
+            p.kill()
+            raise RuntimeError("haproxy did not listen")
+
+        def hello(*args):
+            r = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-CAfile",
+                                str(run / "ca.pem"), *args], input="", capture_output=True, text=True, timeout=20)
+            return r.stdout
+
+        for shared in (True, False):
+            first = serve(0, shared)
+            try:
+                hello("-sess_out", str(run / "session.pem"))
+            finally:
+                first.kill()
+                first.wait()
+            second = serve(1, shared)
+            try:
+                resumed = any(line.startswith("Reused") for line in hello("-sess_in", str(run / "session.pem")).splitlines())
+            finally:
+                second.kill()
+                second.wait()
+            eq(f"a session of one process resumes on another ({'shared' if shared else 'per-process'} keys)",
+               resumed, shared)
 
 
 def test_member_updater_against_the_stand_in():
@@ -136,7 +196,8 @@ def test_caps_are_recorded():
 
 
 def main():
-    return run("test_local", (test_values, test_haproxy_config, test_member_updater_against_the_stand_in,
+    return run("test_local", (test_values, test_haproxy_config, test_front_processes_resume_each_others_sessions,
+                              test_member_updater_against_the_stand_in,
                               test_delay_choice_offline, test_caps_are_recorded))
 
 
