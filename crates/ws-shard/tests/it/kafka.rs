@@ -312,8 +312,8 @@ async fn a_broker_slow_to_answer_fetches_still_delivers() {
 /// A start asks for every partition's watermarks at once: one ListOffsets request per kind
 /// (earliest, latest) and broker. It asked two per partition, one after the other
 /// (`fetch_watermarks`), so a 64-partition topic cost 128 round trips to the broker before
-/// the first fetch — seconds of `starting` per shard start where the broker is a few
-/// milliseconds away. Counted on the mock broker's request log, up to the consumer's first
+/// the first fetch (computed: over half a second of `starting` per shard start with the
+/// broker 5 ms away). Counted on the mock broker's request log, up to the consumer's first
 /// fetch (the status tick adds one ListOffsets per second after that, so the bound leaves
 /// room for a few ticks on a slow machine).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
