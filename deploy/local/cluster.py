@@ -753,8 +753,8 @@ def parser():
     p.add_argument("--front-procs", type=int, default=DEFAULTS["front_procs"], help="HAProxy processes on the front VM")
     p.add_argument("--front-maxconn", type=int, default=DEFAULTS["front_maxconn"], help="clients per HAProxy process")
     p.add_argument("--front-ticket-keys", choices=["shared", "per-process"], default=DEFAULTS["front_ticket_keys"],
-                   help="TLS session-ticket keys of the front's processes: shared (one key file, as Google's front ends "
-                        "share theirs: a re-dial resumes on any process) or per-process (each HAProxy makes its own: a "
+                   help="TLS session-ticket keys of the front's processes: shared (one key file: the front's one address "
+                        "is one TLS endpoint, a re-dial resumes on any process) or per-process (each HAProxy makes its own: a "
                         "re-dial landing on another process pays a full handshake; for comparison)")
     p.add_argument("--client-ips", type=int, default=DEFAULTS["client_ips"], help="source addresses of the clients VM")
     p.add_argument("--partitions", type=int, default=DEFAULTS["partitions"], help="partitions per Kafka topic")

@@ -20,10 +20,11 @@ VM's address and the example domain). Like the Google front ends it
 GFE is many proxies: the front runs `procs` HAProxy processes on the same address and port
 (SO_REUSEPORT), each health-checking on its own like separate probers, each holding up to
 `maxconn` clients (this machine allows 20,000 descriptors per process, two per client).
-Like Google's front ends, which share their session-ticket keys across the fleet, every
-process encrypts and decrypts TLS session tickets with the same keys (`tls-ticket-keys`, a
-file made at start): a client re-dialling with its ticket resumes whichever process the
-kernel hands its connection to. Without it each process made its own keys and about half of
+The load balancer's one address is one TLS endpoint: every process encrypts and decrypts
+session tickets with the same keys (`tls-ticket-keys`, a file made at start), so a client
+re-dialling with its ticket resumes whichever process the kernel hands its connection to.
+(The GCP load balancer resumes TLS sessions; how GFE shares ticket keys among its front
+ends is not documented.) Without it each process made its own keys and about half of
 the re-dials (those landing on the other process) paid a full handshake.
 
 Autohealer: every `check_interval_sec` of the autohealing check it asks each LB VM of the

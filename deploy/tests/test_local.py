@@ -74,7 +74,7 @@ def test_haproxy_config():
 
 
 def test_front_processes_resume_each_others_sessions():
-    """The front's processes share their session-ticket keys (as Google's front ends do): a
+    """The front's processes share their session-ticket keys (one address, one TLS endpoint): a
     session one process handed out resumes on another. One process at a time on the same
     port, so which one answers is not up to the kernel's SO_REUSEPORT choice."""
     if not (shutil.which("haproxy") and shutil.which("openssl")):
