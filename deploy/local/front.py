@@ -23,8 +23,8 @@ GFE is many proxies: the front runs `procs` HAProxy processes on the same addres
 The load balancer's one address is one TLS endpoint: every process encrypts and decrypts
 session tickets with the same keys (`tls-ticket-keys`, a file made at start), so a client
 re-dialling with its ticket resumes whichever process the kernel hands its connection to.
-(The GCP load balancer resumes TLS sessions; how GFE shares ticket keys among its front
-ends is not documented.) Without it each process made its own keys and about half of
+(Whether and how GFE resumes a session across its front ends is not documented in what we
+read; shared keys model the one endpoint a client sees.) Without it each process made its own keys and about half of
 the re-dials (those landing on the other process) paid a full handshake.
 
 Autohealer: every `check_interval_sec` of the autohealing check it asks each LB VM of the

@@ -15,9 +15,11 @@ from pathlib import Path
 
 DEPLOY = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(DEPLOY / "local"))
+sys.path.insert(0, str(DEPLOY.parent / "tests" / "pylib"))
 
 import deploy_values  # noqa: E402
 import front  # noqa: E402
+import odin  # noqa: E402
 import topo  # noqa: E402
 from checks import check, eq, run  # noqa: E402
 
@@ -82,7 +84,6 @@ def test_front_processes_resume_each_others_sessions():
         return
     import socket
     import ssl
-    import time
     v = deploy_values.front_values()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -98,14 +99,13 @@ def test_front_processes_resume_each_others_sessions():
             (run / f"h{index}.cfg").write_text(cfg)
             p = subprocess.Popen(["haproxy", "-db", "-f", str(run / f"h{index}.cfg")],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            deadline = time.time() + 10
-            while time.time() < deadline:       # polls for the listener, bounded
-                with socket.socket() as c:
-                    if c.connect_ex(("127.0.0.1", port)) == 0:
-                        return p
-                time.sleep(0.05)
-            p.kill()
-            raise RuntimeError("haproxy did not listen")
+            try:
+                odin.wait_port(port, timeout=10)
+            except SystemExit as e:     # odin ends a script; here it is this group's failure
+                p.kill()
+                p.wait()
+                raise RuntimeError(f"haproxy: {e}") from None
+            return p
 
         ctx = ssl.create_default_context(cafile=str(run / "ca.pem"))   # a session resumes in its own context
 

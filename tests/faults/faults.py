@@ -493,7 +493,7 @@ def main():
             print(f"    {'ok ' if c else 'BAD'} {label}")
         print("    " + json.dumps(figures))
     results["commit"] = bench.commit_of(BIN)
-    results["_run"] = {"command": " ".join(sys.argv), "binaries": str(BIN), "non_default_flags": [],
+    results["_run"] = {"command": " ".join(sys.argv), "binaries": str(BIN), "non_default_flags": [],  # faults.py takes scenario names only
                        "script_commit": bench.commit_of(REPO), "machine": bench.machine()}
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"faults-{time.strftime('%Y%m%dT%H%M%S')}.json"

@@ -91,6 +91,13 @@ struct Quiet {
 
 const QUIET_FOR: Duration = Duration::from_secs(10);
 
+/// The kind `Quiet` holds an error back by: its librdkafka code, else its text (the code
+/// enum has no `Hash`).
+fn error_kind(e: &KafkaError) -> String {
+    e.rdkafka_error_code()
+        .map_or_else(|| e.to_string(), |c| format!("{c:?}"))
+}
+
 impl Quiet {
     /// Whether an error of `kind` at `now` is logged, and how many of its kind were held
     /// back since the last one logged.
@@ -118,10 +125,11 @@ impl Quiet {
 
 impl ClientContext for Ctx {
     fn error(&self, error: KafkaError, reason: &str) {
-        let kind = error
-            .rdkafka_error_code()
-            .map_or_else(|| error.to_string(), |c| format!("{c:?}"));
-        if let Some(held_back) = self.quiet.lock().admit(&kind, std::time::Instant::now()) {
+        if let Some(held_back) = self
+            .quiet
+            .lock()
+            .admit(&error_kind(&error), std::time::Instant::now())
+        {
             tracing::warn!(%error, reason, client = self.client, held_back, "kafka client error (one line per kind and 10 s; held_back: of this kind since the last)");
         }
         if matches!(
@@ -222,32 +230,36 @@ fn discover(
             rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition,
         ));
     }
-    let low = marks(consumer.offsets_for_times(earliest, Duration::from_secs(5))?)?;
-    let high = marks(consumer.offsets_for_times(latest, Duration::from_secs(5))?)?;
+    let mut low = offsets(&consumer.offsets_for_times(earliest, Duration::from_secs(5))?);
+    let mut high = offsets(&consumer.offsets_for_times(latest, Duration::from_secs(5))?);
+    // Every partition asked is in an answer; one missing is the broker's fault.
+    let missing = || {
+        Err(KafkaError::MetadataFetch(
+            rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition,
+        ))
+    };
     order
         .into_iter()
-        .map(|key| match (low.get(&key), high.get(&key)) {
-            (Some(&l), Some(&h)) => Ok((key.0, key.1, l, h)),
-            // Every partition asked is in the answer; one missing is the broker's fault.
-            _ => Err(KafkaError::MetadataFetch(
-                rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition,
-            )),
+        .map(|key| {
+            let l = low.remove(&key).unwrap_or_else(missing)?;
+            let h = high.remove(&key).unwrap_or_else(missing)?;
+            Ok((key.0, key.1, l, h))
         })
         .collect()
 }
 
-/// The offsets of a ListOffsets answer by partition; any partition's error is the answer's.
-fn marks(got: TopicPartitionList) -> Result<HashMap<(String, i32), i64>, KafkaError> {
+/// Each partition's answer in a ListOffsets response: its offset, or why it has none.
+fn offsets(got: &TopicPartitionList) -> HashMap<(String, i32), Result<i64, KafkaError>> {
     got.elements()
         .iter()
         .map(|e| {
-            e.error()?;
-            match e.offset() {
-                Offset::Offset(o) => Ok(((e.topic().to_owned(), e.partition()), o)),
+            let offset = e.error().and_then(|()| match e.offset() {
+                Offset::Offset(o) => Ok(o),
                 _ => Err(KafkaError::OffsetFetch(
                     rdkafka::types::RDKafkaErrorCode::OffsetNotAvailable,
                 )),
-            }
+            });
+            ((e.topic().to_owned(), e.partition()), offset)
         })
         .collect()
 }
@@ -436,27 +448,18 @@ fn survey(
         // For ListOffsets the "offset" is the timestamp asked for; -1 (END) is the latest.
         let _ = ask.add_partition_offset(topic, *partition, Offset::End);
     }
-    let marks: HashMap<(String, i32), i64> = if next.is_empty() {
+    let marks = if next.is_empty() {
         HashMap::new()
     } else {
         probe
             .offsets_for_times(ask, Duration::from_millis(800))
-            .map(|got| {
-                got.elements()
-                    .iter()
-                    .filter(|e| e.error().is_ok())
-                    .filter_map(|e| match e.offset() {
-                        Offset::Offset(h) => Some(((e.topic().to_owned(), e.partition()), h)),
-                        _ => None,
-                    })
-                    .collect()
-            })
+            .map(|got| offsets(&got))
             .unwrap_or_default()
     };
     next.iter()
         .map(|(topic, partition, next)| {
             let key = (topic.clone(), *partition);
-            let high = marks.get(&key).copied();
+            let high = marks.get(&key).and_then(|h| h.as_ref().ok()).copied();
             (key, *next, high)
         })
         .collect()
@@ -715,8 +718,7 @@ pub async fn run<W: AsyncWrite + Unpin>(
                     record_frame(&m, &mut read)
                 }
                 Err(e) => {
-                    let kind = e.rdkafka_error_code().map_or_else(|| e.to_string(), |c| format!("{c:?}"));
-                    if let Some(held_back) = consume_errors.admit(&kind, std::time::Instant::now()) {
+                    if let Some(held_back) = consume_errors.admit(&error_kind(&e), std::time::Instant::now()) {
                         tracing::warn!(error = %e, held_back, "kafka consume error (one line per kind and 10 s; held_back: of this kind since the last)");
                     }
                     tokio::select! {

@@ -338,6 +338,7 @@ async fn a_start_asks_every_partitions_watermarks_at_once() {
         .take_while(|&k| k != i16::from(Fetch))
         .filter(|&k| k == i16::from(ListOffsets))
         .count();
+    eprintln!("ListOffsets requests before the first fetch: {asked}");
     assert!(
         (2..=8).contains(&asked),
         "ListOffsets requests before the first fetch: {asked} (two per partition would be 128)"
