@@ -11,6 +11,12 @@ process's CPU seconds (utime + stime from /proc) across
   a client, TLS handshake, HTTP upgrade, backend connection, relay, close;
 - `tls`: `openssl s_time -new` for a few seconds: full TLS handshakes only, nothing after.
 
+Each row also has the client's CPU per client (`client_ms_per_client`: loadtest's or
+s_time's own user + system time): on one machine the generator's TLS shares the cores with
+the front's. `--openssl-baseline` adds a row per round for the TLS library alone: `openssl
+s_server` (no HAProxy) with the same certificate under the same `s_time -new`, so what the
+front spends beyond OpenSSL's own handshake shows.
+
 Variants (one config line each, added to `global`) are measured alternately, `--rounds`
 times, so the machine's load hits them alike. Writes bench/results/front-tls-cost-<time>.json.
 
@@ -106,7 +112,7 @@ def measure(cfg_path, mode, a, tmp, build):
     try:
         wait(lambda: listening(PORT), 10, "haproxy")
         time.sleep(1)  # its first health check of the LB
-        t0 = bench.proc_cpu_s(hp.pid)
+        t0, c0 = bench.proc_cpu_s(hp.pid), children_cpu_s()
         if mode == "wss":
             out = tmp / "lt.json"
             subprocess.run([str(a.bin / "loadtest"), "--url", f"wss://127.0.0.1:{PORT}/ws", "--ca-file", str(tmp / "ca.pem"),
@@ -115,16 +121,57 @@ def measure(cfg_path, mode, a, tmp, build):
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
             n = json.loads(out.read_text())["counts"]["established"]
         else:
-            r = subprocess.run(["openssl", "s_time", "-connect", f"127.0.0.1:{PORT}", "-new", "-time", str(a.tls_seconds)],
-                               capture_output=True, text=True, timeout=120)
-            line = next(x for x in r.stdout.splitlines() if "connections in" in x)
-            n = int(line.split()[0])
-        cpu = bench.proc_cpu_s(hp.pid) - t0
+            n = s_time(a)
+        cpu, client = bench.proc_cpu_s(hp.pid) - t0, children_cpu_s() - c0
     finally:
         hp.send_signal(signal.SIGKILL)
         hp.wait()
+    return row(n, cpu, client)
+
+
+def children_cpu_s():
+    """User + system seconds of this script's waited-for children (the clients)."""
+    t = os.times()
+    return t.children_user + t.children_system
+
+
+def row(n, cpu, client):
     return {"clients": n, "cpu_s": round(cpu, 2), "ms_per_client": round(cpu / max(n, 1) * 1000, 3),
-            "loadavg": round(os.getloadavg()[0], 1)}
+            "client_ms_per_client": round(client / max(n, 1) * 1000, 3), "loadavg": round(os.getloadavg()[0], 1)}
+
+
+def s_time(a):
+    """`openssl s_time -new` against the port for `--tls-seconds`: full handshakes made."""
+    r = subprocess.run(["openssl", "s_time", "-connect", f"127.0.0.1:{PORT}", "-new", "-time", str(a.tls_seconds)],
+                       capture_output=True, text=True, timeout=120)
+    line = next(x for x in r.stdout.splitlines() if "connections in" in x)
+    return int(line.split()[0])
+
+
+def measure_openssl(a, tmp):
+    """The TLS library alone: `openssl s_server` with the front's certificate and key, the
+    same `s_time -new` against it; its CPU per handshake."""
+    if listening(PORT):
+        raise RuntimeError(f"port {PORT} is already in use")
+    srv = subprocess.Popen(["openssl", "s_server", "-accept", f"127.0.0.1:{PORT}", "-cert", str(tmp / "front.crt"),
+                            "-key", str(tmp / "front.key"), "-quiet", "-naccept", "1000000"],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    try:
+        wait(lambda: listening(PORT), 10, "openssl s_server")
+        t0, c0 = bench.proc_cpu_s(srv.pid), children_cpu_s()
+        n = s_time(a)
+        cpu, client = bench.proc_cpu_s(srv.pid) - t0, children_cpu_s() - c0
+    finally:
+        srv.send_signal(signal.SIGKILL)
+        srv.wait()
+    return row(n, cpu, client)
+
+
+def show(r, k, mode, m):
+    print(f"round {r + 1} {k:22s} {mode}: {m['clients']:5d} clients, {m['cpu_s']:5.2f} CPU-s, "
+          f"{m['ms_per_client']:.3f} ms each, client {m['client_ms_per_client']:.3f} ms each (load {m['loadavg']})",
+          flush=True)
 
 
 def main():
@@ -137,6 +184,8 @@ def main():
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--haproxy-root", action="append", default=[], metavar="DIR",
                    help="another HAProxy build to measure beside the installed one (a Debian package tree)")
+    p.add_argument("--openssl-baseline", action="store_true",
+                   help="also measure `openssl s_server` alone under the same s_time, each round")
     a = p.parse_args()
     hps = builds(a.haproxy_root)
     a.bin = Path(a.bin_dir).resolve()
@@ -174,8 +223,11 @@ def main():
                 for mode in ("wss", "tls"):
                     m = measure(path, mode, a, tmp, b)
                     results[k][mode].append(m)
-                    print(f"round {r + 1} {k:22s} {mode}: {m['clients']:5d} clients, {m['cpu_s']:5.2f} CPU-s, "
-                          f"{m['ms_per_client']:.3f} ms each (load {m['loadavg']})", flush=True)
+                    show(r, k, mode, m)
+            if a.openssl_baseline:
+                m = measure_openssl(a, tmp)
+                results.setdefault("openssl s_server alone", {"tls": []})["tls"].append(m)
+                show(r, "openssl s_server alone", "tls", m)
     finally:
         for pr in procs:
             pr.send_signal(signal.SIGKILL)
@@ -185,10 +237,12 @@ def main():
     bench.RESULTS.mkdir(parents=True, exist_ok=True)
     out = bench.RESULTS / f"front-tls-cost-{time.strftime('%Y%m%dT%H%M%S')}.json"
     out.write_text(json.dumps({
-        "what": "HAProxy front CPU per new client (wss: whole WebSocket client; tls: TLS handshake only)",
+        "what": "HAProxy front CPU per new client (wss: whole WebSocket client; tls: TLS handshake only; "
+                "client_ms_per_client: the client's own CPU)",
         "commit": bench.commit_of(bench.REPO), "machine": load0, "loadavg_at_end": bench.load(),
         "haproxy": hv, "openssl": ov, "haproxy_builds": {b[0]: version(b) for b in hps}, "bin_dir": str(a.bin), "flags": {"connections": a.connections, "rate": a.rate,
-                                                                        "tls_seconds": a.tls_seconds, "rounds": a.rounds},
+                                                                        "tls_seconds": a.tls_seconds, "rounds": a.rounds,
+                                                                        "openssl_baseline": a.openssl_baseline},
         "variants": {n: VARIANTS[n] for n in names}, "results": results, "seconds": round(time.time() - started, 1),
     }, indent=1))
     print(f"wrote {out}")
