@@ -4,9 +4,10 @@ past its capacity? (issue 14, deliverable 3)
 
 One ws-shard process (3 shards) and one ws-lb, both with their documented defaults except
 where they must be placed (ports, backend URLs); the only flag that differs between the
-arms is the subject: pacing at its defaults (`admission_rate` 5000/s, burst 500, max wait 3 s,
-queue 20,000) vs `--admission-rate 0` (no pacing); `--arms` adds `wait10s`
-(`--admission-max-wait 10s`) and `rate10k` (`--admission-rate 10000`). The per-IP limit stays at its default
+arms is the subject: pacing at its defaults (`admission_rate` 10,000/s since 2026-11-30, burst
+500, max wait 3 s, queue 20,000) vs `--admission-rate 0` (no pacing); `--arms` adds `wait10s`
+(`--admission-max-wait 10s`), `rate10k` (`--admission-rate 10000`, the default now) and `rate5k`
+(`--admission-rate 5000`, the default before). The per-IP limit stays at its default
 (100/s, burst 200): the clients come from 512 source addresses (127.0.1.0-127.0.2.255), so
 it never binds below 51,200/s.
 
@@ -28,7 +29,7 @@ reason, and the CPU seconds of ws-lb and of ws-shard over the run. The arms alte
 (each pair rotates their order) for `--pairs` pairs; the table gives each run and medians.
 
 Results: bench/results/pacing-<timestamp>.json and a markdown table on stdout.
-Usage: pacing.py [--pairs 3] [--loads burst,storm] [--arms pacing,off,wait10s,rate10k]. Every wait is bounded.
+Usage: pacing.py [--pairs 3] [--loads burst,storm] [--arms pacing,off,wait10s,rate10k,rate5k]. Every wait is bounded.
 """
 
 import argparse
@@ -55,7 +56,8 @@ LOADS = {
 }
 # The subject: pacing at its defaults vs off; `--arms` adds variants of the defaults.
 ARMS = {"pacing": [], "off": ["--admission-rate", "0"],
-        "wait10s": ["--admission-max-wait", "10s"], "rate10k": ["--admission-rate", "10000"]}
+        "wait10s": ["--admission-max-wait", "10s"], "rate10k": ["--admission-rate", "10000"],
+        "rate5k": ["--admission-rate", "5000"]}
 
 
 def start_servers(procs, arm):

@@ -195,7 +195,7 @@ impl PacingConfig {
 impl Default for PacingConfig {
     fn default() -> Self {
         Self {
-            rate: 5_000,
+            rate: 10_000,
             burst: 500,
             max_wait: Duration::from_secs(3),
             max_queue: 20_000,

@@ -404,10 +404,11 @@ mod tests {
             assert_eq!(s.backend_urls.len(), 2, "flag beats env");
             // A flag given with its default value still beats the environment.
             jail.set_env("LB_ADMISSION_RATE", "9");
-            let s = load(&cli(&["--admission-rate", "5000"]), "LB_")
+            let default = lib().pacing.rate;
+            let s = load(&cli(&["--admission-rate", &default.to_string()]), "LB_")
                 .map_err(|e| e.to_string())?
                 .settings;
-            assert_eq!(s.admission_rate, 5000);
+            assert_eq!(s.admission_rate, default);
             Ok(())
         });
     }
