@@ -162,6 +162,17 @@ class Front:
             time.sleep(0.1)
         raise RuntimeError(f"haproxy did not start (see {self.run_dir}/haproxy-*.log)")
 
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system) the running HAProxy processes have spent."""
+        from bench import proc_cpu_s
+        total = 0.0
+        for p in self.p:
+            try:
+                total += proc_cpu_s(p.pid)
+            except OSError:  # ended: its time is gone with it
+                pass
+        return total
+
     def stop(self):
         for p in self.p:
             if p.poll() is None:

@@ -3,6 +3,7 @@ WebSocket probes that record how they were closed, results in bench/results/."""
 
 import asyncio
 import json
+import os
 import ssl
 import subprocess
 import tempfile
@@ -137,12 +138,26 @@ class Loadtest:
         self.t0 = time.time()
 
     def finish(self, timeout=900):
-        try:
-            self.p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.p.kill()
-            self.p.wait()
-            raise RuntimeError(f"loadtest {self.name} did not finish within {timeout} s")
+        """Waits for the generator (polling, up to `timeout`) and returns its report;
+        `self.cpu_s` is then its own CPU seconds (user + system, from `wait4`; `ip netns exec`
+        runs it in place), or None where it was already reaped."""
+        self.cpu_s = None
+        deadline = time.time() + timeout
+        while self.p.returncode is None:
+            try:
+                pid, status, usage = os.wait4(self.p.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped elsewhere (`poll`): no usage to read
+                self.p.wait()
+                break
+            if pid:
+                self.p.returncode = os.waitstatus_to_exitcode(status)
+                self.cpu_s = round(usage.ru_utime + usage.ru_stime, 2)
+                break
+            if time.time() > deadline:
+                self.p.kill()
+                self.p.wait()
+                raise RuntimeError(f"loadtest {self.name} did not finish within {timeout} s")
+            time.sleep(0.1)
         if not self.out.exists():
             raise RuntimeError(f"loadtest {self.name} wrote no report (exit {self.p.returncode}; see {self.log.name})")
         return json.loads(self.out.read_text())

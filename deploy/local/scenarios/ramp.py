@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cluster as cl  # noqa: E402
 import common  # noqa: E402
+import topo  # noqa: E402
 
 
 class Loopback:
@@ -94,13 +95,22 @@ def run(c, full):
             for r in range(rounds if rate >= 1000 else 1):
                 for where in ("cluster", "loopback"):
                     if where == "cluster":
-                        rep = common.Loadtest(c, f"ramp-{rate}-{r}", conns, rate, hold).finish()
+                        cpu0 = (c.front.cpu_s(), c.net.lines_cpu_s(), topo.busy_cpu_s())
+                        lt = common.Loadtest(c, f"ramp-{rate}-{r}", conns, rate, hold)
+                        rep = lt.finish()
                         cl.wait(lambda: c.lb_active() == 0, 60, "clients gone")
+                        # Where the machine's CPU went during this run: the two TLS ends (the
+                        # front's HAProxy processes, the generator) beside the delay lines.
+                        cpu = {"front": round(c.front.cpu_s() - cpu0[0], 1), "generator": lt.cpu_s,
+                               "delay_lines": round(c.net.lines_cpu_s() - cpu0[1], 1),
+                               "machine_busy": round(topo.busy_cpu_s() - cpu0[2], 1)}
                     else:
                         rep = common.loopback_loadtest(c.bin, loop.url(), conns, rate, hold, c.run_dir,
                                                        f"ramp-loopback-{rate}-{r}")
                         time.sleep(1)
                     s = common.summary(rep)
+                    if where == "cluster":
+                        s["cpu_s"] = cpu
                     s.update({"where": where, "rate": rate, "connections": conns,
                               "first_after_start": first if where == "cluster" else (r == 0 and rate == plan[0][0])})
                     runs.append(s)
