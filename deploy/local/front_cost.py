@@ -105,28 +105,40 @@ def version(build):
 
 
 def measure(cfg_path, mode, a, tmp, build):
+    """HAProxy with `cfg_path` under the clients of `mode` (wss: loadtest; tls: s_time)."""
+    argv = [build[1], "-f", str(cfg_path), "-db"]
+    clients = (lambda: loadtest_run(a, tmp)) if mode == "wss" else (lambda: s_time(a))
+    # settle: HAProxy's first health check of the LB.
+    return server_run(argv, "haproxy", clients, env=build[2], log=tmp / "haproxy.log", settle=1)
+
+
+def measure_openssl(a, tmp):
+    """The TLS library alone: `openssl s_server` with the front's certificate and key, the
+    same `s_time -new` against it."""
+    argv = ["openssl", "s_server", "-accept", f"127.0.0.1:{PORT}", "-cert", str(tmp / "front.crt"),
+            "-key", str(tmp / "front.key"), "-quiet", "-naccept", "1000000"]
+    return server_run(argv, "openssl s_server", lambda: s_time(a))
+
+
+def server_run(argv, what, clients, env=None, log=None, settle=0.0):
+    """Starts the server `argv` on PORT, runs `clients()` (returns how many it completed) and
+    reads the CPU seconds the server and the clients spent meanwhile."""
     if listening(PORT):
         raise RuntimeError(f"port {PORT} is already in use")
-    hp = subprocess.Popen([build[1], "-f", str(cfg_path), "-db"], stdout=open(tmp / "haproxy.log", "a"),
-                          stderr=subprocess.STDOUT, start_new_session=True, env=build[2])
+    out = open(log, "a") if log else subprocess.DEVNULL
+    srv = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                           start_new_session=True, env=env)
     try:
-        wait(lambda: listening(PORT), 10, "haproxy")
-        time.sleep(1)  # its first health check of the LB
-        t0, c0 = bench.proc_cpu_s(hp.pid), children_cpu_s()
-        if mode == "wss":
-            out = tmp / "lt.json"
-            subprocess.run([str(a.bin / "loadtest"), "--url", f"wss://127.0.0.1:{PORT}/ws", "--ca-file", str(tmp / "ca.pem"),
-                            "--connections", str(a.connections), "--rate", str(a.rate), "--hold", "2",
-                            "--source-ips", "127.0.0.2-127.0.0.65", "--json", str(out), "--quiet"],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
-            n = json.loads(out.read_text())["counts"]["established"]
-        else:
-            n = s_time(a)
-        cpu, client = bench.proc_cpu_s(hp.pid) - t0, children_cpu_s() - c0
+        wait(lambda: listening(PORT), 10, what)
+        time.sleep(settle)
+        t0, c0 = bench.proc_cpu_s(srv.pid), children_cpu_s()
+        n = clients()
+        cpu, client = bench.proc_cpu_s(srv.pid) - t0, children_cpu_s() - c0
     finally:
-        hp.send_signal(signal.SIGKILL)
-        hp.wait()
-    return row(n, cpu, client)
+        srv.send_signal(signal.SIGKILL)
+        srv.wait()
+    return {"clients": n, "cpu_s": round(cpu, 2), "ms_per_client": round(cpu / max(n, 1) * 1000, 3),
+            "client_ms_per_client": round(client / max(n, 1) * 1000, 3), "loadavg": round(os.getloadavg()[0], 1)}
 
 
 def children_cpu_s():
@@ -135,9 +147,14 @@ def children_cpu_s():
     return t.children_user + t.children_system
 
 
-def row(n, cpu, client):
-    return {"clients": n, "cpu_s": round(cpu, 2), "ms_per_client": round(cpu / max(n, 1) * 1000, 3),
-            "client_ms_per_client": round(client / max(n, 1) * 1000, 3), "loadavg": round(os.getloadavg()[0], 1)}
+def loadtest_run(a, tmp):
+    """`a.connections` WebSocket clients through the front: how many were established."""
+    out = tmp / "lt.json"
+    subprocess.run([str(a.bin / "loadtest"), "--url", f"wss://127.0.0.1:{PORT}/ws", "--ca-file", str(tmp / "ca.pem"),
+                    "--connections", str(a.connections), "--rate", str(a.rate), "--hold", "2",
+                    "--source-ips", "127.0.0.2-127.0.0.65", "--json", str(out), "--quiet"],
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+    return json.loads(out.read_text())["counts"]["established"]
 
 
 def s_time(a):
@@ -146,26 +163,6 @@ def s_time(a):
                        capture_output=True, text=True, timeout=120)
     line = next(x for x in r.stdout.splitlines() if "connections in" in x)
     return int(line.split()[0])
-
-
-def measure_openssl(a, tmp):
-    """The TLS library alone: `openssl s_server` with the front's certificate and key, the
-    same `s_time -new` against it; its CPU per handshake."""
-    if listening(PORT):
-        raise RuntimeError(f"port {PORT} is already in use")
-    srv = subprocess.Popen(["openssl", "s_server", "-accept", f"127.0.0.1:{PORT}", "-cert", str(tmp / "front.crt"),
-                            "-key", str(tmp / "front.key"), "-quiet", "-naccept", "1000000"],
-                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           start_new_session=True)
-    try:
-        wait(lambda: listening(PORT), 10, "openssl s_server")
-        t0, c0 = bench.proc_cpu_s(srv.pid), children_cpu_s()
-        n = s_time(a)
-        cpu, client = bench.proc_cpu_s(srv.pid) - t0, children_cpu_s() - c0
-    finally:
-        srv.send_signal(signal.SIGKILL)
-        srv.wait()
-    return row(n, cpu, client)
 
 
 def show(r, k, mode, m):
