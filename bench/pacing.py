@@ -14,7 +14,8 @@ it never binds below 51,200/s.
 Two loads, each on fresh servers and run twice per start (the first run after the start is
 reported apart from the second, warm one):
 
-  burst  20,000 connections at 10,000/s (past one ws-lb's ~5,000-7,000/s on this box), each
+  burst  20,000 connections at 10,000/s (past one ws-lb's ~5,000-7,000/s on this box in
+         2026-11-29's runs; a faster day on 2026-11-30 completed 98-100 % of it), each
          living 0.5 s (`--lifetime`: about 5,000 open at once, inside the descriptor limit)
   sustained  70,000 connections at 7,000/s for 10 s (past capacity for long enough that a
          queue cannot drain within the burst), each living 0.5 s, two loadtest workers

@@ -44,6 +44,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from topo import proc_cpu_s  # one reader of /proc/<pid>/stat for every harness
+
 DOMAIN = "md.example.com"
 
 
@@ -164,7 +166,6 @@ class Front:
 
     def cpu_s(self) -> float:
         """CPU seconds (user + system) the running HAProxy processes have spent."""
-        from bench import proc_cpu_s
         total = 0.0
         for p in self.p:
             try:

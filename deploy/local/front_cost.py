@@ -108,8 +108,16 @@ def measure(cfg_path, mode, a, tmp, build):
     """HAProxy with `cfg_path` under the clients of `mode` (wss: loadtest; tls: s_time)."""
     argv = [build[1], "-f", str(cfg_path), "-db"]
     clients = (lambda: loadtest_run(a, tmp)) if mode == "wss" else (lambda: s_time(a))
-    # settle: HAProxy's first health check of the LB.
-    return server_run(argv, "haproxy", clients, env=build[2], log=tmp / "haproxy.log", settle=1)
+    # Measured from the front's first completed check of the LB on (its stats socket, read
+    # as the cluster's front reads it): the start's own work stays out of the window.
+    fr = front.Front(None, None, [], tmp, 1, 0)
+
+    def checked():
+        try:
+            return any(r.get("check_status", "").startswith("L7") for r in fr.stats()[0].values())
+        except OSError:  # its stats socket is not there yet
+            return False
+    return server_run(argv, "haproxy", clients, env=build[2], log=tmp / "haproxy.log", ready=checked)
 
 
 def measure_openssl(a, tmp):
@@ -120,7 +128,7 @@ def measure_openssl(a, tmp):
     return server_run(argv, "openssl s_server", lambda: s_time(a))
 
 
-def server_run(argv, what, clients, env=None, log=None, settle=0.0):
+def server_run(argv, what, clients, env=None, log=None, ready=None):
     """Starts the server `argv` on PORT, runs `clients()` (returns how many it completed) and
     reads the CPU seconds the server and the clients spent meanwhile."""
     if listening(PORT):
@@ -130,7 +138,8 @@ def server_run(argv, what, clients, env=None, log=None, settle=0.0):
                            start_new_session=True, env=env)
     try:
         wait(lambda: listening(PORT), 10, what)
-        time.sleep(settle)
+        if ready:
+            wait(ready, 10, f"{what} ready")
         t0, c0 = bench.proc_cpu_s(srv.pid), children_cpu_s()
         n = clients()
         cpu, client = bench.proc_cpu_s(srv.pid) - t0, children_cpu_s() - c0

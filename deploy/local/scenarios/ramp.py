@@ -108,10 +108,9 @@ def run(c, full):
                         rep = common.loopback_loadtest(c.bin, loop.url(), conns, rate, hold, c.run_dir,
                                                        f"ramp-loopback-{rate}-{r}")
                         time.sleep(1)
+                        cpu = None
                     s = common.summary(rep)
-                    if where == "cluster":
-                        s["cpu_s"] = cpu
-                    s.update({"where": where, "rate": rate, "connections": conns,
+                    s.update({"where": where, "rate": rate, "connections": conns, "cpu_s": cpu,
                               "first_after_start": first if where == "cluster" else (r == 0 and rate == plan[0][0])})
                     runs.append(s)
                     if where == "cluster":
