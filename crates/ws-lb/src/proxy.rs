@@ -1,6 +1,7 @@
 //! `GET /ws`: one client's way through the LB — validation, origin check, admission
 //! pacing, shard selection with retries, then either a relay or a close frame that says why.
 
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,12 +11,14 @@ use axum::extract::{ConnectInfo, State};
 use axum::http::{header, Request, StatusCode};
 use axum::response::Response;
 use bytes::Bytes;
+use futures_util::FutureExt;
 use lb_core::error::{FinalClose, OVERLOADED};
 use lb_core::retry::Attempts;
 use net_core::upgrade::{check_request, into_axum, into_raw, refuse};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{sleep_until, timeout, Instant};
+use tokio_util::either::Either;
 use ws_protocol::close;
 use ws_protocol::frame::{self, FrameTracker};
 
@@ -134,8 +137,27 @@ pub(crate) async fn before_101(lb: &Lb, adm: &Admitted) -> Plan {
     }
 }
 
-/// After the client's 101: the relay, the first message, or the close frame.
-pub(crate) async fn after_101(
+/// After the client's 101: the relay, the first message, or the close frame. Not an
+/// `async fn`: a relayed client's future (the one its task holds for the client's whole
+/// life) is built by [`relayed`] from what the relay needs alone; every other path —
+/// short-lived, or authentication by message — is boxed.
+pub(crate) fn after_101(
+    lb: Arc<Lb>,
+    adm: Admitted,
+    plan: Plan,
+    client: TcpStream,
+    client_prefix: Bytes,
+) -> impl Future<Output = ()> + Send + 'static {
+    match plan {
+        Plan::Relay(guard, Ok(connected)) => {
+            Either::Left(relayed(lb, (adm, guard), client, client_prefix, connected))
+        }
+        plan => Either::Right(Box::pin(not_relayed(lb, adm, plan, client, client_prefix))),
+    }
+}
+
+/// The paths of [`after_101`] that are not a relay from the start.
+async fn not_relayed(
     lb: Arc<Lb>,
     adm: Admitted,
     plan: Plan,
@@ -143,20 +165,46 @@ pub(crate) async fn after_101(
     client_prefix: Bytes,
 ) {
     match plan {
-        // Boxed: only clients that authenticate by message carry that state.
         Plan::FirstMessage => {
-            Box::pin(first_message_then_relay(
-                &lb,
-                client,
-                client_prefix,
-                adm.client_ip,
-            ))
-            .await
+            first_message_then_relay(&lb, client, client_prefix, adm.client_ip).await;
         }
         Plan::Close(close) => close_client(client, close, lb.cfg.close_timeout).await,
         Plan::Relay(_guard, outcome) => finish(&lb, client, client_prefix, outcome).await,
     }
     drop(adm);
+}
+
+/// A relayed client, start to end: counts it, relays, counts how it ended. `held` (the
+/// admission's permits, a subject's place) is released when the relay ends. Built with
+/// `map`, not as an `async fn` or block: those keep their arguments, and a future they
+/// await by value, in their state beside the copy being awaited (1,720 bytes for this
+/// future that way, against the relay's 800).
+fn relayed(
+    lb: Arc<Lb>,
+    held: impl Send + 'static,
+    client: TcpStream,
+    client_prefix: Bytes,
+    (shard, shard_prefix, idx, count): Connected,
+) -> impl Future<Output = ()> + Send + 'static {
+    lb.metrics.client(ClientOutcome::Relayed);
+    lb.metrics.active.increment(1.0);
+    let counts = lb.clone();
+    relay(
+        client,
+        client_prefix,
+        shard,
+        shard_prefix,
+        lb.relay_opts.clone(),
+        move |code| counts.metrics.lb_close(code),
+    )
+    .map(move |end| {
+        lb.metrics.active.decrement(1.0);
+        lb.metrics.relay_end(end);
+        if let RelayEnd::ShardLost { notified } = end {
+            tracing::debug!(shard_id = idx, notified, "shard lost mid-session");
+        }
+        drop((held, count));
+    })
 }
 
 /// `GET /ws` served by hyper: requests the fast path (`crate::front`) declined — bad
@@ -211,7 +259,7 @@ pub(crate) async fn handle(
 /// Without `?token=` and with authentication on: the first message decides (`auth` with a
 /// token, or — when public channels exist — anything else for an anonymous connection).
 async fn first_message_then_relay(
-    lb: &Lb,
+    lb: &Arc<Lb>,
     mut client: TcpStream,
     prefix: Bytes,
     client_ip: IpAddr,
@@ -302,30 +350,13 @@ async fn admit_and_connect(
 
 /// Relays the client to its shard, or closes it with the reason no shard took it.
 async fn finish(
-    lb: &Lb,
+    lb: &Arc<Lb>,
     client: TcpStream,
     client_prefix: Bytes,
     outcome: Result<Connected, FinalClose>,
 ) {
     match outcome {
-        Ok((shard, shard_prefix, idx, _count)) => {
-            lb.metrics.client(ClientOutcome::Relayed);
-            lb.metrics.active.increment(1.0);
-            let end = relay(
-                client,
-                client_prefix,
-                shard,
-                shard_prefix,
-                &lb.relay_opts,
-                &|code| lb.metrics.lb_close(code),
-            )
-            .await;
-            lb.metrics.active.decrement(1.0);
-            lb.metrics.relay_end(end);
-            if let RelayEnd::ShardLost { notified } = end {
-                tracing::debug!(shard_id = idx, notified, "shard lost mid-session");
-            }
-        }
+        Ok(connected) => relayed(lb.clone(), (), client, client_prefix, connected).await,
         Err(close) => {
             lb.metrics.client(if close.code == OVERLOADED.code {
                 ClientOutcome::Closed1013

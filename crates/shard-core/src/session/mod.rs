@@ -96,6 +96,12 @@ pub async fn run(
     drop(prefix);
     let timer = sleep_until(session.next_deadline());
     tokio::pin!(timer);
+    // Made once: a `cancelled()` made per wake-up (inside the `select!`) registered with the
+    // drain token's waiter list and left it again on every wake-up — two locks of one mutex
+    // that every session of the process shares, per delivery. Here it registers once per
+    // connection (its state was in the `select!`'s, so the session future does not grow).
+    let drain = ctx.drain.cancelled();
+    tokio::pin!(drain);
     while !session.is_done() {
         let deadline = session.next_deadline();
         if timer.deadline() != deadline {
@@ -121,7 +127,7 @@ pub async fn run(
             _ = async { match queue { Some(q) => q.notified().await, None => std::future::pending().await } }, if want.queue => {
                 session.on_queue(Instant::now());
             }
-            _ = ctx.drain.cancelled(), if want.drain => session.on_drain(Instant::now(), ctx.drain_delay(mode)),
+            _ = &mut drain, if want.drain => session.on_drain(Instant::now(), ctx.drain_delay(mode)),
             _ = &mut timer => session.on_timer(Instant::now()),
         }
     }

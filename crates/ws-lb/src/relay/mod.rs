@@ -13,6 +13,7 @@
 mod half;
 mod machine;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -65,17 +66,24 @@ impl RelayOptions {
 
 /// Runs the relay until the connection ends. `client_prefix` and `shard_prefix` are bytes
 /// already read from each side during the handshakes; `on_lb_close` is told the code of
-/// every close frame the LB sends the client itself.
+/// every close frame the LB sends the client itself. Everything is owned, so that the
+/// caller can build this future outside an `async fn` of its own (see `proxy::relayed`).
 pub async fn relay(
     client: TcpStream,
     client_prefix: Bytes,
     shard: TcpStream,
     shard_prefix: Bytes,
-    opts: &RelayOptions,
-    on_lb_close: &(dyn Fn(u16) + Sync),
+    opts: Arc<RelayOptions>,
+    on_lb_close: impl Fn(u16),
 ) -> RelayEnd {
     let mut machine = Relay::new(&client_prefix, &shard_prefix, &opts.timers, Instant::now());
     drop((client_prefix, shard_prefix));
+    // Made once: a `cancelled()` made per wake-up (inside the `select!`) registered with the
+    // drain token's waiter list and left it again on every delivery — two locks of one mutex
+    // that every relay of the process shares. Here it registers once per connection (its
+    // state was in the `select!`'s, so the relay future does not grow).
+    let drain = opts.drain.cancelled();
+    tokio::pin!(drain);
     loop {
         if let Some(Action::LbClose { code, tell_shard }) = machine.poll_action() {
             on_lb_close(code);
@@ -95,7 +103,7 @@ pub async fn relay(
         // state would sit in every relay's future: ~290 bytes of it per connection.
         tokio::select! {
             biased;
-            _ = opts.drain.cancelled(), if want.drain => m.on_drain(Instant::now(), opts.drain_delay()),
+            _ = &mut drain, if want.drain => m.on_drain(Instant::now(), opts.drain_delay()),
             r = std::future::poll_fn(|cx| client.poll_write_ready(cx)), if want.write_client => match r {
                 Ok(()) => m.on_writable(Side::Client, &mut Nonblocking(&client), Instant::now()),
                 Err(_) => m.on_write_failed(Side::Client, Instant::now()),
@@ -133,13 +141,13 @@ mod tests {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (b, _) = l.accept().await.unwrap();
-        let opts = RelayOptions::new(
+        let opts = Arc::new(RelayOptions::new(
             Duration::from_secs(1),
             Duration::from_secs(1),
             Duration::from_secs(1),
             CancellationToken::new(),
-        );
-        let f = relay(a, Bytes::new(), b, Bytes::new(), &opts, &|_| {});
+        ));
+        let f = relay(a, Bytes::new(), b, Bytes::new(), opts, |_| {});
         let size = std::mem::size_of_val(&f);
         eprintln!("relay future: {size} bytes");
         assert!(size <= 900, "relay future is {size} bytes");
