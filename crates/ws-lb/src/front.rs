@@ -48,17 +48,20 @@ impl Front {
     ) -> impl Future<Output = ()> + Send + 'static {
         // Built with `then`, not as an `async fn`: that would keep its arguments, and the
         // relay's future it awaits, in its state beside the copy being awaited.
-        Box::pin(async move { self.until_101(stream, peer).await }).then(
-            |upgraded| match upgraded {
-                Some(upgraded) => Either::Left(upgraded.relay()),
-                None => Either::Right(std::future::ready(())),
-            },
-        )
+        Box::pin(async move { self.until_101(stream, peer).await }).then(|after| match after {
+            Some(after_101) => Either::Left(after_101),
+            None => Either::Right(std::future::ready(())),
+        })
     }
 
-    /// Up to the client's 101: what the relay needs, or None once the connection was
-    /// served otherwise (hyper, a refusal) or is gone.
-    async fn until_101(&self, mut stream: TcpStream, peer: SocketAddr) -> Option<Upgraded> {
+    /// Up to the client's 101: the rest of the client's life (`proxy::after_101`, not yet
+    /// polled), or None once the connection was served otherwise (hyper, a refusal) or is
+    /// gone.
+    async fn until_101(
+        &self,
+        mut stream: TcpStream,
+        peer: SocketAddr,
+    ) -> Option<impl Future<Output = ()> + Send + 'static> {
         match head::read_head(&mut stream, &self.limits, "/ws", &self.stop).await {
             Head::Gone => None,
             Head::Other(read) => {
@@ -76,7 +79,7 @@ impl Front {
         mut stream: TcpStream,
         peer: IpAddr,
         head: UpgradeHead,
-    ) -> Option<Upgraded> {
+    ) -> Option<impl Future<Output = ()> + Send + 'static> {
         let lb = self.lb.clone();
         let client_ip = ClientIp::of_parts(lb.cfg.trust_forwarded_for, peer, head.forwarded_for());
         if let Some(limiter) = &self.per_ip {
@@ -111,32 +114,7 @@ impl Front {
             tracing::debug!("client left before its upgrade completed");
             return None;
         }
-        Some(Upgraded {
-            lb,
-            adm,
-            plan,
-            stream,
-            rest,
-        })
-    }
-}
-
-/// A client that has its 101: what `proxy::after_101` takes.
-struct Upgraded {
-    lb: Arc<Lb>,
-    adm: proxy::Admitted,
-    plan: proxy::Plan,
-    stream: TcpStream,
-    rest: bytes::Bytes,
-}
-
-impl Upgraded {
-    /// The rest of the client's life. Not an `async fn`: the fields move into
-    /// `after_101`'s future here, so the caller's future holds that future alone (an
-    /// `Upgraded` kept across the await would sit beside it, moved-from, for the client's
-    /// whole life).
-    fn relay(self) -> impl Future<Output = ()> {
-        proxy::after_101(self.lb, self.adm, self.plan, self.stream, self.rest)
+        Some(proxy::after_101(lb, adm, plan, stream, rest))
     }
 }
 

@@ -180,7 +180,7 @@ pub(crate) struct Lb {
     pub(crate) pacer: Pacer,
     pub(crate) metrics: metrics::LbMetrics,
     pub(crate) relays: TaskTracker,
-    pub(crate) relay_opts: Arc<relay::RelayOptions>,
+    pub(crate) relay_opts: relay::RelayOptions,
     pub(crate) shutdown: Shutdown,
     /// Clients between admission and the end of their relay: `max_clients` permits
     /// (`Semaphore::MAX_PERMITS` when there is no cap).
@@ -355,12 +355,12 @@ pub async fn run(
         subjects: Arc::default(),
         metrics: metrics::LbMetrics::new(shard_metrics, &urls),
         pacer: Pacer::new(cfg.pacing),
-        relay_opts: Arc::new(relay::RelayOptions::new(
+        relay_opts: relay::RelayOptions::new(
             cfg.close_timeout,
             cfg.stall_timeout,
             cfg.drain_window,
             shutdown.drain.clone(),
-        )),
+        ),
         relays: TaskTracker::new(),
         pool,
         poll_now: tokio::sync::Notify::new(),

@@ -98,8 +98,10 @@ pub async fn run(
     tokio::pin!(timer);
     // Made once: a `cancelled()` made per wake-up (inside the `select!`) registered with the
     // drain token's waiter list and left it again on every wake-up — two locks of one mutex
-    // that every session of the process shares, per delivery. Here it registers once per
-    // connection (its state was in the `select!`'s, so the session future does not grow).
+    // that every session of the process shares, per delivery. Made once it registers once
+    // per connection and takes that lock once per wake-up that polls it (tokio's `Notified`
+    // does, to refresh its waker); its state was in the `select!`'s, so the session future
+    // does not grow.
     let drain = ctx.drain.cancelled();
     tokio::pin!(drain);
     while !session.is_done() {

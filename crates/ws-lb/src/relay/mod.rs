@@ -13,7 +13,6 @@
 mod half;
 mod machine;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -64,74 +63,94 @@ impl RelayOptions {
     }
 }
 
+/// What a relay needs from its owner: the settings, and where the close frames the LB sends
+/// the client itself are counted.
+pub trait RelayHost {
+    fn options(&self) -> &RelayOptions;
+    fn lb_close(&self, code: u16);
+}
+
 /// Runs the relay until the connection ends. `client_prefix` and `shard_prefix` are bytes
 /// already read from each side during the handshakes; `on_lb_close` is told the code of
-/// every close frame the LB sends the client itself. Everything is owned, so that the
-/// caller can build this future outside an `async fn` of its own (see `proxy::relayed`).
-pub async fn relay(
+/// every close frame the LB sends the client itself. `host` is owned and handed back, so
+/// that the caller can build this future outside an `async fn` of its own without another
+/// handle to what it already holds (see `proxy::relayed`).
+pub async fn relay<H: RelayHost>(
     client: TcpStream,
     client_prefix: Bytes,
     shard: TcpStream,
     shard_prefix: Bytes,
-    opts: Arc<RelayOptions>,
-    on_lb_close: impl Fn(u16),
-) -> RelayEnd {
-    let mut machine = Relay::new(&client_prefix, &shard_prefix, &opts.timers, Instant::now());
-    drop((client_prefix, shard_prefix));
-    // Made once: a `cancelled()` made per wake-up (inside the `select!`) registered with the
-    // drain token's waiter list and left it again on every delivery — two locks of one mutex
-    // that every relay of the process shares. Here it registers once per connection (its
-    // state was in the `select!`'s, so the relay future does not grow).
-    let drain = opts.drain.cancelled();
-    tokio::pin!(drain);
-    loop {
-        if let Some(Action::LbClose { code, tell_shard }) = machine.poll_action() {
-            on_lb_close(code);
-            if tell_shard {
-                let _ = shard.try_write(&shard_goodbye(rand::random()));
+    host: H,
+) -> (RelayEnd, H) {
+    let end = {
+        let opts = host.options();
+        let mut machine = Relay::new(&client_prefix, &shard_prefix, &opts.timers, Instant::now());
+        drop((client_prefix, shard_prefix));
+        // Made once: a `cancelled()` made per wake-up (inside the `select!`) registered with the
+        // drain token's waiter list and left it again on every delivery — two locks of one mutex
+        // that every relay of the process shares. Made once it registers once per connection and
+        // takes that lock once per wake-up (tokio's `Notified` does, to refresh its waker); its
+        // state was in the `select!`'s, so the relay future does not grow.
+        let drain = opts.drain.cancelled();
+        tokio::pin!(drain);
+        loop {
+            if let Some(Action::LbClose { code, tell_shard }) = machine.poll_action() {
+                host.lb_close(code);
+                if tell_shard {
+                    let _ = shard.try_write(&shard_goodbye(rand::random()));
+                }
+            }
+            if let Some(end) = machine.end() {
+                // Dropping the shard socket lets the shard free the client's slot.
+                break end;
+            }
+            let want = machine.interest();
+            let deadline = machine.next_deadline();
+            let m = &mut machine;
+            // Readiness is polled in place (`poll_*_ready` keep their wakers in the sockets'
+            // registrations) rather than through `readable()`/`writable()` futures, whose waiter
+            // state would sit in every relay's future: ~290 bytes of it per connection.
+            tokio::select! {
+                biased;
+                _ = &mut drain, if want.drain => m.on_drain(Instant::now(), opts.drain_delay()),
+                r = std::future::poll_fn(|cx| client.poll_write_ready(cx)), if want.write_client => match r {
+                    Ok(()) => m.on_writable(Side::Client, &mut Nonblocking(&client), Instant::now()),
+                    Err(_) => m.on_write_failed(Side::Client, Instant::now()),
+                },
+                r = std::future::poll_fn(|cx| shard.poll_write_ready(cx)), if want.write_shard => match r {
+                    Ok(()) => m.on_writable(Side::Shard, &mut Nonblocking(&shard), Instant::now()),
+                    Err(_) => m.on_write_failed(Side::Shard, Instant::now()),
+                },
+                r = std::future::poll_fn(|cx| client.poll_read_ready(cx)), if want.read_client => match r {
+                    Ok(()) => net_io::with_buffer(|buf| {
+                        m.on_readable(Side::Client, &mut Nonblocking(&client), &mut Nonblocking(&shard), buf, Instant::now());
+                    }),
+                    Err(_) => m.on_read_failed(Side::Client, Instant::now()),
+                },
+                r = std::future::poll_fn(|cx| shard.poll_read_ready(cx)), if want.read_shard => match r {
+                    Ok(()) => net_io::with_buffer(|buf| {
+                        m.on_readable(Side::Shard, &mut Nonblocking(&shard), &mut Nonblocking(&client), buf, Instant::now());
+                    }),
+                    Err(_) => m.on_read_failed(Side::Shard, Instant::now()),
+                },
+                _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => m.on_timer(Instant::now()),
             }
         }
-        if let Some(end) = machine.end() {
-            // Dropping the shard socket lets the shard free the client's slot.
-            return end;
-        }
-        let want = machine.interest();
-        let deadline = machine.next_deadline();
-        let m = &mut machine;
-        // Readiness is polled in place (`poll_*_ready` keep their wakers in the sockets'
-        // registrations) rather than through `readable()`/`writable()` futures, whose waiter
-        // state would sit in every relay's future: ~290 bytes of it per connection.
-        tokio::select! {
-            biased;
-            _ = &mut drain, if want.drain => m.on_drain(Instant::now(), opts.drain_delay()),
-            r = std::future::poll_fn(|cx| client.poll_write_ready(cx)), if want.write_client => match r {
-                Ok(()) => m.on_writable(Side::Client, &mut Nonblocking(&client), Instant::now()),
-                Err(_) => m.on_write_failed(Side::Client, Instant::now()),
-            },
-            r = std::future::poll_fn(|cx| shard.poll_write_ready(cx)), if want.write_shard => match r {
-                Ok(()) => m.on_writable(Side::Shard, &mut Nonblocking(&shard), Instant::now()),
-                Err(_) => m.on_write_failed(Side::Shard, Instant::now()),
-            },
-            r = std::future::poll_fn(|cx| client.poll_read_ready(cx)), if want.read_client => match r {
-                Ok(()) => net_io::with_buffer(|buf| {
-                    m.on_readable(Side::Client, &mut Nonblocking(&client), &mut Nonblocking(&shard), buf, Instant::now());
-                }),
-                Err(_) => m.on_read_failed(Side::Client, Instant::now()),
-            },
-            r = std::future::poll_fn(|cx| shard.poll_read_ready(cx)), if want.read_shard => match r {
-                Ok(()) => net_io::with_buffer(|buf| {
-                    m.on_readable(Side::Shard, &mut Nonblocking(&shard), &mut Nonblocking(&client), buf, Instant::now());
-                }),
-                Err(_) => m.on_read_failed(Side::Shard, Instant::now()),
-            },
-            _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => m.on_timer(Instant::now()),
-        }
-    }
+    };
+    (end, host)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Pointer-sized, as ws-lb's host (`Arc<Lb>`) is.
+    impl RelayHost for std::sync::Arc<RelayOptions> {
+        fn options(&self) -> &RelayOptions {
+            self
+        }
+        fn lb_close(&self, _code: u16) {}
+    }
 
     /// Every relayed connection holds one of these futures; keep it from growing unnoticed
     /// (it was 1,400 bytes before the state machine, in a debug build; 1,368 in release with
@@ -141,13 +160,13 @@ mod tests {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (b, _) = l.accept().await.unwrap();
-        let opts = Arc::new(RelayOptions::new(
+        let opts = std::sync::Arc::new(RelayOptions::new(
             Duration::from_secs(1),
             Duration::from_secs(1),
             Duration::from_secs(1),
             CancellationToken::new(),
         ));
-        let f = relay(a, Bytes::new(), b, Bytes::new(), opts, |_| {});
+        let f = relay(a, Bytes::new(), b, Bytes::new(), opts);
         let size = std::mem::size_of_val(&f);
         eprintln!("relay future: {size} bytes");
         assert!(size <= 900, "relay future is {size} bytes");
