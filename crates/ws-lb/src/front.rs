@@ -38,9 +38,10 @@ impl Front {
     /// One accepted connection, start to end, in one task. Everything before the relay —
     /// the request head, hyper for other requests, admission, the shard's handshake, the
     /// 101 — runs in a boxed future that is freed once the 101 is out; the relay then runs
-    /// in this same task, whose future is the relay's alone (912 bytes; the relay used to
-    /// get a task of its own, of 1,544, spawned per client). `bench.py builds`: 2.56 ->
-    /// 2.05 KiB per held connection; CPU per connection unchanged within the runs' spread.
+    /// in this same task, whose future is the relay's alone (912 bytes at f8b127f; the
+    /// relay used to get a task of its own, of 1,544, spawned per client). `bench.py
+    /// builds`: 2.56 -> 2.05 KiB per held connection; CPU per connection unchanged within
+    /// the runs' spread.
     pub(crate) fn serve(
         self: Arc<Self>,
         stream: TcpStream,
