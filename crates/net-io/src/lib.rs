@@ -13,6 +13,13 @@
 //! kernel took only part of found the send buffer full, so the `write` that would follow only
 //! to get `EAGAIN` is skipped; the socket's next `EPOLLOUT` (the kernel sends one when space
 //! frees up after a short write) wakes the writer again.
+//!
+//! [`Signal`] is the drain as those loops wait for it: registered once per connection,
+//! then one atomic load per wake-up instead of two locks of process-wide mutexes.
+
+mod signal;
+
+pub use signal::{Signal, Waiter};
 
 use std::cell::RefCell;
 use std::io::{self, IoSlice, Read, Write};

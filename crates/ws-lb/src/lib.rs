@@ -359,7 +359,7 @@ pub async fn run(
             cfg.close_timeout,
             cfg.stall_timeout,
             cfg.drain_window,
-            shutdown.drain.clone(),
+            net_io::Signal::fired_by(shutdown.drain.clone().cancelled_owned()),
         ),
         relays: TaskTracker::new(),
         pool,

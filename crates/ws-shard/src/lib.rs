@@ -202,6 +202,7 @@ pub async fn run(
 
     let sessions = TaskTracker::new();
     let mut shards = Vec::with_capacity(n);
+    let drain_wait = net_io::Signal::fired_by(shutdown.drain.clone().cancelled_owned());
     for (i, listener) in listeners.shards.into_iter().enumerate() {
         let id = i as u32;
         let metrics = ShardMetrics::new(id);
@@ -215,6 +216,7 @@ pub async fn run(
             echo: cfg.echo.unwrap_or(cfg.session),
             metrics,
             drain: shutdown.drain.clone(),
+            drain_wait: drain_wait.clone(),
             auth: verifier.clone(),
         });
         let shard = Arc::new(Shard {

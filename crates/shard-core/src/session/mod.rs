@@ -51,8 +51,11 @@ pub struct ShardContext {
     pub pubsub: SessionConfig,
     pub echo: SessionConfig,
     pub metrics: ShardMetrics,
-    /// Cancelled when the shard starts draining.
+    /// Cancelled when the shard starts draining (health and admission read it).
     pub drain: CancellationToken,
+    /// The same drain as the sessions wait for it: fires a moment after `drain` is cancelled
+    /// (`net_io::Signal::fired_by`); one atomic load per wake-up instead of two locks.
+    pub drain_wait: Arc<net_io::Signal>,
     /// Token verification (off when no key is configured: every channel is public).
     pub auth: Arc<::auth::Verifier>,
 }
@@ -96,13 +99,10 @@ pub async fn run(
     drop(prefix);
     let timer = sleep_until(session.next_deadline());
     tokio::pin!(timer);
-    // Made once: a `cancelled()` made per wake-up (inside the `select!`) registered with the
-    // drain token's waiter list and left it again on every wake-up — two locks of one mutex
-    // that every session of the process shares, per delivery. Made once it registers once
-    // per connection and takes that lock once per wake-up that polls it (tokio's `Notified`
-    // does, to refresh its waker); its state was in the `select!`'s, so the session future
-    // does not grow.
-    let drain = ctx.drain.cancelled();
+    // Made once per connection: it registers this task's waker once, and each wake-up that
+    // polls it reads one atomic. A `cancelled()` of the token took two locks of mutexes that
+    // every session of the process shares on each poll, i.e. per delivery.
+    let drain = ctx.drain_wait.waiter();
     tokio::pin!(drain);
     while !session.is_done() {
         let deadline = session.next_deadline();
@@ -156,6 +156,7 @@ mod tests {
             echo: SessionConfig::default(),
             metrics: ShardMetrics::new(0),
             drain: CancellationToken::new(),
+            drain_wait: Arc::new(net_io::Signal::default()),
             auth: Arc::new(::auth::Verifier::new(::auth::AuthConfig::default()).unwrap()),
         });
         let slot = Slots::new(1, None).try_acquire().unwrap();

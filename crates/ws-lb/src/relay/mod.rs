@@ -13,13 +13,13 @@
 mod half;
 mod machine;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use net_io::Nonblocking;
+use net_io::{Nonblocking, Signal};
 use tokio::net::TcpStream;
 use tokio::time::{sleep_until, Instant};
-use tokio_util::sync::CancellationToken;
 
 pub use machine::RelayEnd;
 use machine::{shard_goodbye, Action, Relay, Side, Timers};
@@ -30,8 +30,8 @@ pub struct RelayOptions {
     pub timers: Timers,
     /// On drain, the 1012 goes out at a random moment within this window.
     pub drain_window: Duration,
-    /// Cancelled when the LB starts draining.
-    pub drain: CancellationToken,
+    /// Fires when the LB starts draining.
+    pub drain: Arc<Signal>,
 }
 
 impl RelayOptions {
@@ -39,7 +39,7 @@ impl RelayOptions {
         close_timeout: Duration,
         stall_timeout: Duration,
         drain_window: Duration,
-        drain: CancellationToken,
+        drain: Arc<Signal>,
     ) -> Self {
         Self {
             timers: Timers {
@@ -86,12 +86,10 @@ pub async fn relay<H: RelayHost>(
         let opts = host.options();
         let mut machine = Relay::new(&client_prefix, &shard_prefix, &opts.timers, Instant::now());
         drop((client_prefix, shard_prefix));
-        // Made once: a `cancelled()` made per wake-up (inside the `select!`) registered with the
-        // drain token's waiter list and left it again on every delivery — two locks of one mutex
-        // that every relay of the process shares. Made once it registers once per connection and
-        // takes that lock once per wake-up (tokio's `Notified` does, to refresh its waker); its
-        // state was in the `select!`'s, so the relay future does not grow.
-        let drain = opts.drain.cancelled();
+        // Made once per connection: it registers this task's waker once, and each wake-up
+        // that polls it reads one atomic (`net_io::Signal`). A `CancellationToken`'s
+        // `cancelled()` took two process-wide locks per poll, i.e. per delivery.
+        let drain = opts.drain.waiter();
         tokio::pin!(drain);
         loop {
             if let Some(Action::LbClose { code, tell_shard }) = machine.poll_action() {
@@ -164,7 +162,7 @@ mod tests {
             Duration::from_secs(1),
             Duration::from_secs(1),
             Duration::from_secs(1),
-            CancellationToken::new(),
+            Arc::new(Signal::default()),
         ));
         let f = relay(a, Bytes::new(), b, Bytes::new(), opts);
         let size = std::mem::size_of_val(&f);

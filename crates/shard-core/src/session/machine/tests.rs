@@ -165,6 +165,7 @@ impl Net {
             echo: cfg,
             metrics: ShardMetrics::new(0),
             drain: CancellationToken::new(),
+            drain_wait: Arc::new(net_io::Signal::default()),
             auth: Arc::new(::auth::Verifier::new(::auth::AuthConfig::default()).unwrap()),
         });
         Self {
