@@ -2,15 +2,21 @@
 //! existing ones with 1012 spread over the drain window); a second signal, or the grace
 //! deadline, stops at once.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use net_io::Signal;
 use tokio_util::sync::CancellationToken;
 
 /// The two phases of shutdown.
 #[derive(Debug, Clone, Default)]
 pub struct Shutdown {
-    /// Cancelled to start draining.
+    /// Cancelled to start draining (by [`Shutdown::start_drain`], which fires `drained` with it).
     pub drain: CancellationToken,
+    /// The same drain as per-connection loops and per-request checks read it: one atomic load
+    /// (a token's `is_cancelled`/`cancelled()` take process-wide mutexes on every call or poll).
+    /// Fired by [`Shutdown::start_drain`] right after `drain` is cancelled.
+    pub drained: Arc<Signal>,
     /// Cancelled to stop immediately.
     pub hard: CancellationToken,
 }
@@ -27,6 +33,7 @@ impl Shutdown {
             return;
         }
         self.drain.cancel();
+        self.drained.fire();
         let hard = self.hard.clone();
         tokio::spawn(async move {
             tokio::select! {

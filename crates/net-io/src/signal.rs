@@ -12,7 +12,6 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
 use tokio::sync::futures::Notified;
@@ -26,18 +25,6 @@ pub struct Signal {
 }
 
 impl Signal {
-    /// A signal that fires once `trigger` completes (a task on the current runtime waits for
-    /// it; e.g. `token.clone().cancelled_owned()`). Must be called inside a tokio runtime.
-    pub fn fired_by(trigger: impl Future<Output = ()> + Send + 'static) -> Arc<Self> {
-        let signal = Arc::new(Self::default());
-        let fire = signal.clone();
-        tokio::spawn(async move {
-            trigger.await;
-            fire.fire();
-        });
-        signal
-    }
-
     /// Fires: every waiter, made before or after, completes.
     pub fn fire(&self) {
         // Set before the waiters wake, so that each one finds it when polled.
@@ -97,40 +84,76 @@ impl Future for Waiter<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
     use std::time::Duration;
 
     #[tokio::test]
-    async fn waiters_complete_once_fired_whenever_made() {
-        let signal = Arc::new(Signal::default());
-        // Polled (registered) before the signal fires, by a task of its own.
-        let early = tokio::spawn({
-            let s = signal.clone();
-            async move { s.waiter().await }
-        });
+    async fn waiters_complete_once_fired_whenever_made_or_first_polled() {
+        let signal = Signal::default();
+        // Registered (polled once) before the signal fires.
+        let registered = signal.waiter();
+        tokio::pin!(registered);
+        let first = std::future::poll_fn(|cx| Poll::Ready(registered.as_mut().poll(cx))).await;
+        assert!(first.is_pending());
         // Made before, first polled after.
         let made_before = signal.waiter();
-        // Give the task time to register; the test holds either way (a waiter that first
-        // polls after `fire` finds the flag).
-        tokio::task::yield_now().await;
         assert!(!signal.is_fired());
         signal.fire();
         assert!(signal.is_fired());
-        tokio::time::timeout(Duration::from_secs(5), early)
+        tokio::time::timeout(Duration::from_secs(5), registered)
             .await
-            .expect("a registered waiter is woken")
-            .unwrap();
+            .expect("a registered waiter completes");
         tokio::time::timeout(Duration::from_secs(5), made_before)
             .await
             .expect("a waiter made before fire completes");
-        // Made after.
         tokio::time::timeout(Duration::from_secs(5), signal.waiter())
             .await
             .expect("a waiter made after fire completes");
     }
 
+    /// Records whether it was woken.
+    struct Flag(std::sync::atomic::AtomicBool);
+
+    impl std::task::Wake for Flag {
+        fn wake(self: Arc<Self>) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// A waiter first polled with another waker (as by another task) registers again when
+    /// polled with this one: `fire` must wake the waker it was last polled with.
+    #[test]
+    fn a_waiter_polled_with_another_waker_registers_again() {
+        let signal = Signal::default();
+        let mut waiter = std::pin::pin!(signal.waiter());
+        let mut elsewhere = Context::from_waker(Waker::noop());
+        assert!(waiter.as_mut().poll(&mut elsewhere).is_pending());
+        let flag = Arc::new(Flag(AtomicBool::new(false)));
+        let here = Waker::from(flag.clone());
+        assert!(waiter
+            .as_mut()
+            .poll(&mut Context::from_waker(&here))
+            .is_pending());
+        // Polled again with the same waker: nothing changes, still pending.
+        assert!(waiter
+            .as_mut()
+            .poll(&mut Context::from_waker(&here))
+            .is_pending());
+        assert!(!flag.0.load(Ordering::SeqCst));
+        signal.fire();
+        assert!(
+            flag.0.load(Ordering::SeqCst),
+            "fire did not wake the last waker"
+        );
+        assert!(waiter
+            .as_mut()
+            .poll(&mut Context::from_waker(&here))
+            .is_ready());
+    }
+
     #[tokio::test]
     async fn a_waiter_polled_in_a_loop_stays_pending_until_fired_then_wakes() {
-        let signal = Signal::fired_by(std::future::pending());
+        let signal = Arc::new(Signal::default());
         let waiter = signal.waiter();
         tokio::pin!(waiter);
         // Many polls by the same task without a fire: pending each time.
@@ -143,19 +166,5 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), waiter)
             .await
             .expect("woken by fire");
-    }
-
-    #[tokio::test]
-    async fn fired_by_fires_when_its_trigger_completes() {
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let signal = Signal::fired_by(async move {
-            let _ = rx.await;
-        });
-        assert!(!signal.is_fired());
-        tx.send(()).unwrap();
-        tokio::time::timeout(Duration::from_secs(5), signal.waiter())
-            .await
-            .expect("fired once the trigger completed");
-        assert!(signal.is_fired());
     }
 }

@@ -200,7 +200,7 @@ impl Lb {
 
 impl Lb {
     pub(crate) fn draining(&self) -> bool {
-        self.shutdown.drain.is_cancelled()
+        self.shutdown.drained.is_fired()
     }
 }
 
@@ -359,7 +359,7 @@ pub async fn run(
             cfg.close_timeout,
             cfg.stall_timeout,
             cfg.drain_window,
-            net_io::Signal::fired_by(shutdown.drain.clone().cancelled_owned()),
+            shutdown.drained.clone(),
         ),
         relays: TaskTracker::new(),
         pool,

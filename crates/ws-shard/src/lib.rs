@@ -108,7 +108,7 @@ impl Shard {
     pub(crate) fn health(&self) -> ShardHealth {
         ShardHealth {
             shard_id: self.ctx.shard_id,
-            status: if self.ctx.drain.is_cancelled() {
+            status: if self.ctx.drain.is_fired() {
                 ShardStatus::Draining
             } else if !self.source.ready() {
                 ShardStatus::Starting
@@ -202,7 +202,6 @@ pub async fn run(
 
     let sessions = TaskTracker::new();
     let mut shards = Vec::with_capacity(n);
-    let drain_wait = net_io::Signal::fired_by(shutdown.drain.clone().cancelled_owned());
     for (i, listener) in listeners.shards.into_iter().enumerate() {
         let id = i as u32;
         let metrics = ShardMetrics::new(id);
@@ -215,8 +214,7 @@ pub async fn run(
             pubsub: cfg.session,
             echo: cfg.echo.unwrap_or(cfg.session),
             metrics,
-            drain: shutdown.drain.clone(),
-            drain_wait: drain_wait.clone(),
+            drain: shutdown.drained.clone(),
             auth: verifier.clone(),
         });
         let shard = Arc::new(Shard {

@@ -59,7 +59,7 @@ pub(crate) async fn handle(
         m.rejected(UpgradeRejection::BadRequest);
         return *r;
     }
-    if shard.ctx.drain.is_cancelled() {
+    if shard.ctx.drain.is_fired() {
         m.rejected(UpgradeRejection::Draining);
         return not_ready(ShardStatus::Draining, "shard draining");
     }

@@ -24,7 +24,6 @@ use net_io::Nonblocking;
 use rand::Rng;
 use tokio::net::TcpStream;
 use tokio::time::{sleep_until, Instant};
-use tokio_util::sync::CancellationToken;
 
 pub use self::auth::Admission;
 pub use machine::{Interest, Session};
@@ -51,11 +50,9 @@ pub struct ShardContext {
     pub pubsub: SessionConfig,
     pub echo: SessionConfig,
     pub metrics: ShardMetrics,
-    /// Cancelled when the shard starts draining (health and admission read it).
-    pub drain: CancellationToken,
-    /// The same drain as the sessions wait for it: fires a moment after `drain` is cancelled
-    /// (`net_io::Signal::fired_by`); one atomic load per wake-up instead of two locks.
-    pub drain_wait: Arc<net_io::Signal>,
+    /// Fires when the shard starts draining (`net_core::Shutdown::drained`): health,
+    /// admission and every session read it.
+    pub drain: Arc<net_io::Signal>,
     /// Token verification (off when no key is configured: every channel is public).
     pub auth: Arc<::auth::Verifier>,
 }
@@ -102,7 +99,7 @@ pub async fn run(
     // Made once per connection: it registers this task's waker once, and each wake-up that
     // polls it reads one atomic. A `cancelled()` of the token took two locks of mutexes that
     // every session of the process shares on each poll, i.e. per delivery.
-    let drain = ctx.drain_wait.waiter();
+    let drain = ctx.drain.waiter();
     tokio::pin!(drain);
     while !session.is_done() {
         let deadline = session.next_deadline();
@@ -155,8 +152,7 @@ mod tests {
             pubsub: SessionConfig::default(),
             echo: SessionConfig::default(),
             metrics: ShardMetrics::new(0),
-            drain: CancellationToken::new(),
-            drain_wait: Arc::new(net_io::Signal::default()),
+            drain: Arc::default(),
             auth: Arc::new(::auth::Verifier::new(::auth::AuthConfig::default()).unwrap()),
         });
         let slot = Slots::new(1, None).try_acquire().unwrap();

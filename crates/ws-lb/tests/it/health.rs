@@ -69,7 +69,7 @@ async fn no_shard_available_is_live_and_only_draining_is_503() {
     assert_eq!(body["shards_total"], 2);
 
     // Draining: now the LB asks to be taken out of the front load balancer.
-    lb.shutdown.drain.cancel();
+    lb.shutdown.start_drain(Duration::from_secs(60));
     let reply = get(lb.addr, "/health").await.unwrap();
     assert_eq!(reply.status, 503);
     let body: serde_json::Value = serde_json::from_str(&reply.body).unwrap();

@@ -5,7 +5,6 @@
 use std::collections::VecDeque;
 
 use proptest::prelude::*;
-use tokio_util::sync::CancellationToken;
 use ws_protocol::frame::{close_payload, encode_frame, encode_masked_frame};
 use ws_protocol::ChannelName;
 
@@ -164,8 +163,7 @@ impl Net {
             pubsub: cfg,
             echo: cfg,
             metrics: ShardMetrics::new(0),
-            drain: CancellationToken::new(),
-            drain_wait: Arc::new(net_io::Signal::default()),
+            drain: Arc::default(),
             auth: Arc::new(::auth::Verifier::new(::auth::AuthConfig::default()).unwrap()),
         });
         Self {
