@@ -77,7 +77,12 @@ pub enum UpgradeError {
 /// any bytes hyper had already read past the request (pipelined frames).
 pub async fn into_raw(fut: UpgradeFut) -> Result<(TcpStream, Bytes), UpgradeError> {
     let ws = fut.await.map_err(UpgradeError::Abandoned)?;
-    let upgraded = ws.into_inner().into_inner();
+    raw_parts(ws.into_inner().into_inner())
+}
+
+/// The socket of an upgraded connection (any protocol) and the bytes hyper had read past
+/// the request.
+pub fn raw_parts(upgraded: hyper::upgrade::Upgraded) -> Result<(TcpStream, Bytes), UpgradeError> {
     let parts = match upgraded.downcast::<TokioIo<TcpStream>>() {
         Ok(parts) => return Ok((parts.io.into_inner(), parts.read_buf)),
         Err(other) => other

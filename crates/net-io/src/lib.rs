@@ -23,6 +23,7 @@ pub use signal::{Signal, Waiter};
 
 use std::cell::RefCell;
 use std::io::{self, IoSlice, Read, Write};
+use std::task::{Context, Poll};
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
@@ -86,25 +87,58 @@ fn drained(
     }
 }
 
-/// A tokio `TcpStream` as `std::io::Read + Write`, for one non-blocking call at a time:
-/// reads go through [`read_drained`], writes through [`write_drained`], and either returns
-/// `WouldBlock` when the socket is not ready.
-#[derive(Debug, Clone, Copy)]
-pub struct Nonblocking<'a>(pub &'a TcpStream);
+/// What a per-connection loop reads from and writes to: a socket (`TcpStream`), or one
+/// stream of a multiplexed tier link (`tier-mux`). Readiness is polled in place (the waker
+/// is kept by the transport, not in the caller's future); reads and writes never block and
+/// return `WouldBlock` when not ready.
+pub trait Transport {
+    /// Ready when a read would not block (data, end of stream, or an error).
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    /// Ready when a write would not block (room, or an error).
+    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    /// One non-blocking read. `Ok(0)` is end of stream.
+    fn read_nonblocking(&self, buf: &mut [u8]) -> io::Result<usize>;
+    /// One non-blocking vectored write.
+    fn write_nonblocking(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
+}
 
-impl Read for Nonblocking<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        read_drained(self.0, buf)
+impl Transport for TcpStream {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        TcpStream::poll_read_ready(self, cx)
+    }
+
+    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        TcpStream::poll_write_ready(self, cx)
+    }
+
+    fn read_nonblocking(&self, buf: &mut [u8]) -> io::Result<usize> {
+        read_drained(self, buf)
+    }
+
+    fn write_nonblocking(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        write_drained(self, bufs)
     }
 }
 
-impl Write for Nonblocking<'_> {
+/// A [`Transport`] as `std::io::Read + Write`, for one non-blocking call at a time: a
+/// `TcpStream`'s reads go through [`read_drained`], its writes through [`write_drained`], and
+/// either returns `WouldBlock` when the socket is not ready.
+#[derive(Debug, Clone, Copy)]
+pub struct Nonblocking<'a, T: ?Sized = TcpStream>(pub &'a T);
+
+impl<T: Transport + ?Sized> Read for Nonblocking<'_, T> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read_nonblocking(buf)
+    }
+}
+
+impl<T: Transport + ?Sized> Write for Nonblocking<'_, T> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        write_drained(self.0, &[IoSlice::new(buf)])
+        self.0.write_nonblocking(&[IoSlice::new(buf)])
     }
 
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        write_drained(self.0, bufs)
+        self.0.write_nonblocking(bufs)
     }
 
     fn flush(&mut self) -> io::Result<()> {

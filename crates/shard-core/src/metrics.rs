@@ -6,6 +6,8 @@ use ws_protocol::ErrorCode;
 
 /// Gauge: live WebSocket connections (slots taken), label `shard_id`.
 pub const CONNECTIONS: &str = "ws_shard_connections";
+/// Gauge: tier links from load balancers (`GET /mux`), label `shard_id`.
+pub const TIER_LINKS: &str = "ws_shard_tier_links";
 /// Gauge: slot capacity, label `shard_id`.
 pub const MAX_CONNECTIONS: &str = "ws_shard_max_connections";
 /// Counter: upgrades accepted, label `shard_id`.
@@ -56,6 +58,7 @@ pub const AUTH_CACHE: &str = "ws_shard_auth_cache_lookups_total";
 /// Every metric name this crate exports (for the docs and exported-metrics tests).
 pub const ALL: &[&str] = &[
     CONNECTIONS,
+    TIER_LINKS,
     MAX_CONNECTIONS,
     ACCEPTED,
     REJECTED,
@@ -113,6 +116,7 @@ impl UpgradeRejection {
 pub struct ShardMetrics {
     pub shard_id: u32,
     pub connections: Gauge,
+    pub links: Gauge,
     pub accepted: Counter,
     pub slow_consumers: Counter,
     pub deliveries: Counter,
@@ -153,6 +157,7 @@ impl ShardMetrics {
         Self {
             shard_id,
             connections: metrics::gauge!(CONNECTIONS, "shard_id" => id.clone()),
+            links: metrics::gauge!(TIER_LINKS, "shard_id" => id.clone()),
             accepted: metrics::counter!(ACCEPTED, "shard_id" => id.clone()),
             slow_consumers: metrics::counter!(SLOW_CONSUMERS, "shard_id" => id.clone()),
             deliveries: metrics::counter!(DELIVERIES, "shard_id" => id.clone()),

@@ -2,15 +2,21 @@
 //! connected per client with a bounded TCP connect and WebSocket handshake whose failures
 //! are classified for the retry policy and the breaker.
 
+use std::io::IoSlice;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use lb_core::AttemptError;
+use net_io::Transport;
+use tier_mux::{Link, MuxStream, Open, Reply, Role, ShardState};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{timeout_at, Instant};
 use ws_protocol::handshake::{self, HandshakeError, Response, MAX_RESPONSE_HEAD};
+use ws_protocol::ShardStatus;
 
 use crate::health::reported;
 
@@ -29,6 +35,114 @@ pub struct Backend {
     pub addr: SocketAddr,
     host_header: String,
     path: String,
+    /// The tier link to this shard (`--tier-mux`), made on first use.
+    link: Arc<LinkSlot>,
+}
+
+/// A client's connection to its shard: a socket of its own, or a stream of the LB's tier
+/// link to that shard (`--tier-mux`).
+#[derive(Debug)]
+pub enum Upstream {
+    Tcp(TcpStream),
+    Mux(MuxStream),
+}
+
+impl Transport for Upstream {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self {
+            Upstream::Tcp(s) => Transport::poll_read_ready(s, cx),
+            Upstream::Mux(s) => s.poll_read_ready(cx),
+        }
+    }
+
+    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self {
+            Upstream::Tcp(s) => Transport::poll_write_ready(s, cx),
+            Upstream::Mux(s) => s.poll_write_ready(cx),
+        }
+    }
+
+    fn read_nonblocking(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Upstream::Tcp(s) => s.read_nonblocking(buf),
+            Upstream::Mux(s) => s.read_nonblocking(buf),
+        }
+    }
+
+    fn write_nonblocking(&self, bufs: &[IoSlice<'_>]) -> std::io::Result<usize> {
+        match self {
+            Upstream::Tcp(s) => s.write_nonblocking(bufs),
+            Upstream::Mux(s) => s.write_nonblocking(bufs),
+        }
+    }
+}
+
+/// The tier link to one shard: connected by the first client that needs it, replaced when
+/// it dies, retired (ended once its streams have) when the shard leaves the membership.
+#[derive(Debug, Default)]
+struct LinkSlot {
+    link: std::sync::Mutex<Option<Link>>,
+    /// Held while connecting, so that a burst of clients makes one link, not one each.
+    connecting: tokio::sync::Mutex<()>,
+}
+
+impl LinkSlot {
+    fn current(&self) -> Option<Link> {
+        let l = self
+            .link
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        l.as_ref().filter(|l| !l.is_dead()).cloned()
+    }
+
+    async fn get(
+        &self,
+        addr: SocketAddr,
+        host: &str,
+        deadline: Instant,
+        budget: Duration,
+    ) -> Result<Link, AttemptError> {
+        if let Some(l) = self.current() {
+            return Ok(l);
+        }
+        let Ok(_connecting) = timeout_at(deadline, self.connecting.lock()).await else {
+            return Err(AttemptError::ConnectTimeout(budget));
+        };
+        if let Some(l) = self.current() {
+            return Ok(l);
+        }
+        let (sock, prefix) = match timeout_at(deadline, tier_mux::upgrade::dial(addr, host)).await {
+            Err(_) => return Err(AttemptError::ConnectTimeout(budget)),
+            Ok(Err(e)) if local_exhaustion(&e) => {
+                return Err(AttemptError::LocalResources(e.to_string()))
+            }
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                return Err(AttemptError::ConnectRefused(e.to_string()))
+            }
+            Ok(Err(e)) => return Err(AttemptError::Protocol(e.to_string())),
+            Ok(Ok(parts)) => parts,
+        };
+        let link = Link::new(Role::Lb, None);
+        let running = link.clone();
+        let host = host.to_owned();
+        tokio::spawn(async move {
+            let end = running.run(sock, prefix).await;
+            tracing::info!(shard = %host, reason = %end, "tier link ended");
+        });
+        *self
+            .link
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(link.clone());
+        Ok(link)
+    }
+}
+
+impl Drop for LinkSlot {
+    fn drop(&mut self) {
+        if let Some(l) = self.current() {
+            l.retire();
+        }
+    }
 }
 
 impl Backend {
@@ -64,6 +178,7 @@ impl Backend {
             addr,
             host_header,
             path,
+            link: Arc::default(),
         })
     }
 
@@ -80,8 +195,12 @@ impl Backend {
         budget: Duration,
         client_ip: IpAddr,
         token: Option<&str>,
-    ) -> Result<(TcpStream, Bytes), AttemptError> {
+        mux: bool,
+    ) -> Result<(Upstream, Bytes), AttemptError> {
         let deadline = Instant::now() + budget;
+        if mux {
+            return self.open(deadline, budget, client_ip, token).await;
+        }
         let stream = match timeout_at(deadline, TcpStream::connect(self.addr)).await {
             Err(_) => return Err(AttemptError::ConnectTimeout(budget)),
             Ok(Err(e)) if local_exhaustion(&e) => {
@@ -93,7 +212,45 @@ impl Backend {
         let _ = stream.set_nodelay(true);
         match timeout_at(deadline, self.handshake(stream, client_ip, token)).await {
             Err(_) => Err(AttemptError::HandshakeTimeout(budget)),
-            Ok(r) => r,
+            Ok(r) => r.map(|(s, prefix)| (Upstream::Tcp(s), prefix)),
+        }
+    }
+
+    /// A stream on the tier link (connected first if there is none): `OPEN`, then the
+    /// shard's answer, classified as its HTTP answer would be.
+    async fn open(
+        &self,
+        deadline: Instant,
+        budget: Duration,
+        client_ip: IpAddr,
+        token: Option<&str>,
+    ) -> Result<(Upstream, Bytes), AttemptError> {
+        let link = self
+            .link
+            .get(self.addr, &self.host_header, deadline, budget)
+            .await?;
+        let open = Open {
+            path: self.path.clone(),
+            client: client_ip.to_string(),
+            token: token.map(str::to_owned),
+        };
+        let stream = link
+            .open(&open)
+            .map_err(|e| AttemptError::ConnectionLost(format!("tier link: {e}")))?;
+        match timeout_at(deadline, stream.reply()).await {
+            // Dropping the stream tells the shard (CLOSE): a late accept frees its slot.
+            Err(_) => Err(AttemptError::HandshakeTimeout(budget)),
+            Ok(Err(e)) => Err(AttemptError::ConnectionLost(format!("tier link: {e}"))),
+            Ok(Ok(Reply::Accepted)) => Ok((Upstream::Mux(stream), Bytes::new())),
+            Ok(Ok(Reply::Refused(r))) => Err(match r.shard_status {
+                Some(ShardState::Draining) => {
+                    AttemptError::NotReady(reported(ShardStatus::Draining))
+                }
+                Some(ShardState::Starting) => {
+                    AttemptError::NotReady(reported(ShardStatus::Starting))
+                }
+                None => AttemptError::HttpStatus(r.status),
+            }),
         }
     }
 

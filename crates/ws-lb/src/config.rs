@@ -223,6 +223,10 @@ pub struct Settings {
     /// Connections per token subject (sub) in this process; beyond it close 4003 (0 = no limit).
     #[arg(long, default_value_t = lib().max_connections_per_sub)]
     pub max_connections_per_sub: usize,
+    /// Experimental: carry clients to each shard as streams of one TCP connection per shard
+    /// (the tier link, GET /mux on the shard's port) instead of one connection per client.
+    #[arg(long, default_value_t = lib().tier_mux, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub tier_mux: bool,
     /// Log JSON lines instead of text.
     #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub log_json: bool,
@@ -268,7 +272,11 @@ impl Settings {
                 burst: self.per_ip_burst.max(1),
             }),
             max_clients: match self.max_clients {
-                0 => net_core::limits::clients_for_open_files(2, 64),
+                // A relayed client holds its own socket, and one to its shard unless the
+                // tier link carries it.
+                0 => {
+                    net_core::limits::clients_for_open_files(if self.tier_mux { 1 } else { 2 }, 64)
+                }
                 n => n,
             },
             trust_forwarded_for: self.trust_forwarded_for,
@@ -301,6 +309,7 @@ impl Settings {
             .with_cache(self.auth_cache_entries, self.auth_cache_bytes),
             auth_timeout: self.auth_timeout,
             max_connections_per_sub: self.max_connections_per_sub,
+            tier_mux: self.tier_mux,
         }
         .validate()
     }

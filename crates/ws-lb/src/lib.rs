@@ -93,6 +93,9 @@ pub struct LbConfig {
     /// Connections per token subject in this process; beyond it the client is closed with
     /// 4003. 0 = no limit.
     pub max_connections_per_sub: usize,
+    /// Carry clients to each shard as streams of one TCP connection (the tier link,
+    /// `GET /mux`) instead of one TCP connection per client. Experimental; off by default.
+    pub tier_mux: bool,
 }
 
 impl Default for LbConfig {
@@ -125,6 +128,7 @@ impl Default for LbConfig {
             auth: auth::AuthConfig::default(),
             auth_timeout: Duration::from_secs(5),
             max_connections_per_sub: 0,
+            tier_mux: false,
         }
     }
 }

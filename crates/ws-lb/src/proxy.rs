@@ -22,6 +22,7 @@ use tokio_util::either::Either;
 use ws_protocol::close;
 use ws_protocol::frame::{self, FrameTracker};
 
+use crate::backend::Upstream;
 use crate::metrics::{ClientOutcome, Rejection};
 use crate::relay::{relay, RelayEnd, RelayHost, RelayOptions};
 use crate::{edge_auth, ClientIp, Lb};
@@ -373,7 +374,7 @@ async fn finish(
 /// A shard that completed its handshake: the socket, what the shard sent after its 101,
 /// the shard's index and its relay count (held until the relay ends, so selection sees
 /// this client on that shard until the next health poll counts it).
-pub(crate) type Connected = (TcpStream, Bytes, usize, lb_core::RelayCount);
+pub(crate) type Connected = (Upstream, Bytes, usize, lb_core::RelayCount);
 
 /// Tries shards until one completes its handshake or the policy gives up.
 async fn connect(lb: &Lb, client_ip: IpAddr, token: Option<&str>) -> Result<Connected, FinalClose> {
@@ -406,7 +407,11 @@ async fn connect(lb: &Lb, client_ip: IpAddr, token: Option<&str>) -> Result<Conn
             rank.increment(1);
         }
         let started = Instant::now();
-        match lease.target().dial(budget, client_ip, token).await {
+        match lease
+            .target()
+            .dial(budget, client_ip, token, lb.cfg.tier_mux)
+            .await
+        {
             Ok((stream, prefix)) => {
                 h.success.increment(1);
                 h.duration.record(started.elapsed().as_secs_f64());

@@ -135,6 +135,7 @@ async fn health(State(shard): State<Arc<Shard>>) -> Response {
 fn shard_router(shard: Arc<Shard>) -> Router {
     let mut r = Router::new()
         .route("/ws", get(|s, req| upgrade::handle(s, req, Mode::PubSub)))
+        .route(tier_mux::upgrade::PATH, get(upgrade::handle_link))
         .route("/health", get(health))
         .route("/live", get(|| std::future::ready("live\n")));
     if shard.echo {

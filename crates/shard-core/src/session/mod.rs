@@ -20,9 +20,8 @@ mod pubsub;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use net_io::Nonblocking;
+use net_io::{Nonblocking, Transport};
 use rand::Rng;
-use tokio::net::TcpStream;
 use tokio::time::{sleep_until, Instant};
 
 pub use self::auth::Admission;
@@ -80,8 +79,8 @@ impl ShardContext {
 /// Runs the session until the connection is closed. `prefix` holds bytes the HTTP layer
 /// read past the upgrade request; `admission` is what the upgrade's token (if any) said.
 /// The slot is released when this returns.
-pub async fn run(
-    stream: TcpStream,
+pub async fn run<T: Transport>(
+    stream: T,
     prefix: Bytes,
     ctx: Arc<ShardContext>,
     mode: Mode,
@@ -137,6 +136,7 @@ mod tests {
     use super::*;
     use crate::config::HubConfig;
     use crate::slots::Slots;
+    use tokio::net::TcpStream;
 
     /// Every connection holds one of these futures; keep it from growing unnoticed (it was
     /// 1,200 bytes before the state machine, in a debug build; in release 1,120 before the

@@ -17,7 +17,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use net_io::{Nonblocking, Signal};
+use std::io::IoSlice;
+
+use net_io::{Nonblocking, Signal, Transport};
 use tokio::net::TcpStream;
 use tokio::time::{sleep_until, Instant};
 
@@ -75,10 +77,10 @@ pub trait RelayHost {
 /// every close frame the LB sends the client itself. `host` is owned and handed back, so
 /// that the caller can build this future outside an `async fn` of its own without another
 /// handle to what it already holds (see `proxy::relayed`).
-pub async fn relay<H: RelayHost>(
+pub async fn relay<H: RelayHost, S: Transport>(
     client: TcpStream,
     client_prefix: Bytes,
-    shard: TcpStream,
+    shard: S,
     shard_prefix: Bytes,
     host: H,
 ) -> (RelayEnd, H) {
@@ -95,7 +97,8 @@ pub async fn relay<H: RelayHost>(
             if let Some(Action::LbClose { code, tell_shard }) = machine.poll_action() {
                 host.lb_close(code);
                 if tell_shard {
-                    let _ = shard.try_write(&shard_goodbye(rand::random()));
+                    let _ =
+                        shard.write_nonblocking(&[IoSlice::new(&shard_goodbye(rand::random()))]);
                 }
             }
             if let Some(end) = machine.end() {
@@ -111,7 +114,7 @@ pub async fn relay<H: RelayHost>(
             tokio::select! {
                 biased;
                 _ = &mut drain, if want.drain => m.on_drain(Instant::now(), opts.drain_delay()),
-                r = std::future::poll_fn(|cx| client.poll_write_ready(cx)), if want.write_client => match r {
+                r = std::future::poll_fn(|cx| Transport::poll_write_ready(&client, cx)), if want.write_client => match r {
                     Ok(()) => m.on_writable(Side::Client, &mut Nonblocking(&client), Instant::now()),
                     Err(_) => m.on_write_failed(Side::Client, Instant::now()),
                 },
@@ -119,7 +122,7 @@ pub async fn relay<H: RelayHost>(
                     Ok(()) => m.on_writable(Side::Shard, &mut Nonblocking(&shard), Instant::now()),
                     Err(_) => m.on_write_failed(Side::Shard, Instant::now()),
                 },
-                r = std::future::poll_fn(|cx| client.poll_read_ready(cx)), if want.read_client => match r {
+                r = std::future::poll_fn(|cx| Transport::poll_read_ready(&client, cx)), if want.read_client => match r {
                     Ok(()) => net_io::with_buffer(|buf| {
                         m.on_readable(Side::Client, &mut Nonblocking(&client), &mut Nonblocking(&shard), buf, Instant::now());
                     }),
@@ -164,7 +167,14 @@ mod tests {
             Duration::from_secs(1),
             Arc::new(Signal::default()),
         ));
-        let f = relay(a, Bytes::new(), b, Bytes::new(), opts);
+        // As ws-lb runs it: the shard side is an `Upstream` (a socket or a tier-link stream).
+        let f = relay(
+            a,
+            Bytes::new(),
+            crate::backend::Upstream::Tcp(b),
+            Bytes::new(),
+            opts,
+        );
         let size = std::mem::size_of_val(&f);
         eprintln!("relay future: {size} bytes");
         assert!(size <= 900, "relay future is {size} bytes");

@@ -10,6 +10,16 @@ use test_support::{free_port, start_lb, start_shards, BlackHole, IsolatedShards}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusing_and_full_shards_are_retried_transparently() {
+    refusing_and_full_shards_are_retried_transparently_case(false).await;
+}
+
+/// The same over the tier link (`tier_mux`): one TCP connection per shard carries every client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusing_and_full_shards_are_retried_transparently_over_the_tier_link() {
+    refusing_and_full_shards_are_retried_transparently_case(true).await;
+}
+
+async fn refusing_and_full_shards_are_retried_transparently_case(mux: bool) {
     let good = start_shards(1, |_| {}).await;
     // A shard that fills up between two health polls answers 503; polls are rare here so
     // the LB keeps believing it has room and has to retry.
@@ -18,6 +28,7 @@ async fn refusing_and_full_shards_are_retried_transparently() {
     let lb = start_lb(
         vec![good.ws_url(0), full.ws_url(0), format!("ws://{dead}/ws")],
         |c| {
+            c.tier_mux = mux;
             c.health_interval = Duration::from_secs(3600);
         },
     )
@@ -172,9 +183,23 @@ async fn breakers_opened_by_timeouts_keep_clients_backing_off_while_polls_time_o
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shard_killed_mid_session_closes_its_clients_with_1012_within_a_second() {
+    shard_killed_mid_session_closes_its_clients_with_1012_within_a_second_case(false).await;
+}
+
+/// The same over the tier link (`tier_mux`): one TCP connection per shard carries every client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shard_killed_mid_session_closes_its_clients_with_1012_within_a_second_over_the_tier_link()
+{
+    shard_killed_mid_session_closes_its_clients_with_1012_within_a_second_case(true).await;
+}
+
+async fn shard_killed_mid_session_closes_its_clients_with_1012_within_a_second_case(mux: bool) {
     let mut doomed = IsolatedShards::start(1);
     let survivor = start_shards(1, |_| {}).await;
-    let lb = start_lb(vec![doomed.ws_url(0), survivor.ws_url(0)], |_| {}).await;
+    let lb = start_lb(vec![doomed.ws_url(0), survivor.ws_url(0)], |c| {
+        c.tier_mux = mux
+    })
+    .await;
     let mut clients = Vec::new();
     for _ in 0..40 {
         let mut ws = connect(&lb.ws_url()).await.unwrap();

@@ -9,8 +9,21 @@ use ws_protocol::ServerMessage;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_through_the_lb_receives_published_messages() {
+    client_through_the_lb_receives_published_messages_case(false).await;
+}
+
+/// The same over the tier link (`tier_mux`): one TCP connection per shard carries every client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_through_the_lb_receives_published_messages_over_the_tier_link() {
+    client_through_the_lb_receives_published_messages_case(true).await;
+}
+
+async fn client_through_the_lb_receives_published_messages_case(mux: bool) {
     let shards = start_shards(3, |_| {}).await;
-    let lb = start_lb((0..3).map(|i| shards.ws_url(i)).collect(), |_| {}).await;
+    let lb = start_lb((0..3).map(|i| shards.ws_url(i)).collect(), |c| {
+        c.tier_mux = mux
+    })
+    .await;
     let mut clients = Vec::new();
     for _ in 0..30 {
         let mut ws = connect(&lb.ws_url()).await.unwrap();
@@ -43,6 +56,11 @@ async fn client_through_the_lb_receives_published_messages() {
         "{per_shard:?}"
     );
     assert!(metric(&lb.metrics().await, "ws_lb_active_connections", &[]) >= 30.0);
+    // Over the tier link: one link per shard in use, whatever the number of clients; without
+    // it, none.
+    let links = metric(&shards.metrics().await, "ws_shard_tier_links", &[]);
+    let in_use = per_shard.iter().filter(|c| **c > 0).count() as f64;
+    assert_eq!(links, if mux { in_use } else { 0.0 });
     // A clean close through the relay releases the shard's slot.
     for ws in clients {
         test_support::ws::close(ws).await;
@@ -91,8 +109,19 @@ async fn origin_allow_list_refuses_before_any_shard_is_dialled() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lb_drain_sends_1012_to_relayed_clients() {
+    lb_drain_sends_1012_to_relayed_clients_case(false).await;
+}
+
+/// The same over the tier link (`tier_mux`): one TCP connection per shard carries every client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lb_drain_sends_1012_to_relayed_clients_over_the_tier_link() {
+    lb_drain_sends_1012_to_relayed_clients_case(true).await;
+}
+
+async fn lb_drain_sends_1012_to_relayed_clients_case(mux: bool) {
     let shards = start_shards(1, |_| {}).await;
     let lb = start_lb(vec![shards.ws_url(0)], |c| {
+        c.tier_mux = mux;
         c.drain_window = Duration::from_millis(300)
     })
     .await;
@@ -128,12 +157,23 @@ async fn lb_drain_sends_1012_to_relayed_clients() {
 /// `max_clients` place). A client reading the same channel is not touched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_is_dropped_after_the_stall_timeout() {
+    a_client_that_stops_reading_is_dropped_after_the_stall_timeout_case(false).await;
+}
+
+/// The same over the tier link (`tier_mux`): one TCP connection per shard carries every client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_dropped_after_the_stall_timeout_over_the_tier_link() {
+    a_client_that_stops_reading_is_dropped_after_the_stall_timeout_case(true).await;
+}
+
+async fn a_client_that_stops_reading_is_dropped_after_the_stall_timeout_case(mux: bool) {
     let shards = start_shards(1, |c| {
         c.session.outbound_queue = 8;
         c.socket.send_buffer = Some(4096);
     })
     .await;
     let lb = start_lb(vec![shards.ws_url(0)], |c| {
+        c.tier_mux = mux;
         c.stall_timeout = Duration::from_secs(2);
         c.socket.send_buffer = Some(4096);
     })
