@@ -125,7 +125,8 @@ ROWS = [
         ts("Connections and capacity", [
             q(f"sum(ws_shard_connections{{{SH}}})", "connections"),
             q(f"sum(ws_shard_max_connections{{{SH}}})", "capacity"),
-        ]),
+            q(f"sum(ws_shard_tier_links{{{SH}}})", "tier links (--tier-mux)"),
+        ], description="Tier links: one per ws-lb and shard when ws-lb runs with --tier-mux, each carrying many clients."),
         ts("Accepted and rejected", [
             q(f"sum(rate(ws_shard_connections_accepted_total{{{SH}}}[{RI}]))", "accepted"),
             q(f"sum by (reason) (rate(ws_shard_connections_rejected_total{{{SH}}}[{RI}]))", "rejected: {{reason}}"),
