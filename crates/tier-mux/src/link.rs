@@ -231,6 +231,7 @@ impl Link {
     /// the socket fails, the peer closes it or breaks the protocol. Then every stream ends.
     pub async fn run(&self, sock: TcpStream, prefix: Bytes) -> LinkError {
         let _ = sock.set_nodelay(true);
+        detect_dead_peer(&sock);
         let (r, w) = sock.into_split();
         let end = tokio::select! {
             e = self.read_loop(r, prefix) => e,
@@ -443,6 +444,27 @@ impl Link {
         }
     }
 }
+
+/// A peer that vanished (its host gone, no reset) would otherwise hold every stream of the
+/// link until TCP gives up, minutes later. Keepalive probes after [`KEEPALIVE_IDLE`] of
+/// silence, and a bound on unacknowledged data ([`USER_TIMEOUT`]), end the link instead:
+/// its clients get 1012 and reconnect to another shard.
+fn detect_dead_peer(sock: &TcpStream) {
+    let s = socket2::SockRef::from(sock);
+    let _ = s.set_tcp_keepalive(
+        &socket2::TcpKeepalive::new()
+            .with_time(KEEPALIVE_IDLE)
+            .with_interval(KEEPALIVE_IDLE / 2)
+            .with_retries(3),
+    );
+    let _ = s.set_tcp_user_timeout(Some(USER_TIMEOUT));
+}
+
+/// Silence on a link before keepalive probes start (then one every half of it, three).
+pub const KEEPALIVE_IDLE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Longest data on a link may stay unacknowledged before the link is given up.
+pub const USER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// One stream of a link: a client connection, read and written like a socket.
 pub struct MuxStream {
