@@ -432,6 +432,10 @@ impl Link {
                     return LinkError::Closed;
                 }
                 sh.writer.notified().await;
+                // Woken by the first frame queued: let the tasks that are ready now (the rest
+                // of a fan-out burst, woken together) queue theirs first, so that the burst
+                // leaves in one write rather than one per frame.
+                tokio::task::yield_now().await;
                 continue;
             }
             if let Err(e) = w.write_all(&chunk).await {
