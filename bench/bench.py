@@ -415,6 +415,10 @@ def start_target(procs, target):
     if target == "ws-lb":
         lb, port, _ = start_lb(procs, shard_ports, defaults=True)
         proxies = [lb]
+    elif target == "ws-lb-mux":
+        # The tier link (--tier-mux): one connection per shard carries every client.
+        lb, port, _ = start_lb(procs, shard_ports, defaults=True, extra=["--tier-mux"])
+        proxies = [lb]
     elif target == "ws-lb-unpaced":
         lb, port, _ = start_lb(procs, shard_ports, defaults=True, extra=["--admission-rate", "0"])
         proxies = [lb]
@@ -480,7 +484,7 @@ def perf_stat(pids):
     return counts
 
 
-def cpu_run(url, proxies, connections, rate, lifetime, hold=0, syscalls=False):
+def cpu_run(url, proxies, connections, rate, lifetime, hold=0, syscalls=False, shard=None):
     """One ramp (each connection closes itself after `lifetime`; 0: held until the end) with
     the proxy's CPU seconds (user + system, every process of it) over the ramp, hold and
     closes, per attempted connection. `syscalls`: also the proxy's syscalls per attempted
@@ -490,6 +494,7 @@ def cpu_run(url, proxies, connections, rate, lifetime, hold=0, syscalls=False):
     # Every process of the proxy (nginx's and HAProxy's workers are the master's children).
     counts = perf_stat(sorted({q for p in pids for q in tree_pids(p)})) if syscalls and pids else None
     cpu0 = Sampler(pids).cpu() if pids else 0.0
+    shard_cpu0 = Sampler([shard.pid]).cpu() if shard else 0.0
     extra = ["--lifetime", lifetime] if lifetime else []
     rep = loadtest(url, connections, rate, hold, extra, name=f"{url} at {rate}/s", source_ips=SOURCE_IPS)
     # The connections still open when the generator exits close then; give the proxy that
@@ -504,6 +509,9 @@ def cpu_run(url, proxies, connections, rate, lifetime, hold=0, syscalls=False):
                                              if k not in ("context-switches", "cpu-migrations")) / n, 2)
     row["loadavg"] = load()
     row["proxy_cpu_us_per_conn"] = (Sampler(pids).cpu() - cpu0) * 1e6 / max(rep["counts"]["attempted"], 1) if pids else None
+    # The shards' side of the same connections (what a proxy saves or costs its backends).
+    row["shard_cpu_us_per_conn"] = (Sampler([shard.pid]).cpu() - shard_cpu0) * 1e6 / max(rep["counts"]["attempted"], 1) \
+        if shard else None
     row["sustained"] = row["success_pct"] >= 99.9 and row["handshake_p99_ms"] <= 50.0
     return row
 
@@ -529,7 +537,7 @@ def cmd_compare(a):
                 row["first"] = cpu_run(url, proxies, a.connections, 1000, None, hold=1)
                 row["warm"] = cpu_run(url, proxies, a.connections, 1000, None, hold=1)
                 for rate in a.rates:
-                    row[str(rate)] = cpu_run(url, proxies, rate * a.seconds, rate, "1s", syscalls=a.syscalls)
+                    row[str(rate)] = cpu_run(url, proxies, rate * a.seconds, rate, "1s", syscalls=a.syscalls, shard=shard)
             finally:
                 procs.stop()
             runs[target] = row
@@ -538,6 +546,7 @@ def cmd_compare(a):
                 cpu = x["proxy_cpu_us_per_conn"]
                 return (f"{r}/s {x['success_pct']:.2f}% p99 {x['handshake_p99_ms']:.1f} ms"
                         + ("" if cpu is None else f" {cpu:.0f} us/conn")
+                        + f" (shards {x['shard_cpu_us_per_conn']:.0f})"
                         + (f" {x['syscalls_per_conn']} syscalls/conn" if "syscalls_per_conn" in x else ""))
             rates = ", ".join(cell(r) for r in a.rates)
             print(f"round {rnd + 1} {target}: first p50/p99 {row['first']['handshake_p50_ms']:.2f}/{row['first']['handshake_p99_ms']:.2f} ms, "
@@ -732,7 +741,7 @@ def main():
     c.add_argument("--keep-reports", action="store_true", help="keep each run's raw loadtest report")
     c = sub.add_parser("compare")
     c.add_argument("--targets", nargs="+", default=["ws-lb", "nginx", "haproxy"],
-                   help="of ws-lb, ws-lb-unpaced (--admission-rate 0), ws-lb-x2 (two ws-lb processes of one thread "
+                   help="of ws-lb, ws-lb-mux (--tier-mux), ws-lb-unpaced (--admission-rate 0), ws-lb-x2 (two ws-lb processes of one thread "
                         "each sharing the port, as nginx's two workers; ws-lb-x2-half: each with 10,000 descriptors), nginx, haproxy, direct")
     # 6,000 held at once: every proxy holds them in one process (two descriptors per relayed
     # client, 20,000 descriptors per process on these machines).

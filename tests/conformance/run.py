@@ -52,18 +52,25 @@ def main():
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    shard, shard_admin, lb, lb_admin = (odin.free_port() for _ in range(4))
+    shard, shard_admin, lb, lb_admin, mux, mux_admin = (odin.free_port() for _ in range(6))
     with odin.Procs("conformance") as procs:
         procs.start("shard", [f"{a.bin}/ws-shard", "--shards", "1", "--base-port", shard,
                               "--admin-addr", f"127.0.0.1:{shard_admin}", "--echo", "--log-level", "warn"])
         procs.start("lb", [f"{a.bin}/ws-lb", "--listen", f"127.0.0.1:{lb}", "--admin-addr", f"127.0.0.1:{lb_admin}",
                            "--backend-urls", f"ws://127.0.0.1:{shard}/echo", "--per-ip-rate", "0",
                            "--log-level", "warn"])
+        # The same relay with the tier link (--tier-mux): the client's frames travel as a
+        # stream of one connection to the shard and must arrive exactly as on a socket.
+        procs.start("lb-mux", [f"{a.bin}/ws-lb", "--listen", f"127.0.0.1:{mux}", "--admin-addr", f"127.0.0.1:{mux_admin}",
+                               "--backend-urls", f"ws://127.0.0.1:{shard}/echo", "--per-ip-rate", "0",
+                               "--tier-mux", "--log-level", "warn"])
         odin.wait_http(f"http://127.0.0.1:{shard}/health", ready=odin.ok)
         odin.wait_http(f"http://127.0.0.1:{lb}/health", ready=odin.ok)
+        odin.wait_http(f"http://127.0.0.1:{mux}/health", ready=odin.ok)
         runs = {
             "direct (ws-shard /echo)": run_kosoku(f"ws://127.0.0.1:{shard}/echo", a.cases, out / "direct"),
             "through ws-lb": run_kosoku(f"ws://127.0.0.1:{lb}/ws", a.cases, out / "via-lb"),
+            "through ws-lb, tier link": run_kosoku(f"ws://127.0.0.1:{mux}/ws", a.cases, out / "via-lb-mux"),
         }
     bad = []
     print(f"\n| configuration | cases | OK | NON-STRICT | INFORMATIONAL | FAILED/other | seconds |")

@@ -316,3 +316,50 @@ async fn a_retired_link_ends_when_its_last_stream_does() {
     let end = timeout(LIMIT, lb_task).await.unwrap().unwrap();
     assert!(matches!(end, LinkError::Closed), "{end}");
 }
+
+/// The LB's side of `GET /mux` against a server that answers 101 (with frames right behind
+/// it), 404, or something that is not HTTP.
+#[tokio::test]
+async fn the_upgrade_reads_the_status_and_keeps_bytes_after_the_101() {
+    use tier_mux::upgrade::{dial, UpgradeError, PROTOCOL};
+    use tokio::io::AsyncReadExt;
+    async fn serve(answer: Vec<u8>) -> std::net::SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut b = [0u8; 512];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut b).await.unwrap();
+                assert!(n > 0);
+                head.extend_from_slice(&b[..n]);
+            }
+            let head = String::from_utf8(head).unwrap();
+            assert!(head.starts_with("GET /mux HTTP/1.1\r\n"), "{head}");
+            assert!(head.contains(&format!("Upgrade: {PROTOCOL}\r\n")), "{head}");
+            s.write_all(&answer).await.unwrap();
+            // Keep the socket open until the client is done with it.
+            let _ = s.read(&mut b).await;
+        });
+        addr
+    }
+    let ok = format!("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: {PROTOCOL}\r\n\r\nFRAMES");
+    let (_sock, rest) = dial(serve(ok.into_bytes()).await, "h").await.unwrap();
+    assert_eq!(&rest[..], b"FRAMES");
+    let e = dial(serve(b"HTTP/1.1 404 Not Found\r\n\r\n".to_vec()).await, "h")
+        .await
+        .unwrap_err();
+    assert!(matches!(e, UpgradeError::Status(404)), "{e}");
+    let e = dial(
+        serve(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n".to_vec()).await,
+        "h",
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(e, UpgradeError::Malformed(_)), "{e}");
+    let e = dial(serve(b"SSH-2.0-x\r\n\r\n".to_vec()).await, "h")
+        .await
+        .unwrap_err();
+    assert!(matches!(e, UpgradeError::Malformed(_)), "{e}");
+}

@@ -11,6 +11,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use lb_core::AttemptError;
 use net_io::Transport;
+use tier_mux::upgrade::UpgradeError;
 use tier_mux::{Link, MuxStream, Open, Reply, Role, ShardState};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -111,17 +112,26 @@ impl LinkSlot {
         if let Some(l) = self.current() {
             return Ok(l);
         }
-        let (sock, prefix) = match timeout_at(deadline, tier_mux::upgrade::dial(addr, host)).await {
+        // The same classification as a client's own connection to the shard: the TCP
+        // connect, then the upgrade (its status, or a timeout of the handshake).
+        let sock = match timeout_at(deadline, TcpStream::connect(addr)).await {
             Err(_) => return Err(AttemptError::ConnectTimeout(budget)),
             Ok(Err(e)) if local_exhaustion(&e) => {
                 return Err(AttemptError::LocalResources(e.to_string()))
             }
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                return Err(AttemptError::ConnectRefused(e.to_string()))
-            }
-            Ok(Err(e)) => return Err(AttemptError::Protocol(e.to_string())),
-            Ok(Ok(parts)) => parts,
+            Ok(Err(e)) => return Err(AttemptError::ConnectRefused(e.to_string())),
+            Ok(Ok(s)) => s,
         };
+        let (sock, prefix) =
+            match timeout_at(deadline, tier_mux::upgrade::upgrade(sock, host)).await {
+                Err(_) => return Err(AttemptError::HandshakeTimeout(budget)),
+                Ok(Err(UpgradeError::Status(s))) => return Err(AttemptError::HttpStatus(s)),
+                Ok(Err(UpgradeError::Io(e))) => {
+                    return Err(AttemptError::ConnectionLost(e.to_string()))
+                }
+                Ok(Err(e)) => return Err(AttemptError::Protocol(e.to_string())),
+                Ok(Ok(parts)) => parts,
+            };
         let link = Link::new(Role::Lb, None);
         let running = link.clone();
         let host = host.to_owned();
