@@ -249,7 +249,7 @@ def held_run(target_url, lb_pid, shard_pid, connections, rate, hold, extra=(), s
     return row, rep
 
 
-def capacity_run(connections, rate, hold, lb_procs, bin_dir=None):
+def capacity_run(connections, rate, hold, lb_procs, bin_dir=None, lb_flags=()):
     """One capacity ramp on fresh servers (3 shards in one process, `lb_procs` ws-lb processes
     sharing the port) built from `bin_dir` (default: the binaries measured)."""
     procs = odin.Procs("bench")
@@ -260,7 +260,8 @@ def capacity_run(connections, rate, hold, lb_procs, bin_dir=None):
         lb_port, lb_pids = free_port(), []
         for i in range(lb_procs):
             lb, _, _ = start_lb(procs, shard_ports, name=f"lb{i}", port=lb_port,
-                                extra=["--reuse-port"] if lb_procs > 1 else [], bin_dir=bin_dir, defaults=True)
+                                extra=(["--reuse-port"] if lb_procs > 1 else []) + list(lb_flags),
+                                bin_dir=bin_dir, defaults=True)
             lb_pids.append(lb.pid)
         row, rep = held_run(f"ws://127.0.0.1:{lb_port}/ws", lb_pids, shard.pid, connections, rate, hold,
                             source_ips=SOURCE_IPS)
@@ -276,7 +277,7 @@ def cmd_capacity(a):
     for rate in a.rates:
         rows = []
         for run in range(a.runs if rate >= 1000 else 1):
-            row = capacity_run(a.connections, rate, a.hold, a.lb_procs)
+            row = capacity_run(a.connections, rate, a.hold, a.lb_procs, lb_flags=shlex.split(a.lb_flags))
             rows.append(row)
             print(f"rate {rate}/s run {run + 1}: {row['success_pct']:.3f}% p99 {row['handshake_p99_ms']:.2f} ms "
                   f"lb {row['lb_kib_per_conn']:.2f} KiB/conn shard {row['shard_kib_per_conn']:.2f} KiB/conn", flush=True)
@@ -730,6 +731,7 @@ def main():
     c.add_argument("--hold", type=int, default=10)
     c.add_argument("--runs", type=int, default=3, help="runs of the 1000/s ramp (50 and 100/s: one run each)")
     c.add_argument("--lb-procs", type=int, default=2, help="ws-lb processes sharing the port (SO_REUSEPORT)")
+    c.add_argument("--lb-flags", default="", help="extra ws-lb flags (recorded with every process's command line)")
     c = sub.add_parser("builds", help="the capacity ramp on two builds (--a DIR --b DIR), alternating")
     c.add_argument("--a", required=True, help="directory with build A's ws-shard and ws-lb (e.g. the base)")
     c.add_argument("--b", default=str(BIN), help="directory with build B's binaries (default: $ODIN_BIN or target/release)")

@@ -28,6 +28,7 @@ import fcntl
 import json
 import os
 import signal
+import shlex
 import subprocess
 import sys
 import threading
@@ -228,6 +229,7 @@ class Cluster:
         self.a = a
         self.log = log
         self.bin = Path(a.bin_dir).resolve()
+        self.lb_flags = shlex.split(getattr(a, "lb_flags", "") or "")
         self.run_dir = Path(a.run_dir)
         self.values = deploy_values.front_values()
         shard_ips = [shard_ip(j) for j in range(a.shards)]
@@ -586,7 +588,7 @@ class Cluster:
         """deploy/gcp/lib.sh's LB_ARGS, the member file under the VM's root."""
         args = list(self.pv.lb_args)
         args[args.index("--backend-file") + 1] = str(self.members_file(name))
-        return args
+        return args + list(self.lb_flags)
 
     def start_lb(self, name):
         self.start_members_updater(name)
@@ -708,7 +710,7 @@ class Cluster:
             "network": self.net.describe(), "kafka_storage": self.kafka_storage,
             "kafka_storage_skipped": self.kafka_storage_skipped,
             "kafka_partitions": self.a.partitions,
-            "lb_args": " ".join(self.pv.lb_args)[:160] + " ...", "lb_env": self.pv.lb_env,
+            "lb_args": " ".join(self.pv.lb_args)[:160] + " ...", "lb_flags": self.lb_flags, "lb_env": self.pv.lb_env,
             "shard_args": " ".join(self.pv.shard_args),
             "sysctls": self.sysctl_report,
             "open_files_limit": {"units_ask": deploy_values.unit_limit_nofile(), "in_effect": bench.machine()["nofile"]},
@@ -779,6 +781,8 @@ def parser():
     p.add_argument("--client-handshake-timeout", default=DEFAULTS["client_handshake_timeout"], metavar="DURATION",
                    help="the load generator's handshake deadline (e.g. 10s: the client libraries' connectTimeout); "
                         "empty: loadtest's own 5 s at full size, 30 s in the short versions")
+    p.add_argument("--lb-flags", default="", help="extra ws-lb flags on every LB VM, after the deploy's own "
+                                                   "(e.g. --tier-mux); recorded in the results")
     p.add_argument("--bin-dir", default=str(REPO / "target" / "release"))
     p.add_argument("--tansu", default=os.environ.get("TANSU") or (subprocess.run(["bash", "-c", "command -v tansu"],
                    capture_output=True, text=True).stdout.strip() or str(Path.home() / ".cargo/bin/tansu")))
