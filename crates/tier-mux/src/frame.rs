@@ -3,7 +3,7 @@
 //!
 //! | kind | from | payload |
 //! |---|---|---|
-//! | `OPEN` (1) | LB | path length (2 bytes), path, client address length (1), client address, bearer token (rest; may be empty) |
+//! | `OPEN` (1) | LB | path length (2 bytes), path, bearer token (rest; may be empty) |
 //! | `ACCEPT` (2) | shard | none: the stream is a WebSocket connection, as after a 101 |
 //! | `REFUSE` (3) | shard | HTTP status (2 bytes), shard status (1: 0 none, 1 draining, 2 starting), reason (rest) |
 //! | `DATA` (4) | both | the connection's bytes (WebSocket frames, not decoded by the link) |
@@ -15,6 +15,7 @@
 //! [`MAX_PAYLOAD`] breaks the link (every stream on it ends).
 
 use bytes::BufMut;
+use ws_protocol::ShardStatus;
 
 /// Header bytes before each payload.
 pub const HEADER_LEN: usize = 9;
@@ -99,23 +100,18 @@ pub fn put_header(out: &mut impl BufMut, kind: Kind, stream: u32, len: usize) {
 pub struct Open {
     /// The path the stream is for, as in the backend URL (`/ws`, `/echo`).
     pub path: String,
-    /// The client's address (informational, as `X-Forwarded-For`).
-    pub client: String,
     /// The client's verified token, forwarded as `Authorization: Bearer` would be.
     pub token: Option<String>,
 }
 
 impl Open {
-    /// The payload; `None` if a field is too long for its length prefix or the frame.
+    /// The payload; `None` if the path is too long for its length prefix or the frame.
     pub fn encode(&self) -> Option<Vec<u8>> {
         let path = u16::try_from(self.path.len()).ok()?;
-        let client = u8::try_from(self.client.len()).ok()?;
         let token = self.token.as_deref().unwrap_or("");
-        let mut out = Vec::with_capacity(3 + self.path.len() + self.client.len() + token.len());
+        let mut out = Vec::with_capacity(2 + self.path.len() + token.len());
         out.extend_from_slice(&path.to_be_bytes());
         out.extend_from_slice(self.path.as_bytes());
-        out.push(client);
-        out.extend_from_slice(self.client.as_bytes());
         out.extend_from_slice(token.as_bytes());
         (out.len() <= MAX_PAYLOAD).then_some(out)
     }
@@ -124,13 +120,9 @@ impl Open {
     pub fn decode(p: &[u8]) -> Option<Self> {
         let path_len = usize::from(u16::from_be_bytes([*p.first()?, *p.get(1)?]));
         let path = std::str::from_utf8(p.get(2..2 + path_len)?).ok()?;
-        let rest = p.get(2 + path_len..)?;
-        let client_len = usize::from(*rest.first()?);
-        let client = std::str::from_utf8(rest.get(1..1 + client_len)?).ok()?;
-        let token = std::str::from_utf8(rest.get(1 + client_len..)?).ok()?;
+        let token = std::str::from_utf8(p.get(2 + path_len..)?).ok()?;
         Some(Self {
             path: path.to_owned(),
-            client: client.to_owned(),
             token: (!token.is_empty()).then(|| token.to_owned()),
         })
     }
@@ -147,16 +139,9 @@ pub enum Reply {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
     pub status: u16,
-    /// `X-Odin-Shard-Status` of that answer: `draining`/`starting`, if any.
-    pub shard_status: Option<ShardState>,
+    /// `X-Odin-Shard-Status` of that answer (`draining`/`starting`), if any.
+    pub shard_status: Option<ShardStatus>,
     pub reason: String,
-}
-
-/// The shard states a refusal names (the 503s that say "not ready" rather than "full").
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ShardState {
-    Draining,
-    Starting,
 }
 
 impl Refusal {
@@ -164,9 +149,9 @@ impl Refusal {
         let mut out = Vec::with_capacity(3 + self.reason.len());
         out.extend_from_slice(&self.status.to_be_bytes());
         out.push(match self.shard_status {
-            None => 0,
-            Some(ShardState::Draining) => 1,
-            Some(ShardState::Starting) => 2,
+            None | Some(ShardStatus::Ok) => 0,
+            Some(ShardStatus::Draining) => 1,
+            Some(ShardStatus::Starting) => 2,
         });
         let reason = self.reason.as_bytes();
         out.extend_from_slice(&reason[..reason.len().min(1024)]);
@@ -177,8 +162,8 @@ impl Refusal {
         let status = u16::from_be_bytes([*p.first()?, *p.get(1)?]);
         let shard_status = match *p.get(2)? {
             0 => None,
-            1 => Some(ShardState::Draining),
-            2 => Some(ShardState::Starting),
+            1 => Some(ShardStatus::Draining),
+            2 => Some(ShardStatus::Starting),
             _ => return None,
         };
         let reason = String::from_utf8_lossy(p.get(3..)?).into_owned();
@@ -226,7 +211,6 @@ mod tests {
     fn open_and_refusal_round_trip_and_garbage_is_none() {
         let o = Open {
             path: "/ws".into(),
-            client: "10.1.2.3".into(),
             token: Some("abc".into()),
         };
         assert_eq!(Open::decode(&o.encode().unwrap()), Some(o.clone()));
@@ -236,7 +220,7 @@ mod tests {
         assert_eq!(Open::decode(&[]), None);
         let r = Refusal {
             status: 503,
-            shard_status: Some(ShardState::Draining),
+            shard_status: Some(ShardStatus::Draining),
             reason: "shard draining".into(),
         };
         assert_eq!(Refusal::decode(&r.encode()), Some(r));

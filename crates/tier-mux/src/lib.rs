@@ -11,5 +11,5 @@ pub mod frame;
 pub mod link;
 pub mod upgrade;
 
-pub use frame::{Open, Refusal, Reply, ShardState, WINDOW};
-pub use link::{Link, LinkError, MuxStream, OnOpen, Role, OUT_LIMIT};
+pub use frame::{Open, Refusal, Reply, WINDOW};
+pub use link::{Link, LinkError, MuxStream, OnOpen, OUT_LIMIT};

@@ -38,7 +38,7 @@ const CREDIT_STEP: u32 = WINDOW / 4;
 
 /// Which end of the link this is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
+enum Role {
     /// ws-lb: opens streams.
     Lb,
     /// A shard: accepts or refuses them.
@@ -108,15 +108,41 @@ impl Shared {
         if self.dead.load(Ordering::Acquire) {
             return false;
         }
-        let mut o = lock(&self.out);
+        self.queue(
+            lock(&self.out),
+            kind,
+            id,
+            payload.len(),
+            &[IoSlice::new(payload)],
+        );
+        true
+    }
+
+    /// Appends a frame whose payload is the first `len` bytes of `parts` to the locked
+    /// output, and wakes the writer if it found nothing to write.
+    fn queue(
+        &self,
+        mut o: MutexGuard<'_, Out>,
+        kind: Kind,
+        id: u32,
+        len: usize,
+        parts: &[IoSlice<'_>],
+    ) {
         let was_empty = o.buf.is_empty();
-        put_header(&mut o.buf, kind, id, payload.len());
-        o.buf.extend_from_slice(payload);
+        put_header(&mut o.buf, kind, id, len);
+        let mut left = len;
+        for b in parts {
+            let take = left.min(b.len());
+            o.buf.put_slice(&b[..take]);
+            left -= take;
+            if left == 0 {
+                break;
+            }
+        }
         drop(o);
         if was_empty {
             self.writer.notify_one();
         }
-        true
     }
 
     fn stream(&self, id: u32) -> Option<Arc<StreamState>> {
@@ -210,9 +236,18 @@ impl StreamState {
 }
 
 impl Link {
-    /// A link for `role`; a shard passes what to do with each opened stream. Nothing moves
-    /// until [`Link::run`] is given the socket.
-    pub fn new(role: Role, on_open: Option<OnOpen>) -> Self {
+    /// The LB's end of a link: it opens streams ([`Link::open`]). Nothing moves until
+    /// [`Link::run`] is given the socket.
+    pub fn lb() -> Self {
+        Self::new(Role::Lb, None)
+    }
+
+    /// A shard's end of a link: `on_open` is given every stream the LB opens.
+    pub fn shard(on_open: OnOpen) -> Self {
+        Self::new(Role::Shard, Some(on_open))
+    }
+
+    fn new(role: Role, on_open: Option<OnOpen>) -> Self {
         Self {
             shared: Arc::new(Shared {
                 role,
@@ -338,9 +373,8 @@ impl Link {
                     state,
                     link: sh.clone(),
                 };
-                match &sh.on_open {
-                    Some(f) => f(stream, open),
-                    None => drop(stream),
+                if let Some(f) = &sh.on_open {
+                    f(stream, open);
                 }
             }
             (Kind::Accept | Kind::Refuse, Role::Lb) => {
@@ -531,9 +565,9 @@ impl MuxStream {
         lock(&self.state.inner).closed
     }
 
-    /// Registers for the link's room when it is over [`OUT_LIMIT`]; `true` if there is room.
-    fn room(&self, i: &mut Inner) -> bool {
-        let mut o = lock(&self.link.out);
+    /// Whether the link's output has room; if not, the stream is registered to be woken
+    /// when the writer has taken it.
+    fn room(&self, o: &mut Out, i: &mut Inner) -> bool {
         if o.buf.len() < OUT_LIMIT {
             return true;
         }
@@ -559,7 +593,7 @@ impl net_io::Transport for MuxStream {
     fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.state.write_waker.register(cx.waker());
         let mut i = lock(&self.state.inner);
-        if i.closed || (i.credit > 0 && self.room(&mut i)) {
+        if i.closed || (i.credit > 0 && self.room(&mut lock(&self.link.out), &mut i)) {
             Poll::Ready(Ok(()))
         } else {
             Poll::Pending
@@ -609,34 +643,14 @@ impl net_io::Transport for MuxStream {
         if n == 0 {
             return Err(io::ErrorKind::WouldBlock.into());
         }
-        {
-            let mut o = lock(&self.link.out);
-            if o.buf.len() >= OUT_LIMIT {
-                if !i.waiting_room {
-                    i.waiting_room = true;
-                    o.waiting.push(Arc::downgrade(&self.state));
-                }
-                return Err(io::ErrorKind::WouldBlock.into());
-            }
-            if self.link.dead.load(Ordering::Acquire) {
-                return Err(io::ErrorKind::BrokenPipe.into());
-            }
-            let was_empty = o.buf.is_empty();
-            put_header(&mut o.buf, Kind::Data, self.state.id, n);
-            let mut left = n;
-            for b in bufs {
-                let take = left.min(b.len());
-                o.buf.put_slice(&b[..take]);
-                left -= take;
-                if left == 0 {
-                    break;
-                }
-            }
-            drop(o);
-            if was_empty {
-                self.link.writer.notify_one();
-            }
+        let mut o = lock(&self.link.out);
+        if !self.room(&mut o, &mut i) {
+            return Err(io::ErrorKind::WouldBlock.into());
         }
+        if self.link.dead.load(Ordering::Acquire) {
+            return Err(io::ErrorKind::BrokenPipe.into());
+        }
+        self.link.queue(o, Kind::Data, self.state.id, n, bufs);
         i.credit -= n as u32;
         Ok(n)
     }

@@ -2,7 +2,6 @@
 //! odin-mux/1`), so a link needs no port, firewall rule or health check of its own.
 
 use std::io;
-use std::net::SocketAddr;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -73,9 +72,4 @@ pub async fn upgrade(mut sock: TcpStream, host: &str) -> Result<(TcpStream, Byte
             .into());
         }
     }
-}
-
-/// Connects to `addr` and upgrades (tests and tools; ws-lb bounds the two steps apart).
-pub async fn dial(addr: SocketAddr, host: &str) -> Result<(TcpStream, Bytes), UpgradeError> {
-    upgrade(TcpStream::connect(addr).await?, host).await
 }

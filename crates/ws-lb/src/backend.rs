@@ -12,12 +12,11 @@ use bytes::{Bytes, BytesMut};
 use lb_core::AttemptError;
 use net_io::Transport;
 use tier_mux::upgrade::UpgradeError;
-use tier_mux::{Link, MuxStream, Open, Reply, Role, ShardState};
+use tier_mux::{Link, MuxStream, Open, Reply};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{timeout_at, Instant};
 use ws_protocol::handshake::{self, HandshakeError, Response, MAX_RESPONSE_HEAD};
-use ws_protocol::ShardStatus;
 
 use crate::health::reported;
 
@@ -112,16 +111,9 @@ impl LinkSlot {
         if let Some(l) = self.current() {
             return Ok(l);
         }
-        // The same classification as a client's own connection to the shard: the TCP
-        // connect, then the upgrade (its status, or a timeout of the handshake).
-        let sock = match timeout_at(deadline, TcpStream::connect(addr)).await {
-            Err(_) => return Err(AttemptError::ConnectTimeout(budget)),
-            Ok(Err(e)) if local_exhaustion(&e) => {
-                return Err(AttemptError::LocalResources(e.to_string()))
-            }
-            Ok(Err(e)) => return Err(AttemptError::ConnectRefused(e.to_string())),
-            Ok(Ok(s)) => s,
-        };
+        // Classified as a client's own connection to the shard is: the TCP connect, then
+        // the upgrade (its status, or a timeout of the handshake).
+        let sock = connect(addr, deadline, budget).await?;
         let (sock, prefix) =
             match timeout_at(deadline, tier_mux::upgrade::upgrade(sock, host)).await {
                 Err(_) => return Err(AttemptError::HandshakeTimeout(budget)),
@@ -132,7 +124,7 @@ impl LinkSlot {
                 Ok(Err(e)) => return Err(AttemptError::Protocol(e.to_string())),
                 Ok(Ok(parts)) => parts,
             };
-        let link = Link::new(Role::Lb, None);
+        let link = Link::lb();
         let running = link.clone();
         let host = host.to_owned();
         tokio::spawn(async move {
@@ -209,16 +201,9 @@ impl Backend {
     ) -> Result<(Upstream, Bytes), AttemptError> {
         let deadline = Instant::now() + budget;
         if mux {
-            return self.open(deadline, budget, client_ip, token).await;
+            return self.open(deadline, budget, token).await;
         }
-        let stream = match timeout_at(deadline, TcpStream::connect(self.addr)).await {
-            Err(_) => return Err(AttemptError::ConnectTimeout(budget)),
-            Ok(Err(e)) if local_exhaustion(&e) => {
-                return Err(AttemptError::LocalResources(e.to_string()))
-            }
-            Ok(Err(e)) => return Err(AttemptError::ConnectRefused(e.to_string())),
-            Ok(Ok(s)) => s,
-        };
+        let stream = connect(self.addr, deadline, budget).await?;
         let _ = stream.set_nodelay(true);
         match timeout_at(deadline, self.handshake(stream, client_ip, token)).await {
             Err(_) => Err(AttemptError::HandshakeTimeout(budget)),
@@ -232,7 +217,6 @@ impl Backend {
         &self,
         deadline: Instant,
         budget: Duration,
-        client_ip: IpAddr,
         token: Option<&str>,
     ) -> Result<(Upstream, Bytes), AttemptError> {
         let link = self
@@ -241,7 +225,6 @@ impl Backend {
             .await?;
         let open = Open {
             path: self.path.clone(),
-            client: client_ip.to_string(),
             token: token.map(str::to_owned),
         };
         let stream = link
@@ -253,12 +236,7 @@ impl Backend {
             Ok(Err(e)) => Err(AttemptError::ConnectionLost(format!("tier link: {e}"))),
             Ok(Ok(Reply::Accepted)) => Ok((Upstream::Mux(stream), Bytes::new())),
             Ok(Ok(Reply::Refused(r))) => Err(match r.shard_status {
-                Some(ShardState::Draining) => {
-                    AttemptError::NotReady(reported(ShardStatus::Draining))
-                }
-                Some(ShardState::Starting) => {
-                    AttemptError::NotReady(reported(ShardStatus::Starting))
-                }
+                Some(status) => AttemptError::NotReady(reported(status)),
                 None => AttemptError::HttpStatus(r.status),
             }),
         }
@@ -310,6 +288,21 @@ impl Backend {
                 Err(e) => return Err(AttemptError::Protocol(e.to_string())),
             }
         }
+    }
+}
+
+/// The TCP connect to a shard within `deadline`, its failure classified for the retry
+/// policy and the breaker (a client's own connection and a tier link alike).
+async fn connect(
+    addr: SocketAddr,
+    deadline: Instant,
+    budget: Duration,
+) -> Result<TcpStream, AttemptError> {
+    match timeout_at(deadline, TcpStream::connect(addr)).await {
+        Err(_) => Err(AttemptError::ConnectTimeout(budget)),
+        Ok(Err(e)) if local_exhaustion(&e) => Err(AttemptError::LocalResources(e.to_string())),
+        Ok(Err(e)) => Err(AttemptError::ConnectRefused(e.to_string())),
+        Ok(Ok(s)) => Ok(s),
     }
 }
 

@@ -86,11 +86,7 @@ impl Refused {
     fn into_refusal(self) -> tier_mux::Refusal {
         tier_mux::Refusal {
             status: self.status.as_u16(),
-            shard_status: self.shard_status.and_then(|s| match s {
-                ShardStatus::Draining => Some(tier_mux::ShardState::Draining),
-                ShardStatus::Starting => Some(tier_mux::ShardState::Starting),
-                _ => None,
-            }),
+            shard_status: self.shard_status,
             reason: self.reason.to_owned(),
         }
     }
@@ -191,12 +187,9 @@ pub(crate) async fn handle_link(
             Err(e) => return tracing::debug!(error = %e, "link upgrade not completed"),
         };
         let opener = link_shard.clone();
-        let link = tier_mux::Link::new(
-            tier_mux::Role::Shard,
-            Some(Box::new(move |stream, open| {
-                open_stream(&opener, stream, open)
-            })),
-        );
+        let link = tier_mux::Link::shard(Box::new(move |stream, open| {
+            open_stream(&opener, stream, open)
+        }));
         link_shard.ctx.metrics.links.increment(1.0);
         let end = link.run(sock, prefix).await;
         link_shard.ctx.metrics.links.decrement(1.0);

@@ -114,7 +114,7 @@ pub async fn relay<H: RelayHost, S: Transport>(
             tokio::select! {
                 biased;
                 _ = &mut drain, if want.drain => m.on_drain(Instant::now(), opts.drain_delay()),
-                r = std::future::poll_fn(|cx| Transport::poll_write_ready(&client, cx)), if want.write_client => match r {
+                r = std::future::poll_fn(|cx| client.poll_write_ready(cx)), if want.write_client => match r {
                     Ok(()) => m.on_writable(Side::Client, &mut Nonblocking(&client), Instant::now()),
                     Err(_) => m.on_write_failed(Side::Client, Instant::now()),
                 },
@@ -122,7 +122,7 @@ pub async fn relay<H: RelayHost, S: Transport>(
                     Ok(()) => m.on_writable(Side::Shard, &mut Nonblocking(&shard), Instant::now()),
                     Err(_) => m.on_write_failed(Side::Shard, Instant::now()),
                 },
-                r = std::future::poll_fn(|cx| Transport::poll_read_ready(&client, cx)), if want.read_client => match r {
+                r = std::future::poll_fn(|cx| client.poll_read_ready(cx)), if want.read_client => match r {
                     Ok(()) => net_io::with_buffer(|buf| {
                         m.on_readable(Side::Client, &mut Nonblocking(&client), &mut Nonblocking(&shard), buf, Instant::now());
                     }),
